@@ -1,0 +1,23 @@
+//! # ringmta
+//!
+//! A thread-per-core ESMTP relay and submission server on io_uring (glommio).
+//!
+//! # Layout
+//!
+//! * [`smtp`] — the protocol, sans-IO: the command parser, the DATA/BDAT
+//!   receivers (the SMTP-smuggling defence lives there), reply rendering and
+//!   the [`smtp::Session`] state machine. No sockets, files or clocks.
+//! * [`server`] — the glommio glue and the only place with sockets: one shard
+//!   per core, each with its own SO_REUSEPORT listeners, connection tasks
+//!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
+//! * [`spool`] — durability: a message is written, `fdatasync`ed and renamed
+//!   into the queue directory (whose directory sync is group-committed)
+//!   before its 250 goes out.
+//! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
+//!   turned once into a validated [`config::Config`].
+
+pub mod cli;
+pub mod config;
+pub mod server;
+pub mod smtp;
+pub mod spool;

@@ -1,0 +1,83 @@
+//! `ringmta`: parse the flags, open the spool, start the shards, and wait
+//! for a signal.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing_subscriber::EnvFilter;
+
+use ringmta::cli::Cli;
+use ringmta::config::Config;
+use ringmta::server::{self, Shared};
+use ringmta::spool::Spool;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match serve(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringmta: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(cli: &Cli) -> anyhow::Result<()> {
+    let config = Config::from_cli(cli).context("invalid configuration")?;
+    let spool = Spool::open(&config.spool_dir)
+        .with_context(|| format!("cannot open spool {}", config.spool_dir.display()))?;
+    let shared = Shared::new(&config);
+    watch_signals(shared.clone()).context("cannot install signal handlers")?;
+    tracing::info!(
+        shards = config.shards,
+        pin = config.pin,
+        spool = %config.spool_dir.display(),
+        hostname = %config.session.hostname,
+        "starting"
+    );
+    server::run(&config, &spool, shared, |addrs| {
+        // One machine-readable line on stdout per listener: tests and
+        // scripts that bind port 0 read the real port from it.
+        let mut out = std::io::stdout().lock();
+        for a in addrs {
+            let _ = writeln!(out, "ringmta listening smtp {a}");
+            tracing::info!(addr = %a, "listening (smtp)");
+        }
+        let _ = out.flush();
+    })?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGTERM/SIGINT: graceful stop (a second one exits at once). SIGHUP: reload
+/// (nothing reloadable yet: certificates and users arrive with TLS/AUTH).
+fn watch_signals(shared: Arc<Shared>) -> std::io::Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                match sig {
+                    SIGHUP => tracing::info!("SIGHUP: nothing to reload in this build"),
+                    _ if shared.stop_requested() => {
+                        eprintln!("ringmta: second stop signal, exiting now");
+                        std::process::exit(1);
+                    }
+                    _ => {
+                        tracing::info!(signal = sig, "stop requested: draining sessions");
+                        shared.request_stop();
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}

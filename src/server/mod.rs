@@ -1,0 +1,128 @@
+//! The glommio glue, and the only place with sockets.
+//!
+//! [`run`] binds the listeners, starts one shard (a glommio executor on its
+//! own thread) per configured core, and returns when every shard has shut
+//! down. Shards share nothing mutable but the per-IP connection counts and
+//! the shutdown flag; each owns its listeners, its connections and its spool
+//! writer.
+
+mod conn;
+mod limits;
+pub mod listener;
+mod shard;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::spool::Spool;
+
+pub use limits::IpLimiter;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+    #[error(
+        "cannot set up io_uring for shard {shard}: {reason}\n\
+         ringmta needs Linux 5.8 or later with io_uring enabled, and locked memory for the \
+         rings and --io-memory ({io_memory} bytes per shard): check `ulimit -l` \
+         (RLIMIT_MEMLOCK) or lower --io-memory / --ring-depth"
+    )]
+    IoUring {
+        shard: usize,
+        io_memory: usize,
+        reason: String,
+    },
+    #[error("cannot start shard thread: {0}")]
+    Thread(std::io::Error),
+    #[error("shard {0} panicked")]
+    ShardPanic(usize),
+}
+
+/// Process-wide state: the stop flag the signal handler sets, and the per-IP
+/// connection counts.
+#[derive(Debug)]
+pub struct Shared {
+    pub stop: AtomicBool,
+    pub ip_limiter: IpLimiter,
+}
+
+impl Shared {
+    pub fn new(config: &Config) -> Arc<Shared> {
+        Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            ip_limiter: IpLimiter::new(config.max_conns_per_ip),
+        })
+    }
+
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs the server until `shared.request_stop()` and every shard drained.
+/// `on_listening` is called once every shard is up, with the bound addresses.
+pub fn run(
+    config: &Config,
+    spool: &Spool,
+    shared: Arc<Shared>,
+    on_listening: impl FnOnce(&[SocketAddr]),
+) -> Result<(), ServerError> {
+    let bound = listener::bind_all(&config.smtp, config.shards, config.backlog)?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), ServerError>>();
+    let mut threads = Vec::with_capacity(config.shards);
+    for (id, listeners) in bound.by_shard.into_iter().enumerate() {
+        let core = if config.pin && !cores.is_empty() {
+            Some(cores[id % cores.len()])
+        } else {
+            None
+        };
+        let ctx = shard::ShardContext {
+            id,
+            config: config.clone(),
+            spool_root: spool.root().to_owned(),
+            shared: shared.clone(),
+        };
+        let ready = ready_tx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || shard::run(ctx, listeners, core, ready))
+            .map_err(ServerError::Thread)?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    let mut first_error = None;
+    for _ in 0..threads.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => break,
+        }
+    }
+    if first_error.is_some() {
+        shared.request_stop();
+    } else {
+        on_listening(&bound.addrs);
+    }
+    for (id, t) in threads.into_iter().enumerate() {
+        if t.join().is_err() {
+            first_error.get_or_insert(ServerError::ShardPanic(id));
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

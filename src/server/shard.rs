@@ -1,0 +1,225 @@
+//! One shard: a glommio executor on its own thread that owns its listeners,
+//! its connections and its spool writer, from accept to the durable 250.
+//!
+//! Shutdown: the process-wide stop flag is watched here; on it the shard
+//! stops accepting, tells every connection (idle ones answer 421 at once),
+//! waits up to the grace period for open transactions, then forces 421 on the
+//! rest and returns.
+
+use std::cell::Cell;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use futures_lite::{AsyncWriteExt, FutureExt};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+
+use super::{conn, ServerError, Shared};
+use crate::config::Config;
+use crate::smtp::reply::{self, Reply};
+use crate::spool::ShardSpool;
+
+pub(crate) struct ShardContext {
+    pub id: usize,
+    pub config: Config,
+    pub spool_root: PathBuf,
+    pub shared: Arc<Shared>,
+}
+
+/// What every connection task of this shard shares (single-threaded).
+pub(crate) struct ShardState {
+    pub ctx: ShardContext,
+    pub spool: ShardSpool,
+    active: Cell<usize>,
+    /// Set once the stop flag was seen; connections answer 421 when idle.
+    pub stopping: Cell<bool>,
+    pub stop_event: Event,
+    /// Set when the grace period is over: 421 now, whatever the phase.
+    pub grace_over: Cell<bool>,
+    pub grace_event: Event,
+    conn_closed: Event,
+}
+
+/// How often a shard looks at the process-wide stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+/// After the grace period, how long forced 421s may take to be written.
+const FORCE_CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long a refused connection may take to read its 421.
+const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shard thread's body.
+pub(crate) fn run(
+    ctx: ShardContext,
+    listeners: Vec<std::net::TcpListener>,
+    core: Option<core_affinity::CoreId>,
+    ready: mpsc::Sender<Result<(), ServerError>>,
+) {
+    if let Some(core) = core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(shard = ctx.id, core = core.id, "could not pin shard to core");
+        }
+    }
+    let executor = LocalExecutorBuilder::new(Placement::Unbound)
+        .name(&format!("ringmta-shard-{}", ctx.id))
+        .io_memory(ctx.config.io_memory)
+        .ring_depth(ctx.config.ring_depth)
+        .make();
+    let executor = match executor {
+        Ok(ex) => ex,
+        Err(e) => {
+            let _ = ready.send(Err(ServerError::IoUring {
+                shard: ctx.id,
+                io_memory: ctx.config.io_memory,
+                reason: e.to_string(),
+            }));
+            return;
+        }
+    };
+    executor.run(serve(ctx, listeners, ready));
+}
+
+async fn serve(
+    ctx: ShardContext,
+    listeners: Vec<std::net::TcpListener>,
+    ready: mpsc::Sender<Result<(), ServerError>>,
+) {
+    let spool = ShardSpool::new(&ctx.spool_root, ctx.id, ctx.config.session.hostname.clone());
+    let grace = ctx.config.shutdown_grace;
+    let state = Rc::new(ShardState {
+        ctx,
+        spool,
+        active: Cell::new(0),
+        stopping: Cell::new(false),
+        stop_event: Event::new(),
+        grace_over: Cell::new(false),
+        grace_event: Event::new(),
+        conn_closed: Event::new(),
+    });
+    let accept_tasks: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            // SAFETY: the fd comes from a listening socket we own and give up.
+            let l = unsafe { TcpListener::from_raw_fd(l.into_raw_fd()) };
+            glommio::spawn_local(accept_loop(state.clone(), l)).detach()
+        })
+        .collect();
+    let _ = ready.send(Ok(()));
+    drop(ready);
+
+    while !state.ctx.shared.stop_requested() {
+        glommio::timer::sleep(STOP_POLL).await;
+    }
+    tracing::info!(shard = state.ctx.id, active = state.active.get(), "shard stopping");
+    state.stopping.set(true);
+    state.stop_event.notify(usize::MAX);
+    for t in accept_tasks {
+        t.await;
+    }
+    if !wait_for_conns(&state, grace).await {
+        tracing::warn!(
+            shard = state.ctx.id,
+            active = state.active.get(),
+            "grace period over; closing open sessions with 421"
+        );
+        state.grace_over.set(true);
+        state.grace_event.notify(usize::MAX);
+        wait_for_conns(&state, FORCE_CLOSE_WAIT).await;
+    }
+    tracing::info!(shard = state.ctx.id, "shard stopped");
+}
+
+/// Waits until no connection is open, or `limit` passed (then `false`).
+async fn wait_for_conns(state: &ShardState, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if state.active.get() == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let closed = state.conn_closed.listen();
+        if state.active.get() == 0 {
+            return true;
+        }
+        closed.or(glommio::timer::sleep(deadline - now)).await;
+    }
+}
+
+async fn accept_loop(state: Rc<ShardState>, listener: TcpListener) {
+    loop {
+        let stop = state.stop_event.listen();
+        if state.stopping.get() {
+            break;
+        }
+        let accepted = async { Some(listener.accept().await) }
+            .or(async {
+                stop.await;
+                None
+            })
+            .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => admit(&state, stream),
+            Some(Err(e)) => {
+                tracing::warn!(shard = state.ctx.id, error = %e, "accept failed");
+                // Out of descriptors or similar: back off instead of spinning.
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn admit(state: &Rc<ShardState>, stream: TcpStream) {
+    let peer = match stream.peer_addr() {
+        Ok(p) => p,
+        Err(_) => return, // already gone
+    };
+    let _ = stream.set_nodelay(true);
+    if state.active.get() >= state.ctx.config.max_conns_per_shard {
+        refuse(stream, reply::TOO_MANY_CONNECTIONS);
+        return;
+    }
+    let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
+        tracing::info!(%peer, "per-IP connection limit reached");
+        refuse(stream, reply::TOO_MANY_CONNECTIONS);
+        return;
+    };
+    state.active.set(state.active.get() + 1);
+    let state = state.clone();
+    glommio::spawn_local(async move {
+        let served = std::panic::AssertUnwindSafe(conn::serve(&state, stream, peer))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = served {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
+        }
+        drop(slot);
+        state.active.set(state.active.get() - 1);
+        state.conn_closed.notify(usize::MAX);
+    })
+    .detach();
+}
+
+/// Answers `r` and closes, without counting the connection.
+fn refuse(mut stream: TcpStream, r: Reply) {
+    glommio::spawn_local(async move {
+        let mut out = Vec::with_capacity(96);
+        r.write_to(&mut out);
+        let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
+        let _ = stream.write_all(&out).await;
+        let _ = stream.close().await;
+    })
+    .detach();
+}

@@ -1,0 +1,16 @@
+//! The SMTP protocol, sans-IO: bytes and `Instant`s in, replies and events
+//! out. Nothing here opens a socket, a file or reads a clock, which is what
+//! makes it testable byte by byte and fuzzable.
+
+pub mod command;
+pub mod data;
+pub mod envelope;
+pub mod error;
+pub mod parse;
+pub mod reply;
+pub mod session;
+
+pub use command::Command;
+pub use envelope::{Envelope, Message};
+pub use error::ParseError;
+pub use session::{CommitResult, ConnInfo, Event, Session, SessionConfig};

@@ -1,0 +1,689 @@
+//! The ESMTP server session as a sans-IO state machine.
+//!
+//! Bytes go in through [`Session::handle_input`], which returns how many it
+//! consumed; replies accumulate in an output buffer the caller writes once per
+//! batch ([`Session::output`]); a finished message leaves through
+//! [`Session::poll_event`], and its 250 is only produced when the caller
+//! reports that it is durable ([`Session::handle_commit`]). Time is passed
+//! in. The session never touches a socket, a file or a clock.
+//!
+//! Each phase is a variant of [`State`] that owns what the phase needs; a
+//! transition takes the old state out and puts the next one in.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bumpalo::Bump;
+use memchr::memmem::Finder;
+use std::sync::LazyLock;
+
+use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
+use crate::smtp::data::{BdatReceiver, DataReceiver, Progress, Verdict};
+use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt};
+use crate::smtp::parse::parse_command;
+use crate::smtp::reply::{self, Reply};
+
+/// RFC 5321 4.5.3.1.4 allows 512 octets per command line including CRLF; RFC
+/// 1869 4 lets each extension add to MAIL and RCPT: SIZE (RFC 1870, 26),
+/// BODY=8BITMIME (RFC 6152, 14), SMTPUTF8 (RFC 6531, 10), RET and ENVID (RFC
+/// 3461, 8 + 106), ORCPT and NOTIFY (RFC 3461, 500 + 28), AUTH= (RFC 4954,
+/// 500). The longest legal line is the sum.
+pub const MAX_COMMAND_LINE: usize = 512 + 26 + 14 + 10 + 114 + 528 + 500;
+
+static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n"));
+
+/// Policy and limits, shared by every session of a server.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    /// Domains (lower case) for which any local part is accepted.
+    pub local_domains: Vec<String>,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// RFC 5321 4.5.3.2.7: waiting for the next command (5 minutes).
+    pub command_timeout: Duration,
+    /// RFC 5321 4.5.3.2.5/6: waiting for the next block of content.
+    pub data_timeout: Duration,
+    /// After this many error replies the session is closed with 421.
+    pub max_errors: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            local_domains: vec!["localhost".into()],
+            max_message_size: 50 << 20,
+            max_recipients: 1000,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            max_errors: 20,
+        }
+    }
+}
+
+/// Facts about the transport the session runs on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// What the session hands to its driver besides replies.
+#[derive(Debug)]
+pub enum Event {
+    /// A message whose content ended. The driver makes it durable and calls
+    /// [`Session::handle_commit`]; input is not consumed until then.
+    Message(Message),
+}
+
+/// The spool's answer for a message handed out as [`Event::Message`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitResult {
+    /// Durable under this queue id.
+    Stored(String),
+    /// Out of disk space or quota: 452 4.3.1.
+    NoSpace,
+    /// Any other local failure: 451 4.3.0.
+    Failed,
+}
+
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    conn: ConnInfo,
+    state: State,
+    helo: Option<Helo>,
+    output: Vec<u8>,
+    event: Option<Event>,
+    arena: Bump,
+    deadline: Instant,
+    /// Inside an over-long command line, discarding up to its CRLF.
+    skipping_line: bool,
+    errors: u32,
+    draining: bool,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Connected, no HELO/EHLO yet.
+    Fresh,
+    /// Greeted, no transaction.
+    Ready,
+    /// MAIL accepted; RCPTs and BDAT chunks accumulate.
+    Mail(Transaction),
+    Data(Transaction, DataReceiver),
+    /// Inside a BDAT chunk.
+    Bdat {
+        rx: BdatReceiver,
+        size: u64,
+        target: ChunkTarget,
+    },
+    /// The message was handed out; waiting for the spool.
+    Committing,
+    Closed,
+}
+
+/// Where the bytes of a BDAT chunk go.
+#[derive(Debug)]
+enum ChunkTarget {
+    Store { tx: Transaction, last: bool },
+    /// The chunk came out of sequence or over the size limit: read it, keep
+    /// nothing, then answer `error` and continue with `resume` (or idle).
+    Discard {
+        error: Reply,
+        resume: Option<Transaction>,
+    },
+}
+
+#[derive(Debug)]
+struct Helo {
+    name: String,
+    esmtp: bool,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    envelope: Envelope,
+    body: Vec<u8>,
+}
+
+impl Session {
+    /// A new session; the 220 greeting is already in [`Session::output`].
+    pub fn new(cfg: Arc<SessionConfig>, conn: ConnInfo, now: Instant) -> Self {
+        let mut output = Vec::with_capacity(256);
+        reply::write_line(
+            &mut output,
+            220,
+            None,
+            &format!("{} ESMTP ringmta", cfg.hostname),
+            true,
+        );
+        let deadline = now + cfg.command_timeout;
+        Self {
+            cfg,
+            conn,
+            state: State::Fresh,
+            helo: None,
+            output,
+            event: None,
+            arena: Bump::new(),
+            deadline,
+            skipping_line: false,
+            errors: 0,
+            draining: false,
+        }
+    }
+
+    /// Consumes as much of `input` as the current phase allows and returns
+    /// how many bytes it took. Unconsumed bytes must be presented again,
+    /// followed by newer ones. Stops early when a message is handed out as
+    /// an event or the session closes.
+    pub fn handle_input(&mut self, input: &[u8], now: Instant) -> usize {
+        let arena = std::mem::take(&mut self.arena);
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            let step = match &mut self.state {
+                State::Closed | State::Committing => break,
+                State::Data(tx, rx) => match rx.handle(rest, &mut tx.body) {
+                    Progress::NeedMore { consumed } => {
+                        pos += consumed;
+                        break;
+                    }
+                    Progress::Done { consumed } => {
+                        pos += consumed;
+                        self.finish_data();
+                        continue;
+                    }
+                },
+                State::Bdat { rx, target, .. } => {
+                    let sink = match target {
+                        ChunkTarget::Store { tx, .. } => Some(&mut tx.body),
+                        ChunkTarget::Discard { .. } => None,
+                    };
+                    match rx.handle(rest, sink) {
+                        Progress::NeedMore { consumed } => {
+                            pos += consumed;
+                            break;
+                        }
+                        Progress::Done { consumed } => {
+                            pos += consumed;
+                            self.finish_chunk();
+                            continue;
+                        }
+                    }
+                }
+                State::Fresh | State::Ready | State::Mail(_) => self.next_line(rest),
+            };
+            match step {
+                LineStep::NeedMore(consumed) => {
+                    pos += consumed;
+                    break;
+                }
+                LineStep::Line { len, consumed } => {
+                    let line = &input[pos..pos + len];
+                    pos += consumed;
+                    self.handle_line(line, &arena);
+                }
+                LineStep::Skipped(consumed) => pos += consumed,
+            }
+        }
+        if self.draining && self.is_idle() {
+            self.close_with(reply::SHUTTING_DOWN);
+        }
+        drop(arena);
+        self.arena_reset_after_batch();
+        self.deadline = now + self.current_timeout();
+        pos
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.event.take()
+    }
+
+    /// Reports the spool's answer for the message last handed out.
+    pub fn handle_commit(&mut self, result: CommitResult, now: Instant) {
+        if !matches!(self.state, State::Committing) {
+            return;
+        }
+        self.state = State::Ready;
+        match result {
+            CommitResult::Stored(id) => reply::write_line(
+                &mut self.output,
+                250,
+                Some("2.0.0"),
+                &format!("Ok: queued as {id}"),
+                true,
+            ),
+            CommitResult::NoSpace => self.error(reply::STORAGE_FULL),
+            CommitResult::Failed => self.error(reply::STORAGE_ERROR),
+        }
+        if self.draining {
+            self.close_with(reply::SHUTTING_DOWN);
+        }
+        self.deadline = now + self.current_timeout();
+    }
+
+    /// Replies waiting to be written, in order.
+    pub fn output(&self) -> &[u8] {
+        &self.output
+    }
+
+    /// Marks the output as written.
+    pub fn clear_output(&mut self) {
+        self.output.clear();
+        if self.output.capacity() > 4096 {
+            self.output.shrink_to(256);
+        }
+    }
+
+    /// When the session gives up on its peer unless input arrives.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Closed | State::Committing => None,
+            _ => Some(self.deadline),
+        }
+    }
+
+    /// Called when the time from [`Session::poll_timeout`] passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|d| now >= d) {
+            self.close_with(reply::TIMEOUT);
+        }
+    }
+
+    /// The server is stopping: an idle session is closed at once with 421; a
+    /// session inside a transaction is closed once the transaction ends.
+    pub fn handle_shutdown(&mut self) {
+        self.draining = true;
+        if self.is_idle() {
+            self.close_with(reply::SHUTTING_DOWN);
+        }
+    }
+
+    /// The shutdown grace period expired: 421 now, whatever the phase.
+    pub fn handle_shutdown_now(&mut self) {
+        if !matches!(self.state, State::Closed) {
+            self.close_with(reply::SHUTTING_DOWN);
+        }
+    }
+
+    /// The session has said its last reply; close after writing the output.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// No transaction is open (and none is being committed).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Fresh | State::Ready)
+    }
+
+    /// Inside message content (DATA or BDAT): reads may wait for
+    /// `data_timeout` rather than `command_timeout`.
+    pub fn in_content(&self) -> bool {
+        matches!(self.state, State::Data(..) | State::Bdat { .. })
+    }
+
+    fn current_timeout(&self) -> Duration {
+        if self.in_content() {
+            self.cfg.data_timeout
+        } else {
+            self.cfg.command_timeout
+        }
+    }
+
+    fn arena_reset_after_batch(&mut self) {
+        self.arena.reset();
+    }
+
+    /// Finds the next CRLF-terminated command line in `rest`.
+    fn next_line(&mut self, rest: &[u8]) -> LineStep {
+        match CRLF.find(rest) {
+            Some(i) => {
+                if std::mem::take(&mut self.skipping_line) {
+                    self.error(reply::LINE_TOO_LONG);
+                    return LineStep::Skipped(i + 2);
+                }
+                LineStep::Line {
+                    len: i,
+                    consumed: i + 2,
+                }
+            }
+            None if rest.len() >= MAX_COMMAND_LINE || (self.skipping_line && !rest.is_empty()) => {
+                // Too long to be a command: discard it as it arrives (keeping
+                // a final CR that may pair with the next LF) and answer once.
+                self.skipping_line = true;
+                let keep = usize::from(rest.last() == Some(&b'\r'));
+                LineStep::NeedMore(rest.len() - keep)
+            }
+            None => LineStep::NeedMore(0),
+        }
+    }
+
+    fn handle_line(&mut self, line: &[u8], arena: &Bump) {
+        if line.len() + 2 > MAX_COMMAND_LINE {
+            return self.error(reply::LINE_TOO_LONG);
+        }
+        if memchr::memchr2(b'\r', b'\n', line).is_some() {
+            return self.error(reply::BARE_NEWLINE_COMMAND);
+        }
+        match parse_command(line, arena) {
+            Err(e) => self.error(e.reply()),
+            Ok(cmd) => self.handle_command(cmd),
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command<'_>) {
+        match cmd {
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Helo(name) => self.hello(name, false),
+            Command::Mail(m) => self.mail(m),
+            Command::Rcpt(r) => self.rcpt(r),
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.state = self.idle_state();
+                self.reply(reply::RSET_OK);
+            }
+            Command::Noop => self.reply(reply::NOOP_OK),
+            Command::Quit => self.close_with(reply::BYE),
+            Command::Vrfy => self.reply(reply::VRFY),
+            Command::Help => self.reply(reply::HELP),
+            Command::NotImplemented => self.error(reply::NOT_IMPLEMENTED),
+        }
+    }
+
+    /// EHLO/HELO: (re)start the session, dropping any transaction
+    /// (RFC 5321 4.1.4).
+    fn hello(&mut self, name: &str, esmtp: bool) {
+        self.helo = Some(Helo {
+            name: name.to_owned(),
+            esmtp,
+        });
+        self.state = State::Ready;
+        let host = self.cfg.hostname.as_str();
+        if !esmtp {
+            reply::write_line(&mut self.output, 250, None, host, true);
+            return;
+        }
+        let greeting = format!("{host} Hello {name}");
+        let size = format!("SIZE {}", self.cfg.max_message_size);
+        let lines = [
+            greeting.as_str(),
+            "PIPELINING",
+            size.as_str(),
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+            "DSN",
+        ];
+        reply::write_multiline(&mut self.output, 250, None, lines);
+    }
+
+    fn mail(&mut self, m: MailCommand<'_>) {
+        let Some(helo) = &self.helo else {
+            return self.error(reply::BAD_SEQUENCE_HELO);
+        };
+        if matches!(self.state, State::Mail(_)) {
+            return self.error(reply::BAD_SEQUENCE_NESTED_MAIL);
+        }
+        let p = &m.params;
+        let any_param = p.size.is_some()
+            || p.body.is_some()
+            || p.smtputf8
+            || p.ret.is_some()
+            || p.envid.is_some()
+            || p.auth.is_some();
+        if any_param && !helo.esmtp {
+            return self.error(reply::PARAMETERS_AFTER_HELO);
+        }
+        if p.auth.is_some() {
+            // AUTH is not advertised on this port (RFC 4954 5).
+            return self.error(reply::UNKNOWN_PARAMETER);
+        }
+        if m.from.is_some_and(|f| f.utf8) && !p.smtputf8 {
+            return self.error(reply::UTF8_NOT_DECLARED);
+        }
+        if p.size.is_some_and(|s| s > self.cfg.max_message_size) {
+            return self.error(reply::SIZE_EXCEEDED);
+        }
+        let envelope = Envelope {
+            peer: self.conn.peer,
+            helo: helo.name.clone(),
+            protocol: Protocol {
+                esmtp: helo.esmtp,
+                tls: self.conn.tls,
+                auth: false,
+                utf8: p.smtputf8,
+            },
+            mail_from: m.from.map(|f| f.to_owned_string()),
+            size: p.size,
+            body: p.body,
+            smtputf8: p.smtputf8,
+            ret: p.ret,
+            envid: p.envid.map(str::to_owned),
+            rcpts: Vec::new(),
+            chunked: false,
+        };
+        self.state = State::Mail(Transaction {
+            envelope,
+            body: Vec::new(),
+        });
+        self.reply(reply::SENDER_OK);
+    }
+
+    fn rcpt(&mut self, r: RcptCommand<'_>) {
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
+        let verdict = match &self.state {
+            State::Fresh => Err(reply::BAD_SEQUENCE_HELO),
+            State::Mail(tx) if tx.envelope.chunked => Err(reply::BAD_SEQUENCE_DATA_AFTER_BDAT),
+            State::Mail(tx) => self.check_rcpt(&r, &tx.envelope, esmtp),
+            _ => Err(reply::BAD_SEQUENCE_NEED_MAIL),
+        };
+        let addr = match verdict {
+            Ok(addr) => addr,
+            Err(e) => return self.error(e),
+        };
+        if let State::Mail(tx) = &mut self.state {
+            tx.envelope.rcpts.push(Rcpt {
+                addr,
+                notify: r.params.notify,
+                orcpt: r.params.orcpt.map(str::to_owned),
+            });
+        }
+        self.reply(reply::RCPT_OK);
+    }
+
+    fn check_rcpt(&self, r: &RcptCommand<'_>, env: &Envelope, esmtp: bool) -> Result<String, Reply> {
+        if (r.params.notify.is_some() || r.params.orcpt.is_some()) && !esmtp {
+            return Err(reply::PARAMETERS_AFTER_HELO);
+        }
+        if env.rcpts.len() >= self.cfg.max_recipients {
+            return Err(reply::TOO_MANY_RECIPIENTS);
+        }
+        match &r.to {
+            Recipient::Postmaster => Ok("postmaster".to_owned()),
+            Recipient::Mailbox(mb) => {
+                if mb.utf8 && !env.smtputf8 {
+                    return Err(reply::UTF8_NOT_DECLARED);
+                }
+                let local = match mb.domain {
+                    Domain::Name(d) => self
+                        .cfg
+                        .local_domains
+                        .iter()
+                        .any(|l| l.eq_ignore_ascii_case(d)),
+                    Domain::Literal(_) => false,
+                };
+                // Postmaster at any of our domains is always accepted (RFC
+                // 5321 4.5.1); everything else must be for a local domain:
+                // relaying arrives with the relay policy.
+                if local {
+                    Ok(mb.to_owned_string())
+                } else {
+                    Err(reply::RELAY_DENIED)
+                }
+            }
+        }
+    }
+
+    fn data(&mut self) {
+        match self.take_state() {
+            State::Mail(tx) if tx.envelope.chunked => {
+                self.state = State::Mail(tx);
+                self.error(reply::BAD_SEQUENCE_DATA_AFTER_BDAT);
+            }
+            State::Mail(tx) if tx.envelope.rcpts.is_empty() => {
+                self.state = State::Mail(tx);
+                self.error(reply::BAD_SEQUENCE_NEED_RCPT);
+            }
+            State::Mail(tx) => {
+                self.state = State::Data(tx, DataReceiver::new(self.cfg.max_message_size));
+                self.reply(reply::START_DATA);
+            }
+            other => {
+                let e = if matches!(other, State::Fresh) {
+                    reply::BAD_SEQUENCE_HELO
+                } else {
+                    reply::BAD_SEQUENCE_NEED_MAIL
+                };
+                self.state = other;
+                self.error(e);
+            }
+        }
+    }
+
+    fn finish_data(&mut self) {
+        let State::Data(tx, rx) = self.take_state() else {
+            return;
+        };
+        let refusal = match rx.verdict() {
+            Verdict::Ok => None,
+            Verdict::TooBig => Some(reply::SIZE_EXCEEDED),
+            Verdict::BareNewline => Some(reply::DATA_BARE_NEWLINE),
+            Verdict::LineTooLong => Some(reply::DATA_LINE_TOO_LONG),
+        };
+        match refusal {
+            Some(r) => {
+                self.state = State::Ready;
+                self.error(r);
+            }
+            None => self.hand_out(tx),
+        }
+    }
+
+    /// BDAT: a chunk is always read (its byte count keeps client and server
+    /// in step), even when it is then discarded with an error.
+    fn bdat(&mut self, size: u64, last: bool) {
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
+        let target = match self.take_state() {
+            State::Mail(tx) if tx.envelope.rcpts.is_empty() => ChunkTarget::Discard {
+                error: reply::BAD_SEQUENCE_NEED_RCPT,
+                resume: Some(tx),
+            },
+            // A refused chunk ends the transaction (RFC 3030 2: the message
+            // as a whole failed).
+            State::Mail(_) if !esmtp => ChunkTarget::Discard {
+                error: reply::BAD_SEQUENCE_BDAT_HELO,
+                resume: None,
+            },
+            State::Mail(tx) if tx.body.len() as u64 + size > self.cfg.max_message_size => {
+                ChunkTarget::Discard {
+                    error: reply::SIZE_EXCEEDED,
+                    resume: None,
+                }
+            }
+            State::Mail(mut tx) => {
+                tx.envelope.chunked = true;
+                ChunkTarget::Store { tx, last }
+            }
+            State::Fresh => ChunkTarget::Discard {
+                error: reply::BAD_SEQUENCE_HELO,
+                resume: None,
+            },
+            _ => ChunkTarget::Discard {
+                error: reply::BAD_SEQUENCE_NEED_MAIL,
+                resume: None,
+            },
+        };
+        self.state = State::Bdat {
+            rx: BdatReceiver::new(size),
+            size,
+            target,
+        };
+    }
+
+    fn finish_chunk(&mut self) {
+        let State::Bdat { size, target, .. } = self.take_state() else {
+            return;
+        };
+        match target {
+            ChunkTarget::Discard { error, resume } => {
+                self.state = match resume {
+                    Some(tx) => State::Mail(tx),
+                    None => self.idle_state(),
+                };
+                self.error(error);
+            }
+            ChunkTarget::Store { tx, last: true } => self.hand_out(tx),
+            ChunkTarget::Store { tx, last: false } => {
+                self.state = State::Mail(tx);
+                reply::write_line(
+                    &mut self.output,
+                    250,
+                    Some("2.0.0"),
+                    &format!("Ok: {size} octets received"),
+                    true,
+                );
+            }
+        }
+    }
+
+    fn hand_out(&mut self, tx: Transaction) {
+        self.event = Some(Event::Message(Message {
+            envelope: tx.envelope,
+            body: tx.body,
+        }));
+        self.state = State::Committing;
+    }
+
+    fn idle_state(&self) -> State {
+        if self.helo.is_some() {
+            State::Ready
+        } else {
+            State::Fresh
+        }
+    }
+
+    fn take_state(&mut self) -> State {
+        std::mem::replace(&mut self.state, State::Closed)
+    }
+
+    fn reply(&mut self, r: Reply) {
+        r.write_to(&mut self.output);
+    }
+
+    /// An error reply; too many of them end the session (a client speaking
+    /// another protocol, or probing).
+    fn error(&mut self, r: Reply) {
+        r.write_to(&mut self.output);
+        self.errors += 1;
+        if self.errors >= self.cfg.max_errors && !matches!(self.state, State::Closed) {
+            self.close_with(reply::TOO_MANY_ERRORS);
+        }
+    }
+
+    fn close_with(&mut self, r: Reply) {
+        r.write_to(&mut self.output);
+        self.state = State::Closed;
+    }
+}
+
+enum LineStep {
+    NeedMore(usize),
+    Line { len: usize, consumed: usize },
+    Skipped(usize),
+}

@@ -1,0 +1,127 @@
+//! The on-disk form of one queued message: a text envelope block, an empty
+//! line, then the message as it will be relayed (trace header first).
+//!
+//! ```text
+//! ringmta-spool 1
+//! id 0005f1c2a3b4c5000001
+//! arrival 1795431260
+//! peer 127.0.0.1:41234
+//! helo client.example
+//! protocol ESMTP
+//! mail-from <sender@example.org>
+//! param BODY=8BITMIME
+//! rcpt <user@localhost> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;user@localhost
+//!
+//! Received: from client.example ...
+//! ```
+//!
+//! Lines end in CRLF. Every value was validated by the parser (no CR/LF).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::smtp::command::{Body, Ret};
+use crate::smtp::Envelope;
+
+pub const MAGIC: &str = "ringmta-spool 1";
+
+/// Encodes the envelope block and the trace header: everything before the
+/// received content.
+pub fn encode_head(id: &str, env: &Envelope, now: SystemTime, received: &str) -> Vec<u8> {
+    let mut h = String::with_capacity(256 + received.len() + 64 * env.rcpts.len());
+    let mut line = |s: &str| {
+        h.push_str(s);
+        h.push_str("\r\n");
+    };
+    line(MAGIC);
+    line(&format!("id {id}"));
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    line(&format!("arrival {secs}"));
+    line(&format!("peer {}", env.peer));
+    line(&format!("helo {}", env.helo));
+    line(&format!("protocol {}", env.protocol.name()));
+    line(&format!(
+        "mail-from <{}>",
+        env.mail_from.as_deref().unwrap_or("")
+    ));
+    if let Some(size) = env.size {
+        line(&format!("param SIZE={size}"));
+    }
+    match env.body {
+        Some(Body::SevenBit) => line("param BODY=7BIT"),
+        Some(Body::EightBitMime) => line("param BODY=8BITMIME"),
+        None => {}
+    }
+    if env.smtputf8 {
+        line("param SMTPUTF8");
+    }
+    match env.ret {
+        Some(Ret::Full) => line("param RET=FULL"),
+        Some(Ret::Hdrs) => line("param RET=HDRS"),
+        None => {}
+    }
+    if let Some(envid) = &env.envid {
+        line(&format!("param ENVID={envid}"));
+    }
+    if env.chunked {
+        line("chunked");
+    }
+    for r in &env.rcpts {
+        let mut l = format!("rcpt <{}>", r.addr);
+        if let Some(n) = r.notify {
+            l.push_str(" NOTIFY=");
+            l.push_str(&n.to_param());
+        }
+        if let Some(o) = &r.orcpt {
+            l.push_str(" ORCPT=");
+            l.push_str(o);
+        }
+        line(&l);
+    }
+    line("");
+    h.push_str(received);
+    h.into_bytes()
+}
+
+/// A queued file, split into its envelope lines and the message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded<'a> {
+    pub id: &'a str,
+    /// `None` for the null reverse-path.
+    pub mail_from: Option<&'a str>,
+    /// Recipient addresses, in order.
+    pub rcpts: Vec<&'a str>,
+    /// Every envelope line after the magic, for inspection.
+    pub lines: Vec<&'a str>,
+    /// The message: trace header and content.
+    pub message: &'a [u8],
+}
+
+/// Parses a queued file; `None` if it is not in this format.
+pub fn decode(file: &[u8]) -> Option<Decoded<'_>> {
+    let end = memchr::memmem::find(file, b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&file[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    if lines.next()? != MAGIC {
+        return None;
+    }
+    let lines: Vec<&str> = lines.collect();
+    let field = |name: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+    };
+    let id = field("id")?;
+    let from = field("mail-from")?.strip_prefix('<')?.strip_suffix('>')?;
+    let rcpts = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("rcpt <"))
+        .filter_map(|l| l.split_once('>').map(|(a, _)| a))
+        .collect();
+    Some(Decoded {
+        id,
+        mail_from: (!from.is_empty()).then_some(from),
+        rcpts,
+        lines,
+        message: &file[end + 4..],
+    })
+}
