@@ -8,13 +8,20 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::smtp::data::BareNewline;
+
 /// ringmta: thread-per-core ESMTP relay and submission server on io_uring.
 #[derive(Debug, Parser)]
 #[command(name = "ringmta", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Relay/MX listener address (repeatable).
-    #[arg(long = "smtp", value_name = "ADDR", env = "RINGMTA_SMTP", value_delimiter = ',',
-          default_value = "127.0.0.1:2525")]
+    #[arg(
+        long = "smtp",
+        value_name = "ADDR",
+        env = "RINGMTA_SMTP",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2525"
+    )]
     pub smtp: Vec<SocketAddr>,
 
     /// Name used in the greeting, EHLO reply and Received headers [default: the system host name].
@@ -22,12 +29,22 @@ pub struct Cli {
     pub hostname: Option<String>,
 
     /// Directory for the message queue and the instance lock file.
-    #[arg(long, value_name = "DIR", env = "RINGMTA_SPOOL_DIR", default_value = "./var/spool")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "RINGMTA_SPOOL_DIR",
+        default_value = "./var/spool"
+    )]
     pub spool_dir: PathBuf,
 
     /// Domain whose mail is accepted for local delivery (repeatable).
-    #[arg(long = "local-domain", value_name = "DOMAIN", env = "RINGMTA_LOCAL_DOMAIN",
-          value_delimiter = ',', default_value = "localhost")]
+    #[arg(
+        long = "local-domain",
+        value_name = "DOMAIN",
+        env = "RINGMTA_LOCAL_DOMAIN",
+        value_delimiter = ',',
+        default_value = "localhost"
+    )]
     pub local_domains: Vec<String>,
 
     /// Largest message accepted, in bytes (suffixes K, M, G); advertised with SIZE.
@@ -36,7 +53,12 @@ pub struct Cli {
     pub max_message_size: u64,
 
     /// Most recipients per message; more get 452 4.5.3.
-    #[arg(long, value_name = "N", env = "RINGMTA_MAX_RECIPIENTS", default_value_t = 1000)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_RECIPIENTS",
+        default_value_t = 1000
+    )]
     pub max_recipients: usize,
 
     /// Number of shards (glommio executors) [default: one per available core].
@@ -53,11 +75,21 @@ pub struct Cli {
     pub io_memory: u64,
 
     /// io_uring submission queue depth per ring.
-    #[arg(long, value_name = "N", env = "RINGMTA_RING_DEPTH", default_value_t = 128)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_RING_DEPTH",
+        default_value_t = 128
+    )]
     pub ring_depth: usize,
 
     /// Listen backlog of each shard's listening socket.
-    #[arg(long, value_name = "N", env = "RINGMTA_BACKLOG", default_value_t = 1024)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_BACKLOG",
+        default_value_t = 1024
+    )]
     pub backlog: i32,
 
     /// Wait for the next command before 421 (RFC 5321 4.5.3.2.7: 5 minutes).
@@ -71,16 +103,36 @@ pub struct Cli {
     pub data_timeout: Duration,
 
     /// Concurrent connections per shard; more are answered 421 and closed.
-    #[arg(long, value_name = "N", env = "RINGMTA_MAX_CONNS_PER_SHARD", default_value_t = 20_000)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_CONNS_PER_SHARD",
+        default_value_t = 20_000
+    )]
     pub max_conns_per_shard: usize,
 
     /// Concurrent connections per client IP address over all shards (0: no limit).
-    #[arg(long, value_name = "N", env = "RINGMTA_MAX_CONNS_PER_IP", default_value_t = 100)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_CONNS_PER_IP",
+        default_value_t = 100
+    )]
     pub max_conns_per_ip: u32,
 
     /// Error replies after which a session is closed with 421.
-    #[arg(long, value_name = "N", env = "RINGMTA_MAX_ERRORS", default_value_t = 20)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_ERRORS",
+        default_value_t = 20
+    )]
     pub max_errors: u32,
+
+    /// Bare CR or LF in DATA: store it as CRLF (normalize) or refuse the message with 550 (reject).
+    #[arg(long, value_name = "POLICY", env = "RINGMTA_BARE_NEWLINE", default_value = "normalize",
+          value_parser = parse_bare_newline)]
+    pub bare_newline: BareNewline,
 
     /// On SIGTERM/SIGINT, how long open transactions may take to finish.
     #[arg(long, value_name = "DURATION", env = "RINGMTA_SHUTDOWN_GRACE", default_value = "30s",
@@ -88,8 +140,21 @@ pub struct Cli {
     pub shutdown_grace: Duration,
 
     /// Log filter (tracing EnvFilter syntax, e.g. info or ringmta=debug).
-    #[arg(long, value_name = "FILTER", env = "RINGMTA_LOG", default_value = "info")]
+    #[arg(
+        long,
+        value_name = "FILTER",
+        env = "RINGMTA_LOG",
+        default_value = "info"
+    )]
     pub log: String,
+}
+
+fn parse_bare_newline(s: &str) -> Result<BareNewline, String> {
+    match s {
+        "normalize" => Ok(BareNewline::Normalize),
+        "reject" => Ok(BareNewline::Reject),
+        _ => Err(format!("{s:?}: expected normalize or reject")),
+    }
 }
 
 /// Bytes with an optional K/M/G suffix (powers of 1024).
@@ -111,7 +176,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// A duration: a number with an optional unit ms, s (default), m or h.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()

@@ -84,6 +84,7 @@ impl Config {
                 command_timeout: cli.command_timeout,
                 data_timeout: cli.data_timeout,
                 max_errors: cli.max_errors.max(1),
+                bare_newline: cli.bare_newline,
             }),
         })
     }

@@ -40,7 +40,9 @@ pub fn bind_all(addrs: &[SocketAddr], shards: usize, backlog: i32) -> Result<Bou
         for listeners in by_shard.iter_mut() {
             let l = bind_one(addr, backlog).map_err(|source| ListenError::Bind { addr, source })?;
             if addr.port() == 0 {
-                addr = l.local_addr().map_err(|source| ListenError::Bind { addr, source })?;
+                addr = l
+                    .local_addr()
+                    .map_err(|source| ListenError::Bind { addr, source })?;
             }
             listeners.push(l);
         }

@@ -61,7 +61,11 @@ pub(crate) fn run(
 ) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core) {
-            tracing::warn!(shard = ctx.id, core = core.id, "could not pin shard to core");
+            tracing::warn!(
+                shard = ctx.id,
+                core = core.id,
+                "could not pin shard to core"
+            );
         }
     }
     let executor = LocalExecutorBuilder::new(Placement::Unbound)
@@ -114,7 +118,11 @@ async fn serve(
     while !state.ctx.shared.stop_requested() {
         glommio::timer::sleep(STOP_POLL).await;
     }
-    tracing::info!(shard = state.ctx.id, active = state.active.get(), "shard stopping");
+    tracing::info!(
+        shard = state.ctx.id,
+        active = state.active.get(),
+        "shard stopping"
+    );
     state.stopping.set(true);
     state.stop_event.notify(usize::MAX);
     for t in accept_tasks {

@@ -15,7 +15,10 @@ pub enum Command<'a> {
     Mail(MailCommand<'a>),
     Rcpt(RcptCommand<'a>),
     Data,
-    Bdat { size: u64, last: bool },
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,

@@ -27,30 +27,45 @@ pub enum Progress {
     Done { consumed: usize },
 }
 
+/// What to do with a CR or LF that is not part of a CRLF pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BareNewline {
+    /// Store it as CRLF (a line end for unstuffing and line length), as
+    /// Postfix's `smtpd_forbid_bare_newline = normalize` does. It still never
+    /// ends DATA, and stored content only ever holds CRLF pairs, so nothing
+    /// ambiguous is relayed onward.
+    #[default]
+    Normalize,
+    /// Refuse the message after its end with one 550 5.6.0 reply.
+    Reject,
+}
+
 /// What the content looked like once it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Ok,
     /// More octets than the size limit; nothing was kept past it.
     TooBig,
-    /// A CR not followed by LF, or an LF not preceded by CR.
+    /// A CR not followed by LF, or an LF not preceded by CR (under
+    /// [`BareNewline::Reject`]).
     BareNewline,
     /// A line longer than [`MAX_TEXT_LINE`] octets.
     LineTooLong,
 }
 
 /// Receives DATA content up to `<CRLF>.<CRLF>`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DataReceiver {
-    /// The next byte begins a line (the previous bytes ended with CRLF).
+    policy: BareNewline,
+    /// The next byte begins a line (the previous bytes ended a line).
     line_start: bool,
-    /// The last byte fed was CR (an LF next completes CRLF).
-    prev_cr: bool,
+    /// The previous bytes ended with a real CRLF: only then can `.\r\n`
+    /// be the end of the content.
+    after_crlf: bool,
     /// Octets of the current, unfinished line.
     line_len: usize,
-    crs: u64,
-    lfs: u64,
-    bare_lf: bool,
+    /// A bare CR or LF was seen.
+    bare: bool,
     long_line: bool,
     /// Octets of unstuffed content so far, kept or not.
     size: u64,
@@ -59,14 +74,13 @@ pub struct DataReceiver {
 
 impl DataReceiver {
     /// A receiver positioned just after the CRLF of the `DATA` command.
-    pub fn new(max_size: u64) -> Self {
+    pub fn new(max_size: u64, policy: BareNewline) -> Self {
         Self {
+            policy,
             line_start: true,
-            prev_cr: false,
+            after_crlf: true,
             line_len: 0,
-            crs: 0,
-            lfs: 0,
-            bare_lf: false,
+            bare: false,
             long_line: false,
             size: 0,
             max_size,
@@ -77,7 +91,7 @@ impl DataReceiver {
     /// until it would exceed the size limit. Bytes that might begin the end
     /// marker are not consumed: present them again with the next input.
     pub fn handle(&mut self, input: &[u8], body: &mut Vec<u8>) -> Progress {
-        if self.line_start {
+        if self.after_crlf {
             if input.starts_with(b".\r\n") {
                 return Progress::Done { consumed: 3 };
             }
@@ -91,6 +105,7 @@ impl DataReceiver {
             self.feed(&input[..p + 2], body);
             return Progress::Done { consumed: p + 5 };
         }
+        // A segment fed here never ends in a lone CR: that is held back.
         let keep = input.len() - held_back(input);
         self.feed(&input[..keep], body);
         Progress::NeedMore { consumed: keep }
@@ -105,9 +120,7 @@ impl DataReceiver {
     pub fn verdict(&self) -> Verdict {
         if self.size > self.max_size {
             Verdict::TooBig
-        } else if self.bare_lf || self.crs != self.lfs || self.prev_cr {
-            // Every LF was checked to follow a CR, so a CR count above the LF
-            // count means some CR stood alone.
+        } else if self.bare && self.policy == BareNewline::Reject {
             Verdict::BareNewline
         } else if self.long_line {
             Verdict::LineTooLong
@@ -116,47 +129,92 @@ impl DataReceiver {
         }
     }
 
+    /// Content between line boundaries the caller chose; never ends in a
+    /// lone CR (see `held_back`), so a CRLF pair never straddles two calls.
     fn feed(&mut self, seg: &[u8], body: &mut Vec<u8>) {
-        let Some(&last) = seg.last() else { return };
+        if seg.is_empty() {
+            return;
+        }
+        if self.policy == BareNewline::Normalize {
+            // Optimistic: clean CRLF text takes the fast path; on the rare
+            // bare CR/LF, undo and take the normalising path instead.
+            let saved = (self.clone(), body.len());
+            if !self.feed_fast(seg, body) {
+                *self = saved.0;
+                body.truncate(saved.1);
+                self.feed_normalizing(seg, body);
+            }
+        } else if !self.feed_fast(seg, body) {
+            self.bare = true;
+        }
+        self.after_crlf = seg.ends_with(b"\r\n");
+    }
+
+    /// Per line: check its CRLF, its length and a leading dot. Returns
+    /// `false` if the segment holds a bare CR or LF (the content was still
+    /// taken, with the bare bytes as they were).
+    fn feed_fast(&mut self, seg: &[u8], body: &mut Vec<u8>) -> bool {
         let mut copy_from = 0;
         if self.line_start && seg[0] == b'.' {
             copy_from = 1;
         }
-        self.crs += memchr::memchr_iter(b'\r', seg).count() as u64;
+        let crs = memchr::memchr_iter(b'\r', seg).count();
+        let mut lfs = 0;
+        let mut clean = true;
         let mut line_begin = 0;
         for j in memchr::memchr_iter(b'\n', seg) {
-            self.lfs += 1;
-            let after_cr = if j == 0 {
-                self.prev_cr
-            } else {
-                seg[j - 1] == b'\r'
-            };
-            self.bare_lf |= !after_cr;
-            if self.line_len + (j + 1 - line_begin) > MAX_TEXT_LINE {
-                self.long_line = true;
-            }
-            self.line_len = 0;
+            lfs += 1;
+            clean &= j > 0 && seg[j - 1] == b'\r';
+            self.end_line(j + 1 - line_begin);
             line_begin = j + 1;
-            if after_cr && seg.get(j + 1) == Some(&b'.') {
+            if seg.get(j + 1) == Some(&b'.') {
                 // A dot-stuffed line (RFC 5321 4.5.2): drop the first dot.
                 self.emit(&seg[copy_from..j + 1], body);
                 copy_from = j + 2;
             }
         }
+        // Every LF followed a CR, so more CRs than LFs means a lone CR.
+        clean &= crs == lfs;
         self.line_len += seg.len() - line_begin;
-        if self.line_len > MAX_TEXT_LINE {
-            self.long_line = true;
-        }
+        self.long_line |= self.line_len > MAX_TEXT_LINE;
         if copy_from < seg.len() {
             self.emit(&seg[copy_from..], body);
         }
-        // Only CRLF starts a line: after a bare LF, ".\r\n" is content.
-        self.line_start = last == b'\n'
-            && match seg.len() {
-                1 => self.prev_cr,
-                n => seg[n - 2] == b'\r',
+        self.line_start = seg.last() == Some(&b'\n');
+        clean
+    }
+
+    /// Byte-exact slow path: every CR, LF or CRLF ends a line and is stored
+    /// as CRLF.
+    fn feed_normalizing(&mut self, seg: &[u8], body: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < seg.len() {
+            if self.line_start && seg[i] == b'.' {
+                i += 1;
+                self.line_len += 1;
+            }
+            self.line_start = false;
+            let Some(off) = memchr::memchr2(b'\r', b'\n', &seg[i..]) else {
+                self.emit(&seg[i..], body);
+                self.line_len += seg.len() - i;
+                self.long_line |= self.line_len > MAX_TEXT_LINE;
+                return;
             };
-        self.prev_cr = last == b'\r';
+            let at = i + off;
+            self.emit(&seg[i..at], body);
+            self.emit(b"\r\n", body);
+            let crlf = seg[at] == b'\r' && seg.get(at + 1) == Some(&b'\n');
+            self.bare |= !crlf;
+            let eol = if crlf { 2 } else { 1 };
+            self.end_line(at - i + eol);
+            i = at + eol;
+            self.line_start = true;
+        }
+    }
+
+    fn end_line(&mut self, octets_in_this_call: usize) {
+        self.long_line |= self.line_len + octets_in_this_call > MAX_TEXT_LINE;
+        self.line_len = 0;
     }
 
     fn emit(&mut self, bytes: &[u8], body: &mut Vec<u8>) {
@@ -197,7 +255,9 @@ impl BdatReceiver {
     /// Takes up to the rest of the chunk from `input`, appending it to `sink`
     /// when given (a chunk being discarded passes `None`).
     pub fn handle(&mut self, input: &[u8], sink: Option<&mut Vec<u8>>) -> Progress {
-        let n = input.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let n = input
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         if let Some(sink) = sink {
             sink.extend_from_slice(&input[..n]);
         }
@@ -211,13 +271,22 @@ impl BdatReceiver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Feeds `input` in pieces split at `cuts`, as a connection would: bytes
     /// not consumed are presented again with the next piece.
     fn receive_split(input: &[u8], cuts: &[usize], max: u64) -> (Vec<u8>, Verdict, usize) {
-        let mut rx = DataReceiver::new(max);
+        receive_split_with(input, cuts, max, BareNewline::Reject)
+    }
+
+    fn receive_split_with(
+        input: &[u8],
+        cuts: &[usize],
+        max: u64,
+        policy: BareNewline,
+    ) -> (Vec<u8>, Verdict, usize) {
+        let mut rx = DataReceiver::new(max, policy);
         let mut body = Vec::new();
         let mut pending: Vec<u8> = Vec::new();
         let mut fed = 0;
@@ -240,13 +309,32 @@ mod tests {
     }
 
     fn receive_every_split(input: &[u8]) -> (Vec<u8>, Verdict, usize) {
-        let whole = receive_split(input, &[], 1 << 20);
+        receive_every_split_with(input, BareNewline::Reject)
+    }
+
+    fn receive_every_split_with(input: &[u8], policy: BareNewline) -> (Vec<u8>, Verdict, usize) {
+        let whole = receive_split_with(input, &[], 1 << 20, policy);
         for cut in 1..input.len() {
-            assert_eq!(receive_split(input, &[cut], 1 << 20), whole, "split at {cut}");
+            assert_eq!(
+                receive_split_with(input, &[cut], 1 << 20, policy),
+                whole,
+                "split at {cut}"
+            );
+            for cut2 in (cut + 1..input.len()).step_by(7) {
+                assert_eq!(
+                    receive_split_with(input, &[cut, cut2], 1 << 20, policy),
+                    whole,
+                    "split at {cut} and {cut2}"
+                );
+            }
         }
         // And byte by byte.
         let all: Vec<usize> = (1..input.len()).collect();
-        assert_eq!(receive_split(input, &all, 1 << 20), whole, "byte by byte");
+        assert_eq!(
+            receive_split_with(input, &all, 1 << 20, policy),
+            whole,
+            "byte by byte"
+        );
         whole
     }
 
@@ -272,28 +360,56 @@ mod tests {
         assert_eq!(v, Verdict::Ok);
     }
 
-    /// The smuggling table: each of these sequences must not end DATA; the
-    /// second transaction is content of the first, which is then refused.
+    pub(crate) const SMUGGLING: [&[u8]; 6] = [
+        b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r",
+    ];
+
+    fn smuggling_input(seq: &[u8]) -> Vec<u8> {
+        let mut input = b"Subject: a\r\n\r\nfirst".to_vec();
+        input.extend_from_slice(seq);
+        input.extend_from_slice(
+            b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@localhost>\r\nDATA\r\nsmuggled\r\n.\r\n",
+        );
+        input
+    }
+
+    /// The smuggling table: none of these sequences ends DATA; the second
+    /// transaction is content of the first, which is refused...
     #[test]
-    fn smuggling_sequences_do_not_end_data() {
-        for seq in [
-            &b"\n.\n"[..],
-            b"\n.\r\n",
-            b"\r\n.\n",
-            b"\r.\r",
-            b"\r.\r\n",
-            b"\r\n.\r",
-        ] {
-            let mut input = b"Subject: a\r\n\r\nfirst".to_vec();
-            input.extend_from_slice(seq);
-            input.extend_from_slice(
-                b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@localhost>\r\nDATA\r\nsmuggled\r\n.\r\n",
-            );
+    fn smuggling_sequences_rejected() {
+        for seq in SMUGGLING {
+            let input = smuggling_input(seq);
             let (body, v, n) = receive_every_split(&input);
             assert_eq!(n, input.len(), "{seq:?} ended DATA early");
             assert_eq!(v, Verdict::BareNewline, "{seq:?}");
             assert!(body.ends_with(b"smuggled\r\n"));
         }
+    }
+
+    /// ...or kept as content with every line ending made CRLF.
+    #[test]
+    fn smuggling_sequences_normalized() {
+        for seq in SMUGGLING {
+            let input = smuggling_input(seq);
+            let (body, v, n) = receive_every_split_with(&input, BareNewline::Normalize);
+            assert_eq!(n, input.len(), "{seq:?} ended DATA early");
+            assert_eq!(v, Verdict::Ok, "{seq:?}");
+            assert!(body.ends_with(b"\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<v@localhost>\r\nDATA\r\nsmuggled\r\n"), "{seq:?}: {:?}", String::from_utf8_lossy(&body));
+            // Only CRLF pairs are stored.
+            let crs = body.iter().filter(|&&b| b == b'\r').count();
+            let lfs = body.iter().filter(|&&b| b == b'\n').count();
+            assert_eq!(crs, lfs);
+        }
+    }
+
+    #[test]
+    fn normalize_keeps_clean_text_identical() {
+        let input = b"a\r\n..b\r\nc\r\n.\r\n";
+        let strict = receive_every_split(input);
+        let norm = receive_every_split_with(input, BareNewline::Normalize);
+        assert_eq!(strict, norm);
+        let (body, _, _) = receive_every_split_with(b"x\ny\r\n.\r\n", BareNewline::Normalize);
+        assert_eq!(body, b"x\r\ny\r\n");
     }
 
     #[test]
@@ -322,8 +438,14 @@ mod tests {
     fn bdat_counts_exactly() {
         let mut rx = BdatReceiver::new(5);
         let mut sink = Vec::new();
-        assert_eq!(rx.handle(b"ab", Some(&mut sink)), Progress::NeedMore { consumed: 2 });
-        assert_eq!(rx.handle(b"c\r\n.\r\nX", Some(&mut sink)), Progress::Done { consumed: 3 });
+        assert_eq!(
+            rx.handle(b"ab", Some(&mut sink)),
+            Progress::NeedMore { consumed: 2 }
+        );
+        assert_eq!(
+            rx.handle(b"c\r\n.\r\nX", Some(&mut sink)),
+            Progress::Done { consumed: 3 }
+        );
         assert_eq!(sink, b"abc\r\n");
     }
 }

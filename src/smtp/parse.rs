@@ -312,7 +312,9 @@ fn split_params<'a>(after: &'a str, arena: &'a Bump) -> Result<Params<'a>, Parse
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-');
         // RFC 5321 esmtp-value: %d33-60 / %d62-126, plus UTF-8 (RFC 6531).
         let value_ok = value.is_none_or(|v| {
-            !v.is_empty() && v.bytes().all(|b| (b >= 33 && b != b'=' && b != 127) || b >= 0x80)
+            !v.is_empty()
+                && v.bytes()
+                    .all(|b| (b >= 33 && b != b'=' && b != 127) || b >= 0x80)
         });
         if !kw_ok || !value_ok {
             return Err(ParseError::BadParam);
@@ -595,8 +597,14 @@ mod tests {
         ] {
             assert_eq!(mail_from(bad), Err(ParseError::BadSender), "{bad}");
         }
-        assert_eq!(mail_from("MAIL FROM:a@example.org"), Err(ParseError::MailSyntax));
-        assert_eq!(mail_from("MAIL TO:<a@example.org>"), Err(ParseError::MailSyntax));
+        assert_eq!(
+            mail_from("MAIL FROM:a@example.org"),
+            Err(ParseError::MailSyntax)
+        );
+        assert_eq!(
+            mail_from("MAIL TO:<a@example.org>"),
+            Err(ParseError::MailSyntax)
+        );
         let long = format!("MAIL FROM:<{}@example.org>", "a".repeat(65));
         assert_eq!(mail_from(&long), Err(ParseError::BadSender));
     }
@@ -669,8 +677,16 @@ mod tests {
     #[test]
     fn bdat() {
         assert!(parse("BDAT 0 LAST").unwrap().contains("last: true"));
-        assert!(parse("bdat 1000").unwrap().contains("size: 1000, last: false"));
-        for bad in ["BDAT", "BDAT x", "BDAT 1 FIRST", "BDAT 1 LAST x", "BDAT 99999999999999999999"] {
+        assert!(parse("bdat 1000")
+            .unwrap()
+            .contains("size: 1000, last: false"));
+        for bad in [
+            "BDAT",
+            "BDAT x",
+            "BDAT 1 FIRST",
+            "BDAT 1 LAST x",
+            "BDAT 99999999999999999999",
+        ] {
             assert_eq!(parse(bad), Err(ParseError::BdatSyntax), "{bad}");
         }
     }

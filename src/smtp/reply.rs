@@ -106,13 +106,10 @@ pub const BARE_NEWLINE_COMMAND: Reply = Reply::new(
     "Error: bare CR or LF in command; lines must end with <CR><LF>",
 );
 pub const NOT_IMPLEMENTED: Reply = Reply::new(502, "5.5.1", "Error: command not implemented");
-pub const BAD_SEQUENCE_HELO: Reply =
-    Reply::new(503, "5.5.1", "Error: send HELO/EHLO first");
-pub const BAD_SEQUENCE_NESTED_MAIL: Reply =
-    Reply::new(503, "5.5.1", "Error: nested MAIL command");
+pub const BAD_SEQUENCE_HELO: Reply = Reply::new(503, "5.5.1", "Error: send HELO/EHLO first");
+pub const BAD_SEQUENCE_NESTED_MAIL: Reply = Reply::new(503, "5.5.1", "Error: nested MAIL command");
 pub const BAD_SEQUENCE_NEED_MAIL: Reply = Reply::new(503, "5.5.1", "Error: need MAIL command");
-pub const BAD_SEQUENCE_NEED_RCPT: Reply =
-    Reply::new(503, "5.5.1", "Error: need RCPT command");
+pub const BAD_SEQUENCE_NEED_RCPT: Reply = Reply::new(503, "5.5.1", "Error: need RCPT command");
 pub const BAD_SEQUENCE_DATA_AFTER_BDAT: Reply = Reply::new(
     503,
     "5.5.1",
@@ -131,21 +128,19 @@ pub const SYNTAX_MAIL: Reply = Reply::new(501, "5.5.4", "Syntax: MAIL FROM:<addr
 pub const SYNTAX_RCPT: Reply = Reply::new(501, "5.5.4", "Syntax: RCPT TO:<address>");
 pub const SYNTAX_BDAT: Reply = Reply::new(501, "5.5.4", "Syntax: BDAT size [LAST]");
 pub const SYNTAX_NO_ARGS: Reply = Reply::new(501, "5.5.4", "Syntax: no parameters allowed");
-pub const BAD_SENDER_SYNTAX: Reply =
-    Reply::new(501, "5.1.7", "Error: bad sender address syntax");
+pub const BAD_SENDER_SYNTAX: Reply = Reply::new(501, "5.1.7", "Error: bad sender address syntax");
 pub const BAD_RECIPIENT_SYNTAX: Reply =
     Reply::new(501, "5.1.3", "Error: bad recipient address syntax");
-pub const INVALID_UTF8: Reply =
-    Reply::new(501, "5.5.2", "Error: command is not valid UTF-8");
+pub const INVALID_UTF8: Reply = Reply::new(501, "5.5.2", "Error: command is not valid UTF-8");
 pub const UNKNOWN_PARAMETER: Reply =
     Reply::new(555, "5.5.4", "Error: unsupported MAIL/RCPT parameter");
-pub const BAD_PARAMETER: Reply =
-    Reply::new(555, "5.5.4", "Error: malformed or duplicate MAIL/RCPT parameter");
-pub const PARAMETERS_AFTER_HELO: Reply = Reply::new(
+pub const BAD_PARAMETER: Reply = Reply::new(
     555,
     "5.5.4",
-    "Error: MAIL/RCPT parameters require EHLO",
+    "Error: malformed or duplicate MAIL/RCPT parameter",
 );
+pub const PARAMETERS_AFTER_HELO: Reply =
+    Reply::new(555, "5.5.4", "Error: MAIL/RCPT parameters require EHLO");
 pub const UTF8_NOT_DECLARED: Reply = Reply::new(
     553,
     "5.6.7",
@@ -153,12 +148,13 @@ pub const UTF8_NOT_DECLARED: Reply = Reply::new(
 );
 pub const SIZE_EXCEEDED: Reply =
     Reply::new(552, "5.3.4", "Error: message size exceeds fixed limit");
-pub const TOO_MANY_RECIPIENTS: Reply =
-    Reply::new(452, "4.5.3", "Error: too many recipients");
-pub const RELAY_DENIED: Reply =
-    Reply::new(550, "5.7.1", "Error: relay access denied");
-pub const NULL_RECIPIENT: Reply =
-    Reply::new(501, "5.1.3", "Error: the null path is not a valid recipient");
+pub const TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Error: too many recipients");
+pub const RELAY_DENIED: Reply = Reply::new(550, "5.7.1", "Error: relay access denied");
+pub const NULL_RECIPIENT: Reply = Reply::new(
+    501,
+    "5.1.3",
+    "Error: the null path is not a valid recipient",
+);
 pub const DATA_BARE_NEWLINE: Reply = Reply::new(
     550,
     "5.6.0",
@@ -169,12 +165,13 @@ pub const DATA_LINE_TOO_LONG: Reply = Reply::new(
     "5.5.2",
     "Error: message line longer than 1000 octets (RFC 5321 4.5.3.1.6)",
 );
-pub const STORAGE_FULL: Reply =
-    Reply::new(452, "4.3.1", "Error: insufficient system storage");
-pub const STORAGE_ERROR: Reply =
-    Reply::new(451, "4.3.0", "Error: local error in processing");
-pub const SHUTTING_DOWN: Reply =
-    Reply::new(421, "4.3.2", "Service shutting down, closing transmission channel");
+pub const STORAGE_FULL: Reply = Reply::new(452, "4.3.1", "Error: insufficient system storage");
+pub const STORAGE_ERROR: Reply = Reply::new(451, "4.3.0", "Error: local error in processing");
+pub const SHUTTING_DOWN: Reply = Reply::new(
+    421,
+    "4.3.2",
+    "Service shutting down, closing transmission channel",
+);
 pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Error: timeout exceeded");
 pub const TOO_MANY_CONNECTIONS: Reply = Reply::new(
     421,

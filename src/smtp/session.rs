@@ -19,7 +19,7 @@ use memchr::memmem::Finder;
 use std::sync::LazyLock;
 
 use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
-use crate::smtp::data::{BdatReceiver, DataReceiver, Progress, Verdict};
+use crate::smtp::data::{BareNewline, BdatReceiver, DataReceiver, Progress, Verdict};
 use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt};
 use crate::smtp::parse::parse_command;
 use crate::smtp::reply::{self, Reply};
@@ -47,6 +47,8 @@ pub struct SessionConfig {
     pub data_timeout: Duration,
     /// After this many error replies the session is closed with 421.
     pub max_errors: u32,
+    /// What a bare CR or LF in DATA content means.
+    pub bare_newline: BareNewline,
 }
 
 impl Default for SessionConfig {
@@ -59,6 +61,7 @@ impl Default for SessionConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             max_errors: 20,
+            bare_newline: BareNewline::Normalize,
         }
     }
 }
@@ -127,7 +130,10 @@ enum State {
 /// Where the bytes of a BDAT chunk go.
 #[derive(Debug)]
 enum ChunkTarget {
-    Store { tx: Transaction, last: bool },
+    Store {
+        tx: Transaction,
+        last: bool,
+    },
     /// The chunk came out of sequence or over the size limit: read it, keep
     /// nothing, then answer `error` and continue with `resume` (or idle).
     Discard {
@@ -497,7 +503,12 @@ impl Session {
         self.reply(reply::RCPT_OK);
     }
 
-    fn check_rcpt(&self, r: &RcptCommand<'_>, env: &Envelope, esmtp: bool) -> Result<String, Reply> {
+    fn check_rcpt(
+        &self,
+        r: &RcptCommand<'_>,
+        env: &Envelope,
+        esmtp: bool,
+    ) -> Result<String, Reply> {
         if (r.params.notify.is_some() || r.params.orcpt.is_some()) && !esmtp {
             return Err(reply::PARAMETERS_AFTER_HELO);
         }
@@ -541,7 +552,10 @@ impl Session {
                 self.error(reply::BAD_SEQUENCE_NEED_RCPT);
             }
             State::Mail(tx) => {
-                self.state = State::Data(tx, DataReceiver::new(self.cfg.max_message_size));
+                self.state = State::Data(
+                    tx,
+                    DataReceiver::new(self.cfg.max_message_size, self.cfg.bare_newline),
+                );
                 self.reply(reply::START_DATA);
             }
             other => {
@@ -686,4 +700,297 @@ enum LineStep {
     NeedMore(usize),
     Line { len: usize, consumed: usize },
     Skipped(usize),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: &str = "192.0.2.7:4321";
+
+    fn cfg() -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            hostname: "mx.test".into(),
+            max_message_size: 10_000,
+            max_recipients: 3,
+            ..SessionConfig::default()
+        })
+    }
+
+    /// Drives a session as a connection would: `input` arrives in pieces cut
+    /// at `cuts`; unconsumed bytes are presented again; every message is
+    /// committed at once. Returns all output and the messages.
+    fn drive(cfg: &Arc<SessionConfig>, input: &[u8], cuts: &[usize]) -> (String, Vec<Message>) {
+        let now = Instant::now();
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let mut s = Session::new(cfg.clone(), conn, now);
+        let mut out = Vec::new();
+        let mut msgs = Vec::new();
+        let mut pending = Vec::new();
+        let mut fed = 0;
+        let mut bounds = cuts.to_vec();
+        bounds.push(input.len());
+        for end in bounds {
+            pending.extend_from_slice(&input[fed..end]);
+            fed = end;
+            loop {
+                let n = s.handle_input(&pending, now);
+                pending.drain(..n);
+                match s.poll_event() {
+                    Some(Event::Message(m)) => {
+                        msgs.push(m);
+                        s.handle_commit(CommitResult::Stored(format!("Q{}", msgs.len())), now);
+                    }
+                    None => break,
+                }
+            }
+            out.extend_from_slice(s.output());
+            s.clear_output();
+            if s.is_closed() {
+                break;
+            }
+        }
+        (String::from_utf8(out).unwrap(), msgs)
+    }
+
+    /// Same result whether the input comes whole, split once anywhere, or
+    /// byte by byte.
+    fn drive_every_split(cfg: &Arc<SessionConfig>, input: &[u8]) -> (String, Vec<Message>) {
+        let (out, msgs) = drive(cfg, input, &[]);
+        let fingerprint = |msgs: &[Message]| {
+            msgs.iter()
+                .map(|m| {
+                    (
+                        m.envelope.mail_from.clone(),
+                        m.envelope.rcpts.clone(),
+                        m.body.clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        for cut in 1..input.len() {
+            let (o, m) = drive(cfg, input, &[cut]);
+            assert_eq!(o, out, "split at {cut}");
+            assert_eq!(fingerprint(&m), fingerprint(&msgs), "split at {cut}");
+        }
+        let all: Vec<usize> = (1..input.len()).collect();
+        let (o, m) = drive(cfg, input, &all);
+        assert_eq!(o, out, "byte by byte");
+        assert_eq!(fingerprint(&m), fingerprint(&msgs), "byte by byte");
+        (out, msgs)
+    }
+
+    fn codes(out: &str) -> Vec<&str> {
+        out.split("\r\n")
+            .filter(|l| !l.is_empty())
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| &l[..3])
+            .collect()
+    }
+
+    #[test]
+    fn pipelined_transaction() {
+        let input = b"EHLO c.example\r\nMAIL FROM:<a@example.org> BODY=8BITMIME\r\nRCPT TO:<u@localhost> NOTIFY=FAILURE\r\nRCPT TO:<Postmaster>\r\nDATA\r\nSubject: t\r\n\r\n..dot\r\n\xc3\xa9\r\n.\r\nQUIT\r\n";
+        let (out, msgs) = drive_every_split(&cfg(), input);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "250", "354", "250", "221"]
+        );
+        assert!(out.starts_with("220 mx.test ESMTP ringmta\r\n250-mx.test Hello c.example\r\n250-PIPELINING\r\n250-SIZE 10000\r\n"));
+        assert!(out.contains("250 2.0.0 Ok: queued as Q1\r\n"));
+        assert_eq!(msgs.len(), 1);
+        let m = &msgs[0];
+        assert_eq!(m.body, b"Subject: t\r\n\r\n.dot\r\n\xc3\xa9\r\n");
+        assert_eq!(m.envelope.mail_from.as_deref(), Some("a@example.org"));
+        assert_eq!(m.envelope.rcpts.len(), 2);
+        assert_eq!(m.envelope.rcpts[1].addr, "postmaster");
+        assert!(m.envelope.rcpts[0].notify.unwrap().failure);
+    }
+
+    /// Each smuggling sequence, followed by a complete second transaction,
+    /// gives exactly one message and one reply to the content.
+    #[test]
+    fn smuggling_table_one_message_one_reply() {
+        for seq in crate::smtp::data::tests::SMUGGLING {
+            let mut input =
+                b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nfirst"
+                    .to_vec();
+            input.extend_from_slice(seq);
+            input.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@localhost>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\n");
+            let (out, msgs) = drive_every_split(&cfg(), &input);
+            assert_eq!(
+                codes(&out),
+                ["220", "250", "250", "250", "354", "250", "250"],
+                "{seq:?}"
+            );
+            assert_eq!(msgs.len(), 1, "{seq:?}");
+            assert_eq!(msgs[0].envelope.rcpts[0].addr, "u@localhost");
+            assert!(msgs[0].body.ends_with(b"DATA\r\nsmuggled\r\n"));
+
+            let strict = Arc::new(SessionConfig {
+                bare_newline: BareNewline::Reject,
+                ..(*cfg()).clone()
+            });
+            let (out, msgs) = drive(&strict, &input, &[]);
+            assert_eq!(
+                codes(&out),
+                ["220", "250", "250", "250", "354", "550", "250"],
+                "{seq:?}"
+            );
+            assert!(msgs.is_empty());
+        }
+    }
+
+    #[test]
+    fn sequence_errors_leave_transaction_alone() {
+        let input = b"MAIL FROM:<a@example.org>\r\nEHLO c\r\nRCPT TO:<u@localhost>\r\nDATA\r\nMAIL FROM:<a@example.org>\r\nDATA\r\nMAIL FROM:<b@example.org>\r\nRCPT TO:<bad>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nx\r\n.\r\n";
+        let (out, msgs) = drive_every_split(&cfg(), input);
+        assert_eq!(
+            codes(&out),
+            ["220", "503", "250", "503", "503", "250", "503", "503", "501", "250", "354", "250"]
+        );
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].envelope.mail_from.as_deref(), Some("a@example.org"));
+    }
+
+    #[test]
+    fn limits() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@example.org> SIZE=10001\r\nMAIL FROM:<a@example.org> SIZE=100\r\nRCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nRCPT TO:<c@localhost>\r\nRCPT TO:<d@localhost>\r\nRCPT TO:<x@elsewhere.example>\r\nRCPT TO:<j\xc3\xb6@localhost>\r\n";
+        let (out, _) = drive_every_split(&cfg(), input);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "552", "250", "250", "250", "250", "452", "452", "452"]
+        );
+        let (out, _) = drive(&cfg(), b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.example>\r\nRCPT TO:<j\xc3\xb6@localhost>\r\n", &[]);
+        assert_eq!(codes(&out), ["220", "250", "250", "550", "553"]);
+    }
+
+    #[test]
+    fn oversize_data_is_refused_once() {
+        let mut input =
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n".to_vec();
+        for _ in 0..200 {
+            input.extend_from_slice(
+                b"0123456789012345678901234567890123456789012345678901234567890123456789\r\n",
+            );
+        }
+        input.extend_from_slice(b".\r\nNOOP\r\n");
+        let (out, msgs) = drive(&cfg(), &input, &[100, 5000]);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "354", "552", "250"]
+        );
+        assert!(msgs.is_empty());
+    }
+
+    #[test]
+    fn long_command_line_one_reply_and_in_sync() {
+        let mut input = b"EHLO c\r\nNOOP ".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100_000));
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        let (out, _) = drive(&cfg(), &input, &[9, 4000, 4001, 50_000]);
+        assert_eq!(codes(&out), ["220", "250", "500", "250"]);
+        let (out, _) = drive(
+            &cfg(),
+            b"EHLO c\r\nNOOP\nRSET\r\nNOOP x\ry\r\nQUIT\r\n",
+            &[],
+        );
+        assert_eq!(codes(&out), ["220", "250", "500", "500", "221"]);
+    }
+
+    #[test]
+    fn bdat_chunks_pipelined() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nBDAT 5\r\nab\r\n.BDAT 3 LAST\r\nxyzBDAT 0 LAST\r\nMAIL FROM:<>\r\nRCPT TO:<a@localhost>\r\nBDAT 0 LAST\r\n";
+        let (out, msgs) = drive_every_split(&cfg(), input);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "250", "250", "503", "250", "250", "250"]
+        );
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0].body, b"ab\r\n.xyz");
+        assert!(msgs[0].envelope.chunked);
+        assert!(msgs[1].body.is_empty());
+        assert_eq!(msgs[1].envelope.mail_from, None);
+    }
+
+    #[test]
+    fn bdat_out_of_sequence_is_read_and_discarded() {
+        let input = b"EHLO c\r\nBDAT 6\r\nQUIT\r\nNOOP\r\nMAIL FROM:<a@example.org>\r\nBDAT 4\r\nDATAQUIT\r\n";
+        let (out, msgs) = drive_every_split(&cfg(), input);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "503", "250", "250", "503", "221"]
+        );
+        assert!(msgs.is_empty());
+    }
+
+    #[test]
+    fn timeouts_and_shutdown() {
+        let now = Instant::now();
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let c = cfg();
+        let mut s = Session::new(c.clone(), conn, now);
+        assert_eq!(s.poll_timeout(), Some(now + c.command_timeout));
+        s.handle_timeout(now + Duration::from_secs(1));
+        assert!(!s.is_closed());
+        s.handle_timeout(now + c.command_timeout);
+        assert!(s.is_closed());
+        assert!(s
+            .output()
+            .ends_with(b"421 4.4.2 Error: timeout exceeded\r\n"));
+
+        let mut s = Session::new(c.clone(), conn, now);
+        s.handle_input(
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n",
+            now,
+        );
+        assert_eq!(s.poll_timeout(), Some(now + c.data_timeout));
+        s.handle_shutdown();
+        assert!(!s.is_closed(), "a transaction in progress may finish");
+        s.handle_input(b"x\r\n.\r\n", now);
+        assert!(matches!(s.poll_event(), Some(Event::Message(_))));
+        s.handle_commit(CommitResult::Stored("Q".into()), now);
+        assert!(s.is_closed());
+        assert!(s.output().ends_with(b"250 2.0.0 Ok: queued as Q\r\n421 4.3.2 Service shutting down, closing transmission channel\r\n"));
+    }
+
+    #[test]
+    fn commit_failures_map_to_4xx() {
+        let now = Instant::now();
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let mut s = Session::new(cfg(), conn, now);
+        s.handle_input(
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nDATA\r\nx\r\n.\r\n",
+            now,
+        );
+        assert!(s.poll_event().is_some());
+        s.handle_commit(CommitResult::NoSpace, now);
+        assert!(s
+            .output()
+            .ends_with(b"452 4.3.1 Error: insufficient system storage\r\n"));
+        assert!(s.is_idle());
+    }
+
+    #[test]
+    fn too_many_errors_close() {
+        let c = Arc::new(SessionConfig {
+            max_errors: 3,
+            ..(*cfg()).clone()
+        });
+        let (out, _) = drive(
+            &c,
+            b"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nNOOP\r\n",
+            &[],
+        );
+        assert_eq!(codes(&out), ["220", "500", "500", "500", "421"]);
+    }
 }

@@ -184,7 +184,12 @@ impl ShardSpool {
         Ok(id)
     }
 
-    async fn write_synced(&self, path: &Path, head: Vec<u8>, body: Vec<u8>) -> Result<(), SpoolError> {
+    async fn write_synced(
+        &self,
+        path: &Path,
+        head: Vec<u8>,
+        body: Vec<u8>,
+    ) -> Result<(), SpoolError> {
         let file = glommio::io::BufferedFile::create(path).await?;
         let r = async {
             write_all(&file, &head, &body).await?;
@@ -203,7 +208,11 @@ impl ShardSpool {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
-        format!("{micros:014x}{:02x}{:06x}", self.shard & 0xff, n & 0xff_ffff)
+        format!(
+            "{micros:014x}{:02x}{:06x}",
+            self.shard & 0xff,
+            n & 0xff_ffff
+        )
     }
 }
 
