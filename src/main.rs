@@ -33,6 +33,7 @@ fn main() -> ExitCode {
 
 fn serve(cli: &Cli) -> anyhow::Result<()> {
     let config = Config::from_cli(cli).context("invalid configuration")?;
+    raise_fd_limit();
     let spool = Spool::open(&config.spool_dir)
         .with_context(|| format!("cannot open spool {}", config.spool_dir.display()))?;
     let shared = Shared::new(&config);
@@ -80,4 +81,22 @@ fn watch_signals(shared: Arc<Shared>) -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// Each connection is a descriptor: lift the soft limit to the hard one, as
+/// servers commonly do (the hard limit is the administrator's to set).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open-file limit");
+            }
+        }
+    }
 }
