@@ -238,9 +238,15 @@ impl Session {
         if self.draining && self.is_idle() {
             self.close_with(reply::SHUTTING_DOWN);
         }
-        drop(arena);
-        self.arena_reset_after_batch();
-        self.deadline = now + self.current_timeout();
+        // Nothing parsed from this batch outlives it.
+        let mut arena = arena;
+        arena.reset();
+        self.arena = arena;
+        if pos > 0 {
+            // Only progress (a whole command, or content) earns more time: a
+            // peer trickling one partial line does not hold the session.
+            self.deadline = now + self.current_timeout();
+        }
         pos
     }
 
@@ -338,10 +344,6 @@ impl Session {
         } else {
             self.cfg.command_timeout
         }
-    }
-
-    fn arena_reset_after_batch(&mut self) {
-        self.arena.reset();
     }
 
     /// Finds the next CRLF-terminated command line in `rest`.
