@@ -202,15 +202,7 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream) {
     state.active.set(state.active.get() + 1);
     let state = state.clone();
     glommio::spawn_local(async move {
-        let served = std::panic::AssertUnwindSafe(conn::serve(&state, stream, peer))
-            .catch_unwind()
-            .await;
-        if let Err(panic) = served {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+        if let Err(what) = isolate(conn::serve(&state, stream, peer)).await {
             tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
         }
         drop(slot);
@@ -218,6 +210,21 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream) {
         state.conn_closed.notify(usize::MAX);
     })
     .detach();
+}
+
+/// Runs one connection's future with panics caught: glommio lets a panic in
+/// a task take its executor (the whole shard) down. Returns the panic text.
+pub(crate) async fn isolate(fut: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".into())
+        })
 }
 
 /// Answers `r` and closes, without counting the connection.
@@ -230,4 +237,42 @@ fn refuse(mut stream: TcpStream, r: Reply) {
         let _ = stream.close().await;
     })
     .detach();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use super::*;
+
+    /// Regression guard for "a panic in one connection kills the shard": a
+    /// panicking connection future is contained, and the executor keeps
+    /// running other tasks.
+    #[test]
+    fn panicking_connection_leaves_shard_running() {
+        let ex = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(64 << 10)
+            .make()
+            .expect("executor");
+        let survived = ex.run(async {
+            let ran = Rc::new(Cell::new(false));
+            let bad = glommio::spawn_local(isolate(async {
+                glommio::yield_if_needed().await;
+                panic!("peer-triggered bug");
+            }))
+            .detach();
+            let r2 = ran.clone();
+            let good = glommio::spawn_local(async move {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                r2.set(true);
+            })
+            .detach();
+            let caught = bad.await;
+            good.await;
+            (caught, ran.get())
+        });
+        assert_eq!(survived.0, Some(Err("peer-triggered bug".to_string())));
+        assert!(survived.1);
+    }
 }
