@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""The benchmark driver behind tuning/run-bench.sh (see there)."""
+import argparse
+import datetime
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RINGMTA = os.path.join(ROOT, "target", "release", "ringmta")
+LOADGEN = os.path.join(ROOT, "target", "release", "ringmta-loadgen")
+TICK = os.sysconf("SC_CLK_TCK")
+
+# name, loadgen flags. Sizes follow the issue: connect-heavy (1 message of
+# 1 KiB per session, 50 concurrent), persistent (100 messages of 10 KiB per
+# session, 20 concurrent), large (1 MiB messages, 10 concurrent).
+WORKLOADS = [
+    ("connect-heavy", ["--concurrency", "50", "--messages-per-session", "1", "--size", "1024"]),
+    ("persistent", ["--concurrency", "20", "--messages-per-session", "100", "--size", "10240"]),
+    ("large", ["--concurrency", "10", "--messages-per-session", "1", "--size", "1048576"]),
+]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def descendants(pid):
+    """pid and all its live descendants."""
+    out = [pid]
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(d))
+        except OSError:
+            pass
+    stack = [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def cpu_seconds(pids):
+    """utime+stime of the processes plus their reaped children."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])
+        except OSError:
+            pass
+    return total / TICK
+
+
+def peak_rss_kib(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Ringmta:
+    name = "ringmta"
+    note = "durable: fdatasync before every 250"
+
+    def __init__(self, extra):
+        self.extra = extra
+
+    def start(self):
+        self.dir = tempfile.mkdtemp(prefix="ringmta-bench-")
+        self.proc = subprocess.Popen(
+            [RINGMTA, "--smtp", "127.0.0.1:0", "--spool-dir", self.dir + "/spool",
+             "--hostname", "mx.test", "--max-conns-per-ip", "0", "--log", "warn"] + self.extra,
+            stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        self.port = int(line.split()[-1].rsplit(":", 1)[1])
+        self.pid = self.proc.pid
+        return self.port
+
+    def pids(self):
+        return [self.pid]
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SmtpSink:
+    name = "smtp-sink"
+    note = "Postfix test server, writes nothing (the no-work ceiling)"
+
+    def start(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1024"],
+            stdout=subprocess.DEVNULL)
+        wait_port(self.port)
+        self.pid = self.proc.pid
+        return self.port
+
+    def pids(self):
+        return [self.pid]
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Postfix:
+    """A private Postfix instance: own config and queue under /tmp, smtpd on a
+    free loopback port, every transport `discard:` so it accepts, queues
+    durably (cleanup fsyncs each queue file) and drops."""
+    name = "postfix"
+    note = "Postfix smtpd+cleanup+qmgr, queue files fsynced, then discarded"
+
+    def start(self):
+        self.dir = tempfile.mkdtemp(prefix="ringmta-bench-postfix-")
+        etc, queue, data = (os.path.join(self.dir, d) for d in ("etc", "queue", "data"))
+        for d in (etc, queue, data):
+            os.makedirs(d)
+        pw = pwd.getpwnam("postfix")
+        os.chown(data, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        with open(os.path.join(etc, "main.cf"), "w") as f:
+            f.write(f"""compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = pf.test
+mydestination = localhost
+mynetworks = 127.0.0.0/8
+local_transport = discard:
+default_transport = discard:
+relay_transport = discard:
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+default_process_limit = 200
+maillog_file = {self.dir}/maillog
+alias_maps =
+alias_database =
+local_recipient_maps =
+""")
+        with open("/etc/postfix/master.cf") as f:
+            master = f.read()
+        master = master.replace(
+            "smtp      inet  n       -       y       -       -       smtpd",
+            f"127.0.0.1:{self.port} inet  n       -       n       -       -       smtpd")
+        with open(os.path.join(etc, "master.cf"), "w") as f:
+            f.write(master)
+        self.proc = subprocess.Popen(["postfix", "-c", etc, "start-fg"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        self.pid = self.proc.pid
+        return self.port
+
+    def pids(self):
+        return descendants(self.pid)
+
+    def stop(self):
+        subprocess.run(["postfix", "-c", os.path.join(self.dir, "etc"), "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            for p in descendants(self.pid):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_loadgen(port, flags, seconds, json_path):
+    cmd = [LOADGEN, "--target", f"127.0.0.1:{port}", "--duration", str(seconds),
+           "--json", json_path] + flags
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=seconds + 120)
+    with open(json_path) as f:
+        return json.load(f)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="5 s per run instead of 15 s")
+    ap.add_argument("--only", default="ringmta,smtp-sink,postfix")
+    ap.add_argument("--out", default=None, help="results directory")
+    ap.add_argument("ringmta_flags", nargs="*", help="extra flags for ringmta")
+    args = ap.parse_args()
+    seconds = 5 if args.quick else 15
+    wanted = args.only.split(",")
+    servers = []
+    if "ringmta" in wanted:
+        servers.append(Ringmta(args.ringmta_flags))
+    if "smtp-sink" in wanted and shutil.which("smtp-sink"):
+        servers.append(SmtpSink())
+    if "postfix" in wanted and shutil.which("postfix") and os.geteuid() == 0:
+        servers.append(Postfix())
+    out = args.out or os.path.join(ROOT, "tuning", "results", datetime.date.today().isoformat())
+    os.makedirs(os.path.join(out, "raw"), exist_ok=True)
+
+    rows = {}
+    for wl, flags in WORKLOADS:
+        for srv in servers:
+            port = srv.start()
+            try:
+                before = cpu_seconds(srv.pids())
+                res = run_loadgen(port, flags, seconds,
+                                  os.path.join(out, "raw", f"{wl}-{srv.name}.json"))
+                pids = srv.pids()
+                cpu = cpu_seconds(pids) - before
+                rss = peak_rss_kib(pids)
+            finally:
+                srv.stop()
+            m = summarize(res)
+            m["cpu_s_per_1k_msgs"] = cpu * 1000 / m["messages"] if m["messages"] else float("nan")
+            m["peak_rss_kib"] = rss
+            rows[(wl, srv.name)] = m
+            print(f"{wl:14} {srv.name:10} {m['msgs_per_s']:9.0f} msg/s  "
+                  f"p99 {m['eod_p99_ms']:.2f} ms  errors {m['errors']}", file=sys.stderr)
+    write_summary(out, servers, rows, seconds, args)
+
+
+def summarize(res):
+    """Pick the figures the summary needs out of loadgen's --json."""
+    lat = res["latency_us"]["end_of_data"]
+    return {
+        "messages": res["messages_ok"],
+        "msgs_per_s": res["messages_per_s"],
+        "sessions_per_s": res["sessions_per_s"],
+        "eod_p50_ms": lat["p50"] / 1000,
+        "eod_p99_ms": lat["p99"] / 1000,
+        "eod_p999_ms": lat["p999"] / 1000,
+        "errors": sum(res["errors"].values()),
+    }
+
+
+def write_summary(out, servers, rows, seconds, args):
+    lines = [f"# Benchmark summary {datetime.datetime.now().isoformat(timespec='seconds')}", "",
+             f"Command: `tuning/run-bench.sh {' '.join(sys.argv[1:])}` "
+             f"({seconds} s per run, loopback, {os.cpu_count()} cores).", ""]
+    for srv in servers:
+        lines.append(f"* **{srv.name}**: {srv.note}")
+    lines += ["", "Latency is the end-of-data reply (the durability latency), "
+              "measured by ringmta-loadgen from the intended send time.", ""]
+    lines.append("| workload | server | msg/s | sessions/s | p50 ms | p99 ms | p999 ms | "
+                 "CPU s / 1k msgs | peak RSS MiB | errors |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for wl, _ in WORKLOADS:
+        for srv in servers:
+            m = rows.get((wl, srv.name))
+            if not m:
+                continue
+            lines.append(
+                f"| {wl} | {srv.name} | {m['msgs_per_s']:.0f} | {m['sessions_per_s']:.0f} | "
+                f"{m['eod_p50_ms']:.2f} | {m['eod_p99_ms']:.2f} | {m['eod_p999_ms']:.2f} | "
+                f"{m['cpu_s_per_1k_msgs']:.3f} | {m['peak_rss_kib'] / 1024:.1f} | {m['errors']} |")
+    lines += ["", "Ratios (ringmta msg/s ÷ peer msg/s, same run):", ""]
+    peers = [s.name for s in servers if s.name != "ringmta"]
+    lines.append("| workload | " + " | ".join(f"vs {p}" for p in peers) + " |")
+    lines.append("|---|" + "---|" * len(peers))
+    for wl, _ in WORKLOADS:
+        r = rows.get((wl, "ringmta"))
+        cells = []
+        for p in peers:
+            q = rows.get((wl, p))
+            cells.append(f"{r['msgs_per_s'] / q['msgs_per_s']:.2f}×" if r and q and q["msgs_per_s"] else "-")
+        lines.append(f"| {wl} | " + " | ".join(cells) + " |")
+    path = os.path.join(out, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds release, starts ringmta and the peers it finds installed (Postfix's
+# smtp-sink as the no-work ceiling, a local Postfix instance under /tmp as the
+# MTA peer), runs the same workloads against each with ringmta-loadgen, and
+# writes tuning/results/<date>/summary.md. Loopback only, bounded in time.
+#
+#   tuning/run-bench.sh [--quick] [--only ringmta,smtp-sink,postfix] [ringmta flags...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p ringmta -p loadgen
+exec python3 tuning/bench.py "$@"
