@@ -13,7 +13,12 @@ use crate::smtp::data::BareNewline;
 /// ringmta: thread-per-core ESMTP relay and submission server on io_uring.
 #[derive(Debug, Parser)]
 #[command(name = "ringmta", version, about, max_term_width = 100)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// Without a subcommand, ringmta serves.
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+
     /// Relay/MX listener address (repeatable).
     #[arg(
         long = "smtp",
@@ -60,6 +65,26 @@ pub struct Cli {
         default_value_t = 1000
     )]
     pub max_recipients: usize,
+
+    /// Longest a finished message waits for others to share its fdatasync (0: sync as soon as the previous one returns).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_COMMIT_WINDOW", default_value = "0",
+          value_parser = parse_duration)]
+    pub commit_window: Duration,
+
+    /// fdatasync before every 250: on, or off FOR BENCHMARKS ONLY (acknowledged mail can be lost).
+    #[arg(
+        long,
+        value_name = "on|off",
+        env = "RINGMTA_FSYNC",
+        default_value = "on",
+        value_enum
+    )]
+    pub fsync: Fsync,
+
+    /// Size at which a shard starts a new spool segment file.
+    #[arg(long, value_name = "BYTES", env = "RINGMTA_MAX_SEGMENT_SIZE", default_value = "64M",
+          value_parser = parse_size)]
+    pub max_segment_size: u64,
 
     /// Number of shards (glommio executors) [default: one per available core].
     #[arg(long, value_name = "N", env = "RINGMTA_SHARDS")]
@@ -147,6 +172,40 @@ pub struct Cli {
         default_value = "info"
     )]
     pub log: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Subcommand {
+    /// Inspect the queue in a spool directory (read-only; works while ringmta runs).
+    Queue {
+        /// The spool directory to read.
+        #[arg(
+            long,
+            value_name = "DIR",
+            env = "RINGMTA_SPOOL_DIR",
+            default_value = "./var/spool"
+        )]
+        spool_dir: PathBuf,
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum QueueAction {
+    /// Number of queued messages and their total size.
+    Count,
+    /// One line per message: id, size, sender, recipients.
+    List,
+    /// Print one message (envelope block, then the message) by id.
+    Show { id: String },
+}
+
+/// Whether the spool syncs before acknowledging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fsync {
+    On,
+    Off,
 }
 
 fn parse_bare_newline(s: &str) -> Result<BareNewline, String> {

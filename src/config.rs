@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, Fsync};
 use crate::smtp::SessionConfig;
+use crate::spool::SpoolOptions;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -23,6 +24,7 @@ pub struct Config {
     pub max_conns_per_shard: usize,
     pub max_conns_per_ip: u32,
     pub shutdown_grace: Duration,
+    pub spool: SpoolOptions,
     pub session: Arc<SessionConfig>,
 }
 
@@ -76,6 +78,11 @@ impl Config {
             max_conns_per_shard: cli.max_conns_per_shard,
             max_conns_per_ip: cli.max_conns_per_ip,
             shutdown_grace: cli.shutdown_grace,
+            spool: SpoolOptions {
+                max_segment: cli.max_segment_size.max(1 << 20),
+                commit_window: cli.commit_window,
+                fsync: cli.fsync == Fsync::On,
+            },
             session: Arc::new(SessionConfig {
                 hostname,
                 local_domains,

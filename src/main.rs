@@ -11,7 +11,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
 
-use ringmta::cli::Cli;
+use ringmta::cli::{Cli, QueueAction, Subcommand};
 use ringmta::config::Config;
 use ringmta::server::{self, Shared};
 use ringmta::spool::Spool;
@@ -22,7 +22,11 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    match serve(&cli) {
+    let result = match &cli.command {
+        Some(Subcommand::Queue { spool_dir, action }) => queue(spool_dir, action),
+        None => serve(&cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringmta: {e:#}");
@@ -36,6 +40,20 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     raise_fd_limit();
     let spool = Spool::open(&config.spool_dir)
         .with_context(|| format!("cannot open spool {}", config.spool_dir.display()))?;
+    let rec = spool.recovered();
+    tracing::info!(
+        segments = rec.segments,
+        messages = rec.messages,
+        bytes = rec.bytes,
+        torn = rec.torn,
+        "spool recovered"
+    );
+    if !config.spool.fsync {
+        tracing::warn!("--fsync off: acknowledged mail is NOT durable; for benchmarks only");
+        eprintln!(
+            "ringmta: WARNING: --fsync off: a crash can lose acknowledged mail (benchmarks only)"
+        );
+    }
     let shared = Shared::new(&config);
     watch_signals(shared.clone()).context("cannot install signal handlers")?;
     tracing::info!(
@@ -99,4 +117,39 @@ fn raise_fd_limit() {
             }
         }
     }
+}
+
+fn queue(spool_dir: &std::path::Path, action: &QueueAction) -> anyhow::Result<()> {
+    let msgs = ringmta::spool::read_queue(spool_dir)
+        .with_context(|| format!("cannot read spool {}", spool_dir.display()))?;
+    let mut out = std::io::stdout().lock();
+    match action {
+        QueueAction::Count => {
+            let bytes: usize = msgs.iter().map(|m| m.message.len()).sum();
+            writeln!(out, "{} messages, {} bytes", msgs.len(), bytes)?;
+        }
+        QueueAction::List => {
+            for m in &msgs {
+                let Some(env) = m.decoded() else { continue };
+                writeln!(
+                    out,
+                    "{} {} <{}> {}",
+                    env.id,
+                    m.message.len(),
+                    env.mail_from.unwrap_or(""),
+                    env.rcpts.join(" ")
+                )?;
+            }
+        }
+        QueueAction::Show { id } => {
+            let m = msgs
+                .iter()
+                .find(|m| m.decoded().is_some_and(|e| e.id == id))
+                .with_context(|| format!("no queued message {id}"))?;
+            out.write_all(m.envelope.as_bytes())?;
+            out.write_all(b"\r\n")?;
+            out.write_all(&m.message)?;
+        }
+    }
+    Ok(())
 }

@@ -41,9 +41,9 @@ for shards in 1 2; do
     for _ in $(seq 100); do grep -q listening "$WORK/out" 2>/dev/null && break; sleep 0.1; done
     port=$(awk '/listening/ {split($4,a,":"); print a[2]}' "$WORK/out")
     rate=$(run_source "$port")
-    stored=$(ls "$spool/queue" | wc -l)
+    stored=$("$BIN" queue --spool-dir "$spool" count | awk '{print $1}')
     kill -TERM "$pid"; wait "$pid" || true
-    echo "| ringmta | $shards | $pin | $rate | fdatasync per message ($stored stored) |"
+    echo "| ringmta | $shards | $pin | $rate | durable, group commit ($stored stored) |"
   done
 done
 port=$(free_port)

@@ -92,7 +92,12 @@ async fn serve(
     listeners: Vec<std::net::TcpListener>,
     ready: mpsc::Sender<Result<(), ServerError>>,
 ) {
-    let spool = ShardSpool::new(&ctx.spool_root, ctx.id, ctx.config.session.hostname.clone());
+    let spool = ShardSpool::new(
+        &ctx.spool_root,
+        ctx.id,
+        ctx.config.session.hostname.clone(),
+        ctx.config.spool,
+    );
     let grace = ctx.config.shutdown_grace;
     let state = Rc::new(ShardState {
         ctx,
@@ -138,7 +143,13 @@ async fn serve(
         state.grace_event.notify(usize::MAX);
         wait_for_conns(&state, FORCE_CLOSE_WAIT).await;
     }
-    tracing::info!(shard = state.ctx.id, "shard stopped");
+    let stats = state.spool.stats();
+    tracing::info!(
+        shard = state.ctx.id,
+        commits = stats.batches,
+        messages = stats.records,
+        "shard stopped"
+    );
 }
 
 /// Waits until no connection is open, or `limit` passed (then `false`).

@@ -1,5 +1,5 @@
-//! The on-disk form of one queued message: a text envelope block, an empty
-//! line, then the message as it will be relayed (trace header first).
+//! The envelope block of a spool record: text lines, CRLF-terminated. The
+//! record's body is the message as it will be relayed (trace header first).
 //!
 //! ```text
 //! ringmta-spool 1
@@ -11,23 +11,20 @@
 //! mail-from <sender@example.org>
 //! param BODY=8BITMIME
 //! rcpt <user@localhost> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;user@localhost
-//!
-//! Received: from client.example ...
 //! ```
 //!
-//! Lines end in CRLF. Every value was validated by the parser (no CR/LF).
+//! Every value was validated by the parser (no CR/LF).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::smtp::command::{Body, Ret};
-use crate::smtp::Envelope;
+use crate::smtp::Envelope as SmtpEnvelope;
 
 pub const MAGIC: &str = "ringmta-spool 1";
 
-/// Encodes the envelope block and the trace header: everything before the
-/// received content.
-pub fn encode_head(id: &str, env: &Envelope, now: SystemTime, received: &str) -> Vec<u8> {
-    let mut h = String::with_capacity(256 + received.len() + 64 * env.rcpts.len());
+/// Encodes the envelope block.
+pub fn encode_envelope(id: &str, env: &SmtpEnvelope, now: SystemTime) -> Vec<u8> {
+    let mut h = String::with_capacity(256 + 64 * env.rcpts.len());
     let mut line = |s: &str| {
         h.push_str(s);
         h.push_str("\r\n");
@@ -77,30 +74,24 @@ pub fn encode_head(id: &str, env: &Envelope, now: SystemTime, received: &str) ->
         }
         line(&l);
     }
-    line("");
-    h.push_str(received);
     h.into_bytes()
 }
 
-/// A queued file, split into its envelope lines and the message.
+/// An envelope block, parsed back.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Decoded<'a> {
+pub struct Envelope<'a> {
     pub id: &'a str,
     /// `None` for the null reverse-path.
     pub mail_from: Option<&'a str>,
     /// Recipient addresses, in order.
     pub rcpts: Vec<&'a str>,
-    /// Every envelope line after the magic, for inspection.
+    /// Every line after the magic, for inspection.
     pub lines: Vec<&'a str>,
-    /// The message: trace header and content.
-    pub message: &'a [u8],
 }
 
-/// Parses a queued file; `None` if it is not in this format.
-pub fn decode(file: &[u8]) -> Option<Decoded<'_>> {
-    let end = memchr::memmem::find(file, b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&file[..end]).ok()?;
-    let mut lines = head.split("\r\n");
+/// Parses an envelope block; `None` if it is not in this format.
+pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
+    let mut lines = block.split("\r\n").filter(|l| !l.is_empty());
     if lines.next()? != MAGIC {
         return None;
     }
@@ -117,11 +108,10 @@ pub fn decode(file: &[u8]) -> Option<Decoded<'_>> {
         .filter_map(|l| l.strip_prefix("rcpt <"))
         .filter_map(|l| l.split_once('>').map(|(a, _)| a))
         .collect();
-    Some(Decoded {
+    Some(Envelope {
         id,
         mail_from: (!from.is_empty()).then_some(from),
         rcpts,
         lines,
-        message: &file[end + 4..],
     })
 }

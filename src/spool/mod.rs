@@ -4,34 +4,33 @@
 //!
 //! * `ringmta.lock` — held with `flock` for the life of the process, so a
 //!   second instance on the same spool refuses to start.
-//! * `tmp/` — messages being written. Anything here at start-up was never
-//!   acknowledged and is removed.
-//! * `queue/<id>` — committed messages: the file was written and
-//!   `fdatasync`ed in `tmp/`, renamed here, and `queue/` was synced. Directory
-//!   syncs are group-committed: every rename that lands while one sync is in
-//!   flight is covered by the next, single, sync.
+//! * `seg/SSS-TTTTTTTTTTTTTTTT.seg` — per-shard append-only segment files
+//!   ([`segment`] record format with crc32c). Each shard appends to its own
+//!   current segment; messages that finish while a write+`fdatasync` is in
+//!   flight are group-committed by the next one ([`commit`]).
 //!
-//! The file format is [`format`]'s: an envelope block, a blank line, then the
-//! message exactly as it will be relayed (our `Received:` header first).
+//! At start ([`Spool::open`]) every segment is scanned and verified; a torn
+//! tail (a crash mid-write: never acknowledged) is reported and cut off.
 //!
 //! This module must never acknowledge what it has not synced, and never
 //! panic on an I/O error: errors become [`SpoolError`]s, which the session
 //! turns into 452/451.
 
+pub mod commit;
 pub mod format;
-mod group_sync;
+pub mod segment;
 
 use std::cell::Cell;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
 use crate::smtp::{CommitResult, Message};
-use group_sync::GroupSync;
+use commit::SegmentWriter;
 
 #[derive(Debug, Error)]
 pub enum SpoolError {
@@ -83,15 +82,43 @@ impl SpoolError {
 #[derive(Debug)]
 pub struct Spool {
     root: PathBuf,
+    recovered: Recovery,
     _lock: File,
 }
 
+/// What the start-up scan found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    pub segments: usize,
+    pub messages: u64,
+    pub bytes: u64,
+    /// Segments whose tail was damaged (torn by a crash) and cut off.
+    pub torn: usize,
+}
+
+/// One queued message, as read back from the segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    pub segment: PathBuf,
+    pub offset: u64,
+    /// The envelope block (see [`format`]).
+    pub envelope: String,
+    /// The message: our trace header, then the content as received.
+    pub message: Vec<u8>,
+}
+
+impl QueuedMessage {
+    pub fn decoded(&self) -> Option<format::Envelope<'_>> {
+        format::decode_envelope(&self.envelope)
+    }
+}
+
 impl Spool {
-    /// Creates the layout, takes the instance lock and removes never
-    /// acknowledged files from `tmp/`. Runs before the shards start.
+    /// Creates the layout, takes the instance lock and recovers the queue:
+    /// every segment is verified, torn tails are cut off. Runs before the
+    /// shards start.
     pub fn open(root: &Path) -> Result<Spool, SpoolError> {
-        fs::create_dir_all(root.join("tmp"))?;
-        fs::create_dir_all(root.join("queue"))?;
+        fs::create_dir_all(root.join("seg"))?;
         let lock_path = root.join("ringmta.lock");
         let lock = fs::OpenOptions::new()
             .create(true)
@@ -109,13 +136,10 @@ impl Spool {
         }
         lock.set_len(0)?;
         fs::write(&lock_path, format!("{}\n", std::process::id()))?;
-        for entry in fs::read_dir(root.join("tmp"))? {
-            let entry = entry?;
-            tracing::warn!(file = %entry.path().display(), "removing unacknowledged partial message");
-            fs::remove_file(entry.path())?;
-        }
+        let recovered = recover(root)?;
         Ok(Spool {
             root: root.to_owned(),
+            recovered,
             _lock: lock,
         })
     }
@@ -124,36 +148,99 @@ impl Spool {
         &self.root
     }
 
-    /// Committed messages, for tests and the operator.
-    pub fn queued(&self) -> io::Result<Vec<PathBuf>> {
-        let mut v: Vec<PathBuf> = fs::read_dir(self.root.join("queue"))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<io::Result<_>>()?;
-        v.sort();
-        Ok(v)
+    pub fn recovered(&self) -> Recovery {
+        self.recovered
     }
+}
+
+/// Every intact message in the spool, segment by segment in creation order.
+/// Reads without the lock: for tests and operators inspecting a spool.
+pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
+    let mut out = Vec::new();
+    for path in segment_paths(root)? {
+        let bytes = fs::read(&path)?;
+        for r in segment::scan(&bytes).records {
+            out.push(QueuedMessage {
+                segment: path.clone(),
+                offset: r.offset,
+                envelope: String::from_utf8_lossy(r.header).into_owned(),
+                message: r.body.to_vec(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn segment_paths(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(root.join("seg"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    // Names are shard then creation time (hex, fixed width).
+    paths.sort_by_key(|p| {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (name.get(4..).map(str::to_owned), name)
+    });
+    Ok(paths)
+}
+
+fn recover(root: &Path) -> Result<Recovery, SpoolError> {
+    let mut rec = Recovery::default();
+    for path in segment_paths(root)? {
+        let bytes = fs::read(&path)?;
+        let scan = segment::scan(&bytes);
+        rec.segments += 1;
+        rec.messages += scan.records.len() as u64;
+        rec.bytes += scan.valid_len;
+        if let Some(damage) = scan.damage {
+            rec.torn += 1;
+            tracing::warn!(
+                segment = %path.display(),
+                valid = scan.valid_len,
+                dropped = bytes.len() as u64 - scan.valid_len,
+                ?damage,
+                "damaged segment tail (never acknowledged): cut off"
+            );
+            let f = fs::OpenOptions::new().write(true).open(&path)?;
+            f.set_len(scan.valid_len)?;
+            f.sync_all()?;
+        }
+    }
+    Ok(rec)
+}
+
+/// Spool tuning, from the CLI.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolOptions {
+    pub max_segment: u64,
+    pub commit_window: Duration,
+    pub fsync: bool,
 }
 
 /// One shard's writer into the spool. Not `Send`: it lives on its shard.
 pub struct ShardSpool {
     shard: usize,
-    tmp: PathBuf,
-    queue: PathBuf,
     hostname: String,
     counter: Cell<u64>,
-    dir_sync: GroupSync,
+    writer: SegmentWriter,
 }
 
 impl ShardSpool {
-    pub fn new(root: &Path, shard: usize, hostname: String) -> ShardSpool {
-        let queue = root.join("queue");
+    pub fn new(root: &Path, shard: usize, hostname: String, opts: SpoolOptions) -> ShardSpool {
         ShardSpool {
             shard,
-            tmp: root.join("tmp"),
-            dir_sync: GroupSync::new(queue.clone()),
-            queue,
             hostname,
             counter: Cell::new(0),
+            writer: SegmentWriter::new(
+                &root.join("seg"),
+                shard,
+                opts.max_segment,
+                opts.commit_window,
+                opts.fsync,
+            ),
         }
     }
 
@@ -163,43 +250,15 @@ impl ShardSpool {
         let id = self.next_id();
         let now = SystemTime::now();
         let received = msg.envelope.received_header(&self.hostname, &id, now);
-        let head = format::encode_head(&id, &msg.envelope, now, &received);
-        let tmp = self.tmp.join(&id);
-        let result = self.write_synced(&tmp, head, msg.body).await;
-        if let Err(e) = result {
-            let _ = glommio::io::remove(&tmp).await;
-            return Err(e);
-        }
-        let dest = self.queue.join(&id);
-        if let Err(e) = glommio::io::rename(&tmp, &dest).await {
-            let _ = glommio::io::remove(&tmp).await;
-            return Err(e.into());
-        }
-        if let Err(e) = self.dir_sync.sync().await {
-            // The file may or may not survive a crash: do not acknowledge,
-            // and do not deliver it later either.
-            let _ = glommio::io::remove(&dest).await;
-            return Err(e.into());
-        }
+        let envelope = format::encode_envelope(&id, &msg.envelope, now);
+        self.writer
+            .append(&envelope, &[received.as_bytes(), &msg.body])
+            .await?;
         Ok(id)
     }
 
-    async fn write_synced(
-        &self,
-        path: &Path,
-        head: Vec<u8>,
-        body: Vec<u8>,
-    ) -> Result<(), SpoolError> {
-        let file = glommio::io::BufferedFile::create(path).await?;
-        let r = async {
-            write_all(&file, &head, &body).await?;
-            file.fdatasync().await
-        }
-        .await;
-        let closed = file.close().await;
-        r?;
-        closed?;
-        Ok(())
+    pub fn stats(&self) -> commit::CommitStats {
+        self.writer.stats()
     }
 
     fn next_id(&self) -> String {
@@ -216,29 +275,23 @@ impl ShardSpool {
     }
 }
 
-/// Largest single write; small messages (head and body) go out in one.
-const WRITE_CHUNK: usize = 256 << 10;
+/// Largest single write; small batches go out in one.
+const WRITE_CHUNK: usize = 1 << 20;
 
-/// Writes `head` then `body` from offset 0. glommio's write takes its buffer
-/// by value, so each write gets a fresh chunk copied from the source and a
-/// short write simply continues from where it stopped.
+/// Writes `buf` at `at`. glommio's write takes its buffer by value, so each
+/// write gets a fresh chunk copied from `buf`, and a short write simply
+/// continues from where it stopped.
 async fn write_all(
     file: &glommio::io::BufferedFile,
-    head: &[u8],
-    body: &[u8],
+    buf: &[u8],
+    at: u64,
 ) -> Result<(), glommio::GlommioError<()>> {
-    let total = head.len() + body.len();
     let mut off = 0;
-    while off < total {
-        let end = (off + WRITE_CHUNK).min(total);
-        let mut chunk = Vec::with_capacity(end - off);
-        if off < head.len() {
-            chunk.extend_from_slice(&head[off..end.min(head.len())]);
-        }
-        if end > head.len() {
-            chunk.extend_from_slice(&body[off.max(head.len()) - head.len()..end - head.len()]);
-        }
-        let n = file.write_at(chunk, off as u64).await?;
+    while off < buf.len() {
+        let end = (off + WRITE_CHUNK).min(buf.len());
+        let n = file
+            .write_at(buf[off..end].to_vec(), at + off as u64)
+            .await?;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero).into());
         }

@@ -1,0 +1,212 @@
+//! Group commit into a shard's current segment.
+//!
+//! Every message that reaches its end while a write+`fdatasync` is in flight
+//! joins the next batch; the batch goes out as one write and one
+//! `fdatasync`, and every message in it learns the outcome together. Batches
+//! are written strictly in order, one at a time, so a record is acknowledged
+//! only when it and everything before it in the segment is durable (the
+//! property `segment::scan` relies on). Shard-local: glommio runs one task at
+//! a time, so `Cell`/`RefCell` suffice.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use event_listener::Event;
+use glommio::io::BufferedFile;
+
+use super::{segment, SpoolError};
+
+/// How a batch ended, shared by every record in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Durable,
+    NoSpace,
+    Failed,
+}
+
+#[derive(Default)]
+struct Batch {
+    buf: RefCell<Vec<u8>>,
+    records: Cell<u64>,
+    outcome: Cell<Option<Outcome>>,
+}
+
+struct OpenSegment {
+    file: BufferedFile,
+    /// Bytes durably written (batches are appended here).
+    written: u64,
+}
+
+/// Commit statistics, for logs and the bench report.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CommitStats {
+    pub batches: u64,
+    pub records: u64,
+}
+
+pub struct SegmentWriter {
+    dir: PathBuf,
+    shard: usize,
+    max_segment: u64,
+    window: Duration,
+    fsync: bool,
+    current: RefCell<Rc<Batch>>,
+    flushing: Cell<bool>,
+    flush_done: Event,
+    segment: RefCell<Option<OpenSegment>>,
+    stats: Cell<CommitStats>,
+}
+
+impl SegmentWriter {
+    pub fn new(dir: &Path, shard: usize, max_segment: u64, window: Duration, fsync: bool) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            shard,
+            max_segment,
+            window,
+            fsync,
+            current: RefCell::new(Rc::new(Batch::default())),
+            flushing: Cell::new(false),
+            flush_done: Event::new(),
+            segment: RefCell::new(None),
+            stats: Cell::new(CommitStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> CommitStats {
+        self.stats.get()
+    }
+
+    /// Appends one record and returns once it is durable (or failed with
+    /// its batch).
+    pub async fn append(&self, header: &[u8], body: &[&[u8]]) -> Result<(), SpoolError> {
+        let batch = self.current.borrow().clone();
+        segment::encode_record(&mut batch.buf.borrow_mut(), header, body);
+        batch.records.set(batch.records.get() + 1);
+        loop {
+            match batch.outcome.get() {
+                Some(Outcome::Durable) => return Ok(()),
+                Some(Outcome::NoSpace) => {
+                    return Err(SpoolError::NoSpace(io::Error::from_raw_os_error(
+                        libc::ENOSPC,
+                    )))
+                }
+                Some(Outcome::Failed) => {
+                    return Err(SpoolError::Io(io::Error::other(
+                        "segment write or sync failed",
+                    )))
+                }
+                None => {}
+            }
+            if !self.flushing.get() {
+                self.flush().await;
+                continue;
+            }
+            let done = self.flush_done.listen();
+            if batch.outcome.get().is_none() && self.flushing.get() {
+                done.await;
+            }
+        }
+    }
+
+    /// Takes the current batch and makes it durable. Only one runs at a time.
+    async fn flush(&self) {
+        self.flushing.set(true);
+        if !self.window.is_zero() {
+            // --commit-window: wait a little for more messages to join.
+            glommio::timer::sleep(self.window).await;
+        }
+        let batch = self.current.replace(Rc::new(Batch::default()));
+        let buf = batch.buf.take();
+        let outcome = match self.write(&buf).await {
+            Ok(()) => {
+                let mut s = self.stats.get();
+                s.batches += 1;
+                s.records += batch.records.get();
+                self.stats.set(s);
+                Outcome::Durable
+            }
+            Err(SpoolError::NoSpace(e)) => {
+                tracing::warn!(shard = self.shard, error = %e, "spool full: refusing new messages");
+                Outcome::NoSpace
+            }
+            Err(e) => {
+                tracing::error!(shard = self.shard, error = %e, "spool write failed");
+                Outcome::Failed
+            }
+        };
+        batch.outcome.set(Some(outcome));
+        self.flushing.set(false);
+        self.flush_done.notify(usize::MAX);
+    }
+
+    async fn write(&self, buf: &[u8]) -> Result<(), SpoolError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let rotate = self
+            .segment
+            .borrow()
+            .as_ref()
+            .is_none_or(|s| s.written >= self.max_segment);
+        if rotate {
+            let old = self.segment.take();
+            if let Some(old) = old {
+                let _ = old.file.close().await;
+            }
+            let file = self.create_segment().await?;
+            *self.segment.borrow_mut() = Some(OpenSegment { file, written: 0 });
+        }
+        // Only the flusher (one at a time) touches the open segment: take it
+        // for the duration of the write rather than hold a borrow across it.
+        let Some(mut seg) = self.segment.take() else {
+            return Err(SpoolError::Io(io::Error::other("no open segment")));
+        };
+        let at = seg.written;
+        let result = async {
+            super::write_all(&seg.file, buf, at).await?;
+            if self.fsync {
+                seg.file.fdatasync().await?;
+            }
+            Ok::<(), glommio::GlommioError<()>>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                seg.written = at + buf.len() as u64;
+                *self.segment.borrow_mut() = Some(seg);
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing after a failed batch may follow its garbage: cut the
+                // file back, or abandon it if even that fails.
+                if seg.file.truncate(at).await.is_ok() {
+                    *self.segment.borrow_mut() = Some(seg);
+                } else {
+                    let _ = seg.file.close().await;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A new segment file, with its directory entry made durable before any
+    /// record in it can be acknowledged.
+    async fn create_segment(&self) -> Result<BufferedFile, SpoolError> {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let path = self
+            .dir
+            .join(format!("{:03}-{micros:016x}.seg", self.shard));
+        let file = BufferedFile::create(&path).await?;
+        let dir = glommio::io::Directory::open(&self.dir).await?;
+        let synced = dir.sync().await;
+        let _ = dir.close().await;
+        synced?;
+        Ok(file)
+    }
+}
