@@ -269,8 +269,9 @@ impl Session {
                 &format!("Ok: queued as {id}"),
                 true,
             ),
-            CommitResult::NoSpace => self.error(reply::STORAGE_FULL),
-            CommitResult::Failed => self.error(reply::STORAGE_ERROR),
+            // Our failure, not the client's: not counted towards --max-errors.
+            CommitResult::NoSpace => self.reply(reply::STORAGE_FULL),
+            CommitResult::Failed => self.reply(reply::STORAGE_ERROR),
         }
         if self.draining {
             self.close_with(reply::SHUTTING_DOWN);
