@@ -74,7 +74,7 @@ fn client(
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
-        let mut reply = |r: &mut BufReader<TcpStream>| -> Option<String> {
+        let reply = |r: &mut BufReader<TcpStream>| -> Option<String> {
             loop {
                 let mut l = String::new();
                 if r.read_line(&mut l).ok()? == 0 {

@@ -92,6 +92,7 @@ pub fn run(
             config: config.clone(),
             spool_root: spool.root().to_owned(),
             shared: shared.clone(),
+            queue: std::cell::Cell::new(spool.take_shard_queue(id, config.shards)),
         };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()

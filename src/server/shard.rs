@@ -29,6 +29,8 @@ pub(crate) struct ShardContext {
     pub config: Config,
     pub spool_root: PathBuf,
     pub shared: Arc<Shared>,
+    /// This shard's part of the recovered queue (taken once at start).
+    pub queue: std::cell::Cell<crate::spool::queue::QueueIndex>,
 }
 
 /// What every connection task of this shard shares (single-threaded).
@@ -97,6 +99,7 @@ async fn serve(
         ctx.id,
         ctx.config.session.hostname.clone(),
         ctx.config.spool,
+        ctx.queue.take(),
     );
     let grace = ctx.config.shutdown_grace;
     let state = Rc::new(ShardState {

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use event_listener::Event;
 use glommio::io::BufferedFile;
 
+use super::queue::Location;
 use super::{segment, SpoolError};
 
 /// How a batch ended, shared by every record in it.
@@ -32,9 +33,12 @@ struct Batch {
     buf: RefCell<Vec<u8>>,
     records: Cell<u64>,
     outcome: Cell<Option<Outcome>>,
+    /// Segment name and offset at which the batch was written.
+    placed: RefCell<Option<(Rc<str>, u64)>>,
 }
 
 struct OpenSegment {
+    name: Rc<str>,
     file: BufferedFile,
     /// Bytes durably written (batches are appended here).
     written: u64,
@@ -50,6 +54,9 @@ pub struct CommitStats {
 pub struct SegmentWriter {
     dir: PathBuf,
     shard: usize,
+    /// File name extension: `seg` for messages, `jrn` for the journal.
+    ext: &'static str,
+    kind: u8,
     max_segment: u64,
     window: Duration,
     fsync: bool,
@@ -61,10 +68,23 @@ pub struct SegmentWriter {
 }
 
 impl SegmentWriter {
-    pub fn new(dir: &Path, shard: usize, max_segment: u64, window: Duration, fsync: bool) -> Self {
+    pub fn new(
+        dir: &Path,
+        shard: usize,
+        journal: bool,
+        max_segment: u64,
+        window: Duration,
+        fsync: bool,
+    ) -> Self {
         Self {
             dir: dir.to_owned(),
             shard,
+            ext: if journal { "jrn" } else { "seg" },
+            kind: if journal {
+                segment::KIND_JOURNAL
+            } else {
+                segment::KIND_MESSAGE
+            },
             max_segment,
             window,
             fsync,
@@ -80,15 +100,35 @@ impl SegmentWriter {
         self.stats.get()
     }
 
-    /// Appends one record and returns once it is durable (or failed with
-    /// its batch).
-    pub async fn append(&self, header: &[u8], body: &[&[u8]]) -> Result<(), SpoolError> {
+    /// The file currently appended to, if any.
+    pub fn current_segment(&self) -> Option<Rc<str>> {
+        self.segment.borrow().as_ref().map(|s| s.name.clone())
+    }
+
+    /// Appends one record and returns where it landed once it is durable
+    /// (or the error of its batch).
+    pub async fn append(&self, header: &[u8], body: &[&[u8]]) -> Result<Location, SpoolError> {
         let batch = self.current.borrow().clone();
-        segment::encode_record(&mut batch.buf.borrow_mut(), header, body);
+        let (pos, len) = {
+            let mut buf = batch.buf.borrow_mut();
+            let pos = buf.len();
+            segment::encode_record(&mut buf, self.kind, header, body);
+            (pos as u64, (buf.len() - pos) as u64)
+        };
         batch.records.set(batch.records.get() + 1);
         loop {
             match batch.outcome.get() {
-                Some(Outcome::Durable) => return Ok(()),
+                Some(Outcome::Durable) => {
+                    let placed = batch.placed.borrow();
+                    let Some((segment, base)) = placed.as_ref() else {
+                        return Err(SpoolError::Io(io::Error::other("batch without a place")));
+                    };
+                    return Ok(Location {
+                        segment: segment.to_string(),
+                        offset: base + pos,
+                        len,
+                    });
+                }
                 Some(Outcome::NoSpace) => {
                     return Err(SpoolError::NoSpace(io::Error::from_raw_os_error(
                         libc::ENOSPC,
@@ -122,7 +162,8 @@ impl SegmentWriter {
         let batch = self.current.replace(Rc::new(Batch::default()));
         let buf = batch.buf.take();
         let outcome = match self.write(&buf).await {
-            Ok(()) => {
+            Ok(place) => {
+                *batch.placed.borrow_mut() = Some(place);
                 let mut s = self.stats.get();
                 s.batches += 1;
                 s.records += batch.records.get();
@@ -143,10 +184,8 @@ impl SegmentWriter {
         self.flush_done.notify(usize::MAX);
     }
 
-    async fn write(&self, buf: &[u8]) -> Result<(), SpoolError> {
-        if buf.is_empty() {
-            return Ok(());
-        }
+    /// Writes and syncs one batch; returns the segment and offset it went to.
+    async fn write(&self, buf: &[u8]) -> Result<(Rc<str>, u64), SpoolError> {
         let rotate = self
             .segment
             .borrow()
@@ -157,8 +196,12 @@ impl SegmentWriter {
             if let Some(old) = old {
                 let _ = old.file.close().await;
             }
-            let file = self.create_segment().await?;
-            *self.segment.borrow_mut() = Some(OpenSegment { file, written: 0 });
+            let (name, file) = self.create_segment().await?;
+            *self.segment.borrow_mut() = Some(OpenSegment {
+                name,
+                file,
+                written: 0,
+            });
         }
         // Only the flusher (one at a time) touches the open segment: take it
         // for the duration of the write rather than hold a borrow across it.
@@ -177,8 +220,9 @@ impl SegmentWriter {
         match result {
             Ok(()) => {
                 seg.written = at + buf.len() as u64;
+                let name = seg.name.clone();
                 *self.segment.borrow_mut() = Some(seg);
-                Ok(())
+                Ok((name, at))
             }
             Err(e) => {
                 // Nothing after a failed batch may follow its garbage: cut the
@@ -195,18 +239,17 @@ impl SegmentWriter {
 
     /// A new segment file, with its directory entry made durable before any
     /// record in it can be acknowledged.
-    async fn create_segment(&self) -> Result<BufferedFile, SpoolError> {
+    async fn create_segment(&self) -> Result<(Rc<str>, BufferedFile), SpoolError> {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
-        let path = self
-            .dir
-            .join(format!("{:03}-{micros:016x}.seg", self.shard));
+        let name: Rc<str> = format!("{:03}-{micros:016x}.{}", self.shard, self.ext).into();
+        let path = self.dir.join(&*name);
         let file = BufferedFile::create(&path).await?;
         let dir = glommio::io::Directory::open(&self.dir).await?;
         let synced = dir.sync().await;
         let _ = dir.close().await;
         synced?;
-        Ok(file)
+        Ok((name, file))
     }
 }

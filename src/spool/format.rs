@@ -81,6 +81,8 @@ pub fn encode_envelope(id: &str, env: &SmtpEnvelope, now: SystemTime) -> Vec<u8>
 #[derive(Debug, PartialEq, Eq)]
 pub struct Envelope<'a> {
     pub id: &'a str,
+    /// Arrival, Unix seconds.
+    pub arrival: u64,
     /// `None` for the null reverse-path.
     pub mail_from: Option<&'a str>,
     /// Recipient addresses, in order.
@@ -102,6 +104,7 @@ pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
     };
     let id = field("id")?;
+    let arrival = field("arrival")?.parse().ok()?;
     let from = field("mail-from")?.strip_prefix('<')?.strip_suffix('>')?;
     let rcpts = lines
         .iter()
@@ -110,6 +113,7 @@ pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
         .collect();
     Some(Envelope {
         id,
+        arrival,
         mail_from: (!from.is_empty()).then_some(from),
         rcpts,
         lines,

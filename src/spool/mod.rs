@@ -18,19 +18,22 @@
 
 pub mod commit;
 pub mod format;
+pub mod queue;
 pub mod segment;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
 use crate::smtp::{CommitResult, Message};
 use commit::SegmentWriter;
+use queue::{Applied, Entry, JournalOp, Location, QueueIndex, RcptState};
 
 #[derive(Debug, Error)]
 pub enum SpoolError {
@@ -83,6 +86,8 @@ impl SpoolError {
 pub struct Spool {
     root: PathBuf,
     recovered: Recovery,
+    /// The recovered queue, until the shards take their parts.
+    queue: Mutex<QueueIndex>,
     _lock: File,
 }
 
@@ -90,10 +95,16 @@ pub struct Spool {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Recovery {
     pub segments: usize,
+    /// Messages still to be delivered (to at least one recipient).
     pub messages: u64,
     pub bytes: u64,
-    /// Segments whose tail was damaged (torn by a crash) and cut off.
+    /// Segments and journals whose tail was damaged (torn by a crash) and cut off.
     pub torn: usize,
+    /// Journal entries replayed.
+    pub journal_ops: u64,
+    /// Segments deleted because every message in them was finished.
+    pub freed_segments: usize,
+    pub elapsed: Duration,
 }
 
 /// One queued message, as read back from the segments.
@@ -136,12 +147,20 @@ impl Spool {
         }
         lock.set_len(0)?;
         fs::write(&lock_path, format!("{}\n", std::process::id()))?;
-        let recovered = recover(root)?;
+        let (recovered, queue) = recover(root)?;
         Ok(Spool {
             root: root.to_owned(),
             recovered,
+            queue: Mutex::new(queue),
             _lock: lock,
         })
+    }
+
+    /// The recovered queue for shard `shard` of `shards`: the messages of
+    /// every segment whose shard number maps to it.
+    pub fn take_shard_queue(&self, shard: usize, shards: usize) -> QueueIndex {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.split_off(|segment| segment_shard(segment).is_some_and(|s| s % shards == shard))
     }
 
     pub fn root(&self) -> &Path {
@@ -160,6 +179,9 @@ pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
     for path in segment_paths(root)? {
         let bytes = fs::read(&path)?;
         for r in segment::scan(&bytes).records {
+            if r.kind != segment::KIND_MESSAGE {
+                continue;
+            }
             out.push(QueuedMessage {
                 segment: path.clone(),
                 offset: r.offset,
@@ -171,10 +193,19 @@ pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
     Ok(out)
 }
 
+fn segment_shard(name: &str) -> Option<usize> {
+    name.get(..3)?.parse().ok()
+}
+
 fn segment_paths(root: &Path) -> io::Result<Vec<PathBuf>> {
+    spool_files(root, "seg")
+}
+
+/// Files of one kind in `seg/`, oldest first.
+fn spool_files(root: &Path, ext: &str) -> io::Result<Vec<PathBuf>> {
     let mut paths: Vec<PathBuf> = fs::read_dir(root.join("seg"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
         .collect();
     // Names are shard then creation time (hex, fixed width).
     paths.sort_by_key(|p| {
@@ -187,29 +218,115 @@ fn segment_paths(root: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-fn recover(root: &Path) -> Result<Recovery, SpoolError> {
+/// Reads a spool file, cutting off a damaged tail (never acknowledged).
+fn read_verified(path: &Path, rec: &mut Recovery) -> io::Result<Vec<u8>> {
+    let mut bytes = fs::read(path)?;
+    let scan = segment::scan(&bytes);
+    if let Some(damage) = scan.damage {
+        rec.torn += 1;
+        tracing::warn!(
+            file = %path.display(),
+            valid = scan.valid_len,
+            dropped = bytes.len() as u64 - scan.valid_len,
+            ?damage,
+            "damaged tail (never acknowledged): cut off"
+        );
+        let f = fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(scan.valid_len)?;
+        f.sync_all()?;
+        bytes.truncate(scan.valid_len as usize);
+    }
+    Ok(bytes)
+}
+
+/// Rebuilds the queue: every message record, then every journal entry in
+/// order; frees segments with nothing left to do, and replaces the journals
+/// by one snapshot of the live state.
+fn recover(root: &Path) -> Result<(Recovery, QueueIndex), SpoolError> {
+    let started = std::time::Instant::now();
     let mut rec = Recovery::default();
-    for path in segment_paths(root)? {
-        let bytes = fs::read(&path)?;
-        let scan = segment::scan(&bytes);
+    let mut queue = QueueIndex::default();
+    let segments = segment_paths(root)?;
+    for path in &segments {
+        let bytes = read_verified(path, &mut rec)?;
         rec.segments += 1;
-        rec.messages += scan.records.len() as u64;
-        rec.bytes += scan.valid_len;
-        if let Some(damage) = scan.damage {
-            rec.torn += 1;
-            tracing::warn!(
-                segment = %path.display(),
-                valid = scan.valid_len,
-                dropped = bytes.len() as u64 - scan.valid_len,
-                ?damage,
-                "damaged segment tail (never acknowledged): cut off"
-            );
-            let f = fs::OpenOptions::new().write(true).open(&path)?;
-            f.set_len(scan.valid_len)?;
-            f.sync_all()?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for r in segment::scan(&bytes).records {
+            let Ok(block) = std::str::from_utf8(r.header) else {
+                continue;
+            };
+            let Some(env) = format::decode_envelope(block) else {
+                tracing::warn!(segment = %name, offset = r.offset, "record with an unreadable envelope skipped");
+                continue;
+            };
+            queue.insert(Entry {
+                id: env.id.to_owned(),
+                location: Location {
+                    segment: name.clone(),
+                    offset: r.offset,
+                    len: r.len,
+                },
+                arrival: env.arrival,
+                mail_from: env.mail_from.map(str::to_owned),
+                rcpts: env
+                    .rcpts
+                    .iter()
+                    .map(|r| (r.to_string(), RcptState::Pending))
+                    .collect(),
+                held: false,
+            });
         }
     }
-    Ok(rec)
+    let journals = spool_files(root, "jrn")?;
+    for path in &journals {
+        let bytes = read_verified(path, &mut rec)?;
+        for r in segment::scan(&bytes).records {
+            if let Some(op) = std::str::from_utf8(r.header)
+                .ok()
+                .and_then(JournalOp::decode)
+            {
+                rec.journal_ops += 1;
+                queue.apply(&op);
+            }
+        }
+    }
+    // Segments with nothing left to deliver.
+    let live: std::collections::HashSet<String> =
+        queue.live_segments().map(|(s, _)| s.to_owned()).collect();
+    for path in &segments {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| !live.contains(&n)) {
+            fs::remove_file(path)?;
+            rec.freed_segments += 1;
+        }
+    }
+    // One snapshot replaces every journal; it is durable before they go.
+    let snapshot = queue.snapshot();
+    if !snapshot.is_empty() {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let path = root.join("seg").join(format!("999-{micros:016x}.jrn"));
+        let mut buf = Vec::new();
+        for op in &snapshot {
+            segment::encode_record(&mut buf, segment::KIND_JOURNAL, op.encode().as_bytes(), &[]);
+        }
+        let f = File::create(&path)?;
+        io::Write::write_all(&mut &f, &buf)?;
+        f.sync_all()?;
+    }
+    File::open(root.join("seg"))?.sync_all()?;
+    for path in &journals {
+        fs::remove_file(path)?;
+    }
+    File::open(root.join("seg"))?.sync_all()?;
+    rec.messages = queue.len() as u64;
+    rec.bytes = queue.list().iter().map(|e| e.location.len).sum();
+    rec.elapsed = started.elapsed();
+    Ok((rec, queue))
 }
 
 /// Spool tuning, from the CLI.
@@ -220,41 +337,137 @@ pub struct SpoolOptions {
     pub fsync: bool,
 }
 
-/// One shard's writer into the spool. Not `Send`: it lives on its shard.
+/// One shard's part of the spool: its segment writer, its journal and its
+/// queue. Not `Send`: it lives on its shard.
 pub struct ShardSpool {
     shard: usize,
     hostname: String,
+    dir: PathBuf,
     counter: Cell<u64>,
     writer: SegmentWriter,
+    journal: SegmentWriter,
+    queue: RefCell<QueueIndex>,
 }
 
 impl ShardSpool {
-    pub fn new(root: &Path, shard: usize, hostname: String, opts: SpoolOptions) -> ShardSpool {
+    pub fn new(
+        root: &Path,
+        shard: usize,
+        hostname: String,
+        opts: SpoolOptions,
+        queue: QueueIndex,
+    ) -> ShardSpool {
+        let dir = root.join("seg");
         ShardSpool {
             shard,
             hostname,
             counter: Cell::new(0),
             writer: SegmentWriter::new(
-                &root.join("seg"),
+                &dir,
                 shard,
+                false,
                 opts.max_segment,
                 opts.commit_window,
                 opts.fsync,
             ),
+            journal: SegmentWriter::new(
+                &dir,
+                shard,
+                true,
+                opts.max_segment,
+                Duration::ZERO,
+                opts.fsync,
+            ),
+            dir,
+            queue: RefCell::new(queue),
         }
     }
 
-    /// Writes `msg` durably and returns its queue id. Only an `Ok` may be
-    /// acknowledged with 250.
+    /// Writes `msg` durably, queues it, and returns its queue id. Only an
+    /// `Ok` may be acknowledged with 250.
     pub async fn store(&self, msg: Message) -> Result<String, SpoolError> {
         let id = self.next_id();
         let now = SystemTime::now();
         let received = msg.envelope.received_header(&self.hostname, &id, now);
         let envelope = format::encode_envelope(&id, &msg.envelope, now);
-        self.writer
+        let location = self
+            .writer
             .append(&envelope, &[received.as_bytes(), &msg.body])
             .await?;
+        self.queue.borrow_mut().insert(Entry {
+            id: id.clone(),
+            location,
+            arrival: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            mail_from: msg.envelope.mail_from,
+            rcpts: msg
+                .envelope
+                .rcpts
+                .into_iter()
+                .map(|r| (r.addr, RcptState::Pending))
+                .collect(),
+            held: false,
+        });
         Ok(id)
+    }
+
+    /// Records a queue change durably, then applies it; frees the message's
+    /// segment once nothing in it is left to do.
+    pub async fn apply(&self, op: JournalOp) -> Result<Applied, SpoolError> {
+        if self.queue.borrow().get(op.id()).is_none() {
+            return Ok(Applied::Unknown);
+        }
+        self.journal.append(op.encode().as_bytes(), &[]).await?;
+        let applied = self.queue.borrow_mut().apply(&op);
+        if let Applied::Finished {
+            segment_empty: Some(segment),
+        } = &applied
+        {
+            let current = self.writer.current_segment();
+            if current.as_deref() != Some(segment.as_str()) {
+                // The journal already says every message in it is finished; a
+                // crash before this removal is finished by recovery.
+                if let Err(e) = glommio::io::remove(self.dir.join(segment)).await {
+                    tracing::warn!(%segment, error = %e, "cannot remove finished segment");
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Queue snapshot for operators: messages in arrival order.
+    pub fn list(&self) -> Vec<Entry> {
+        self.queue.borrow().list().into_iter().cloned().collect()
+    }
+
+    pub fn count_by_domain(&self) -> std::collections::BTreeMap<String, usize> {
+        self.queue.borrow().count_by_domain()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.borrow().is_empty()
+    }
+
+    /// The envelope block and message of one queued message, read back from
+    /// its segment.
+    pub async fn show(&self, id: &str) -> Result<Option<(String, Vec<u8>)>, SpoolError> {
+        let Some(loc) = self.queue.borrow().get(id).map(|e| e.location.clone()) else {
+            return Ok(None);
+        };
+        let file = glommio::io::BufferedFile::open(self.dir.join(&loc.segment)).await?;
+        let read = file.read_at(loc.offset, loc.len as usize).await;
+        let _ = file.close().await;
+        let bytes = read?;
+        let scan = segment::scan(&bytes);
+        Ok(scan.records.first().map(|r| {
+            (
+                String::from_utf8_lossy(r.header).into_owned(),
+                r.body.to_vec(),
+            )
+        }))
     }
 
     pub fn stats(&self) -> commit::CommitStats {

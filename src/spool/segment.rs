@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! 0   magic  "RMR1"
-//! 4   kind   u8 (1 = message), 3 bytes zero
+//! 4   kind   u8 (1 = message, 2 = journal entry), 3 bytes zero
 //! 8   header length   u32 LE
 //! 12  body length     u64 LE
 //! 20  crc32c          u32 LE, over bytes 4..20, the header and the body
@@ -20,15 +20,16 @@
 pub const MAGIC: &[u8; 4] = b"RMR1";
 pub const PREFIX: usize = 24;
 pub const KIND_MESSAGE: u8 = 1;
+pub const KIND_JOURNAL: u8 = 2;
 
 /// Appends one message record to `out`; the body is given in parts (the
 /// trace header, then the received content) so it is copied only once.
-pub fn encode_record(out: &mut Vec<u8>, header: &[u8], body: &[&[u8]]) {
+pub fn encode_record(out: &mut Vec<u8>, kind: u8, header: &[u8], body: &[&[u8]]) {
     let body_len: usize = body.iter().map(|p| p.len()).sum();
     let start = out.len();
     out.reserve(PREFIX + header.len() + body_len);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[KIND_MESSAGE, 0, 0, 0]);
+    out.extend_from_slice(&[kind, 0, 0, 0]);
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
     out.extend_from_slice(&(body_len as u64).to_le_bytes());
     let mut crc = crc32c::crc32c(&out[start + 4..start + 20]);
@@ -46,8 +47,11 @@ pub fn encode_record(out: &mut Vec<u8>, header: &[u8], body: &[&[u8]]) {
 /// One intact record found by [`scan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record<'a> {
+    pub kind: u8,
     /// Offset of the record in the segment.
     pub offset: u64,
+    /// Length of the whole record.
+    pub len: u64,
     pub header: &'a [u8],
     pub body: &'a [u8],
 }
@@ -88,7 +92,7 @@ pub fn scan(seg: &[u8]) -> Scan<'_> {
                 Damage::BadMagic
             });
         }
-        if &rest[..4] != MAGIC || rest[4] != KIND_MESSAGE {
+        if &rest[..4] != MAGIC || !matches!(rest[4], KIND_MESSAGE | KIND_JOURNAL) {
             break Some(Damage::BadMagic);
         }
         let hlen = u32::from_le_bytes(rest[8..12].try_into().unwrap_or_default()) as u64;
@@ -113,7 +117,9 @@ pub fn scan(seg: &[u8]) -> Scan<'_> {
             break Some(Damage::BadChecksum);
         }
         records.push(Record {
+            kind: rest[4],
             offset: off as u64,
+            len: total as u64,
             header,
             body,
         });
@@ -135,7 +141,12 @@ mod tests {
         for i in 0..n {
             let header = format!("id {i}\r\n");
             let body = format!("Subject: {i}\r\n\r\n{}\r\n", "x".repeat(i * 7));
-            encode_record(&mut seg, header.as_bytes(), &[body.as_bytes()]);
+            encode_record(
+                &mut seg,
+                KIND_MESSAGE,
+                header.as_bytes(),
+                &[body.as_bytes()],
+            );
         }
         seg
     }
