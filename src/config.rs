@@ -40,6 +40,8 @@ pub enum ConfigError {
     BadHostname(String),
     #[error("--ring-depth must be at least 1")]
     BadRingDepth,
+    #[error("--max-message-size must be at least 1 (SIZE 0 would advertise no limit)")]
+    ZeroMessageSize,
 }
 
 impl Config {
@@ -54,6 +56,9 @@ impl Config {
         }
         if cli.ring_depth == 0 {
             return Err(ConfigError::BadRingDepth);
+        }
+        if cli.max_message_size == 0 {
+            return Err(ConfigError::ZeroMessageSize);
         }
         let mut local_domains = Vec::with_capacity(cli.local_domains.len());
         for d in &cli.local_domains {

@@ -24,7 +24,10 @@ fn io_uring_setup_failure_is_explained() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.contains("cannot set up io_uring for shard 0"), "{stderr}");
+    assert!(
+        stderr.contains("cannot set up io_uring for shard 0"),
+        "{stderr}"
+    );
     assert!(stderr.contains("RLIMIT_MEMLOCK"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

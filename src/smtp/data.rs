@@ -154,6 +154,8 @@ impl DataReceiver {
     /// `false` if the segment holds a bare CR or LF (the content was still
     /// taken, with the bare bytes as they were).
     fn feed_fast(&mut self, seg: &[u8], body: &mut Vec<u8>) -> bool {
+        // The stuffing dot is dropped and, per RFC 5321 4.5.3.1.6, not
+        // counted in the line length: a stuffed line "begins" after it.
         let mut copy_from = 0;
         if self.line_start && seg[0] == b'.' {
             copy_from = 1;
@@ -161,7 +163,7 @@ impl DataReceiver {
         let crs = memchr::memchr_iter(b'\r', seg).count();
         let mut lfs = 0;
         let mut clean = true;
-        let mut line_begin = 0;
+        let mut line_begin = copy_from;
         for j in memchr::memchr_iter(b'\n', seg) {
             lfs += 1;
             clean &= j > 0 && seg[j - 1] == b'\r';
@@ -171,6 +173,7 @@ impl DataReceiver {
                 // A dot-stuffed line (RFC 5321 4.5.2): drop the first dot.
                 self.emit(&seg[copy_from..j + 1], body);
                 copy_from = j + 2;
+                line_begin = j + 2;
             }
         }
         // Every LF followed a CR, so more CRs than LFs means a lone CR.
@@ -190,8 +193,8 @@ impl DataReceiver {
         let mut i = 0;
         while i < seg.len() {
             if self.line_start && seg[i] == b'.' {
+                // Dropped, and not counted in the line length.
                 i += 1;
-                self.line_len += 1;
             }
             self.line_start = false;
             let Some(off) = memchr::memchr2(b'\r', b'\n', &seg[i..]) else {
@@ -422,6 +425,36 @@ pub(crate) mod tests {
         let mut ok = vec![b'x'; 998];
         ok.extend_from_slice(b"\r\n.\r\n");
         assert_eq!(receive_split(&ok, &[10], 1 << 20).1, Verdict::Ok);
+    }
+
+    /// Regression: the stuffing dot does not count towards the 1000 octets
+    /// (RFC 5321 4.5.3.1.6), whether the line starts the content or not,
+    /// on the fast and on the normalising path.
+    #[test]
+    fn stuffing_dot_not_counted_in_line_length() {
+        for prefix in [&b""[..], b"a\r\n", b"a\n"] {
+            let mut input = prefix.to_vec();
+            input.extend_from_slice(b"..");
+            input.extend(std::iter::repeat_n(b'x', 997));
+            input.extend_from_slice(b"\r\n.\r\n");
+            for policy in [BareNewline::Normalize, BareNewline::Reject] {
+                let (body, v, _) = receive_every_split_with(&input, policy);
+                if prefix == b"a\n" && policy == BareNewline::Reject {
+                    assert_eq!(v, Verdict::BareNewline);
+                    continue;
+                }
+                assert_eq!(v, Verdict::Ok, "{prefix:?} {policy:?}");
+                assert!(body.ends_with(&[&b"."[..], &[b'x'; 997], b"\r\n"].concat()));
+            }
+            let mut over = prefix.to_vec();
+            over.extend_from_slice(b"..");
+            over.extend(std::iter::repeat_n(b'x', 998));
+            over.extend_from_slice(b"\r\n.\r\n");
+            assert_eq!(
+                receive_split_with(&over, &[], 1 << 20, BareNewline::Normalize).1,
+                Verdict::LineTooLong
+            );
+        }
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum ParseError {
     RcptSyntax,
     #[error("syntax error in BDAT")]
     BdatSyntax,
+    #[error("VRFY without an argument")]
+    VrfySyntax,
     #[error("command takes no parameters")]
     NoArgsAllowed,
     #[error("bad sender address")]
@@ -46,6 +48,7 @@ impl ParseError {
             ParseError::MailSyntax => reply::SYNTAX_MAIL,
             ParseError::RcptSyntax => reply::SYNTAX_RCPT,
             ParseError::BdatSyntax => reply::SYNTAX_BDAT,
+            ParseError::VrfySyntax => reply::SYNTAX_VRFY,
             ParseError::NoArgsAllowed => reply::SYNTAX_NO_ARGS,
             ParseError::BadSender => reply::BAD_SENDER_SYNTAX,
             ParseError::BadRecipient => reply::BAD_RECIPIENT_SYNTAX,

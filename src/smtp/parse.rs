@@ -46,6 +46,7 @@ pub fn parse_command<'a>(line: &'a [u8], arena: &'a Bump) -> Result<Command<'a>,
         Verb::Quit => no_args(rest).map(|()| Command::Quit),
         Verb::Noop => Ok(Command::Noop),
         Verb::Help => Ok(Command::Help),
+        Verb::Vrfy if rest.trim_matches(' ').is_empty() => Err(ParseError::VrfySyntax),
         Verb::Vrfy => Ok(Command::Vrfy),
         Verb::NotImplemented => Ok(Command::NotImplemented),
     }

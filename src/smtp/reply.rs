@@ -115,10 +115,10 @@ pub const BAD_SEQUENCE_DATA_AFTER_BDAT: Reply = Reply::new(
     "5.5.1",
     "Error: DATA not allowed after BDAT in the same transaction",
 );
-pub const BAD_SEQUENCE_BDAT_FAILED: Reply = Reply::new(
+pub const BAD_SEQUENCE_RCPT_AFTER_BDAT: Reply = Reply::new(
     503,
     "5.5.1",
-    "Error: an earlier BDAT chunk failed; send RSET",
+    "Error: RCPT not allowed after BDAT in the same transaction",
 );
 pub const BAD_SEQUENCE_BDAT_HELO: Reply =
     Reply::new(503, "5.5.1", "Error: BDAT requires EHLO (CHUNKING)");
@@ -126,6 +126,7 @@ pub const SYNTAX_EHLO: Reply = Reply::new(501, "5.5.4", "Syntax: EHLO hostname")
 pub const SYNTAX_HELO: Reply = Reply::new(501, "5.5.4", "Syntax: HELO hostname");
 pub const SYNTAX_MAIL: Reply = Reply::new(501, "5.5.4", "Syntax: MAIL FROM:<address>");
 pub const SYNTAX_RCPT: Reply = Reply::new(501, "5.5.4", "Syntax: RCPT TO:<address>");
+pub const SYNTAX_VRFY: Reply = Reply::new(501, "5.5.4", "Syntax: VRFY address");
 pub const SYNTAX_BDAT: Reply = Reply::new(501, "5.5.4", "Syntax: BDAT size [LAST]");
 pub const SYNTAX_NO_ARGS: Reply = Reply::new(501, "5.5.4", "Syntax: no parameters allowed");
 pub const BAD_SENDER_SYNTAX: Reply = Reply::new(501, "5.1.7", "Error: bad sender address syntax");

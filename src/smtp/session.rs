@@ -488,7 +488,7 @@ impl Session {
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
         let verdict = match &self.state {
             State::Fresh => Err(reply::BAD_SEQUENCE_HELO),
-            State::Mail(tx) if tx.envelope.chunked => Err(reply::BAD_SEQUENCE_DATA_AFTER_BDAT),
+            State::Mail(tx) if tx.envelope.chunked => Err(reply::BAD_SEQUENCE_RCPT_AFTER_BDAT),
             State::Mail(tx) => self.check_rcpt(&r, &tx.envelope, esmtp),
             _ => Err(reply::BAD_SEQUENCE_NEED_MAIL),
         };

@@ -10,7 +10,9 @@
 //! protocol ESMTP
 //! mail-from <sender@example.org>
 //! param BODY=8BITMIME
-//! rcpt <user@localhost> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;user@localhost
+//! rcpt <user@localhost>
+//! rcpt-notify SUCCESS,FAILURE
+//! rcpt-orcpt rfc822;user@localhost
 //! ```
 //!
 //! Every value was validated by the parser (no CR/LF).
@@ -62,17 +64,16 @@ pub fn encode_envelope(id: &str, env: &SmtpEnvelope, now: SystemTime) -> Vec<u8>
     if env.chunked {
         line("chunked");
     }
+    // The address is alone on its line (a quoted local part may hold '>' or
+    // spaces); its DSN parameters follow on lines of their own.
     for r in &env.rcpts {
-        let mut l = format!("rcpt <{}>", r.addr);
+        line(&format!("rcpt <{}>", r.addr));
         if let Some(n) = r.notify {
-            l.push_str(" NOTIFY=");
-            l.push_str(&n.to_param());
+            line(&format!("rcpt-notify {}", n.to_param()));
         }
         if let Some(o) = &r.orcpt {
-            l.push_str(" ORCPT=");
-            l.push_str(o);
+            line(&format!("rcpt-orcpt {o}"));
         }
-        line(&l);
     }
     h.into_bytes()
 }
@@ -108,8 +109,7 @@ pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
     let from = field("mail-from")?.strip_prefix('<')?.strip_suffix('>')?;
     let rcpts = lines
         .iter()
-        .filter_map(|l| l.strip_prefix("rcpt <"))
-        .filter_map(|l| l.split_once('>').map(|(a, _)| a))
+        .filter_map(|l| l.strip_prefix("rcpt <")?.strip_suffix('>'))
         .collect();
     Some(Envelope {
         id,

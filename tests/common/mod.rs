@@ -1,0 +1,830 @@
+//! What the integration tests share: a real `ringmta` process on a temporary
+//! spool ([`Server`]), a small blocking SMTP client ([`Client`]) and readers
+//! for the queue ([`Queued`]).
+//!
+//! Everything here is bounded in time: the server must announce its port
+//! within [`START_TIMEOUT`], every socket has read and write timeouts, and a
+//! dropped [`Server`] is killed (SIGKILL if it still runs) and reaped. It
+//! must never bind anything but 127.0.0.1 port 0, so tests can run in
+//! parallel.
+
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
+use std::fmt;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tempfile::TempDir;
+
+/// How long a server may take to print its listening line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read and write timeout of every test socket.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The `--hostname` every test server runs with.
+pub const HOSTNAME: &str = "mx.test";
+
+const LISTENING: &str = "ringmta listening smtp ";
+
+/// Starts servers: `Server::builder().arg("--max-errors").arg("3").start()`.
+#[derive(Debug, Clone)]
+pub struct ServerBuilder {
+    args: Vec<String>,
+    shards: usize,
+    spool: Option<PathBuf>,
+}
+
+impl ServerBuilder {
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = n;
+        self
+    }
+
+    /// Runs on this spool directory instead of a fresh one (which the
+    /// caller keeps alive).
+    pub fn spool_dir(mut self, dir: &Path) -> Self {
+        self.spool = Some(dir.to_owned());
+        self
+    }
+
+    /// Starts the server and waits for its port; panics with its stderr if
+    /// it does not come up.
+    pub fn start(self) -> Server {
+        match self.try_start() {
+            Ok(s) => s,
+            Err(e) => panic!("ringmta did not start: {e}"),
+        }
+    }
+
+    /// Starts the server; `Err` if it exits or stays silent instead of
+    /// printing its listening line within [`START_TIMEOUT`].
+    pub fn try_start(self) -> Result<Server, StartFailure> {
+        let dir = tempfile::Builder::new()
+            .prefix("ringmta-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let spool = self
+            .spool
+            .clone()
+            .unwrap_or_else(|| dir.path().join("spool"));
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = fs::File::create(&stderr_path).expect("create stderr log");
+
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringmta"));
+        let has = |flag: &str| self.args.iter().any(|a| a == flag);
+        if !has("--smtp") {
+            cmd.args(["--smtp", "127.0.0.1:0"]);
+        }
+        if !has("--hostname") {
+            cmd.args(["--hostname", HOSTNAME]);
+        }
+        cmd.arg("--spool-dir")
+            .arg(&spool)
+            .args(["--shards", &self.shards.to_string()])
+            .args(&self.args);
+        // Flags come from the test alone, not from the developer's shell.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("RINGMTA_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr));
+        let mut child = cmd.spawn().expect("spawn ringmta");
+
+        // stdout is read on a thread so the wait for it can be bounded.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        let failure = |child: &mut Child, reason: String| {
+            // Give an exiting process a moment to finish writing stderr.
+            let status = wait_with_timeout(child, Duration::from_secs(2));
+            if status.is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            StartFailure {
+                status,
+                stderr: strip_ansi(&fs::read_to_string(&stderr_path).unwrap_or_default()),
+                reason,
+            }
+        };
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) => {
+                    let Some(addr) = line.strip_prefix(LISTENING) else {
+                        return Err(failure(
+                            &mut child,
+                            format!("unexpected stdout line {line:?}"),
+                        ));
+                    };
+                    let addr: SocketAddr = match addr.trim().parse() {
+                        Ok(a) => a,
+                        Err(_) => {
+                            return Err(failure(&mut child, format!("bad listening line {line:?}")))
+                        }
+                    };
+                    return Ok(Server {
+                        child,
+                        addr,
+                        port: addr.port(),
+                        spool,
+                        stderr_path,
+                        _dir: dir,
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(failure(
+                        &mut child,
+                        "stdout closed before the listening line".into(),
+                    ));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return Err(failure(&mut child, "exited before listening".into()));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(failure(
+                            &mut child,
+                            format!("no listening line within {START_TIMEOUT:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why a server did not come up.
+pub struct StartFailure {
+    /// The exit status, if the process exited.
+    pub status: Option<ExitStatus>,
+    pub stderr: String,
+    pub reason: String,
+}
+
+impl fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (status {:?})\n--- stderr ---\n{}",
+            self.reason, self.status, self.stderr
+        )
+    }
+}
+
+impl fmt::Debug for StartFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A running `ringmta`. Dropping it kills and reaps the process.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub port: u16,
+    spool: PathBuf,
+    stderr_path: PathBuf,
+    // Last: the directory outlives nothing above that points into it.
+    _dir: TempDir,
+}
+
+impl Server {
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            args: Vec::new(),
+            shards: 1,
+            spool: None,
+        }
+    }
+
+    /// One shard, default flags plus `args`.
+    pub fn start(args: &[&str]) -> Server {
+        Server::builder().args(args.iter().copied()).start()
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits in pid_t")
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) to the server.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with the pid of a child we have not reaped yet, so
+        // the pid cannot have been reused.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {sig}): {}",
+            self.pid(),
+            io::Error::last_os_error()
+        );
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_with_timeout(&mut self.child, timeout)
+    }
+
+    /// Waits for the exit and asserts it was a clean exit 0.
+    pub fn assert_exits_cleanly(&mut self, timeout: Duration) {
+        match self.wait_exit(timeout) {
+            Some(s) if s.success() => {}
+            Some(s) => panic!("ringmta exited with {s}\n--- stderr ---\n{}", self.stderr()),
+            None => panic!(
+                "ringmta still running after {timeout:?}\n--- stderr ---\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Everything the server logged so far, without terminal colours.
+    pub fn stderr(&self) -> String {
+        strip_ansi(&fs::read_to_string(&self.stderr_path).unwrap_or_default())
+    }
+
+    /// Waits until the log contains `needle`; false after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool
+    }
+
+    /// Ids of the queued messages, in the order the spool returns them
+    /// (arrival order within a shard).
+    pub fn queued_ids(&self) -> Vec<String> {
+        self.queued().into_iter().map(|q| q.id).collect()
+    }
+
+    /// Every queued message, decoded; panics on one that does not decode.
+    pub fn queued(&self) -> Vec<Queued> {
+        read_spool(&self.spool)
+    }
+
+    /// The queued message with this id.
+    pub fn message(&self, id: &str) -> Queued {
+        self.queued()
+            .into_iter()
+            .find(|q| q.id == id)
+            .unwrap_or_else(|| panic!("no queued message {id}"))
+    }
+
+    /// The last message the spool returns (the newest, with one shard).
+    pub fn newest(&self) -> Option<Queued> {
+        self.queued().pop()
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... final-byte`) from a log.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => return None,
+        }
+    }
+}
+
+/// Every message in the spool at `root`, through the library's own reader
+/// (the one place that knows the on-disk layout).
+pub fn read_spool(root: &Path) -> Vec<Queued> {
+    let msgs = ringmta::spool::read_queue(root)
+        .unwrap_or_else(|e| panic!("read spool {}: {e}", root.display()));
+    msgs.iter()
+        .map(|m| {
+            let env = m
+                .decoded()
+                .unwrap_or_else(|| panic!("envelope does not decode: {:?}", m.envelope));
+            let trace_len = trace_header_len(&m.message).unwrap_or_else(|| {
+                panic!(
+                    "message {} does not start with a Received header: {:?}",
+                    env.id,
+                    String::from_utf8_lossy(&m.message[..m.message.len().min(300)])
+                )
+            });
+            Queued {
+                id: env.id.to_owned(),
+                mail_from: env.mail_from.map(str::to_owned),
+                rcpts: env.rcpts.iter().map(|r| (*r).to_owned()).collect(),
+                lines: env.lines.iter().map(|l| (*l).to_owned()).collect(),
+                message: m.message.clone(),
+                trace_len,
+            }
+        })
+        .collect()
+}
+
+/// One queued message, decoded.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub id: String,
+    /// `None` for the null reverse-path.
+    pub mail_from: Option<String>,
+    pub rcpts: Vec<String>,
+    /// The envelope lines after the magic line.
+    pub lines: Vec<String>,
+    /// Trace header and content.
+    pub message: Vec<u8>,
+    /// Length of our `Received:` header at the start of `message`.
+    trace_len: usize,
+}
+
+impl Queued {
+    /// Our `Received:` header, folded lines and final CRLF included.
+    pub fn received(&self) -> &str {
+        std::str::from_utf8(&self.message[..self.trace_len]).expect("trace header is ASCII")
+    }
+
+    /// The content as the client sent it (unstuffed), after the trace header.
+    pub fn content(&self) -> &[u8] {
+        &self.message[self.trace_len..]
+    }
+
+    pub fn has_line(&self, line: &str) -> bool {
+        self.lines.iter().any(|l| l == line)
+    }
+}
+
+/// Length of the leading `Received:` header field (with its folded lines).
+fn trace_header_len(message: &[u8]) -> Option<usize> {
+    if !message.starts_with(b"Received: ") {
+        return None;
+    }
+    let mut pos = 0;
+    loop {
+        let eol = memchr_crlf(&message[pos..])? + pos + 2;
+        pos = eol;
+        match message.get(pos) {
+            Some(b' ' | b'\t') => continue,
+            _ => return Some(pos),
+        }
+    }
+}
+
+fn memchr_crlf(s: &[u8]) -> Option<usize> {
+    s.windows(2).position(|w| w == b"\r\n")
+}
+
+/// Asserts the trace header's shape: `from HELO ([IP])`, `by mx.test
+/// (ringmta) with PROTO id ID`, and a date the server took between `before`
+/// and `after` (rendered by the server's own RFC 5322 formatter).
+pub fn assert_received(q: &Queued, helo: &str, proto: &str, before: SystemTime, after: SystemTime) {
+    let r = q.received();
+    let head = format!(
+        "Received: from {helo} ([127.0.0.1])\r\n\tby {HOSTNAME} (ringmta) with {proto} id {}",
+        q.id
+    );
+    assert!(
+        r.starts_with(&head),
+        "trace header {r:?} does not start with {head:?}"
+    );
+    assert!(
+        r.contains(&format!("by {HOSTNAME} (ringmta) with {proto}")),
+        "{r:?}"
+    );
+    let date = r
+        .trim_end_matches("\r\n")
+        .rsplit_once(";\r\n\t")
+        .map(|(_, d)| d)
+        .unwrap_or_else(|| panic!("no date in trace header {r:?}"));
+    let from = before - Duration::from_secs(1);
+    let secs = after.duration_since(from).unwrap_or_default().as_secs() + 2;
+    let ok = (0..=secs)
+        .any(|s| ringmta::smtp::envelope::rfc5322_date(from + Duration::from_secs(s)) == date);
+    assert!(
+        ok,
+        "trace header date {date:?} is not a time during the test"
+    );
+}
+
+/// One reply: every line without its CRLF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// The last line (the whole reply for single-line replies).
+    pub fn last(&self) -> &str {
+        self.lines.last().map(String::as_str).unwrap_or("")
+    }
+
+    pub fn is(&self, line: &str) -> bool {
+        self.lines.len() == 1 && self.lines[0] == line
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.lines.join("\n"))
+    }
+}
+
+/// A blocking SMTP client over `TcpStream`, for speaking raw bytes.
+pub struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        Client::try_connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+    }
+
+    pub fn try_connect(addr: SocketAddr) -> io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn set_read_timeout(&mut self, t: Duration) {
+        self.stream
+            .set_read_timeout(Some(t))
+            .expect("set read timeout");
+    }
+
+    /// Writes `bytes` in one write call (as one batch, for pipelining).
+    pub fn try_send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.try_send(bytes)
+            .unwrap_or_else(|e| panic!("send {:?}: {e}", String::from_utf8_lossy(bytes)));
+    }
+
+    /// Sends `line` followed by CRLF.
+    pub fn line(&mut self, line: &str) {
+        let mut b = Vec::with_capacity(line.len() + 2);
+        b.extend_from_slice(line.as_bytes());
+        b.extend_from_slice(b"\r\n");
+        self.send(&b);
+    }
+
+    /// Reads one line; it must end in CRLF (returned without it).
+    pub fn read_line(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                if line.pop() != Some(b'\r') {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "reply line without CRLF: {:?}",
+                            String::from_utf8_lossy(&line)
+                        ),
+                    ));
+                }
+                return Ok(line);
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "connection closed (pending {:?})",
+                            String::from_utf8_lossy(&self.buf)
+                        ),
+                    ))
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads one complete reply: lines until one with a space after the code.
+    pub fn try_reply(&mut self) -> io::Result<Reply> {
+        let mut lines = Vec::new();
+        let mut code = None;
+        loop {
+            let raw = self.read_line()?;
+            let line = String::from_utf8(raw).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("reply not UTF-8: {e}"))
+            })?;
+            let b = line.as_bytes();
+            let well_formed = b.len() >= 3
+                && b[..3].iter().all(u8::is_ascii_digit)
+                && matches!(b.get(3), None | Some(b' ' | b'-'));
+            if !well_formed {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("malformed reply line {line:?}"),
+                ));
+            }
+            let c: u16 = line[..3].parse().expect("three digits");
+            if *code.get_or_insert(c) != c {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("reply code changed within a reply: {line:?}"),
+                ));
+            }
+            let more = b.get(3) == Some(&b'-');
+            lines.push(line);
+            if !more {
+                return Ok(Reply { code: c, lines });
+            }
+        }
+    }
+
+    pub fn reply(&mut self) -> Reply {
+        self.try_reply()
+            .unwrap_or_else(|e| panic!("reading a reply: {e}"))
+    }
+
+    /// Sends `line` + CRLF and reads the reply.
+    pub fn cmd(&mut self, line: &str) -> Reply {
+        self.line(line);
+        self.reply()
+    }
+
+    /// Sends `line` + CRLF and asserts the reply code.
+    pub fn expect(&mut self, line: &str, code: u16) -> Reply {
+        let r = self.cmd(line);
+        assert_eq!(r.code, code, "{line:?} got {r}");
+        r
+    }
+
+    /// Reads the greeting and asserts it is the 220 of our server.
+    pub fn greeting(&mut self) -> Reply {
+        let r = self.reply();
+        assert!(
+            r.is(&format!("220 {HOSTNAME} ESMTP ringmta")),
+            "greeting {r}"
+        );
+        r
+    }
+
+    /// Greeting, then EHLO.
+    pub fn hello(&mut self, name: &str) -> Reply {
+        self.greeting();
+        self.expect(&format!("EHLO {name}"), 250)
+    }
+
+    /// MAIL, RCPTs, DATA with `content` (dot-stuffed here, terminated here);
+    /// returns the queue id from the 250.
+    pub fn send_message(&mut self, from: &str, rcpts: &[&str], content: &[u8]) -> String {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250);
+        for r in rcpts {
+            self.expect(&format!("RCPT TO:<{r}>"), 250);
+        }
+        self.expect("DATA", 354);
+        self.send(&dot_stuff(content));
+        queued_id(&self.reply())
+    }
+
+    /// Asserts the server closes the connection without sending anything
+    /// more (EOF or reset) within the read timeout.
+    pub fn expect_closed(&mut self) {
+        if let Err(e) = self.check_closed() {
+            panic!("{e}");
+        }
+    }
+
+    /// `Err` unless the server closes the connection without sending
+    /// anything more (EOF or reset) within the read timeout.
+    pub fn check_closed(&mut self) -> Result<(), String> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            if !self.buf.is_empty() {
+                return Err(format!(
+                    "expected the connection to close, got {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ));
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("expected the connection to close: {e}")),
+            }
+        }
+    }
+
+    /// Asserts nothing arrives for `d` (and the connection stays open).
+    pub fn expect_silence(&mut self, d: Duration) {
+        if let Err(e) = self.check_silence(d) {
+            panic!("{e}");
+        }
+    }
+
+    /// `Err` if anything arrives within `d`, or the connection closes.
+    pub fn check_silence(&mut self, d: Duration) -> Result<(), String> {
+        if !self.buf.is_empty() {
+            return Err(format!(
+                "unexpected server output {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ));
+        }
+        self.stream
+            .set_read_timeout(Some(d))
+            .expect("set read timeout");
+        let mut chunk = [0u8; 1024];
+        let r = self.stream.read(&mut chunk);
+        self.stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .expect("set read timeout");
+        match r {
+            Ok(0) => Err("connection closed while expecting silence".into()),
+            Ok(n) => Err(format!(
+                "unexpected server output {:?}",
+                String::from_utf8_lossy(&chunk[..n])
+            )),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(format!("expecting silence: {e}")),
+        }
+    }
+
+    /// Closes the write side: the server sees EOF.
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// The id of `250 2.0.0 Ok: queued as ID`; panics on any other reply.
+pub fn queued_id(r: &Reply) -> String {
+    r.last()
+        .strip_prefix("250 2.0.0 Ok: queued as ")
+        .filter(|_| r.lines.len() == 1)
+        .unwrap_or_else(|| panic!("expected 250 queued, got {r}"))
+        .to_owned()
+}
+
+/// DATA wire form of `content` (which must end in CRLF, or be empty): every
+/// line beginning with '.' gets another, then the `.` CRLF terminator.
+pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    assert!(
+        content.is_empty() || content.ends_with(b"\r\n"),
+        "content must end in CRLF"
+    );
+    let mut out = Vec::with_capacity(content.len() + 16);
+    let mut at_line_start = true;
+    for &b in content {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// Finds a real peer program (swaks, smtp-source) on PATH or in
+/// /usr/sbin. `None` means "skip": only allowed when RINGMTA_SKIP_PEERS=1;
+/// otherwise a missing peer fails the test with instructions.
+pub fn peer_program(name: &str, package: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_some() {
+        return found;
+    }
+    if std::env::var("RINGMTA_SKIP_PEERS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: {name} is not installed and RINGMTA_SKIP_PEERS=1");
+        return None;
+    }
+    panic!(
+        "{name} is not installed: `apt-get install {package}` (.ci/run does), \
+         or set RINGMTA_SKIP_PEERS=1 to skip the tests that need real peers"
+    );
+}
+
+/// What a peer program did: its exit status and output.
+#[derive(Debug)]
+pub struct PeerRun {
+    pub pid: u32,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program args`, killing it after `timeout`; output goes to files so
+/// nothing can block on a full pipe.
+pub fn run_peer(program: &Path, args: &[&str], timeout: Duration) -> PeerRun {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path).expect("stdout file"))
+        .stderr(fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+    let pid = child.id();
+    let status = wait_with_timeout(&mut child, timeout);
+    let status = match status {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} {args:?} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                program.display(),
+                fs::read_to_string(&out_path).unwrap_or_default(),
+                fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+    };
+    PeerRun {
+        pid,
+        status,
+        stdout: String::from_utf8_lossy(&fs::read(&out_path).unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&fs::read(&err_path).unwrap_or_default()).into_owned(),
+    }
+}
