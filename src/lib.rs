@@ -10,9 +10,12 @@
 //! * [`server`] — the glommio glue and the only place with sockets: one shard
 //!   per core, each with its own SO_REUSEPORT listeners, connection tasks
 //!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
-//! * [`spool`] — durability: a message is written, `fdatasync`ed and renamed
-//!   into the queue directory (whose directory sync is group-committed)
-//!   before its 250 goes out.
+//! * [`spool`] — durability: per-shard append-only segment files of
+//!   checksummed records; messages that finish while a write+`fdatasync` is
+//!   in flight share the next one (group commit), and their 250s go out when
+//!   it returns. A per-shard journal records per-recipient outcomes and
+//!   queue operations; at start the segments are verified (torn tails cut
+//!   off) and the queue is rebuilt. Finished segments are deleted.
 //! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
 //!   turned once into a validated [`config::Config`].
 
