@@ -29,6 +29,64 @@ pub struct Cli {
     )]
     pub smtp: Vec<SocketAddr>,
 
+    /// Message submission listener (RFC 6409; STARTTLS, then AUTH) (repeatable; `none`: off).
+    #[arg(long, value_name = "ADDR", env = "RINGMTA_SUBMISSION", value_delimiter = ',',
+          default_value = "127.0.0.1:2587", value_parser = parse_listen)]
+    pub submission: Vec<Listen>,
+
+    /// Submission over implicit TLS listener (RFC 8314) (repeatable; `none`: off).
+    #[arg(long, value_name = "ADDR", env = "RINGMTA_SMTPS", value_delimiter = ',',
+          default_value = "127.0.0.1:2465", value_parser = parse_listen)]
+    pub smtps: Vec<Listen>,
+
+    /// TLS certificate chain (PEM) [default: a self-signed one generated into <spool-dir>/tls/].
+    #[arg(long, value_name = "FILE", env = "RINGMTA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM, PKCS#8/PKCS#1/SEC1) for --tls-cert.
+    #[arg(long, value_name = "FILE", env = "RINGMTA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Longest a TLS handshake (STARTTLS or implicit) may take before the connection is closed.
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_TLS_HANDSHAKE_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// Submission users: lines `user:argon2-hash` (make them with `ringmta passwd USER`); reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE", env = "RINGMTA_USERS")]
+    pub users: Option<PathBuf>,
+
+    /// Extra envelope senders per login: lines `ADDRESS LOGIN[,LOGIN..]` or `@DOMAIN LOGIN[,..]`; reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE", env = "RINGMTA_SENDER_LOGIN_MAP")]
+    pub sender_login_map: Option<PathBuf>,
+
+    /// Offer AUTH without TLS to loopback clients (for tests; never for real users).
+    #[arg(long, env = "RINGMTA_ALLOW_PLAINTEXT_AUTH_ON_LOOPBACK")]
+    pub allow_plaintext_auth_on_loopback: bool,
+
+    /// Pause before each 535 (failed AUTH).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_AUTH_FAILURE_DELAY", default_value = "1s",
+          value_parser = parse_duration)]
+    pub auth_failure_delay: Duration,
+
+    /// Failed AUTHs per client IP within --auth-failure-window before the IP is refused with 421 (0: no limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_AUTH_FAILURES",
+        default_value_t = 10
+    )]
+    pub max_auth_failures: u32,
+
+    /// Window over which --max-auth-failures counts.
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_AUTH_FAILURE_WINDOW", default_value = "15m",
+          value_parser = parse_duration)]
+    pub auth_failure_window: Duration,
+
+    /// Submission: add `Sender: <login address>` when From is not the authenticated user (RFC 6409 8.1).
+    #[arg(long, env = "RINGMTA_ADD_SENDER_HEADER")]
+    pub add_sender_header: bool,
+
     /// Name used in the greeting, EHLO reply and Received headers [default: the system host name].
     #[arg(long, env = "RINGMTA_HOSTNAME")]
     pub hostname: Option<String>,
@@ -164,6 +222,64 @@ pub struct Cli {
           value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Accept and queue, but deliver nothing (maintenance, intake benchmarks).
+    #[arg(long, env = "RINGMTA_NO_DELIVERY")]
+    pub no_delivery: bool,
+
+    /// Client network allowed to relay to any domain (repeatable; default none).
+    #[arg(long = "relay-network", value_name = "CIDR", env = "RINGMTA_RELAY_NETWORK",
+          value_delimiter = ',')]
+    pub relay_networks: Vec<crate::relay::policy::Cidr>,
+
+    /// Route mail for a domain: DOMAIN=smtp:HOST:PORT or DOMAIN=maildir:PATH (exact or *.domain; repeatable).
+    #[arg(long = "route", value_name = "ROUTE", env = "RINGMTA_ROUTE", value_delimiter = ',')]
+    pub routes: Vec<crate::relay::Route>,
+
+    /// Smarthost for all mail that no route or local domain covers (HOST:PORT); else MX lookup.
+    #[arg(long, value_name = "HOST:PORT", env = "RINGMTA_RELAY_HOST",
+          value_parser = crate::relay::parse_host_port)]
+    pub relay_host: Option<(String, u16)>,
+
+    /// DNS server for MX/A/AAAA lookups (IP:PORT) [default: the system resolver].
+    #[arg(long, value_name = "ADDR", env = "RINGMTA_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Port of remote MX hosts.
+    #[arg(long, value_name = "PORT", env = "RINGMTA_OUTBOUND_PORT", default_value_t = 25)]
+    pub outbound_port: u16,
+
+    /// Root of local Maildir delivery (<root>/<domain>/<local-part>/).
+    #[arg(long, value_name = "DIR", env = "RINGMTA_MAILDIR", default_value = "./var/maildir")]
+    pub maildir: PathBuf,
+
+    /// Outbound connections per destination (and per shard).
+    #[arg(long, value_name = "N", env = "RINGMTA_MAX_CONNS_PER_DEST", default_value_t = 10)]
+    pub max_conns_per_dest: usize,
+
+    /// Delays between delivery attempts, by the message's age (the last repeats).
+    #[arg(long, value_name = "LIST", env = "RINGMTA_RETRY_SCHEDULE",
+          default_value = "1m,5m,15m,30m,1h,2h,4h", value_parser = crate::relay::parse_schedule)]
+    pub retry_schedule: crate::relay::Schedule,
+
+    /// How long a message may stay queued before it bounces.
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_MAX_QUEUE_AGE", default_value = "5d",
+          value_parser = parse_duration)]
+    pub max_queue_age: Duration,
+
+    /// Received headers after which a message is a loop and bounces (5.4.6).
+    #[arg(long, value_name = "N", env = "RINGMTA_MAX_HOPS", default_value_t = 50)]
+    pub max_hops: usize,
+
+    /// Outbound connect timeout.
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_CONNECT_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Outbound wait for any reply, including after the content (RFC 5321 4.5.3.2: up to 10m).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_RELAY_TIMEOUT", default_value = "5m",
+          value_parser = parse_duration)]
+    pub relay_timeout: Duration,
+
     /// Log filter (tracing EnvFilter syntax, e.g. info or ringmta=debug).
     #[arg(
         long,
@@ -189,6 +305,24 @@ pub enum Subcommand {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Read a password from standard input and print the `USER:argon2-hash` line for --users.
+    Passwd {
+        /// The login name (no ':' or white space).
+        user: String,
+    },
+}
+
+/// A listener address, or `none` to turn that listener off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("{s:?}: expected ADDR:PORT or none"))
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -247,6 +381,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86_400.0,
         other => return Err(format!("unknown duration unit {other:?} in {s:?}")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {s:?}: {e}"))

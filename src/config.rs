@@ -9,7 +9,11 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cli::{Cli, Fsync};
-use crate::smtp::SessionConfig;
+use crate::server::tls::TlsSettings;
+use crate::server::users::AuthSettings;
+use crate::server::ListenerKind;
+use crate::smtp::{Mode, SessionConfig};
+use crate::relay::RelayConfig;
 use crate::spool::SpoolOptions;
 
 #[derive(Debug, Clone)]
@@ -26,6 +30,18 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub spool: SpoolOptions,
     pub session: Arc<SessionConfig>,
+    /// Submission and implicit-TLS listeners (`--submission`, `--smtps`).
+    pub submission: Vec<SocketAddr>,
+    pub smtps: Vec<SocketAddr>,
+    /// The session policy of the submission and smtps listeners.
+    pub submission_session: Arc<SessionConfig>,
+    pub tls: TlsSettings,
+    pub auth: AuthSettings,
+    /// Add `Sender:` to submitted mail whose From is not the user.
+    pub add_sender_header: bool,
+    pub relay: Arc<RelayConfig>,
+    /// Run the delivery engine (off: accept and queue only).
+    pub delivery: bool,
 }
 
 #[derive(Debug, Error)]
@@ -72,7 +88,63 @@ impl Config {
             Some(h) => return Err(ConfigError::BadHostname(h.clone())),
             None => system_hostname().unwrap_or_else(|| "localhost".into()),
         };
+        let relay = Arc::new(RelayConfig {
+            routes: cli.routes.clone(),
+            relay_host: cli.relay_host.clone(),
+            local_domains: local_domains.clone(),
+            maildir_root: cli.maildir.clone(),
+            outbound_port: cli.outbound_port,
+            helo_name: hostname.clone(),
+            dns_server: cli.dns_server,
+            connect_timeout: cli.connect_timeout,
+            reply_timeout: cli.relay_timeout,
+            retry_schedule: cli.retry_schedule.0.clone(),
+            max_queue_age: cli.max_queue_age,
+            max_conns_per_dest: cli.max_conns_per_dest.max(1),
+            max_hops: cli.max_hops,
+            tick: Duration::from_secs(1),
+        });
+        let session = SessionConfig {
+            hostname: hostname.clone(),
+            local_domains: local_domains.clone(),
+            max_message_size: cli.max_message_size,
+            max_recipients: cli.max_recipients,
+            command_timeout: cli.command_timeout,
+            data_timeout: cli.data_timeout,
+            max_errors: cli.max_errors.max(1),
+            bare_newline: cli.bare_newline,
+            relay_networks: cli.relay_networks.clone(),
+            mode: Mode::Relay,
+            // A certificate is always there (given or generated).
+            starttls: true,
+            plaintext_auth_on_loopback: false,
+        };
+        let submission_session = Arc::new(SessionConfig {
+            mode: Mode::Submission,
+            plaintext_auth_on_loopback: cli.allow_plaintext_auth_on_loopback,
+            ..session.clone()
+        });
+        let tls = TlsSettings {
+            files: cli.tls_cert.clone().zip(cli.tls_key.clone()),
+            generated_dir: cli.spool_dir.join("tls"),
+            hostname: hostname.clone(),
+            handshake_timeout: cli.tls_handshake_timeout,
+        };
+        let auth = AuthSettings {
+            users: cli.users.clone(),
+            sender_login_map: cli.sender_login_map.clone(),
+            local_domains: local_domains.clone(),
+            failure_delay: cli.auth_failure_delay,
+            max_failures: cli.max_auth_failures,
+            failure_window: cli.auth_failure_window,
+        };
         Ok(Config {
+            submission: cli.submission.iter().filter_map(|l| l.0).collect(),
+            smtps: cli.smtps.iter().filter_map(|l| l.0).collect(),
+            submission_session,
+            tls,
+            auth,
+            add_sender_header: cli.add_sender_header,
             smtp: cli.smtp.clone(),
             spool_dir: cli.spool_dir.clone(),
             shards,
@@ -83,22 +155,27 @@ impl Config {
             max_conns_per_shard: cli.max_conns_per_shard,
             max_conns_per_ip: cli.max_conns_per_ip,
             shutdown_grace: cli.shutdown_grace,
+            relay,
+            delivery: !cli.no_delivery,
             spool: SpoolOptions {
                 max_segment: cli.max_segment_size.max(1 << 20),
                 commit_window: cli.commit_window,
                 fsync: cli.fsync == Fsync::On,
             },
-            session: Arc::new(SessionConfig {
-                hostname,
-                local_domains,
-                max_message_size: cli.max_message_size,
-                max_recipients: cli.max_recipients,
-                command_timeout: cli.command_timeout,
-                data_timeout: cli.data_timeout,
-                max_errors: cli.max_errors.max(1),
-                bare_newline: cli.bare_newline,
-            }),
+            session: Arc::new(session),
         })
+    }
+
+    /// Every listener address with what it serves, in the order the
+    /// `ringmta listening` lines are printed: smtp, submission, smtps.
+    pub fn listeners(&self) -> Vec<(ListenerKind, SocketAddr)> {
+        let kind = |k: ListenerKind| move |a: &SocketAddr| (k, *a);
+        self.smtp
+            .iter()
+            .map(kind(ListenerKind::Smtp))
+            .chain(self.submission.iter().map(kind(ListenerKind::Submission)))
+            .chain(self.smtps.iter().map(kind(ListenerKind::Smtps)))
+            .collect()
     }
 }
 

@@ -21,6 +21,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod spool;

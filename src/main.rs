@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         .init();
     let result = match &cli.command {
         Some(Subcommand::Queue { spool_dir, action }) => queue(spool_dir, action),
+        Some(Subcommand::Passwd { user }) => passwd(user),
         None => serve(&cli),
     };
     match result {
@@ -54,7 +55,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             "ringmta: WARNING: --fsync off: a crash can lose acknowledged mail (benchmarks only)"
         );
     }
-    let shared = Shared::new(&config);
+    let shared = Shared::new(&config)?;
+    if !(config.submission.is_empty() && config.smtps.is_empty()) && shared.auth.user_count() == 0 {
+        tracing::warn!("submission is listening but no --users are configured: every AUTH fails");
+    }
     watch_signals(shared.clone()).context("cannot install signal handlers")?;
     tracing::info!(
         shards = config.shards,
@@ -67,9 +71,9 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         // One machine-readable line on stdout per listener: tests and
         // scripts that bind port 0 read the real port from it.
         let mut out = std::io::stdout().lock();
-        for a in addrs {
-            let _ = writeln!(out, "ringmta listening smtp {a}");
-            tracing::info!(addr = %a, "listening (smtp)");
+        for (kind, a) in addrs {
+            let _ = writeln!(out, "ringmta listening {} {a}", kind.name());
+            tracing::info!(addr = %a, kind = kind.name(), "listening");
         }
         let _ = out.flush();
     })?;
@@ -78,7 +82,8 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
 }
 
 /// SIGTERM/SIGINT: graceful stop (a second one exits at once). SIGHUP: reload
-/// (nothing reloadable yet: certificates and users arrive with TLS/AUTH).
+/// the TLS certificate, the users file and the sender login map (new
+/// handshakes and logins see them; open sessions are not touched).
 fn watch_signals(shared: Arc<Shared>) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
@@ -86,7 +91,7 @@ fn watch_signals(shared: Arc<Shared>) -> std::io::Result<()> {
         .spawn(move || {
             for sig in signals.forever() {
                 match sig {
-                    SIGHUP => tracing::info!("SIGHUP: nothing to reload in this build"),
+                    SIGHUP => shared.reload(),
                     _ if shared.stop_requested() => {
                         eprintln!("ringmta: second stop signal, exiting now");
                         std::process::exit(1);
@@ -117,6 +122,23 @@ fn raise_fd_limit() {
             }
         }
     }
+}
+
+/// `ringmta passwd USER`: the password is the first line of standard input
+/// (so it never appears in a process list or shell history).
+fn passwd(user: &str) -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        anyhow::bail!("empty password (give it on standard input)");
+    }
+    let entry = ringmta::server::users::passwd_line(user, password)?;
+    writeln!(std::io::stdout().lock(), "{entry}")?;
+    Ok(())
 }
 
 fn queue(spool_dir: &std::path::Path, action: &QueueAction) -> anyhow::Result<()> {

@@ -18,7 +18,8 @@ fn io_uring_setup_failure_is_explained() {
     let out = Command::new("prlimit")
         .args(["--memlock=65536:65536", "--"])
         .arg(env!("CARGO_BIN_EXE_ringmta"))
-        .args(["--smtp", "127.0.0.1:0", "--shards", "1", "--spool-dir"])
+        .args(["--smtp", "127.0.0.1:0", "--shards", "1"])
+        .args(["--submission", "none", "--smtps", "none", "--spool-dir"])
         .arg(spool.path())
         .output()
         .unwrap();
@@ -43,7 +44,8 @@ fn bad_flags_are_refused() {
     ] {
         let spool = tempfile::tempdir().unwrap();
         let out = ringmta()
-            .args(["--smtp", "127.0.0.1:0", "--spool-dir"])
+            .args(["--smtp", "127.0.0.1:0", "--submission", "none", "--smtps", "none"])
+            .arg("--spool-dir")
             .arg(spool.path())
             .args(args)
             .output()

@@ -70,6 +70,8 @@ transcripts!(
     size_limit,
     too_many_recipients,
     relay_denied,
+    relay_policy,
+    relay_network,
     smtputf8,
     parameters,
     parameters_after_helo,

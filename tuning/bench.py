@@ -105,7 +105,8 @@ class Ringmta:
         self.dir = tempfile.mkdtemp(prefix="ringmta-bench-")
         self.proc = subprocess.Popen(
             [RINGMTA, "--smtp", "127.0.0.1:0", "--spool-dir", self.dir + "/spool",
-             "--hostname", "mx.test", "--max-conns-per-ip", "0", "--log", "warn"] + self.extra,
+             "--hostname", "mx.test", "--max-conns-per-ip", "0", "--log", "warn",
+             "--submission", "none", "--smtps", "none", "--no-delivery"] + self.extra,
             stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         self.port = int(line.split()[-1].rsplit(":", 1)[1])

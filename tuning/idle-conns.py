@@ -36,7 +36,8 @@ def main():
     spool = tempfile.mkdtemp(prefix="ringmta-idle-")
     proc = subprocess.Popen(
         [BIN, "--smtp", "127.0.0.1:0", "--spool-dir", spool, "--hostname", "mx.test",
-         "--max-conns-per-ip", "0", "--log", "warn"],
+         "--max-conns-per-ip", "0", "--log", "warn", "--submission", "none", "--smtps", "none",
+         "--no-delivery"],
         stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

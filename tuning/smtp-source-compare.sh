@@ -34,12 +34,12 @@ for shards in 1 2; do
   for pin in no yes; do
     spool="$WORK/spool-$shards-$pin"
     flags=(--smtp 127.0.0.1:0 --spool-dir "$spool" --shards "$shards" --hostname mx.test
-           --max-conns-per-ip 0 --log warn)
+           --max-conns-per-ip 0 --log warn --submission none --smtps none --no-delivery)
     [ "$pin" = yes ] && flags+=(--pin)
     "$BIN" "${flags[@]}" > "$WORK/out" &
     pid=$!
     for _ in $(seq 100); do grep -q listening "$WORK/out" 2>/dev/null && break; sleep 0.1; done
-    port=$(awk '/listening/ {split($4,a,":"); print a[2]}' "$WORK/out")
+    port=$(awk '/listening smtp / {split($4,a,":"); print a[2]}' "$WORK/out")
     rate=$(run_source "$port")
     stored=$("$BIN" queue --spool-dir "$spool" count | awk '{print $1}')
     kill -TERM "$pid"; wait "$pid" || true

@@ -1,20 +1,38 @@
-//! Drives one [`Session`] over one TCP connection: read, hand the bytes to
-//! the session, make finished messages durable, write each batch of replies
-//! in one write.
+//! Drives one [`Session`] over one connection: read, hand the bytes to the
+//! session, make finished messages durable, check credentials, upgrade to
+//! TLS, write each batch of replies in one write.
+//!
+//! The same loop ([`drive`]) runs over a plain `TcpStream` or a rustls
+//! stream. On `STARTTLS` it writes the 220, then *drops every byte already
+//! buffered* (a client, or a man in the middle, that pipelined commands
+//! behind STARTTLS must not have them executed inside the TLS session: RFC
+//! 3207 5, CVE-2011-0411), runs the handshake under
+//! `--tls-handshake-timeout`, and goes on with the same session, reset by
+//! [`Session::handle_tls`]. Implicit-TLS listeners (RFC 8314) handshake
+//! before the greeting.
 //!
 //! Every wait is bounded: reads by the session's deadline (command or data
-//! timeout), writes by the socket write timeout, and shutdown interrupts a
-//! read. Memory is bounded: the session consumes content as it arrives, so
-//! the unconsumed tail of the buffer never exceeds one command line.
+//! timeout), writes by the socket write timeout, handshakes by their own
+//! timeout, and shutdown interrupts a read. Memory is bounded: the session
+//! consumes content as it arrives, so the unconsumed tail of the buffer
+//! never exceeds one command line (or one 12288-octet AUTH line).
+//! Password checks (argon2) run on glommio's blocking pool, never on the
+//! shard thread.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
+use futures_rustls::server::TlsStream;
 use glommio::net::TcpStream;
 
 use super::shard::ShardState;
-use crate::smtp::{CommitResult, ConnInfo, Event, Session};
+use super::{tls, users, ListenerKind};
+use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
+use crate::smtp::envelope::rfc5322_date;
+use crate::smtp::submit::{self, Completion};
+use crate::smtp::{CommitResult, ConnInfo, Event, Message, Session};
 
 /// Read buffer size for an idle or command-phase connection.
 const INITIAL_BUFFER: usize = 4 << 10;
@@ -27,11 +45,69 @@ enum Wake {
     Stop,
 }
 
-pub(crate) async fn serve(shard: &ShardState, mut stream: TcpStream, peer: SocketAddr) {
-    let cfg = shard.ctx.config.session.clone();
+/// How [`drive`] ended.
+enum Outcome {
+    /// The session is over (closed by either side, or a write failed).
+    Closed,
+    /// The 220 to STARTTLS is written: the caller runs the handshake.
+    StartTls,
+}
+
+pub(crate) async fn serve(
+    shard: &ShardState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+) {
+    let config = &shard.ctx.config;
+    let cfg = match kind {
+        ListenerKind::Smtp => config.session.clone(),
+        ListenerKind::Submission | ListenerKind::Smtps => config.submission_session.clone(),
+    };
     let _ = stream.set_write_timeout(Some(cfg.command_timeout));
-    let mut session = Session::new(cfg, ConnInfo { peer, tls: false }, Instant::now());
+    let conn = ConnInfo { peer, tls: false };
     let mut buf = InputBuffer::new();
+    if kind == ListenerKind::Smtps {
+        let Some(mut tls) = handshake(shard, stream, peer).await else {
+            return;
+        };
+        let info = tls::info(tls.get_ref().1);
+        let mut session = Session::new(cfg, conn, Instant::now()).with_tls(info);
+        drive(shard, &mut tls, &mut session, &mut buf, peer).await;
+        return;
+    }
+    let mut stream = stream;
+    let mut session = Session::new(cfg, conn, Instant::now());
+    if let Outcome::StartTls = drive(shard, &mut stream, &mut session, &mut buf, peer).await {
+        // RFC 3207 5: whatever the client sent after STARTTLS, before the
+        // handshake, is discarded unread.
+        let dropped = buf.clear();
+        if dropped > 0 {
+            tracing::info!(%peer, bytes = dropped, "discarded input pipelined after STARTTLS");
+        }
+        let Some(mut tls) = handshake(shard, stream, peer).await else {
+            return;
+        };
+        session.handle_tls(tls::info(tls.get_ref().1), Instant::now());
+        if let Outcome::StartTls = drive(shard, &mut tls, &mut session, &mut buf, peer).await {
+            // invariant: the session refuses STARTTLS under TLS (503), so
+            // it never asks again; close rather than loop.
+            tracing::error!(%peer, "STARTTLS requested twice; closing");
+        }
+    }
+}
+
+/// Runs the session over `stream` until it closes or asks for STARTTLS.
+async fn drive<S>(
+    shard: &ShardState,
+    stream: &mut S,
+    session: &mut Session,
+    buf: &mut InputBuffer,
+    peer: SocketAddr,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut told_to_stop = false;
     loop {
         // Everything buffered, including input pipelined behind a message
@@ -39,27 +115,38 @@ pub(crate) async fn serve(shard: &ShardState, mut stream: TcpStream, peer: Socke
         loop {
             let n = session.handle_input(buf.pending(), Instant::now());
             buf.consume(n);
-            let Some(Event::Message(msg)) = session.poll_event() else {
-                break;
-            };
-            let result = match shard.spool.store(msg).await {
-                Ok(id) => CommitResult::Stored(id),
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "message not stored");
-                    e.commit_result()
+            match session.poll_event() {
+                None => break,
+                Some(Event::Message(msg)) => {
+                    let result = store(shard, session, msg, peer).await;
+                    session.handle_commit(result, Instant::now());
                 }
-            };
-            session.handle_commit(result, Instant::now());
+                Some(Event::Auth(creds)) => {
+                    let result = authenticate(shard, peer, creds).await;
+                    session.handle_auth(result, Instant::now());
+                }
+                Some(Event::StartTls) => {
+                    if stream.write_all(session.output()).await.is_err()
+                        || stream.flush().await.is_err()
+                    {
+                        return Outcome::Closed;
+                    }
+                    session.clear_output();
+                    return Outcome::StartTls;
+                }
+            }
         }
         if !session.output().is_empty() {
-            if stream.write_all(session.output()).await.is_err() {
-                return;
+            if stream.write_all(session.output()).await.is_err()
+                || stream.flush().await.is_err()
+            {
+                return Outcome::Closed;
             }
             session.clear_output();
         }
         if session.is_closed() {
             let _ = stream.close().await;
-            return;
+            return Outcome::Closed;
         }
         if shard.grace_over.get() {
             session.handle_shutdown_now();
@@ -96,13 +183,139 @@ pub(crate) async fn serve(shard: &ShardState, mut stream: TcpStream, peer: Socke
             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
                 // Peer gone: an unfinished message is simply dropped (it was
                 // never acknowledged).
-                return;
+                return Outcome::Closed;
             }
             Wake::Read(Ok(n)) => buf.filled(n),
             Wake::Timeout => session.handle_timeout(Instant::now()),
             Wake::Stop => {}
         }
     }
+}
+
+/// The TLS handshake, bounded by `--tls-handshake-timeout`; `None` (and the
+/// connection dropped) when it fails or takes too long.
+async fn handshake(
+    shard: &ShardState,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<TlsStream<TcpStream>> {
+    let store = &shard.ctx.shared.tls;
+    let limit = store.handshake_timeout();
+    let accept = store.acceptor().accept(stream);
+    let result = async { Some(accept.await) }
+        .or(async {
+            glommio::timer::sleep(limit).await;
+            None
+        })
+        .await;
+    match result {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        None => {
+            tracing::info!(%peer, timeout = ?limit, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Makes `msg` durable. Submitted mail (an authenticated session) is
+/// completed first: `Date:`, `Message-ID:` and optionally `Sender:` when
+/// missing (RFC 6409 8), stored in front of the content as received.
+async fn store(
+    shard: &ShardState,
+    session: &Session,
+    msg: Message,
+    peer: SocketAddr,
+) -> CommitResult {
+    let config = &shard.ctx.config;
+    let added = match session.authenticated() {
+        Some(who) => {
+            let date = rfc5322_date(SystemTime::now());
+            let message_id = new_message_id(shard.ctx.id, &config.session.hostname);
+            let me = own_address(who, &config.session.local_domains);
+            let sender = me.as_deref().filter(|_| config.add_sender_header);
+            let completion = Completion {
+                date: &date,
+                message_id: &message_id,
+                sender,
+            };
+            submit::missing_headers(&msg.body, &completion)
+        }
+        None => Vec::new(),
+    };
+    match shard.spool.store_with(msg, session.tls(), &added).await {
+        Ok(id) => {
+            if let Some(relay) = &shard.relay {
+                relay.enqueue(id.clone());
+            }
+            CommitResult::Stored(id)
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "message not stored");
+            e.commit_result()
+        }
+    }
+}
+
+/// Checks credentials: refused outright when this client IP failed too
+/// often; argon2 on the blocking pool; a failure is counted and answered
+/// after `--auth-failure-delay`. Unknown users and wrong passwords look
+/// the same to the client.
+async fn authenticate(shard: &ShardState, peer: SocketAddr, creds: Credentials) -> AuthResult {
+    let store = &shard.ctx.shared.auth;
+    let ip = peer.ip();
+    if store.is_blocked(ip, Instant::now()) {
+        tracing::warn!(%peer, user = ?creds.username, "AUTH refused: too many failures from this address");
+        return AuthResult::TooManyFailures;
+    }
+    let hash = store.hash_of(&creds.username);
+    let Credentials {
+        username, password, ..
+    } = creds;
+    let check = move || {
+        // A panic must not cross into glommio's blocking-pool plumbing.
+        std::panic::catch_unwind(|| users::verify(hash.as_deref(), &password)).unwrap_or(false)
+    };
+    if glommio::executor().spawn_blocking(check).await {
+        tracing::info!(%peer, user = ?username, "authenticated");
+        let send_as = store.send_as(&username);
+        return AuthResult::Success(Authenticated {
+            login: username,
+            send_as,
+        });
+    }
+    store.record_failure(ip, Instant::now());
+    tracing::warn!(%peer, user = ?username, "authentication failed");
+    let delay = store.failure_delay();
+    if !delay.is_zero() {
+        glommio::timer::sleep(delay).await;
+    }
+    AuthResult::Failed
+}
+
+/// The authenticated user's own address: the login when it is one, else
+/// login@ the first local domain.
+fn own_address(who: &Authenticated, local_domains: &[String]) -> Option<String> {
+    if who.login.contains('@') {
+        return Some(who.login.clone());
+    }
+    local_domains.first().map(|d| format!("{}@{d}", who.login))
+}
+
+/// `<time.seq.shard.pid@host>`: unique across shards, restarts and hosts.
+fn new_message_id(shard: usize, hostname: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "<{nanos:x}.{seq:x}.{shard}.{}@{hostname}>",
+        std::process::id()
+    )
 }
 
 /// A read buffer with a consumed prefix, compacted and grown as needed.
@@ -126,6 +339,14 @@ impl InputBuffer {
 
     fn pending(&self) -> &[u8] {
         &self.buf[self.start..self.end]
+    }
+
+    /// Drops everything buffered; returns how many bytes that was.
+    fn clear(&mut self) -> usize {
+        let n = self.end - self.start;
+        self.start = 0;
+        self.end = 0;
+        n
     }
 
     fn consume(&mut self, n: usize) {

@@ -13,6 +13,28 @@ use std::net::{SocketAddr, TcpListener};
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
+/// What a listening socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Relay/MX (RFC 5321), STARTTLS offered.
+    Smtp,
+    /// Message submission (RFC 6409), STARTTLS then AUTH.
+    Submission,
+    /// Message submission over implicit TLS (RFC 8314).
+    Smtps,
+}
+
+impl ListenerKind {
+    /// The word in the `ringmta listening KIND ADDR` line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Smtp => "smtp",
+            ListenerKind::Submission => "submission",
+            ListenerKind::Smtps => "smtps",
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ListenError {
     #[error("cannot listen on {addr}: {source}")]

@@ -10,6 +10,8 @@ mod conn;
 mod limits;
 pub mod listener;
 mod shard;
+pub mod tls;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +24,8 @@ use crate::config::Config;
 use crate::spool::Spool;
 
 pub use limits::IpLimiter;
+pub use listener::ListenerKind;
+pub(crate) use shard::isolate;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -42,22 +46,47 @@ pub enum ServerError {
     Thread(std::io::Error),
     #[error("shard {0} panicked")]
     ShardPanic(usize),
+    #[error("cannot start the DNS resolver: {0}")]
+    Resolver(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("users: {0}")]
+    Users(#[from] users::UsersError),
 }
 
-/// Process-wide state: the stop flag the signal handler sets, and the per-IP
-/// connection counts.
+/// Process-wide state: the stop flag the signal handler sets, the per-IP
+/// connection counts, and what SIGHUP reloads (certificate, users).
 #[derive(Debug)]
 pub struct Shared {
     pub stop: AtomicBool,
     pub ip_limiter: IpLimiter,
+    pub tls: tls::TlsStore,
+    pub auth: users::AuthStore,
 }
 
 impl Shared {
-    pub fn new(config: &Config) -> Arc<Shared> {
-        Arc::new(Shared {
+    /// Loads (or generates) the certificate and reads the users file.
+    pub fn new(config: &Config) -> Result<Arc<Shared>, ServerError> {
+        Ok(Arc::new(Shared {
             stop: AtomicBool::new(false),
             ip_limiter: IpLimiter::new(config.max_conns_per_ip),
-        })
+            tls: tls::TlsStore::load(config.tls.clone())?,
+            auth: users::AuthStore::load(config.auth.clone())?,
+        }))
+    }
+
+    /// SIGHUP: re-reads the certificate, the users file and the sender
+    /// login map. Whatever fails to load keeps its old version (and is
+    /// logged); sessions in progress are not touched.
+    pub fn reload(&self) {
+        match self.tls.reload() {
+            Ok(()) => tracing::info!(cert = %self.tls.cert_path().display(), "SIGHUP: TLS certificate reloaded"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS certificate NOT reloaded; keeping the old one"),
+        }
+        match self.auth.reload() {
+            Ok(n) => tracing::info!(users = n, "SIGHUP: users reloaded"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: users NOT reloaded; keeping the old ones"),
+        }
     }
 
     pub fn request_stop(&self) {
@@ -70,14 +99,23 @@ impl Shared {
 }
 
 /// Runs the server until `shared.request_stop()` and every shard drained.
-/// `on_listening` is called once every shard is up, with the bound addresses.
+/// `on_listening` is called once every shard is up, with the bound addresses
+/// and what each listener is for.
 pub fn run(
     config: &Config,
     spool: &Spool,
     shared: Arc<Shared>,
-    on_listening: impl FnOnce(&[SocketAddr]),
+    on_listening: impl FnOnce(&[(ListenerKind, SocketAddr)]),
 ) -> Result<(), ServerError> {
-    let bound = listener::bind_all(&config.smtp, config.shards, config.backlog)?;
+    let (kinds, addrs): (Vec<ListenerKind>, Vec<SocketAddr>) =
+        config.listeners().into_iter().unzip();
+    let bound = listener::bind_all(&addrs, config.shards, config.backlog)?;
+    // One resolver thread for all shards' outbound delivery.
+    let resolver = if config.delivery {
+        Some(crate::relay::mx::Resolver::start(config.relay.dns_server).map_err(ServerError::Resolver)?)
+    } else {
+        None
+    };
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), ServerError>>();
     let mut threads = Vec::with_capacity(config.shards);
@@ -93,11 +131,15 @@ pub fn run(
             spool_root: spool.root().to_owned(),
             shared: shared.clone(),
             queue: std::cell::Cell::new(spool.take_shard_queue(id, config.shards)),
+            resolver: resolver.clone(),
         };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()
             .name(format!("shard-{id}"))
-            .spawn(move || shard::run(ctx, listeners, core, ready))
+            .spawn({
+                let listeners = kinds.iter().copied().zip(listeners).collect();
+                move || shard::run(ctx, listeners, core, ready)
+            })
             .map_err(ServerError::Thread)?;
         threads.push(t);
     }
@@ -115,7 +157,8 @@ pub fn run(
     if first_error.is_some() {
         shared.request_stop();
     } else {
-        on_listening(&bound.addrs);
+        let named: Vec<_> = kinds.iter().copied().zip(bound.addrs).collect();
+        on_listening(&named);
     }
     for (id, t) in threads.into_iter().enumerate() {
         if t.join().is_err() {

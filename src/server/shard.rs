@@ -19,7 +19,7 @@ use futures_lite::{AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
-use super::{conn, ServerError, Shared};
+use super::{conn, ListenerKind, ServerError, Shared};
 use crate::config::Config;
 use crate::smtp::reply::{self, Reply};
 use crate::spool::ShardSpool;
@@ -31,12 +31,16 @@ pub(crate) struct ShardContext {
     pub shared: Arc<Shared>,
     /// This shard's part of the recovered queue (taken once at start).
     pub queue: std::cell::Cell<crate::spool::queue::QueueIndex>,
+    /// DNS for outbound delivery; `None` with `--no-delivery`.
+    pub resolver: Option<crate::relay::mx::Resolver>,
 }
 
 /// What every connection task of this shard shares (single-threaded).
 pub(crate) struct ShardState {
     pub ctx: ShardContext,
-    pub spool: ShardSpool,
+    pub spool: Rc<ShardSpool>,
+    /// This shard's delivery engine; `None` with `--no-delivery`.
+    pub relay: Option<Rc<crate::relay::Relay>>,
     active: Cell<usize>,
     /// Set once the stop flag was seen; connections answer 421 when idle.
     pub stopping: Cell<bool>,
@@ -57,7 +61,7 @@ const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shard thread's body.
 pub(crate) fn run(
     ctx: ShardContext,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(ListenerKind, std::net::TcpListener)>,
     core: Option<core_affinity::CoreId>,
     ready: mpsc::Sender<Result<(), ServerError>>,
 ) {
@@ -91,20 +95,32 @@ pub(crate) fn run(
 
 async fn serve(
     ctx: ShardContext,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(ListenerKind, std::net::TcpListener)>,
     ready: mpsc::Sender<Result<(), ServerError>>,
 ) {
-    let spool = ShardSpool::new(
+    let spool = Rc::new(ShardSpool::new(
         &ctx.spool_root,
         ctx.id,
         ctx.config.session.hostname.clone(),
         ctx.config.spool,
         ctx.queue.take(),
-    );
+    ));
+    let relay = ctx.resolver.clone().map(|resolver| {
+        crate::relay::Relay::new(
+            ctx.config.relay.clone(),
+            ctx.config.session.hostname.clone(),
+            spool.clone(),
+            resolver,
+        )
+    });
+    if let Some(relay) = &relay {
+        glommio::spawn_local(relay.clone().run()).detach();
+    }
     let grace = ctx.config.shutdown_grace;
     let state = Rc::new(ShardState {
         ctx,
         spool,
+        relay,
         active: Cell::new(0),
         stopping: Cell::new(false),
         stop_event: Event::new(),
@@ -114,10 +130,10 @@ async fn serve(
     });
     let accept_tasks: Vec<_> = listeners
         .into_iter()
-        .map(|l| {
+        .map(|(kind, l)| {
             // SAFETY: the fd comes from a listening socket we own and give up.
             let l = unsafe { TcpListener::from_raw_fd(l.into_raw_fd()) };
-            glommio::spawn_local(accept_loop(state.clone(), l)).detach()
+            glommio::spawn_local(accept_loop(state.clone(), l, kind)).detach()
         })
         .collect();
     let _ = ready.send(Ok(()));
@@ -133,6 +149,9 @@ async fn serve(
     );
     state.stopping.set(true);
     state.stop_event.notify(usize::MAX);
+    if let Some(relay) = &state.relay {
+        relay.stop();
+    }
     for t in accept_tasks {
         t.await;
     }
@@ -174,7 +193,7 @@ async fn wait_for_conns(state: &ShardState, limit: Duration) -> bool {
     }
 }
 
-async fn accept_loop(state: Rc<ShardState>, listener: TcpListener) {
+async fn accept_loop(state: Rc<ShardState>, listener: TcpListener, kind: ListenerKind) {
     loop {
         let stop = state.stop_event.listen();
         if state.stopping.get() {
@@ -188,7 +207,7 @@ async fn accept_loop(state: Rc<ShardState>, listener: TcpListener) {
             .await;
         match accepted {
             None => break,
-            Some(Ok(stream)) => admit(&state, stream),
+            Some(Ok(stream)) => admit(&state, stream, kind),
             Some(Err(e)) => {
                 tracing::warn!(shard = state.ctx.id, error = %e, "accept failed");
                 // Out of descriptors or similar: back off instead of spinning.
@@ -198,7 +217,7 @@ async fn accept_loop(state: Rc<ShardState>, listener: TcpListener) {
     }
 }
 
-fn admit(state: &Rc<ShardState>, stream: TcpStream) {
+fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     let peer = match stream.peer_addr() {
         Ok(p) => p,
         Err(_) => return, // already gone
@@ -216,7 +235,7 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream) {
     state.active.set(state.active.get() + 1);
     let state = state.clone();
     glommio::spawn_local(async move {
-        if let Err(what) = isolate(conn::serve(&state, stream, peer)).await {
+        if let Err(what) = isolate(conn::serve(&state, stream, peer, kind)).await {
             tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
         }
         drop(slot);

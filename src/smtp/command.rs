@@ -24,6 +24,14 @@ pub enum Command<'a> {
     Quit,
     Vrfy,
     Help,
+    /// `STARTTLS` (RFC 3207).
+    StartTls,
+    /// `AUTH mechanism [initial-response]` (RFC 4954); the mechanism name as
+    /// sent, the initial response still BASE64 (or `=`).
+    Auth {
+        mechanism: &'a str,
+        initial: Option<&'a str>,
+    },
     /// A command RFC 5321 or an extension defines, which ringmta does not
     /// implement (ETRN, TURN, EXPN, SEND, SOML, SAML, ...): 502.
     NotImplemented,

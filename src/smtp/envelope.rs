@@ -39,6 +39,16 @@ pub struct Rcpt {
     pub orcpt: Option<String>,
 }
 
+/// The negotiated TLS parameters of a connection, for the trace header
+/// (`with ESMTPS (TLS1.3 TLS_AES_256_GCM_SHA384)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `TLS1.2` or `TLS1.3`.
+    pub version: &'static str,
+    /// The IANA cipher suite name.
+    pub cipher: &'static str,
+}
+
 /// The `with` protocol of the Received header (RFC 3848, RFC 6531 7.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Protocol {
@@ -69,6 +79,18 @@ impl Envelope {
     /// <rcpt>]; DATE`, folded over three lines. The `for` clause is only
     /// given for a single recipient, so one copy does not list the others.
     pub fn received_header(&self, hostname: &str, id: &str, now: SystemTime) -> String {
+        self.trace_header(hostname, id, None, now)
+    }
+
+    /// [`Envelope::received_header`], with the TLS version and cipher as a
+    /// comment after the protocol when the message came over TLS.
+    pub fn trace_header(
+        &self,
+        hostname: &str,
+        id: &str,
+        tls: Option<&TlsInfo>,
+        now: SystemTime,
+    ) -> String {
         let mut h = String::with_capacity(200);
         h.push_str("Received: from ");
         h.push_str(&self.helo);
@@ -78,6 +100,13 @@ impl Envelope {
         h.push_str(hostname);
         h.push_str(" (ringmta) with ");
         h.push_str(self.protocol.name());
+        if let Some(tls) = tls {
+            h.push_str(" (");
+            h.push_str(tls.version);
+            h.push(' ');
+            h.push_str(tls.cipher);
+            h.push(')');
+        }
         h.push_str(" id ");
         h.push_str(id);
         if let [only] = self.rcpts.as_slice() {

@@ -29,6 +29,12 @@ pub enum ParseError {
     BadSender,
     #[error("bad recipient address")]
     BadRecipient,
+    #[error("sender address without a domain")]
+    UnqualifiedSender,
+    #[error("recipient address without a domain")]
+    UnqualifiedRecipient,
+    #[error("syntax error in AUTH")]
+    AuthSyntax,
     #[error("null recipient")]
     NullRecipient,
     #[error("unknown MAIL/RCPT parameter")]
@@ -52,6 +58,9 @@ impl ParseError {
             ParseError::NoArgsAllowed => reply::SYNTAX_NO_ARGS,
             ParseError::BadSender => reply::BAD_SENDER_SYNTAX,
             ParseError::BadRecipient => reply::BAD_RECIPIENT_SYNTAX,
+            ParseError::UnqualifiedSender => reply::BAD_SENDER_SYNTAX,
+            ParseError::UnqualifiedRecipient => reply::BAD_RECIPIENT_SYNTAX,
+            ParseError::AuthSyntax => crate::smtp::auth::SYNTAX,
             ParseError::NullRecipient => reply::NULL_RECIPIENT,
             ParseError::UnknownParam => reply::UNKNOWN_PARAMETER,
             ParseError::BadParam => reply::BAD_PARAMETER,

@@ -2,6 +2,7 @@
 //! out. Nothing here opens a socket, a file or reads a clock, which is what
 //! makes it testable byte by byte and fuzzable.
 
+pub mod auth;
 pub mod command;
 pub mod data;
 pub mod envelope;
@@ -9,8 +10,9 @@ pub mod error;
 pub mod parse;
 pub mod reply;
 pub mod session;
+pub mod submit;
 
 pub use command::Command;
-pub use envelope::{Envelope, Message};
+pub use envelope::{Envelope, Message, TlsInfo};
 pub use error::ParseError;
-pub use session::{CommitResult, ConnInfo, Event, Session, SessionConfig};
+pub use session::{CommitResult, ConnInfo, Event, Mode, Session, SessionConfig};

@@ -48,6 +48,8 @@ pub fn parse_command<'a>(line: &'a [u8], arena: &'a Bump) -> Result<Command<'a>,
         Verb::Help => Ok(Command::Help),
         Verb::Vrfy if rest.trim_matches(' ').is_empty() => Err(ParseError::VrfySyntax),
         Verb::Vrfy => Ok(Command::Vrfy),
+        Verb::StartTls => no_args(rest).map(|()| Command::StartTls),
+        Verb::Auth => parse_auth(rest),
         Verb::NotImplemented => Ok(Command::NotImplemented),
     }
 }
@@ -65,6 +67,8 @@ enum Verb {
     Quit,
     Vrfy,
     Help,
+    StartTls,
+    Auth,
     NotImplemented,
 }
 
@@ -82,9 +86,10 @@ impl Verb {
             (b"QUIT", Verb::Quit),
             (b"VRFY", Verb::Vrfy),
             (b"HELP", Verb::Help),
+            (b"STARTTLS", Verb::StartTls),
+            (b"AUTH", Verb::Auth),
             // Known verbs ringmta does not implement (RFC 5321 4.1.3 / 4.2.4,
-            // RFC 1985 ETRN, RFC 2645 ATRN). STARTTLS and AUTH arrive with the
-            // submission work; until then they are not offered either.
+            // RFC 1985 ETRN, RFC 2645 ATRN).
             (b"EXPN", Verb::NotImplemented),
             (b"ETRN", Verb::NotImplemented),
             (b"TURN", Verb::NotImplemented),
@@ -92,8 +97,6 @@ impl Verb {
             (b"SEND", Verb::NotImplemented),
             (b"SOML", Verb::NotImplemented),
             (b"SAML", Verb::NotImplemented),
-            (b"STARTTLS", Verb::NotImplemented),
-            (b"AUTH", Verb::NotImplemented),
         ];
         VERBS
             .iter()
@@ -120,6 +123,25 @@ fn no_args(rest: &str) -> Result<(), ParseError> {
     } else {
         Err(ParseError::NoArgsAllowed)
     }
+}
+
+/// `AUTH SP mechanism [SP initial-response]` (RFC 4954 4). The mechanism is
+/// only checked for SASL name characters (RFC 4422 3.1); whether it is
+/// offered is the session's question (504).
+fn parse_auth(rest: &str) -> Result<Command<'_>, ParseError> {
+    let rest = rest.strip_prefix(' ').ok_or(ParseError::AuthSyntax)?;
+    let mut words = rest.split(' ');
+    let mechanism = words.next().unwrap_or("");
+    let initial = words.next();
+    let name_ok = (1..=20).contains(&mechanism.len())
+        && mechanism
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let initial_ok = initial.is_none_or(|i| !i.is_empty());
+    if !name_ok || !initial_ok || words.next().is_some() {
+        return Err(ParseError::AuthSyntax);
+    }
+    Ok(Command::Auth { mechanism, initial })
 }
 
 fn parse_bdat(rest: &str) -> Result<Command<'static>, ParseError> {
@@ -156,7 +178,11 @@ fn parse_mail<'a>(rest: &'a str, arena: &'a Bump) -> Result<MailCommand<'a>, Par
     if !path.starts_with('<') {
         return Err(ParseError::MailSyntax);
     }
-    let (from, after) = parse_path(path).ok_or(ParseError::BadSender)?;
+    let (from, after) = parse_path(path).ok_or(if is_unqualified(path) {
+        ParseError::UnqualifiedSender
+    } else {
+        ParseError::BadSender
+    })?;
     let from = match from {
         Path::Null => None,
         Path::Mailbox(m) => Some(m),
@@ -224,7 +250,11 @@ fn parse_rcpt<'a>(rest: &'a str, arena: &'a Bump) -> Result<RcptCommand<'a>, Par
     if !path.starts_with('<') {
         return Err(ParseError::RcptSyntax);
     }
-    let (to, after) = parse_path(path).ok_or(ParseError::BadRecipient)?;
+    let (to, after) = parse_path(path).ok_or(if is_unqualified(path) {
+        ParseError::UnqualifiedRecipient
+    } else {
+        ParseError::BadRecipient
+    })?;
     let to = match to {
         Path::Null => return Err(ParseError::NullRecipient),
         Path::Postmaster => Recipient::Postmaster,
@@ -343,6 +373,17 @@ fn is_xtext(v: &str) -> bool {
         }
     }
     true
+}
+
+/// `<local-part>` without `@domain` (not `<postmaster>`, which
+/// [`parse_path`] accepts for RCPT): refused as syntax on the relay port,
+/// and as an unqualified address on submission (RFC 6409 6.2: 554).
+fn is_unqualified(path: &str) -> bool {
+    let Some(inner) = path.strip_prefix('<').and_then(|p| p.split('>').next()) else {
+        return false;
+    };
+    path.len() > inner.len() + 1
+        && parse_local_part(inner).is_some_and(|(_, n, _)| n == inner.len())
 }
 
 enum Path<'a> {
@@ -556,6 +597,38 @@ mod tests {
         assert_eq!(parse("FROB"), Err(ParseError::Unknown));
         assert_eq!(parse(""), Err(ParseError::Unknown));
         assert!(parse("ETRN example.org").unwrap().starts_with("NotImpl"));
+    }
+
+    #[test]
+    fn starttls_and_auth() {
+        assert_eq!(parse("starttls").unwrap(), "StartTls");
+        assert_eq!(parse("STARTTLS now"), Err(ParseError::NoArgsAllowed));
+        assert_eq!(
+            parse("AUTH PLAIN AGFsaWNlAHB3").unwrap(),
+            r#"Auth { mechanism: "PLAIN", initial: Some("AGFsaWNlAHB3") }"#
+        );
+        assert_eq!(
+            parse("auth login").unwrap(),
+            r#"Auth { mechanism: "login", initial: None }"#
+        );
+        assert!(parse("AUTH X-UNKNOWN-MECH").is_ok());
+        for bad in ["AUTH", "AUTH ", "AUTH PLAIN a b", "AUTH PL/AIN", "AUTH PLAIN  x"] {
+            assert_eq!(parse(bad), Err(ParseError::AuthSyntax), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unqualified_paths() {
+        assert_eq!(
+            mail_from("MAIL FROM:<alice>"),
+            Err(ParseError::UnqualifiedSender)
+        );
+        assert_eq!(
+            parse("RCPT TO:<bob>"),
+            Err(ParseError::UnqualifiedRecipient)
+        );
+        assert_eq!(mail_from("MAIL FROM:<a b>"), Err(ParseError::BadSender));
+        assert_eq!(mail_from("MAIL FROM:<a..b>"), Err(ParseError::BadSender));
     }
 
     #[test]

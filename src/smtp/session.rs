@@ -9,6 +9,12 @@
 //!
 //! Each phase is a variant of [`State`] that owns what the phase needs; a
 //! transition takes the old state out and puts the next one in.
+//!
+//! Two phases belong to the driver: after `STARTTLS` the session emits
+//! [`Event::StartTls`] and consumes nothing more until
+//! [`Session::handle_tls`] (the driver discards every byte that came after
+//! the STARTTLS line: RFC 3207 5, CVE-2011-0411); after the last AUTH
+//! response it emits [`Event::Auth`] and waits for [`Session::handle_auth`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,9 +24,11 @@ use bumpalo::Bump;
 use memchr::memmem::Finder;
 use std::sync::LazyLock;
 
+use crate::smtp::auth::{self, AuthResult, Authenticated, Credentials, Exchange, Mechanism, Step};
 use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
 use crate::smtp::data::{BareNewline, BdatReceiver, DataReceiver, Progress, Verdict};
-use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt};
+use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt, TlsInfo};
+use crate::smtp::error::ParseError;
 use crate::smtp::parse::parse_command;
 use crate::smtp::reply::{self, Reply};
 
@@ -49,6 +57,27 @@ pub struct SessionConfig {
     pub max_errors: u32,
     /// What a bare CR or LF in DATA content means.
     pub bare_newline: BareNewline,
+    /// Clients that may relay to any domain (`--relay-network`).
+    pub relay_networks: Vec<crate::relay::policy::Cidr>,
+    /// Relay/MX port or message submission (RFC 6409).
+    pub mode: Mode,
+    /// A certificate is loaded: STARTTLS is offered until TLS is active.
+    pub starttls: bool,
+    /// Submission: offer AUTH without TLS to loopback clients (tests only).
+    pub plaintext_auth_on_loopback: bool,
+}
+
+/// What a listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Relay/MX: mail for the local domains, no AUTH.
+    #[default]
+    Relay,
+    /// Message submission (RFC 6409): AUTH required before MAIL (and only
+    /// offered under TLS); then any recipient domain; the envelope sender
+    /// must belong to the authenticated user; addresses must be fully
+    /// qualified.
+    Submission,
 }
 
 impl Default for SessionConfig {
@@ -62,6 +91,10 @@ impl Default for SessionConfig {
             data_timeout: Duration::from_secs(180),
             max_errors: 20,
             bare_newline: BareNewline::Normalize,
+            relay_networks: Vec::new(),
+            mode: Mode::Relay,
+            starttls: false,
+            plaintext_auth_on_loopback: false,
         }
     }
 }
@@ -79,6 +112,13 @@ pub enum Event {
     /// A message whose content ended. The driver makes it durable and calls
     /// [`Session::handle_commit`]; input is not consumed until then.
     Message(Message),
+    /// `220 Ready to start TLS` is in the output. The driver writes it,
+    /// discards all input buffered after the STARTTLS line, runs the
+    /// handshake and calls [`Session::handle_tls`] (or closes).
+    StartTls,
+    /// The client presented credentials. The driver checks them and calls
+    /// [`Session::handle_auth`]; input is not consumed until then.
+    Auth(Credentials),
 }
 
 /// The spool's answer for a message handed out as [`Event::Message`].
@@ -105,6 +145,8 @@ pub struct Session {
     skipping_line: bool,
     errors: u32,
     draining: bool,
+    tls: Option<TlsInfo>,
+    auth: Option<Authenticated>,
 }
 
 #[derive(Debug)]
@@ -124,6 +166,12 @@ enum State {
     },
     /// The message was handed out; waiting for the spool.
     Committing,
+    /// `220 Ready to start TLS` was sent; waiting for the handshake.
+    StartTls,
+    /// Inside an AUTH exchange, waiting for the client's next response.
+    Auth(Exchange),
+    /// Credentials were handed out; waiting for the verdict.
+    Authenticating,
     Closed,
 }
 
@@ -178,7 +226,17 @@ impl Session {
             skipping_line: false,
             errors: 0,
             draining: false,
+            tls: None,
+            auth: None,
         }
+    }
+
+    /// A session on a connection that is already encrypted (implicit TLS,
+    /// RFC 8314): STARTTLS is not offered and the trace header names `tls`.
+    pub fn with_tls(mut self, tls: TlsInfo) -> Self {
+        self.conn.tls = true;
+        self.tls = Some(tls);
+        self
     }
 
     /// Consumes as much of `input` as the current phase allows and returns
@@ -191,7 +249,9 @@ impl Session {
         loop {
             let rest = &input[pos..];
             let step = match &mut self.state {
-                State::Closed | State::Committing => break,
+                State::Closed | State::Committing | State::StartTls | State::Authenticating => {
+                    break
+                }
                 State::Data(tx, rx) => match rx.handle(rest, &mut tx.body) {
                     Progress::NeedMore { consumed } => {
                         pos += consumed;
@@ -220,7 +280,9 @@ impl Session {
                         }
                     }
                 }
-                State::Fresh | State::Ready | State::Mail(_) => self.next_line(rest),
+                State::Fresh | State::Ready | State::Mail(_) | State::Auth(_) => {
+                    self.next_line(rest)
+                }
             };
             match step {
                 LineStep::NeedMore(consumed) => {
@@ -279,6 +341,53 @@ impl Session {
         self.deadline = now + self.current_timeout();
     }
 
+    /// The TLS handshake after STARTTLS succeeded: everything learnt from
+    /// the client so far (EHLO, AUTH) is forgotten (RFC 3207 4.2) and the
+    /// client must greet again.
+    pub fn handle_tls(&mut self, tls: TlsInfo, now: Instant) {
+        if !matches!(self.state, State::StartTls) {
+            return;
+        }
+        self.conn.tls = true;
+        self.tls = Some(tls);
+        self.helo = None;
+        self.auth = None;
+        self.skipping_line = false;
+        self.state = State::Fresh;
+        self.deadline = now + self.cfg.command_timeout;
+    }
+
+    /// Reports the driver's verdict on the credentials last handed out.
+    pub fn handle_auth(&mut self, result: AuthResult, now: Instant) {
+        if !matches!(self.state, State::Authenticating) {
+            return;
+        }
+        self.state = self.idle_state();
+        match result {
+            AuthResult::Success(who) => {
+                self.auth = Some(who);
+                self.reply(auth::SUCCESS);
+            }
+            AuthResult::Failed => self.error(auth::FAILED),
+            AuthResult::TempFail => self.reply(auth::TEMP_FAIL),
+            AuthResult::TooManyFailures => self.close_with(auth::TOO_MANY_FAILURES),
+        }
+        if self.draining && self.is_idle() {
+            self.close_with(reply::SHUTTING_DOWN);
+        }
+        self.deadline = now + self.current_timeout();
+    }
+
+    /// The TLS parameters, once the connection is encrypted.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    /// Who the client authenticated as, if it did.
+    pub fn authenticated(&self) -> Option<&Authenticated> {
+        self.auth.as_ref()
+    }
+
     /// Replies waiting to be written, in order.
     pub fn output(&self) -> &[u8] {
         &self.output
@@ -295,7 +404,7 @@ impl Session {
     /// When the session gives up on its peer unless input arrives.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            State::Closed | State::Committing => None,
+            State::Closed | State::Committing | State::StartTls | State::Authenticating => None,
             _ => Some(self.deadline),
         }
     }
@@ -330,7 +439,7 @@ impl Session {
 
     /// No transaction is open (and none is being committed).
     pub fn is_idle(&self) -> bool {
-        matches!(self.state, State::Fresh | State::Ready)
+        matches!(self.state, State::Fresh | State::Ready | State::Auth(_))
     }
 
     /// Inside message content (DATA or BDAT): reads may wait for
@@ -352,7 +461,7 @@ impl Session {
         match CRLF.find(rest) {
             Some(i) => {
                 if std::mem::take(&mut self.skipping_line) {
-                    self.error(reply::LINE_TOO_LONG);
+                    self.line_too_long();
                     return LineStep::Skipped(i + 2);
                 }
                 LineStep::Line {
@@ -360,7 +469,7 @@ impl Session {
                     consumed: i + 2,
                 }
             }
-            None if rest.len() >= MAX_COMMAND_LINE || (self.skipping_line && !rest.is_empty()) => {
+            None if rest.len() >= self.line_limit(rest) || (self.skipping_line && !rest.is_empty()) => {
                 // Too long to be a command: discard it as it arrives (keeping
                 // a final CR that may pair with the next LF) and answer once.
                 self.skipping_line = true;
@@ -371,16 +480,58 @@ impl Session {
         }
     }
 
+    /// The longest line allowed here, CRLF included: RFC 4954 4 lets AUTH
+    /// lines and SASL responses reach 12288 octets; every other command
+    /// keeps [`MAX_COMMAND_LINE`].
+    fn line_limit(&self, line: &[u8]) -> usize {
+        let is_auth = line
+            .get(..5)
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"AUTH "));
+        if matches!(self.state, State::Auth(_)) || is_auth {
+            auth::MAX_AUTH_LINE
+        } else {
+            MAX_COMMAND_LINE
+        }
+    }
+
+    /// An over-long line was skipped: one 500, and an AUTH exchange it was
+    /// part of is over.
+    fn line_too_long(&mut self) {
+        if matches!(self.state, State::Auth(_)) {
+            self.state = self.idle_state();
+        }
+        self.error(reply::LINE_TOO_LONG);
+    }
+
     fn handle_line(&mut self, line: &[u8], arena: &Bump) {
-        if line.len() + 2 > MAX_COMMAND_LINE {
-            return self.error(reply::LINE_TOO_LONG);
+        if line.len() + 2 > self.line_limit(line) {
+            return self.line_too_long();
+        }
+        if let State::Auth(_) = self.state {
+            return self.auth_response(line);
         }
         if memchr::memchr2(b'\r', b'\n', line).is_some() {
             return self.error(reply::BARE_NEWLINE_COMMAND);
         }
         match parse_command(line, arena) {
-            Err(e) => self.error(e.reply()),
+            Err(e) => {
+                let r = self.parse_error_reply(e);
+                self.error(r)
+            }
             Ok(cmd) => self.handle_command(cmd),
+        }
+    }
+
+    /// RFC 6409 6.2: on submission, an address without a domain is refused
+    /// as unqualified (554) rather than as bad syntax.
+    fn parse_error_reply(&self, e: ParseError) -> Reply {
+        match e {
+            ParseError::UnqualifiedSender | ParseError::UnqualifiedRecipient
+                if self.cfg.mode == Mode::Submission =>
+            {
+                UNQUALIFIED
+            }
+            e => e.reply(),
         }
     }
 
@@ -400,6 +551,8 @@ impl Session {
             Command::Quit => self.close_with(reply::BYE),
             Command::Vrfy => self.reply(reply::VRFY),
             Command::Help => self.reply(reply::HELP),
+            Command::StartTls => self.starttls(),
+            Command::Auth { mechanism, initial } => self.auth(mechanism, initial),
             Command::NotImplemented => self.error(reply::NOT_IMPLEMENTED),
         }
     }
@@ -419,7 +572,9 @@ impl Session {
         }
         let greeting = format!("{host} Hello {name}");
         let size = format!("SIZE {}", self.cfg.max_message_size);
-        let lines = [
+        let auth = format!("AUTH {}", auth::MECHANISMS);
+        let mut lines = Vec::with_capacity(11);
+        lines.extend([
             greeting.as_str(),
             "PIPELINING",
             size.as_str(),
@@ -428,8 +583,110 @@ impl Session {
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
             "DSN",
-        ];
+        ]);
+        // RFC 3207 4.2: not offered again once TLS is active.
+        if self.cfg.starttls && self.tls.is_none() {
+            lines.push("STARTTLS");
+        }
+        if self.auth_offered() {
+            lines.push(auth.as_str());
+        }
         reply::write_multiline(&mut self.output, 250, None, lines);
+    }
+
+    /// AUTH is advertised and accepted: on submission, under TLS (or in
+    /// the clear from loopback when the flag allows it).
+    fn auth_offered(&self) -> bool {
+        self.cfg.mode == Mode::Submission
+            && (self.tls.is_some()
+                || (self.cfg.plaintext_auth_on_loopback
+                    && self.conn.peer.ip().to_canonical().is_loopback()))
+    }
+
+    /// STARTTLS (RFC 3207): 220, then nothing more is read until the
+    /// driver reports the handshake.
+    fn starttls(&mut self) {
+        if self.tls.is_some() {
+            return self.error(TLS_ALREADY_ACTIVE);
+        }
+        if !self.cfg.starttls {
+            return self.error(reply::NOT_IMPLEMENTED);
+        }
+        if matches!(self.state, State::Mail(_)) {
+            return self.error(IN_TRANSACTION);
+        }
+        self.reply(READY_TO_START_TLS);
+        self.state = State::StartTls;
+        self.event = Some(Event::StartTls);
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<&str>) {
+        if self.cfg.mode != Mode::Submission {
+            return self.error(auth::NOT_ENABLED);
+        }
+        match &self.helo {
+            None => return self.error(reply::BAD_SEQUENCE_HELO),
+            // RFC 4954 4: AUTH is an ESMTP extension.
+            Some(h) if !h.esmtp => return self.error(auth::NOT_ENABLED),
+            Some(_) => {}
+        }
+        if !self.auth_offered() {
+            return self.error(auth::NEEDS_TLS);
+        }
+        if self.auth.is_some() {
+            return self.error(auth::ALREADY);
+        }
+        if matches!(self.state, State::Mail(_)) {
+            return self.error(auth::IN_TRANSACTION);
+        }
+        let Some(mech) = Mechanism::parse(mechanism) else {
+            return self.error(auth::UNKNOWN_MECHANISM);
+        };
+        let step = auth::start(mech, initial);
+        self.auth_step(step);
+    }
+
+    fn auth_response(&mut self, line: &[u8]) {
+        let State::Auth(exchange) = self.take_state() else {
+            return;
+        };
+        self.state = self.idle_state();
+        self.auth_step(exchange.handle_response(line));
+    }
+
+    fn auth_step(&mut self, step: Step) {
+        match step {
+            Step::Challenge(exchange, challenge) => {
+                reply::write_line(&mut self.output, 334, None, challenge, true);
+                self.state = State::Auth(exchange);
+            }
+            Step::Fail(e) => self.error(e.reply()),
+            // No proxy authorization: the authorization identity, when
+            // given, must be the login itself (RFC 4616 2).
+            Step::Done(c) if c.authzid.as_ref().is_some_and(|z| *z != c.username) => {
+                self.error(auth::FAILED)
+            }
+            Step::Done(c) => {
+                self.event = Some(Event::Auth(c));
+                self.state = State::Authenticating;
+            }
+        }
+    }
+
+    /// RFC 6409 6.2: on submission every domain in the envelope must be
+    /// fully qualified: a dotted name, an address literal, or one of ours.
+    fn is_qualified(&self, domain: &Domain<'_>) -> bool {
+        match domain {
+            Domain::Literal(_) => true,
+            Domain::Name(d) => {
+                d.contains('.')
+                    || self
+                        .cfg
+                        .local_domains
+                        .iter()
+                        .any(|l| l.eq_ignore_ascii_case(d))
+            }
+        }
     }
 
     fn mail(&mut self, m: MailCommand<'_>) {
@@ -449,9 +706,25 @@ impl Session {
         if any_param && !helo.esmtp {
             return self.error(reply::PARAMETERS_AFTER_HELO);
         }
-        if p.auth.is_some() {
-            // AUTH is not advertised on this port (RFC 4954 5).
+        if p.auth.is_some() && !self.auth_offered() {
+            // AUTH is not advertised here (RFC 4954 5). Where it is, the
+            // parameter is accepted and not trusted (nothing is relayed on
+            // its word).
             return self.error(reply::UNKNOWN_PARAMETER);
+        }
+        if self.cfg.mode == Mode::Submission {
+            let Some(who) = &self.auth else {
+                return self.error(auth::REQUIRED);
+            };
+            if let Some(from) = &m.from {
+                if !self.is_qualified(&from.domain) {
+                    return self.error(UNQUALIFIED);
+                }
+                let addr = from.to_owned_string();
+                if !who.send_as.iter().any(|r| r.allows(&addr)) {
+                    return self.error(SENDER_NOT_OWNED);
+                }
+            }
         }
         if m.from.is_some_and(|f| f.utf8) && !p.smtputf8 {
             return self.error(reply::UTF8_NOT_DECLARED);
@@ -465,7 +738,7 @@ impl Session {
             protocol: Protocol {
                 esmtp: helo.esmtp,
                 tls: self.conn.tls,
-                auth: false,
+                auth: self.auth.is_some(),
                 utf8: p.smtputf8,
             },
             mail_from: m.from.map(|f| f.to_owned_string()),
@@ -524,6 +797,14 @@ impl Session {
                 if mb.utf8 && !env.smtputf8 {
                     return Err(reply::UTF8_NOT_DECLARED);
                 }
+                if self.cfg.mode == Mode::Submission {
+                    // MAIL already required AUTH: an authenticated user may
+                    // send anywhere (RFC 6409 4.3), to qualified addresses.
+                    if !self.is_qualified(&mb.domain) {
+                        return Err(UNQUALIFIED);
+                    }
+                    return Ok(mb.to_owned_string());
+                }
                 let local = match mb.domain {
                     Domain::Name(d) => self
                         .cfg
@@ -532,10 +813,18 @@ impl Session {
                         .any(|l| l.eq_ignore_ascii_case(d)),
                     Domain::Literal(_) => false,
                 };
-                // Postmaster at any of our domains is always accepted (RFC
-                // 5321 4.5.1); everything else must be for a local domain:
-                // relaying arrives with the relay policy.
-                if local {
+                // Relay policy: clients in --relay-network may send
+                // anywhere; everyone else only to local domains, and only to
+                // plain local parts (no percent hack, bang path or quoted
+                // '@' that another MTA could route onward).
+                let relay_client = self
+                    .cfg
+                    .relay_networks
+                    .iter()
+                    .any(|n| n.contains(self.conn.peer.ip()));
+                if relay_client {
+                    Ok(mb.to_owned_string())
+                } else if local && !crate::relay::policy::is_routing_local_part(mb.local) {
                     Ok(mb.to_owned_string())
                 } else {
                     Err(reply::RELAY_DENIED)
@@ -699,6 +988,20 @@ impl Session {
     }
 }
 
+const READY_TO_START_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
+const TLS_ALREADY_ACTIVE: Reply = Reply::new(503, "5.5.1", "Error: TLS already active");
+const IN_TRANSACTION: Reply = Reply::new(
+    503,
+    "5.5.1",
+    "Error: STARTTLS not permitted during a mail transaction",
+);
+const UNQUALIFIED: Reply = Reply::new(554, "5.5.2", "Error: address is not fully qualified");
+const SENDER_NOT_OWNED: Reply = Reply::new(
+    550,
+    "5.7.1",
+    "Error: sender address not owned by the authenticated user",
+);
+
 enum LineStep {
     NeedMore(usize),
     Line { len: usize, consumed: usize },
@@ -710,6 +1013,36 @@ mod tests {
     use super::*;
 
     const PEER: &str = "192.0.2.7:4321";
+    const TLS: TlsInfo = TlsInfo {
+        version: "TLS1.3",
+        cipher: "TLS_AES_256_GCM_SHA384",
+    };
+
+    /// The test driver's credential check: user `alice`, password `secret`,
+    /// may send as alice@localhost; password `busy` is a temporary failure,
+    /// `blocked` a blocked client.
+    fn check(c: &Credentials) -> AuthResult {
+        match (c.username.as_str(), c.password.as_str()) {
+            ("alice", "secret") => AuthResult::Success(Authenticated {
+                login: "alice".into(),
+                send_as: vec![crate::smtp::auth::SendAs::Address(
+                    "alice@localhost".into(),
+                )],
+            }),
+            (_, "busy") => AuthResult::TempFail,
+            (_, "blocked") => AuthResult::TooManyFailures,
+            _ => AuthResult::Failed,
+        }
+    }
+
+    fn submission(tls: bool) -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            mode: Mode::Submission,
+            starttls: true,
+            plaintext_auth_on_loopback: !tls,
+            ..(*cfg()).clone()
+        })
+    }
 
     fn cfg() -> Arc<SessionConfig> {
         Arc::new(SessionConfig {
@@ -724,9 +1057,18 @@ mod tests {
     /// at `cuts`; unconsumed bytes are presented again; every message is
     /// committed at once. Returns all output and the messages.
     fn drive(cfg: &Arc<SessionConfig>, input: &[u8], cuts: &[usize]) -> (String, Vec<Message>) {
+        drive_from(cfg, PEER, input, cuts)
+    }
+
+    fn drive_from(
+        cfg: &Arc<SessionConfig>,
+        peer: &str,
+        input: &[u8],
+        cuts: &[usize],
+    ) -> (String, Vec<Message>) {
         let now = Instant::now();
         let conn = ConnInfo {
-            peer: PEER.parse().unwrap(),
+            peer: peer.parse().unwrap(),
             tls: false,
         };
         let mut s = Session::new(cfg.clone(), conn, now);
@@ -747,6 +1089,12 @@ mod tests {
                         msgs.push(m);
                         s.handle_commit(CommitResult::Stored(format!("Q{}", msgs.len())), now);
                     }
+                    Some(Event::StartTls) => {
+                        // The driver drops what was pipelined behind it.
+                        pending.clear();
+                        s.handle_tls(TLS, now);
+                    }
+                    Some(Event::Auth(c)) => s.handle_auth(check(&c), now),
                     None => break,
                 }
             }
@@ -995,5 +1343,166 @@ mod tests {
             &[],
         );
         assert_eq!(codes(&out), ["220", "500", "500", "500", "421"]);
+    }
+
+    fn b64(s: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    /// RFC 3207: STARTTLS is advertised until TLS is active; what was
+    /// pipelined behind it is never executed; the client must greet again;
+    /// a second STARTTLS is 503.
+    #[test]
+    fn starttls_discards_pipelined_input_and_resets() {
+        let c = Arc::new(SessionConfig {
+            starttls: true,
+            ..(*cfg()).clone()
+        });
+        let first = b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<u@localhost>\r\n";
+        let mut input = first.to_vec();
+        input.extend_from_slice(b"MAIL FROM:<a@example.org>\r\nEHLO c\r\nSTARTTLS\r\nQUIT\r\n");
+        let (out, _) = drive(&c, &input, &[first.len()]);
+        assert_eq!(codes(&out), ["220", "250", "220", "503", "250", "503", "221"]);
+        let (before, after) = out.split_once("220 2.0.0 Ready to start TLS\r\n").unwrap();
+        assert!(before.contains("250 STARTTLS\r\n"), "{before}");
+        assert!(!after.contains("STARTTLS\r\n"), "{after}");
+        assert!(after.contains("503 5.5.1 Error: send HELO/EHLO first"));
+        assert!(after.contains("503 5.5.1 Error: TLS already active"));
+
+        let (out, _) = drive(
+            &c,
+            b"EHLO c\r\nSTARTTLS x\r\nMAIL FROM:<a@example.org>\r\nSTARTTLS\r\n",
+            &[],
+        );
+        assert_eq!(codes(&out), ["220", "250", "501", "250", "503"]);
+        let (out, _) = drive(&cfg(), b"EHLO c\r\nSTARTTLS\r\n", &[]);
+        assert_eq!(codes(&out), ["220", "250", "502"]);
+        assert!(!out.contains("STARTTLS"));
+    }
+
+    /// The trace protocol says TLS and AUTH.
+    #[test]
+    fn protocol_records_tls_and_auth() {
+        let input = format!(
+            "EHLO c\r\nSTARTTLS\r\nEHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<alice@localhost>\r\nRCPT TO:<x@elsewhere.example>\r\nDATA\r\nx\r\n.\r\n",
+            b64(b"\0alice\0secret")
+        );
+        let cut = input.find("STARTTLS\r\n").unwrap() + 10;
+        let (out, msgs) = drive(&submission(true), input.as_bytes(), &[cut]);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "220", "250", "235", "250", "250", "354", "250"]
+        );
+        assert!(out.contains("250 AUTH PLAIN LOGIN\r\n"));
+        assert_eq!(msgs[0].envelope.protocol.name(), "ESMTPSA");
+    }
+
+    /// AUTH edge cases on submission (plaintext allowed from loopback), each
+    /// split at every byte.
+    #[test]
+    fn auth_table() {
+        let ok = b64(b"\0alice\0secret");
+        let bad = b64(b"\0alice\0wrong");
+        let rows: Vec<(String, Vec<&str>)> = vec![
+            (format!("AUTH PLAIN {ok}\r\n"), vec!["235"]),
+            (format!("AUTH PLAIN {bad}\r\n"), vec!["535"]),
+            (format!("AUTH plain\r\n{ok}\r\n"), vec!["334", "235"]),
+            (
+                format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64(b"alice"), b64(b"secret")),
+                vec!["334", "334", "235"],
+            ),
+            (
+                format!("AUTH LOGIN {}\r\n{}\r\n", b64(b"alice"), b64(b"secret")),
+                vec!["334", "235"],
+            ),
+            ("AUTH PLAIN\r\n*\r\n".into(), vec!["334", "501"]),
+            ("AUTH LOGIN\r\n*\r\n".into(), vec!["334", "501"]),
+            ("AUTH PLAIN *\r\n".into(), vec!["501"]),
+            ("AUTH PLAIN !!!\r\n".into(), vec!["501"]),
+            ("AUTH PLAIN\r\nnot base64\r\n".into(), vec!["334", "501"]),
+            ("AUTH PLAIN =\r\n".into(), vec!["501"]),
+            ("AUTH CRAM-MD5\r\n".into(), vec!["504"]),
+            ("AUTH\r\n".into(), vec!["501"]),
+            (
+                format!("AUTH PLAIN {}\r\n", b64(b"bob\0alice\0secret")),
+                vec!["535"],
+            ),
+            (
+                format!("AUTH PLAIN {}\r\n", b64(b"alice\0alice\0secret")),
+                vec!["235"],
+            ),
+            (format!("AUTH PLAIN {ok}\r\nAUTH PLAIN {ok}\r\n"), vec!["235", "503"]),
+            (format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0busy")), vec!["454"]),
+            (
+                format!("AUTH PLAIN {}\r\nNOOP\r\n", b64(b"\0alice\0blocked")),
+                vec!["421"],
+            ),
+            // RFC 4954: no AUTH inside a transaction; MAIL needs AUTH.
+            ("MAIL FROM:<alice@localhost>\r\n".into(), vec!["530"]),
+            // A failed AUTH leaves the session usable.
+            (
+                format!("AUTH PLAIN {bad}\r\nAUTH PLAIN {ok}\r\nMAIL FROM:<alice@localhost>\r\nAUTH PLAIN {ok}\r\n"),
+                vec!["535", "235", "250", "503"],
+            ),
+            // RFC 6409: the sender must be the user's; envelope addresses
+            // must be fully qualified; any qualified recipient domain.
+            (
+                format!("AUTH PLAIN {ok}\r\nMAIL FROM:<bob@localhost>\r\nMAIL FROM:<alice>\r\nMAIL FROM:<alice@host>\r\nMAIL FROM:<ALICE@LOCALHOST> AUTH=<>\r\nRCPT TO:<x@host>\r\nRCPT TO:<x>\r\nRCPT TO:<x@elsewhere.example>\r\nRCPT TO:<y@[192.0.2.1]>\r\n"),
+                vec!["235", "550", "554", "554", "250", "554", "554", "250", "250"],
+            ),
+            (
+                format!("AUTH PLAIN {ok}\r\nMAIL FROM:<>\r\nRCPT TO:<x@elsewhere.example>\r\n"),
+                vec!["235", "250", "250"],
+            ),
+        ];
+        for (lines, want) in rows {
+            let input = format!("EHLO c\r\n{lines}");
+            let c = submission(false);
+            let (out, _) = drive_from(&c, "127.0.0.1:40000", input.as_bytes(), &[]);
+            let mut expected = vec!["220", "250"];
+            expected.extend(want);
+            assert_eq!(codes(&out), expected, "{lines:?}\n{out}");
+            let cuts: Vec<usize> = (1..input.len()).collect();
+            let (split, _) = drive_from(&c, "127.0.0.1:40000", input.as_bytes(), &cuts);
+            assert_eq!(split, out, "byte by byte: {lines:?}");
+        }
+    }
+
+    #[test]
+    fn auth_is_offered_only_where_allowed() {
+        let ok = b64(b"\0alice\0secret");
+        // Submission in the clear from a remote address: not advertised,
+        // 538 to AUTH, 530 to MAIL.
+        let input = format!("EHLO c\r\nAUTH PLAIN {ok}\r\nMAIL FROM:<alice@localhost>\r\n");
+        let (out, _) = drive(&submission(true), input.as_bytes(), &[]);
+        assert_eq!(codes(&out), ["220", "250", "538", "530"]);
+        assert!(!out.contains("AUTH PLAIN LOGIN"));
+        // Relay port: never.
+        let (out, _) = drive_from(&cfg(), "127.0.0.1:4000", input.as_bytes(), &[]);
+        assert_eq!(codes(&out), ["220", "250", "503", "250"]);
+        assert!(!out.contains("AUTH"));
+        // HELO is not enough (AUTH is an ESMTP extension); nor is nothing.
+        let input = format!("AUTH PLAIN {ok}\r\nHELO c\r\nAUTH PLAIN {ok}\r\n");
+        let (out, _) = drive_from(&submission(false), "127.0.0.1:4000", input.as_bytes(), &[]);
+        assert_eq!(codes(&out), ["220", "503", "250", "503"]);
+        // MAIL's AUTH= parameter is refused where AUTH is not offered.
+        let (out, _) = drive(&cfg(), b"EHLO c\r\nMAIL FROM:<a@example.org> AUTH=<>\r\n", &[]);
+        assert_eq!(codes(&out), ["220", "250", "555"]);
+    }
+
+    /// RFC 4954 4: AUTH lines and responses may reach 12288 octets; other
+    /// commands keep the short limit.
+    #[test]
+    fn auth_line_limit() {
+        let c = submission(false);
+        let long = "A".repeat(auth::MAX_AUTH_LINE - 2 - "AUTH PLAIN ".len());
+        let input = format!("EHLO c\r\nAUTH PLAIN {long}\r\nAUTH PLAIN\r\n{long}\r\nNOOP {long}\r\nNOOP\r\n");
+        let (out, _) = drive_from(&c, "127.0.0.1:1", input.as_bytes(), &[]);
+        // Within the limit: decoded (and refused as malformed), not 500.
+        assert_eq!(codes(&out), ["220", "250", "501", "334", "501", "500", "250"]);
+        let too_long = format!("EHLO c\r\nAUTH PLAIN A{long}\r\nAUTH PLAIN\r\nAAAAAAAAAAAA{long}\r\nNOOP\r\n");
+        let (out, _) = drive_from(&c, "127.0.0.1:1", too_long.as_bytes(), &[100, 5000]);
+        assert_eq!(codes(&out), ["220", "250", "500", "334", "500", "250"]);
     }
 }

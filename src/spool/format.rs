@@ -119,3 +119,19 @@ pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
         lines,
     })
 }
+
+/// Each recipient of an envelope block with its DSN parameters, in order:
+/// `(address, NOTIFY, ORCPT)`.
+pub fn rcpt_params(block: &str) -> Vec<(String, Option<String>, Option<String>)> {
+    let mut out: Vec<(String, Option<String>, Option<String>)> = Vec::new();
+    for l in block.split("\r\n") {
+        if let Some(a) = l.strip_prefix("rcpt <").and_then(|a| a.strip_suffix('>')) {
+            out.push((a.to_owned(), None, None));
+        } else if let (Some(n), Some(last)) = (l.strip_prefix("rcpt-notify "), out.last_mut()) {
+            last.1 = Some(n.to_owned());
+        } else if let (Some(o), Some(last)) = (l.strip_prefix("rcpt-orcpt "), out.last_mut()) {
+            last.2 = Some(o.to_owned());
+        }
+    }
+    out
+}

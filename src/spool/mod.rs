@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use crate::smtp::{CommitResult, Message};
+use crate::smtp::{CommitResult, Message, TlsInfo};
 use commit::SegmentWriter;
 use queue::{Applied, Entry, JournalOp, Location, QueueIndex, RcptState};
 
@@ -172,23 +172,33 @@ impl Spool {
     }
 }
 
-/// Every intact message in the spool, segment by segment in creation order.
-/// Reads without the lock: for tests and operators inspecting a spool.
+/// Every message still queued (not finished according to the journal), in
+/// arrival order. Reads without the lock and changes nothing: for tests and
+/// operators inspecting a spool, also while ringmta runs.
 pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
+    let (_, queue) = rebuild(root, false)?;
+    let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let mut out = Vec::new();
-    for path in segment_paths(root)? {
-        let bytes = fs::read(&path)?;
-        for r in segment::scan(&bytes).records {
-            if r.kind != segment::KIND_MESSAGE {
-                continue;
-            }
-            out.push(QueuedMessage {
-                segment: path.clone(),
-                offset: r.offset,
-                envelope: String::from_utf8_lossy(r.header).into_owned(),
-                message: r.body.to_vec(),
-            });
+    for e in queue.list() {
+        if !files.contains_key(&e.location.segment) {
+            let bytes = fs::read(root.join("seg").join(&e.location.segment))?;
+            files.insert(e.location.segment.clone(), bytes);
         }
+        let bytes = &files[&e.location.segment];
+        let start = e.location.offset as usize;
+        let end = start + e.location.len as usize;
+        let Some(r) = bytes
+            .get(start..end)
+            .and_then(|rec| segment::scan(rec).records.first().copied())
+        else {
+            continue;
+        };
+        out.push(QueuedMessage {
+            segment: root.join("seg").join(&e.location.segment),
+            offset: e.location.offset,
+            envelope: String::from_utf8_lossy(r.header).into_owned(),
+            message: r.body.to_vec(),
+        });
     }
     Ok(out)
 }
@@ -219,10 +229,10 @@ fn spool_files(root: &Path, ext: &str) -> io::Result<Vec<PathBuf>> {
 }
 
 /// Reads a spool file, cutting off a damaged tail (never acknowledged).
-fn read_verified(path: &Path, rec: &mut Recovery) -> io::Result<Vec<u8>> {
+fn read_verified(path: &Path, rec: &mut Recovery, repair: bool) -> io::Result<Vec<u8>> {
     let mut bytes = fs::read(path)?;
     let scan = segment::scan(&bytes);
-    if let Some(damage) = scan.damage {
+    if let (Some(damage), true) = (scan.damage, repair) {
         rec.torn += 1;
         tracing::warn!(
             file = %path.display(),
@@ -240,15 +250,13 @@ fn read_verified(path: &Path, rec: &mut Recovery) -> io::Result<Vec<u8>> {
 }
 
 /// Rebuilds the queue: every message record, then every journal entry in
-/// order; frees segments with nothing left to do, and replaces the journals
-/// by one snapshot of the live state.
-fn recover(root: &Path) -> Result<(Recovery, QueueIndex), SpoolError> {
-    let started = std::time::Instant::now();
+/// order. With `repair`, damaged tails are cut off the files.
+fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
     let mut rec = Recovery::default();
     let mut queue = QueueIndex::default();
     let segments = segment_paths(root)?;
     for path in &segments {
-        let bytes = read_verified(path, &mut rec)?;
+        let bytes = read_verified(path, &mut rec, repair)?;
         rec.segments += 1;
         let name = path
             .file_name()
@@ -280,9 +288,8 @@ fn recover(root: &Path) -> Result<(Recovery, QueueIndex), SpoolError> {
             });
         }
     }
-    let journals = spool_files(root, "jrn")?;
-    for path in &journals {
-        let bytes = read_verified(path, &mut rec)?;
+    for path in &spool_files(root, "jrn")? {
+        let bytes = read_verified(path, &mut rec, repair)?;
         for r in segment::scan(&bytes).records {
             if let Some(op) = std::str::from_utf8(r.header)
                 .ok()
@@ -293,6 +300,16 @@ fn recover(root: &Path) -> Result<(Recovery, QueueIndex), SpoolError> {
             }
         }
     }
+    Ok((rec, queue))
+}
+
+/// [`rebuild`], then frees segments with nothing left to do and replaces
+/// the journals by one snapshot of the live state.
+fn recover(root: &Path) -> Result<(Recovery, QueueIndex), SpoolError> {
+    let started = std::time::Instant::now();
+    let segments = segment_paths(root)?;
+    let journals = spool_files(root, "jrn")?;
+    let (mut rec, queue) = rebuild(root, true)?;
     // Segments with nothing left to deliver.
     let live: std::collections::HashSet<String> =
         queue.live_segments().map(|(s, _)| s.to_owned()).collect();
@@ -386,13 +403,26 @@ impl ShardSpool {
     /// Writes `msg` durably, queues it, and returns its queue id. Only an
     /// `Ok` may be acknowledged with 250.
     pub async fn store(&self, msg: Message) -> Result<String, SpoolError> {
+        self.store_with(msg, None, &[]).await
+    }
+
+    /// [`ShardSpool::store`] for a message that came over TLS (`tls` is
+    /// named in the trace header) or that submission completed with
+    /// `added` header fields (stored after the trace header, before the
+    /// content as received).
+    pub async fn store_with(
+        &self,
+        msg: Message,
+        tls: Option<&TlsInfo>,
+        added: &[u8],
+    ) -> Result<String, SpoolError> {
         let id = self.next_id();
         let now = SystemTime::now();
-        let received = msg.envelope.received_header(&self.hostname, &id, now);
+        let received = msg.envelope.trace_header(&self.hostname, &id, tls, now);
         let envelope = format::encode_envelope(&id, &msg.envelope, now);
         let location = self
             .writer
-            .append(&envelope, &[received.as_bytes(), &msg.body])
+            .append(&envelope, &[received.as_bytes(), added, &msg.body])
             .await?;
         self.queue.borrow_mut().insert(Entry {
             id: id.clone(),
@@ -432,6 +462,11 @@ impl ShardSpool {
             }
         }
         Ok(applied)
+    }
+
+    /// One queued message's queue entry.
+    pub fn entry(&self, id: &str) -> Option<Entry> {
+        self.queue.borrow().get(id).cloned()
     }
 
     /// Queue snapshot for operators: messages in arrival order.

@@ -29,7 +29,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `--hostname` every test server runs with.
 pub const HOSTNAME: &str = "mx.test";
 
-const LISTENING: &str = "ringmta listening smtp ";
+/// `ringmta listening KIND ADDR`, one line per listener.
+const LISTENING: &str = "ringmta listening ";
 
 /// Starts servers: `Server::builder().arg("--max-errors").arg("3").start()`.
 #[derive(Debug, Clone)]
@@ -97,6 +98,35 @@ impl ServerBuilder {
         if !has("--hostname") {
             cmd.args(["--hostname", HOSTNAME]);
         }
+        // Submission and implicit TLS on ephemeral ports too (the defaults
+        // are fixed ports that parallel tests would fight over).
+        let kind_enabled = |flag: &str| {
+            let given = self.args.iter().position(|a| a == flag);
+            given.is_none_or(|i| self.args.get(i + 1).is_some_and(|v| v != "none"))
+        };
+        let want_submission = kind_enabled("--submission");
+        let want_smtps = kind_enabled("--smtps");
+        if !has("--submission") {
+            cmd.args(["--submission", "127.0.0.1:0"]);
+        }
+        if !has("--smtps") {
+            cmd.args(["--smtps", "127.0.0.1:0"]);
+        }
+        // Outbound delivery stays on this machine: local mail goes into the
+        // test's directory, everything else to a smarthost on loopback
+        // (nothing listens on port 9: it stays queued) rather than to MX
+        // hosts found through the system resolver.
+        if !has("--maildir") {
+            cmd.arg("--maildir").arg(dir.path().join("maildir"));
+        }
+        // Tests look at what was accepted and queued; those about
+        // delivery say where mail goes (a route, smarthost or DNS server).
+        let delivers = ["--route", "--relay-host", "--dns-server"]
+            .iter()
+            .any(|f| has(f));
+        if !delivers {
+            cmd.arg("--no-delivery");
+        }
         cmd.arg("--spool-dir")
             .arg(&spool)
             .args(["--shards", &self.shards.to_string()])
@@ -138,29 +168,44 @@ impl ServerBuilder {
                 reason,
             }
         };
+        let (mut smtp, mut submission, mut smtps) = (None, None, None);
         loop {
+            let complete = smtp.is_some()
+                && (submission.is_some() || !want_submission)
+                && (smtps.is_some() || !want_smtps);
+            if let (true, Some(addr)) = (complete, smtp) {
+                return Ok(Server {
+                    child,
+                    addr,
+                    port: addr.port(),
+                    submission,
+                    smtps,
+                    spool,
+                    stderr_path,
+                    _dir: dir,
+                });
+            }
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(line) => {
-                    let Some(addr) = line.strip_prefix(LISTENING) else {
-                        return Err(failure(
-                            &mut child,
-                            format!("unexpected stdout line {line:?}"),
-                        ));
-                    };
-                    let addr: SocketAddr = match addr.trim().parse() {
-                        Ok(a) => a,
-                        Err(_) => {
-                            return Err(failure(&mut child, format!("bad listening line {line:?}")))
+                    let parsed = line.strip_prefix(LISTENING).and_then(|rest| {
+                        let (kind, addr) = rest.split_once(' ')?;
+                        Some((kind.to_owned(), addr.trim().parse::<SocketAddr>().ok()?))
+                    });
+                    let slot = match &parsed {
+                        Some((k, _)) if k == "smtp" => &mut smtp,
+                        Some((k, _)) if k == "submission" => &mut submission,
+                        Some((k, _)) if k == "smtps" => &mut smtps,
+                        _ => {
+                            return Err(failure(
+                                &mut child,
+                                format!("unexpected stdout line {line:?}"),
+                            ))
                         }
                     };
-                    return Ok(Server {
-                        child,
-                        addr,
-                        port: addr.port(),
-                        spool,
-                        stderr_path,
-                        _dir: dir,
-                    });
+                    // The first listener of each kind is the one tests use.
+                    if slot.is_none() {
+                        *slot = parsed.map(|(_, a)| a);
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(failure(
@@ -213,6 +258,10 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub port: u16,
+    /// The submission listener (`None` under `--submission none`).
+    pub submission: Option<SocketAddr>,
+    /// The implicit-TLS listener (`None` under `--smtps none`).
+    pub smtps: Option<SocketAddr>,
     spool: PathBuf,
     stderr_path: PathBuf,
     // Last: the directory outlives nothing above that points into it.

@@ -1,0 +1,673 @@
+//! One shard's delivery engine: schedules the shard's queue, runs
+//! per-destination workers, applies outcomes, retries, bounces.
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use event_listener::Event;
+use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use glommio::net::TcpStream;
+
+use super::client::{Client, Job, JobRcpt, RcptOutcome, ReplyParser};
+use super::maildir;
+use super::mx::{Resolution, Resolver};
+use super::{dsn, RelayConfig, Target};
+use crate::smtp::envelope::{Protocol, Rcpt};
+use crate::smtp::{Envelope, Message};
+use crate::spool::queue::{JournalOp, RcptState};
+use crate::spool::{format, ShardSpool};
+
+/// Some recipients of one message, all for one destination.
+#[derive(Debug)]
+struct Work {
+    id: String,
+    rcpts: Vec<usize>,
+}
+
+#[derive(Default)]
+struct DestQueue {
+    jobs: VecDeque<Work>,
+    workers: usize,
+}
+
+/// The content and envelope of a message, read back from the spool.
+struct Loaded {
+    job: Job,
+    /// Recipient indexes in the stored envelope, in `job.rcpts` order.
+    indexes: Vec<usize>,
+    notify: Vec<Option<String>>,
+    orcpt: Vec<Option<String>>,
+    ret_full: bool,
+    envid: Option<String>,
+    arrival: u64,
+}
+
+pub struct Relay {
+    cfg: Arc<RelayConfig>,
+    hostname: String,
+    spool: Rc<ShardSpool>,
+    resolver: Resolver,
+    ready: RefCell<VecDeque<String>>,
+    timers: RefCell<BinaryHeap<Reverse<(u64, String)>>>,
+    in_flight: RefCell<HashSet<(String, usize)>>,
+    dests: RefCell<HashMap<Target, DestQueue>>,
+    wake: Event,
+    stopping: Cell<bool>,
+}
+
+impl Relay {
+    pub fn new(
+        cfg: Arc<RelayConfig>,
+        hostname: String,
+        spool: Rc<ShardSpool>,
+        resolver: Resolver,
+    ) -> Rc<Relay> {
+        let relay = Rc::new(Relay {
+            cfg,
+            hostname,
+            spool,
+            resolver,
+            ready: RefCell::new(VecDeque::new()),
+            timers: RefCell::new(BinaryHeap::new()),
+            in_flight: RefCell::new(HashSet::new()),
+            dests: RefCell::new(HashMap::new()),
+            wake: Event::new(),
+            stopping: Cell::new(false),
+        });
+        // The recovered queue: deferred recipients wait for their time.
+        let now = unix_now();
+        for e in relay.spool.list() {
+            let until = e
+                .rcpts
+                .iter()
+                .filter_map(|(_, s)| match s {
+                    RcptState::Deferred { until } => Some(*until),
+                    _ => None,
+                })
+                .min();
+            let pending_now = e.rcpts.iter().any(|(_, s)| *s == RcptState::Pending);
+            match until {
+                Some(t) if !pending_now && t > now => relay.timers.borrow_mut().push(Reverse((t, e.id))),
+                _ => relay.ready.borrow_mut().push_back(e.id),
+            }
+        }
+        relay
+    }
+
+    /// A message became deliverable (new, released or flushed).
+    pub fn enqueue(&self, id: String) {
+        self.ready.borrow_mut().push_back(id);
+        self.wake.notify(1);
+    }
+
+    /// Stops starting new deliveries (those under way finish).
+    pub fn stop(&self) {
+        self.stopping.set(true);
+        self.wake.notify(usize::MAX);
+    }
+
+    /// The scheduler: runs until [`Relay::stop`].
+    pub async fn run(self: Rc<Self>) {
+        while !self.stopping.get() {
+            let woken = self.wake.listen();
+            self.dispatch();
+            let next_timer = self.timers.borrow().peek().map(|Reverse((t, _))| *t);
+            let wait = match next_timer {
+                Some(t) => Duration::from_secs(t.saturating_sub(unix_now())).min(self.cfg.tick),
+                None => self.cfg.tick,
+            };
+            if self.ready.borrow().is_empty() {
+                woken.or(glommio::timer::sleep(wait)).await;
+            } else {
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
+
+    fn dispatch(self: &Rc<Self>) {
+        let now = unix_now();
+        {
+            let mut timers = self.timers.borrow_mut();
+            while timers.peek().is_some_and(|Reverse((t, _))| *t <= now) {
+                if let Some(Reverse((_, id))) = timers.pop() {
+                    self.ready.borrow_mut().push_back(id);
+                }
+            }
+        }
+        // Bounded work per pass so intake on this shard keeps its latency.
+        for _ in 0..1024 {
+            let Some(id) = self.ready.borrow_mut().pop_front() else {
+                break;
+            };
+            let Some(entry) = self.spool.entry(&id) else {
+                continue;
+            };
+            if entry.held {
+                continue;
+            }
+            let mut by_target: HashMap<Target, Vec<usize>> = HashMap::new();
+            {
+                let in_flight = self.in_flight.borrow();
+                for (i, (addr, state)) in entry.rcpts.iter().enumerate() {
+                    let due = match state {
+                        RcptState::Pending => true,
+                        RcptState::Deferred { until } => *until <= now,
+                        RcptState::Delivered | RcptState::Bounced => false,
+                    };
+                    if due && !in_flight.contains(&(id.clone(), i)) {
+                        by_target.entry(self.cfg.target(addr)).or_default().push(i);
+                    }
+                }
+            }
+            for (target, rcpts) in by_target {
+                {
+                    let mut f = self.in_flight.borrow_mut();
+                    for &i in &rcpts {
+                        f.insert((id.clone(), i));
+                    }
+                }
+                let spawn = {
+                    let mut dests = self.dests.borrow_mut();
+                    let q = dests.entry(target.clone()).or_default();
+                    q.jobs.push_back(Work {
+                        id: id.clone(),
+                        rcpts,
+                    });
+                    let spawn = q.workers < self.cfg.max_conns_per_dest.max(1);
+                    if spawn {
+                        q.workers += 1;
+                    }
+                    spawn
+                };
+                if spawn {
+                    let me = self.clone();
+                    glommio::spawn_local(async move {
+                        let t = target.clone();
+                        if let Err(what) = crate::server::isolate(me.clone().worker(t)).await {
+                            tracing::error!(%target, panic = %what, "delivery worker panicked");
+                        }
+                        me.worker_done(&target);
+                    })
+                    .detach();
+                }
+            }
+        }
+    }
+
+    fn next_work(&self, target: &Target) -> Option<Work> {
+        self.dests
+            .borrow_mut()
+            .get_mut(target)
+            .and_then(|q| q.jobs.pop_front())
+    }
+
+    fn worker_done(self: &Rc<Self>, target: &Target) {
+        let mut dests = self.dests.borrow_mut();
+        if let Some(q) = dests.get_mut(target) {
+            q.workers -= 1;
+            if q.workers == 0 && q.jobs.is_empty() {
+                dests.remove(target);
+            } else if q.workers == 0 {
+                // Work arrived as the last worker was leaving.
+                drop(dests);
+                let ids: Vec<String> = self
+                    .dests
+                    .borrow_mut()
+                    .remove(target)
+                    .map(|q| q.jobs.into_iter().map(|w| w.id).collect())
+                    .unwrap_or_default();
+                for id in ids {
+                    self.release_all(&id);
+                    self.enqueue(id);
+                }
+            }
+        }
+    }
+
+    fn release_all(&self, id: &str) {
+        self.in_flight.borrow_mut().retain(|(i, _)| i != id);
+    }
+
+    async fn worker(self: Rc<Self>, target: Target) {
+        match &target {
+            Target::Maildir(root) => {
+                while let Some(work) = self.next_work(&target) {
+                    self.deliver_local(root, work).await;
+                }
+            }
+            Target::Smtp { .. } | Target::Mx { .. } => self.smtp_worker(&target).await,
+        }
+    }
+
+    async fn deliver_local(&self, root: &std::path::Path, work: Work) {
+        let Some(loaded) = self.load(&work).await else {
+            return self.finish_unloadable(&work);
+        };
+        let mut outcomes = Vec::with_capacity(loaded.job.rcpts.len());
+        for (k, r) in loaded.job.rcpts.iter().enumerate() {
+            let o = match maildir::mailbox_dir(root, &r.addr) {
+                Err(e) => RcptOutcome::Failed(format!("550 5.1.1 <{}>: {e}", r.addr)),
+                Ok(dir) => {
+                    let name = maildir::unique_name(&work.id, loaded.indexes[k], loaded.arrival, &self.hostname);
+                    match maildir::deliver(&dir, loaded.job.mail_from.as_deref(), &r.addr, &loaded.job.body, &name).await {
+                        Ok(()) => RcptOutcome::Delivered(super::client::Reply {
+                            code: 250,
+                            lines: vec![format!("2.0.0 delivered to maildir {}", dir.display())],
+                        }),
+                        Err(e) => RcptOutcome::Deferred(format!("451 4.3.0 maildir write failed: {e}")),
+                    }
+                }
+            };
+            outcomes.push(o);
+        }
+        self.apply_outcomes(&work, &loaded, outcomes, None).await;
+    }
+
+    async fn smtp_worker(&self, target: &Target) {
+        'connections: while let Some(first) = self.next_work(target) {
+            let hosts = match target {
+                Target::Smtp { host, .. } => self.resolver.host(host).await,
+                Target::Mx { domain, .. } => self.resolver.resolve(domain).await,
+                Target::Maildir(_) => return,
+            };
+            let port = match target {
+                Target::Smtp { port, .. } | Target::Mx { port, .. } => *port,
+                Target::Maildir(_) => return,
+            };
+            let hosts = match hosts {
+                Resolution::Hosts(h) => h,
+                Resolution::Permanent(why) => {
+                    self.fail_work(first, &format!("550 5.1.2 {why}"), true).await;
+                    continue;
+                }
+                Resolution::Temporary(why) => {
+                    self.fail_work(first, &format!("451 4.4.3 {why}"), false).await;
+                    continue;
+                }
+            };
+            // Try each host in order until one greets us (RFC 5321 5.1).
+            let mut last_error = String::from("no host to try");
+            for (name, ip) in &hosts {
+                let addr = SocketAddr::new(*ip, port);
+                let mut conn = match Conn::connect(addr, self.cfg.connect_timeout, self.cfg.reply_timeout).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last_error = format!("{name}[{ip}]:{port}: {e}");
+                        tracing::debug!(%target, error = %last_error, "connect failed");
+                        continue;
+                    }
+                };
+                let mut client = Client::new(&self.cfg.helo_name);
+                if let Err(e) = conn.until_idle(&mut client).await {
+                    last_error = format!("{name}[{ip}]:{port}: {e}");
+                    continue;
+                }
+                if let Some(err) = client.error() {
+                    last_error = format!("{name}[{ip}]:{port}: {err:?}");
+                    continue;
+                }
+                // Connected and greeted: carry as many messages as are queued.
+                let mut work = Some(first);
+                while let Some(w) = work.take() {
+                    let Some(loaded) = self.load(&w).await else {
+                        self.finish_unloadable(&w);
+                        work = self.next_work(target);
+                        continue;
+                    };
+                    if let Some(reason) = self.too_many_hops(&loaded) {
+                        let o = loaded.job.rcpts.iter().map(|_| RcptOutcome::Failed(reason.clone())).collect();
+                        self.apply_outcomes(&w, &loaded, o, None).await;
+                        work = self.next_work(target);
+                        continue;
+                    }
+                    let n = loaded.job.rcpts.len();
+                    let outcomes = match conn.send(&mut client, loaded.job.clone()).await {
+                        Ok(o) => o,
+                        Err(e) => (0..n)
+                            .map(|_| RcptOutcome::Deferred(format!("451 4.4.2 {name}[{ip}]: {e}")))
+                            .collect(),
+                    };
+                    let broken = client.is_closed();
+                    self.apply_outcomes(&w, &loaded, outcomes, Some(name)).await;
+                    if broken || self.stopping.get() {
+                        continue 'connections;
+                    }
+                    work = self.next_work(target);
+                }
+                client.quit();
+                let _ = conn.until_closed(&mut client).await;
+                continue 'connections;
+            }
+            // Every host failed.
+            self.fail_work(first, &format!("451 4.4.1 {last_error}"), false).await;
+        }
+    }
+
+    /// Loop detection (RFC 5321 6.3): too many trace headers.
+    fn too_many_hops(&self, loaded: &Loaded) -> Option<String> {
+        let body = &loaded.job.body;
+        let header_end = memchr::memmem::find(body, b"\r\n\r\n").unwrap_or(body.len());
+        let hops = body[..header_end]
+            .split(|&b| b == b'\n')
+            .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
+            .count();
+        (hops > self.cfg.max_hops)
+            .then(|| format!("554 5.4.6 mail loop: {hops} Received headers (limit {})", self.cfg.max_hops))
+    }
+
+    /// Every recipient of `work` gets the same outcome (no connection).
+    async fn fail_work(&self, work: Work, reply: &str, permanent: bool) {
+        let Some(loaded) = self.load(&work).await else {
+            return self.finish_unloadable(&work);
+        };
+        let o = loaded
+            .job
+            .rcpts
+            .iter()
+            .map(|_| {
+                if permanent {
+                    RcptOutcome::Failed(reply.to_owned())
+                } else {
+                    RcptOutcome::Deferred(reply.to_owned())
+                }
+            })
+            .collect();
+        self.apply_outcomes(&work, &loaded, o, None).await;
+    }
+
+    fn finish_unloadable(&self, work: &Work) {
+        let mut f = self.in_flight.borrow_mut();
+        for &i in &work.rcpts {
+            f.remove(&(work.id.clone(), i));
+        }
+    }
+
+    /// Reads the message back from the spool, with what delivery needs.
+    async fn load(&self, work: &Work) -> Option<Loaded> {
+        let (block, message) = match self.spool.show(&work.id).await {
+            Ok(Some(x)) => x,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(id = %work.id, error = %e, "cannot read queued message");
+                return None;
+            }
+        };
+        let env = format::decode_envelope(&block)?;
+        let params = format::rcpt_params(&block);
+        let param = |name: &str| {
+            env.lines
+                .iter()
+                .find_map(|l| l.strip_prefix("param ").and_then(|p| p.strip_prefix(name)))
+                .map(str::to_owned)
+        };
+        let mut rcpts = Vec::new();
+        let mut notify = Vec::new();
+        let mut orcpt = Vec::new();
+        for &i in &work.rcpts {
+            let (addr, n, o) = params.get(i)?.clone();
+            rcpts.push(JobRcpt {
+                addr,
+                notify: n.clone(),
+                orcpt: o.clone(),
+            });
+            notify.push(n);
+            orcpt.push(o);
+        }
+        Some(Loaded {
+            job: Job {
+                mail_from: env.mail_from.map(str::to_owned),
+                rcpts,
+                body: message,
+                smtputf8: env.lines.iter().any(|l| *l == "param SMTPUTF8"),
+                ret: param("RET="),
+                envid: param("ENVID="),
+            },
+            indexes: work.rcpts.clone(),
+            notify,
+            orcpt,
+            ret_full: param("RET=").is_some_and(|r| r.eq_ignore_ascii_case("FULL")),
+            envid: param("ENVID="),
+            arrival: env.arrival,
+        })
+    }
+
+    /// Journals each recipient's outcome, schedules retries, bounces.
+    async fn apply_outcomes(&self, work: &Work, loaded: &Loaded, outcomes: Vec<RcptOutcome>, remote: Option<&str>) {
+        let now = unix_now();
+        let age = Duration::from_secs(now.saturating_sub(loaded.arrival));
+        let mut failed = Vec::new();
+        let mut retry_at: Option<u64> = None;
+        for (k, outcome) in outcomes.into_iter().enumerate() {
+            let Some(&rcpt) = loaded.indexes.get(k) else { continue };
+            let addr = &loaded.job.rcpts[k].addr;
+            let op = match outcome {
+                RcptOutcome::Delivered(r) => {
+                    tracing::info!(id = %work.id, rcpt = %addr, reply = %r.text(), "delivered");
+                    JournalOp::Delivered { id: work.id.clone(), rcpt }
+                }
+                RcptOutcome::Failed(why) => {
+                    tracing::info!(id = %work.id, rcpt = %addr, reason = %why, "bounced");
+                    failed.push((k, why));
+                    JournalOp::Bounced { id: work.id.clone(), rcpt }
+                }
+                RcptOutcome::Deferred(why) => {
+                    let seed = hash(&work.id) ^ rcpt as u64;
+                    match self.cfg.next_retry(age, seed) {
+                        Some(delay) => {
+                            let until = now + delay.as_secs().max(1);
+                            tracing::info!(id = %work.id, rcpt = %addr, reason = %why, retry_in = ?delay, "deferred");
+                            retry_at = Some(retry_at.map_or(until, |t: u64| t.min(until)));
+                            JournalOp::Deferred { id: work.id.clone(), rcpt, until }
+                        }
+                        None => {
+                            let why = format!("{why} (gave up after {}s in the queue)", age.as_secs());
+                            failed.push((k, why));
+                            JournalOp::Bounced { id: work.id.clone(), rcpt }
+                        }
+                    }
+                }
+            };
+            if let Err(e) = self.spool.apply(op).await {
+                // Not journaled: the recipient stays as it was and is tried
+                // again (a duplicate is better than a loss).
+                tracing::error!(id = %work.id, error = %e, "cannot journal a delivery outcome");
+                retry_at = Some(now + 60);
+            }
+        }
+        self.finish_unloadable(work);
+        if let Some(t) = retry_at {
+            self.timers.borrow_mut().push(Reverse((t, work.id.clone())));
+        }
+        if !failed.is_empty() {
+            self.bounce(work, loaded, &failed, remote).await;
+        }
+    }
+
+    /// Sends the sender one report for the recipients that failed (unless
+    /// the message was itself a bounce, or NOTIFY says not to).
+    async fn bounce(&self, work: &Work, loaded: &Loaded, failed: &[(usize, String)], remote: Option<&str>) {
+        let Some(sender) = &loaded.job.mail_from else {
+            tracing::info!(id = %work.id, "not bouncing a bounce (null sender)");
+            return;
+        };
+        let reported: Vec<dsn::Failed> = failed
+            .iter()
+            .filter(|(k, _)| dsn::wants_failure_report(loaded.notify[*k].as_deref()))
+            .map(|(k, why)| dsn::Failed {
+                addr: loaded.job.rcpts[*k].addr.clone(),
+                orcpt: loaded.orcpt[*k].clone(),
+                diagnostic: why.clone(),
+                remote: remote.map(str::to_owned),
+            })
+            .collect();
+        if reported.is_empty() {
+            return;
+        }
+        let body = dsn::build(
+            &self.hostname,
+            &work.id,
+            sender,
+            loaded.envid.as_deref(),
+            &reported,
+            &loaded.job.body,
+            loaded.ret_full,
+            SystemTime::now(),
+        );
+        let msg = Message {
+            envelope: Envelope {
+                peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+                helo: self.hostname.clone(),
+                protocol: Protocol {
+                    esmtp: true,
+                    tls: false,
+                    auth: false,
+                    utf8: false,
+                },
+                mail_from: None,
+                size: None,
+                body: None,
+                smtputf8: false,
+                ret: None,
+                envid: None,
+                rcpts: vec![Rcpt {
+                    addr: sender.clone(),
+                    notify: None,
+                    orcpt: None,
+                }],
+                chunked: false,
+            },
+            body,
+        };
+        match self.spool.store(msg).await {
+            Ok(id) => {
+                tracing::info!(id = %work.id, bounce = %id, to = %sender, "bounce queued");
+                self.enqueue(id);
+            }
+            Err(e) => tracing::error!(id = %work.id, error = %e, "cannot queue a bounce"),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn hash(s: &str) -> u64 {
+    // FNV-1a: only for retry jitter.
+    s.bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// One outbound connection: socket, reply parser, timeouts.
+struct Conn {
+    stream: TcpStream,
+    parser: ReplyParser,
+    buf: Vec<u8>,
+    len: usize,
+    reply_timeout: Duration,
+}
+
+impl Conn {
+    async fn connect(addr: SocketAddr, connect_timeout: Duration, reply_timeout: Duration) -> Result<Conn, String> {
+        let stream = TcpStream::connect_timeout(addr, connect_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(reply_timeout));
+        Ok(Conn {
+            stream,
+            parser: ReplyParser::default(),
+            buf: vec![0; 8192],
+            len: 0,
+            reply_timeout,
+        })
+    }
+
+    async fn flush(&mut self, client: &mut Client) -> Result<(), String> {
+        while let Some(bytes) = client.poll_transmit() {
+            self.stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Writes what the client has to say and feeds it the next reply.
+    async fn step(&mut self, client: &mut Client) -> Result<(), String> {
+        self.flush(client).await?;
+        let deadline = Instant::now() + self.reply_timeout;
+        loop {
+            let (used, reply) = self.parser.feed(&self.buf[..self.len]).map_err(|e| e.to_string())?;
+            self.buf.copy_within(used..self.len, 0);
+            self.len -= used;
+            if let Some(r) = reply {
+                client.handle_reply(r);
+                return Ok(());
+            }
+            if self.len == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let read = async { Some(self.stream.read(&mut self.buf[self.len..]).await) }
+                .or(async {
+                    glommio::timer::sleep(left).await;
+                    None
+                })
+                .await;
+            match read {
+                None => {
+                    client.handle_close("timeout waiting for a reply");
+                    return Err("timeout waiting for a reply".into());
+                }
+                Some(Ok(0)) => {
+                    client.handle_close("connection closed by the server");
+                    return Err("connection closed by the server".into());
+                }
+                Some(Ok(n)) => self.len += n,
+                Some(Err(e)) => {
+                    client.handle_close(&e.to_string());
+                    return Err(e.to_string());
+                }
+            }
+        }
+    }
+
+    async fn until_idle(&mut self, client: &mut Client) -> Result<(), String> {
+        while !client.is_idle() && !client.is_closed() && client.error().is_none() {
+            self.step(client).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one message; returns the per-recipient outcomes.
+    async fn send(&mut self, client: &mut Client, job: Job) -> Result<Vec<RcptOutcome>, String> {
+        if client.start(job).is_err() {
+            return Err("connection not ready for a message".into());
+        }
+        loop {
+            if let Some(o) = client.poll_outcome() {
+                // Commands queued after the outcome (RSET) go out with the next.
+                return Ok(o);
+            }
+            if let Err(e) = self.step(client).await {
+                return client.poll_outcome().ok_or(e);
+            }
+        }
+    }
+
+    async fn until_closed(&mut self, client: &mut Client) -> Result<(), String> {
+        let _ = self.flush(client).await;
+        while !client.is_closed() {
+            if self.step(client).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.stream.close().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,247 @@
+//! Outbound delivery: every accepted message reaches its destination or its
+//! sender learns why not.
+//!
+//! * [`RelayConfig::target`] routes each recipient: `--route` entries, then
+//!   local domains (Maildir), then `--relay-host`, else MX lookup ([`mx`]).
+//! * [`Relay`] (one per shard) schedules the shard's queue: ready messages are
+//!   split by destination into per-destination queues, each drained by at
+//!   most `--max-conns-per-dest` workers that reuse their connection for
+//!   several messages ([`client`] is the sans-IO SMTP client they drive).
+//! * Outcomes are journaled per recipient through the spool; 4xx and
+//!   connection failures are retried on `--retry-schedule` until
+//!   `--max-queue-age`, 5xx bounce at once ([`dsn`]).
+//!
+//! Must never lose a message: a recipient leaves the queue only through a
+//! durable journal entry, and a failed delivery attempt is always deferred.
+
+pub mod client;
+mod deliver;
+pub mod dsn;
+pub mod maildir;
+pub mod mx;
+pub mod policy;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use deliver::Relay;
+
+/// Where a recipient's mail goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A fixed SMTP server (a `--route` or the `--relay-host`).
+    Smtp { host: String, port: u16 },
+    /// The domain's MX hosts, on this port.
+    Mx { domain: String, port: u16 },
+    /// Local delivery under this root.
+    Maildir(PathBuf),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Smtp { host, port } => write!(f, "smtp:{host}:{port}"),
+            Target::Mx { domain, port } => write!(f, "mx:{domain}:{port}"),
+            Target::Maildir(p) => write!(f, "maildir:{}", p.display()),
+        }
+    }
+}
+
+/// `--route DOMAIN=smtp:HOST:PORT` or `DOMAIN=maildir:PATH`; DOMAIN is exact
+/// or `*.example.org` (any subdomain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pattern: String,
+    target: Target,
+}
+
+impl FromStr for Route {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (domain, target) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected DOMAIN=smtp:HOST:PORT or DOMAIN=maildir:PATH"))?;
+        let target = if let Some(hp) = target.strip_prefix("smtp:") {
+            let (host, port) = parse_host_port(hp)?;
+            Target::Smtp { host, port }
+        } else if let Some(p) = target.strip_prefix("maildir:") {
+            Target::Maildir(PathBuf::from(p))
+        } else {
+            return Err(format!("{s:?}: target must start with smtp: or maildir:"));
+        };
+        Ok(Route {
+            pattern: domain.to_ascii_lowercase(),
+            target,
+        })
+    }
+}
+
+impl Route {
+    fn matches(&self, domain: &str) -> bool {
+        match self.pattern.strip_prefix("*.") {
+            Some(suffix) => domain
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+            None => self.pattern == domain,
+        }
+    }
+}
+
+/// `HOST:PORT` (`[v6]:PORT` for IPv6 literals).
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip().to_string(), sa.port()));
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: expected HOST:PORT"))?;
+    let port = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?}: empty host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub routes: Vec<Route>,
+    pub relay_host: Option<(String, u16)>,
+    pub local_domains: Vec<String>,
+    pub maildir_root: PathBuf,
+    pub outbound_port: u16,
+    pub helo_name: String,
+    pub dns_server: Option<SocketAddr>,
+    pub connect_timeout: Duration,
+    /// Waiting for any reply, content included.
+    pub reply_timeout: Duration,
+    pub retry_schedule: Vec<Duration>,
+    pub max_queue_age: Duration,
+    pub max_conns_per_dest: usize,
+    pub max_hops: usize,
+    /// How often the scheduler looks for due retries when nothing wakes it.
+    pub tick: Duration,
+}
+
+impl RelayConfig {
+    /// Where mail for `addr` goes.
+    pub fn target(&self, addr: &str) -> Target {
+        let domain = addr
+            .rsplit_once('@')
+            .map_or(addr, |(_, d)| d)
+            .to_ascii_lowercase();
+        if let Some(r) = self.routes.iter().find(|r| r.matches(&domain)) {
+            return r.target.clone();
+        }
+        if addr.eq_ignore_ascii_case("postmaster") || self.local_domains.contains(&domain) {
+            return Target::Maildir(self.maildir_root.clone());
+        }
+        if let Some((host, port)) = &self.relay_host {
+            return Target::Smtp {
+                host: host.clone(),
+                port: *port,
+            };
+        }
+        Target::Mx {
+            domain,
+            port: self.outbound_port,
+        }
+    }
+
+    /// The delay before the next attempt for a message this old, with up to
+    /// 10 % jitter from `seed`, or `None` once it is past `--max-queue-age`.
+    pub fn next_retry(&self, age: Duration, seed: u64) -> Option<Duration> {
+        if age >= self.max_queue_age {
+            return None;
+        }
+        let mut elapsed = Duration::ZERO;
+        let mut delay = *self.retry_schedule.last()?;
+        for d in &self.retry_schedule {
+            elapsed += *d;
+            if elapsed > age {
+                delay = *d;
+                break;
+            }
+        }
+        let jitter = delay.mul_f64((seed % 1000) as f64 / 10_000.0);
+        Some(delay + jitter)
+    }
+}
+
+/// `--retry-schedule 1m,5m,15m,...`: delays between attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule(pub Vec<Duration>);
+
+pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    let v: Vec<Duration> = s
+        .split(',')
+        .map(|p| crate::cli::parse_duration(p.trim()))
+        .collect::<Result<_, _>>()?;
+    if v.is_empty() || v.iter().any(|d| d.is_zero()) {
+        return Err(format!("{s:?}: need at least one non-zero delay"));
+    }
+    Ok(Schedule(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RelayConfig {
+        RelayConfig {
+            routes: vec![
+                "example.net=smtp:127.0.0.1:2626".parse().unwrap(),
+                "*.corp.example=maildir:/srv/mail".parse().unwrap(),
+            ],
+            relay_host: None,
+            local_domains: vec!["localhost".into()],
+            maildir_root: "/var/maildir".into(),
+            outbound_port: 25,
+            helo_name: "mx.test".into(),
+            dns_server: None,
+            connect_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(300),
+            retry_schedule: parse_schedule("1m,5m,15m").unwrap().0,
+            max_queue_age: Duration::from_secs(5 * 86_400),
+            max_conns_per_dest: 4,
+            max_hops: 50,
+            tick: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn routing() {
+        let c = cfg();
+        assert_eq!(
+            c.target("u@Example.NET"),
+            Target::Smtp {
+                host: "127.0.0.1".into(),
+                port: 2626
+            }
+        );
+        assert_eq!(c.target("u@a.corp.example"), Target::Maildir("/srv/mail".into()));
+        assert_eq!(
+            c.target("u@corp.example"),
+            Target::Mx {
+                domain: "corp.example".into(),
+                port: 25
+            }
+        );
+        assert_eq!(c.target("u@localhost"), Target::Maildir("/var/maildir".into()));
+        assert_eq!(c.target("postmaster"), Target::Maildir("/var/maildir".into()));
+        assert!("x=ftp:h".parse::<Route>().is_err());
+    }
+
+    #[test]
+    fn retry_schedule_by_age() {
+        let c = cfg();
+        let m = |s| Duration::from_secs(s);
+        assert_eq!(c.next_retry(m(0), 0), Some(m(60)));
+        assert_eq!(c.next_retry(m(70), 0), Some(m(300)));
+        assert_eq!(c.next_retry(m(10_000), 0), Some(m(900)));
+        assert!(c.next_retry(m(10_000), 999).unwrap() < m(990));
+        assert_eq!(c.next_retry(m(6 * 86_400), 0), None);
+    }
+}

@@ -1,0 +1,203 @@
+//! Where mail for a domain goes: MX lookup by preference, the implicit MX
+//! (A/AAAA of the domain itself) when there is none (RFC 5321 5.1), and null
+//! MX (RFC 7505) as a permanent failure.
+//!
+//! hickory-resolver runs on tokio, the shards on glommio: one resolver
+//! thread owns a current-thread tokio runtime and answers requests sent from
+//! any shard; answers come back on `futures` oneshot channels, which glommio
+//! tasks can await. Lookups time out inside hickory (its own timeouts and
+//! retries), and a dropped request simply finds its answer channel closed.
+
+use std::net::{IpAddr, SocketAddr};
+
+use futures_channel::oneshot;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use tokio::sync::mpsc;
+
+/// The result of resolving where to deliver a domain's mail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Addresses to try, in order (MX preference, then address order).
+    Hosts(Vec<(String, IpAddr)>),
+    /// Permanent: null MX, no such domain, or no address at all.
+    Permanent(String),
+    /// Try again later (DNS failure or timeout).
+    Temporary(String),
+}
+
+enum Request {
+    /// MX (then implicit MX) for a mail domain.
+    Mail(String, oneshot::Sender<Resolution>),
+    /// Addresses of one host (a smarthost or route given by name).
+    Host(String, oneshot::Sender<Resolution>),
+}
+
+/// A handle to the resolver thread; cheap to clone, usable from any shard.
+#[derive(Clone)]
+pub struct Resolver {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl Resolver {
+    /// Starts the resolver thread. `dns_server` replaces the system's
+    /// resolvers (for tests: a dnsmasq on a loopback port).
+    pub fn start(dns_server: Option<SocketAddr>) -> std::io::Result<Resolver> {
+        let config = match dns_server {
+            Some(addr) => {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = addr.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = addr.port();
+                ResolverConfig::from_parts(
+                    None,
+                    Vec::new(),
+                    vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
+                )
+            }
+            None => match hickory_resolver::system_conf::read_system_conf() {
+                Ok((cfg, _opts)) => cfg,
+                Err(e) => {
+                    // No resolver configured: MX deliveries defer (and say
+                    // why) until one is, rather than the server not starting.
+                    tracing::error!(error = %e, "cannot read /etc/resolv.conf; MX lookups will fail");
+                    ResolverConfig::from_parts(None, Vec::new(), Vec::new())
+                }
+            },
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("resolver".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let resolver = match TokioResolver::builder_with_config(
+                        config,
+                        TokioRuntimeProvider::default(),
+                    )
+                    .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot build the DNS resolver");
+                            while let Some(Request::Mail(_, answer) | Request::Host(_, answer)) =
+                                rx.recv().await
+                            {
+                                let _ = answer.send(Resolution::Temporary(format!("no resolver: {e}")));
+                            }
+                            return;
+                        }
+                    };
+                    let resolver = std::rc::Rc::new(resolver);
+                    let local = tokio::task::LocalSet::new();
+                    local
+                        .run_until(async move {
+                            while let Some(req) = rx.recv().await {
+                                let r = resolver.clone();
+                                tokio::task::spawn_local(async move {
+                                    match req {
+                                        Request::Mail(domain, answer) => {
+                                            let _ = answer.send(resolve(&r, &domain).await);
+                                        }
+                                        Request::Host(host, answer) => {
+                                            let _ = answer.send(addresses(&r, &host).await);
+                                        }
+                                    }
+                                });
+                            }
+                        })
+                        .await;
+                })
+            })?;
+        Ok(Resolver { tx })
+    }
+
+    /// Where mail for `domain` goes.
+    pub async fn resolve(&self, domain: &str) -> Resolution {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Request::Mail(domain.to_owned(), tx), rx).await
+    }
+
+    /// The addresses of `host` (an IP literal answers itself).
+    pub async fn host(&self, host: &str) -> Resolution {
+        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+            return Resolution::Hosts(vec![(host.to_owned(), ip)]);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.ask(Request::Host(host.to_owned(), tx), rx).await
+    }
+
+    async fn ask(&self, req: Request, rx: oneshot::Receiver<Resolution>) -> Resolution {
+        if self.tx.send(req).is_err() {
+            return Resolution::Temporary("resolver thread is gone".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Resolution::Temporary("resolver dropped the request".into()))
+    }
+}
+
+async fn addresses(r: &TokioResolver, host: &str) -> Resolution {
+    match r.lookup_ip(format!("{}.", host.trim_end_matches('.')).as_str()).await {
+        Ok(ips) => {
+            let v: Vec<(String, IpAddr)> = ips.iter().map(|ip| (host.to_owned(), ip)).collect();
+            if v.is_empty() {
+                Resolution::Permanent(format!("{host} has no address"))
+            } else {
+                Resolution::Hosts(v)
+            }
+        }
+        Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
+            Resolution::Permanent(format!("{host} has no address"))
+        }
+        Err(e) => Resolution::Temporary(format!("address lookup for {host} failed: {e}")),
+    }
+}
+
+async fn resolve(r: &TokioResolver, domain: &str) -> Resolution {
+    // A trailing dot makes the name absolute: no search-domain surprises.
+    let fqdn = format!("{}.", domain.trim_end_matches('.'));
+    let mut exchanges: Vec<(u16, String)> = match r.mx_lookup(fqdn.as_str()).await {
+        Ok(mx) => mx
+            .answers()
+            .iter()
+            .filter_map(|rec| match &rec.data {
+                hickory_resolver::proto::rr::RData::MX(m) => {
+                    Some((m.preference, m.exchange.to_ascii().trim_end_matches('.').to_owned()))
+                }
+                _ => None,
+            })
+            .collect(),
+        Err(e) if e.is_nx_domain() => return Resolution::Permanent(format!("{domain}: no such domain")),
+        Err(e) if e.is_no_records_found() => Vec::new(),
+        Err(e) => return Resolution::Temporary(format!("MX lookup for {domain} failed: {e}")),
+    };
+    // RFC 7505: a single MX of preference 0 with the root as exchange.
+    if exchanges.len() == 1 && exchanges[0].1.is_empty() {
+        return Resolution::Permanent(format!("{domain} accepts no mail (null MX)"));
+    }
+    exchanges.retain(|(_, h)| !h.is_empty());
+    if exchanges.is_empty() {
+        // RFC 5321 5.1: the domain itself is the implicit MX.
+        exchanges.push((0, domain.to_owned()));
+    }
+    exchanges.sort_by_key(|(pref, _)| *pref);
+    let mut hosts = Vec::new();
+    let mut temporary = None;
+    for (_, host) in exchanges {
+        match r.lookup_ip(format!("{host}.").as_str()).await {
+            Ok(ips) => hosts.extend(ips.iter().map(|ip| (host.clone(), ip))),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {}
+            Err(e) => temporary = Some(format!("address lookup for {host} failed: {e}")),
+        }
+    }
+    if !hosts.is_empty() {
+        Resolution::Hosts(hosts)
+    } else if let Some(t) = temporary {
+        Resolution::Temporary(t)
+    } else {
+        Resolution::Permanent(format!("{domain}: no mail exchanger has an address"))
+    }
+}
