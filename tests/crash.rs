@@ -23,7 +23,14 @@ impl Drop for Server {
 
 fn start(spool: &Path) -> (Server, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringmta"))
-        .args(["--smtp", "127.0.0.1:0", "--shards", "2", "--hostname", "mx.test"])
+        .args([
+            "--smtp",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--hostname",
+            "mx.test",
+        ])
         .args(["--max-conns-per-ip", "0", "--log", "warn"])
         .args(["--submission", "none", "--smtps", "none"])
         .args(["--relay-host", "127.0.0.1:9", "--retry-schedule", "1s"])
@@ -178,12 +185,23 @@ fn kill_9_loses_no_acknowledged_message() {
                 "Return-Path: <c@crash.test>\r\nDelivered-To: t{token}@localhost\r\nReceived: from crash.test"
             );
             assert!(content.starts_with(head.as_bytes()), "message {token}");
-            assert!(content.ends_with(&body_for(token)), "message {token} differs");
+            assert!(
+                content.ends_with(&body_for(token)),
+                "message {token} differs"
+            );
         }
     }
-    assert!(acked.len() > 100, "only {} messages acknowledged", acked.len());
+    assert!(
+        acked.len() > 100,
+        "only {} messages acknowledged",
+        acked.len()
+    );
     for t in &acked {
-        assert_eq!(seen.get(t), Some(&1), "acknowledged message {t} not delivered exactly once");
+        assert_eq!(
+            seen.get(t),
+            Some(&1),
+            "acknowledged message {t} not delivered exactly once"
+        );
     }
     for (t, n) in &seen {
         assert_eq!(*n, 1, "message {t} delivered {n} times");

@@ -44,7 +44,14 @@ fn bad_flags_are_refused() {
     ] {
         let spool = tempfile::tempdir().unwrap();
         let out = ringmta()
-            .args(["--smtp", "127.0.0.1:0", "--submission", "none", "--smtps", "none"])
+            .args([
+                "--smtp",
+                "127.0.0.1:0",
+                "--submission",
+                "none",
+                "--smtps",
+                "none",
+            ])
             .arg("--spool-dir")
             .arg(spool.path())
             .args(args)

@@ -185,7 +185,10 @@ enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnError {
     /// The greeting or EHLO/HELO was refused; `permanent` for 5xx.
-    Refused { reply: String, permanent: bool },
+    Refused {
+        reply: String,
+        permanent: bool,
+    },
     Protocol(String),
 }
 
@@ -247,9 +250,9 @@ impl Client {
 
     /// Starts sending a message. Returns it back if the client is not idle,
     /// or decides at once (e.g. 8-bit content to a 7-bit server).
-    pub fn start(&mut self, job: Job) -> Result<(), Job> {
+    pub fn start(&mut self, job: Job) -> Result<(), Box<Job>> {
         if !self.is_idle() {
-            return Err(job);
+            return Err(Box::new(job));
         }
         let eight_bit = job.body.iter().any(|&b| b >= 0x80);
         let refuse = |why: &str| {
@@ -398,7 +401,11 @@ impl Client {
             Phase::Data => {
                 if r.code == 354 {
                     if self.any_accepted() {
-                        let body = self.job.as_ref().map(|j| dot_stuff(&j.body)).unwrap_or_default();
+                        let body = self
+                            .job
+                            .as_ref()
+                            .map(|j| dot_stuff(&j.body))
+                            .unwrap_or_default();
                         self.out.extend_from_slice(&body);
                         self.out.extend_from_slice(b".\r\n");
                         self.pending.push_back(Phase::DataDone);
@@ -608,7 +615,9 @@ mod tests {
         let mut c = Client::new("relay.test");
         c.handle_reply(reply("220 mx ESMTP\r\n"));
         assert_eq!(sent(&mut c), "EHLO relay.test\r\n");
-        c.handle_reply(reply("250-mx\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-DSN\r\n250 SIZE 1000\r\n"));
+        c.handle_reply(reply(
+            "250-mx\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-DSN\r\n250 SIZE 1000\r\n",
+        ));
         assert!(c.is_idle());
         c.start(job(3, b"Subject: x\r\n\r\n.dot\r\n")).unwrap();
         assert_eq!(
@@ -669,12 +678,18 @@ mod tests {
         sent(&mut c);
         c.handle_reply(reply("250-x\r\n250-PIPELINING\r\n250 CHUNKING\r\n"));
         c.start(job(1, b"a\r\n.\r\n")).unwrap();
-        assert_eq!(sent(&mut c), "MAIL FROM:<a@example.org>\r\nRCPT TO:<r0@example.net>\r\n");
+        assert_eq!(
+            sent(&mut c),
+            "MAIL FROM:<a@example.org>\r\nRCPT TO:<r0@example.net>\r\n"
+        );
         c.handle_reply(reply("250 ok\r\n"));
         c.handle_reply(reply("250 ok\r\n"));
         assert_eq!(sent(&mut c), "BDAT 6 LAST\r\na\r\n.\r\n");
         c.handle_reply(reply("250 ok\r\n"));
-        assert!(matches!(c.poll_outcome().unwrap()[0], RcptOutcome::Delivered(_)));
+        assert!(matches!(
+            c.poll_outcome().unwrap()[0],
+            RcptOutcome::Delivered(_)
+        ));
     }
 
     #[test]

@@ -92,7 +92,9 @@ impl Relay {
                 .min();
             let pending_now = e.rcpts.iter().any(|(_, s)| *s == RcptState::Pending);
             match until {
-                Some(t) if !pending_now && t > now => relay.timers.borrow_mut().push(Reverse((t, e.id))),
+                Some(t) if !pending_now && t > now => {
+                    relay.timers.borrow_mut().push(Reverse((t, e.id)))
+                }
                 _ => relay.ready.borrow_mut().push_back(e.id),
             }
         }
@@ -253,13 +255,28 @@ impl Relay {
             let o = match maildir::mailbox_dir(root, &r.addr) {
                 Err(e) => RcptOutcome::Failed(format!("550 5.1.1 <{}>: {e}", r.addr)),
                 Ok(dir) => {
-                    let name = maildir::unique_name(&work.id, loaded.indexes[k], loaded.arrival, &self.hostname);
-                    match maildir::deliver(&dir, loaded.job.mail_from.as_deref(), &r.addr, &loaded.job.body, &name).await {
+                    let name = maildir::unique_name(
+                        &work.id,
+                        loaded.indexes[k],
+                        loaded.arrival,
+                        &self.hostname,
+                    );
+                    match maildir::deliver(
+                        &dir,
+                        loaded.job.mail_from.as_deref(),
+                        &r.addr,
+                        &loaded.job.body,
+                        &name,
+                    )
+                    .await
+                    {
                         Ok(()) => RcptOutcome::Delivered(super::client::Reply {
                             code: 250,
                             lines: vec![format!("2.0.0 delivered to maildir {}", dir.display())],
                         }),
-                        Err(e) => RcptOutcome::Deferred(format!("451 4.3.0 maildir write failed: {e}")),
+                        Err(e) => {
+                            RcptOutcome::Deferred(format!("451 4.3.0 maildir write failed: {e}"))
+                        }
                     }
                 }
             };
@@ -282,11 +299,13 @@ impl Relay {
             let hosts = match hosts {
                 Resolution::Hosts(h) => h,
                 Resolution::Permanent(why) => {
-                    self.fail_work(first, &format!("550 5.1.2 {why}"), true).await;
+                    self.fail_work(first, &format!("550 5.1.2 {why}"), true)
+                        .await;
                     continue;
                 }
                 Resolution::Temporary(why) => {
-                    self.fail_work(first, &format!("451 4.4.3 {why}"), false).await;
+                    self.fail_work(first, &format!("451 4.4.3 {why}"), false)
+                        .await;
                     continue;
                 }
             };
@@ -294,14 +313,17 @@ impl Relay {
             let mut last_error = String::from("no host to try");
             for (name, ip) in &hosts {
                 let addr = SocketAddr::new(*ip, port);
-                let mut conn = match Conn::connect(addr, self.cfg.connect_timeout, self.cfg.reply_timeout).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        last_error = format!("{name}[{ip}]:{port}: {e}");
-                        tracing::debug!(%target, error = %last_error, "connect failed");
-                        continue;
-                    }
-                };
+                let mut conn =
+                    match Conn::connect(addr, self.cfg.connect_timeout, self.cfg.reply_timeout)
+                        .await
+                    {
+                        Ok(c) => c,
+                        Err(e) => {
+                            last_error = format!("{name}[{ip}]:{port}: {e}");
+                            tracing::debug!(%target, error = %last_error, "connect failed");
+                            continue;
+                        }
+                    };
                 let mut client = Client::new(&self.cfg.helo_name);
                 if let Err(e) = conn.until_idle(&mut client).await {
                     last_error = format!("{name}[{ip}]:{port}: {e}");
@@ -320,7 +342,12 @@ impl Relay {
                         continue;
                     };
                     if let Some(reason) = self.too_many_hops(&loaded) {
-                        let o = loaded.job.rcpts.iter().map(|_| RcptOutcome::Failed(reason.clone())).collect();
+                        let o = loaded
+                            .job
+                            .rcpts
+                            .iter()
+                            .map(|_| RcptOutcome::Failed(reason.clone()))
+                            .collect();
                         self.apply_outcomes(&w, &loaded, o, None).await;
                         work = self.next_work(target);
                         continue;
@@ -344,7 +371,8 @@ impl Relay {
                 continue 'connections;
             }
             // Every host failed.
-            self.fail_work(first, &format!("451 4.4.1 {last_error}"), false).await;
+            self.fail_work(first, &format!("451 4.4.1 {last_error}"), false)
+                .await;
         }
     }
 
@@ -356,8 +384,12 @@ impl Relay {
             .split(|&b| b == b'\n')
             .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
             .count();
-        (hops > self.cfg.max_hops)
-            .then(|| format!("554 5.4.6 mail loop: {hops} Received headers (limit {})", self.cfg.max_hops))
+        (hops > self.cfg.max_hops).then(|| {
+            format!(
+                "554 5.4.6 mail loop: {hops} Received headers (limit {})",
+                self.cfg.max_hops
+            )
+        })
     }
 
     /// Every recipient of `work` gets the same outcome (no connection).
@@ -423,7 +455,7 @@ impl Relay {
                 mail_from: env.mail_from.map(str::to_owned),
                 rcpts,
                 body: message,
-                smtputf8: env.lines.iter().any(|l| *l == "param SMTPUTF8"),
+                smtputf8: env.lines.contains(&"param SMTPUTF8"),
                 ret: param("RET="),
                 envid: param("ENVID="),
             },
@@ -437,23 +469,37 @@ impl Relay {
     }
 
     /// Journals each recipient's outcome, schedules retries, bounces.
-    async fn apply_outcomes(&self, work: &Work, loaded: &Loaded, outcomes: Vec<RcptOutcome>, remote: Option<&str>) {
+    async fn apply_outcomes(
+        &self,
+        work: &Work,
+        loaded: &Loaded,
+        outcomes: Vec<RcptOutcome>,
+        remote: Option<&str>,
+    ) {
         let now = unix_now();
         let age = Duration::from_secs(now.saturating_sub(loaded.arrival));
         let mut failed = Vec::new();
         let mut retry_at: Option<u64> = None;
         for (k, outcome) in outcomes.into_iter().enumerate() {
-            let Some(&rcpt) = loaded.indexes.get(k) else { continue };
+            let Some(&rcpt) = loaded.indexes.get(k) else {
+                continue;
+            };
             let addr = &loaded.job.rcpts[k].addr;
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
                     tracing::info!(id = %work.id, rcpt = %addr, reply = %r.text(), "delivered");
-                    JournalOp::Delivered { id: work.id.clone(), rcpt }
+                    JournalOp::Delivered {
+                        id: work.id.clone(),
+                        rcpt,
+                    }
                 }
                 RcptOutcome::Failed(why) => {
                     tracing::info!(id = %work.id, rcpt = %addr, reason = %why, "bounced");
                     failed.push((k, why));
-                    JournalOp::Bounced { id: work.id.clone(), rcpt }
+                    JournalOp::Bounced {
+                        id: work.id.clone(),
+                        rcpt,
+                    }
                 }
                 RcptOutcome::Deferred(why) => {
                     let seed = hash(&work.id) ^ rcpt as u64;
@@ -462,12 +508,20 @@ impl Relay {
                             let until = now + delay.as_secs().max(1);
                             tracing::info!(id = %work.id, rcpt = %addr, reason = %why, retry_in = ?delay, "deferred");
                             retry_at = Some(retry_at.map_or(until, |t: u64| t.min(until)));
-                            JournalOp::Deferred { id: work.id.clone(), rcpt, until }
+                            JournalOp::Deferred {
+                                id: work.id.clone(),
+                                rcpt,
+                                until,
+                            }
                         }
                         None => {
-                            let why = format!("{why} (gave up after {}s in the queue)", age.as_secs());
+                            let why =
+                                format!("{why} (gave up after {}s in the queue)", age.as_secs());
                             failed.push((k, why));
-                            JournalOp::Bounced { id: work.id.clone(), rcpt }
+                            JournalOp::Bounced {
+                                id: work.id.clone(),
+                                rcpt,
+                            }
                         }
                     }
                 }
@@ -490,7 +544,13 @@ impl Relay {
 
     /// Sends the sender one report for the recipients that failed (unless
     /// the message was itself a bounce, or NOTIFY says not to).
-    async fn bounce(&self, work: &Work, loaded: &Loaded, failed: &[(usize, String)], remote: Option<&str>) {
+    async fn bounce(
+        &self,
+        work: &Work,
+        loaded: &Loaded,
+        failed: &[(usize, String)],
+        remote: Option<&str>,
+    ) {
         let Some(sender) = &loaded.job.mail_from else {
             tracing::info!(id = %work.id, "not bouncing a bounce (null sender)");
             return;
@@ -561,8 +621,9 @@ fn unix_now() -> u64 {
 
 fn hash(s: &str) -> u64 {
     // FNV-1a: only for retry jitter.
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// One outbound connection: socket, reply parser, timeouts.
@@ -575,7 +636,11 @@ struct Conn {
 }
 
 impl Conn {
-    async fn connect(addr: SocketAddr, connect_timeout: Duration, reply_timeout: Duration) -> Result<Conn, String> {
+    async fn connect(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        reply_timeout: Duration,
+    ) -> Result<Conn, String> {
         let stream = TcpStream::connect_timeout(addr, connect_timeout)
             .await
             .map_err(|e| e.to_string())?;
@@ -592,7 +657,10 @@ impl Conn {
 
     async fn flush(&mut self, client: &mut Client) -> Result<(), String> {
         while let Some(bytes) = client.poll_transmit() {
-            self.stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            self.stream
+                .write_all(&bytes)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -602,7 +670,10 @@ impl Conn {
         self.flush(client).await?;
         let deadline = Instant::now() + self.reply_timeout;
         loop {
-            let (used, reply) = self.parser.feed(&self.buf[..self.len]).map_err(|e| e.to_string())?;
+            let (used, reply) = self
+                .parser
+                .feed(&self.buf[..self.len])
+                .map_err(|e| e.to_string())?;
             self.buf.copy_within(used..self.len, 0);
             self.len -= used;
             if let Some(r) = reply {

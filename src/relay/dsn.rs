@@ -36,7 +36,9 @@ fn status_of(diagnostic: &str) -> String {
         .nth(1)
         .filter(|s| {
             let p: Vec<&str> = s.split('.').collect();
-            p.len() == 3 && p.iter().all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
+            p.len() == 3
+                && p.iter()
+                    .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
         })
         .map_or_else(|| "5.0.0".to_owned(), str::to_owned)
 }
@@ -57,7 +59,9 @@ pub fn build(
     let boundary = format!("{id}/{hostname}");
     let date = rfc5322_date(now);
     let mut m = String::with_capacity(2048);
-    m.push_str(&format!("From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"));
+    m.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
+    ));
     m.push_str(&format!("To: <{sender}>\r\n"));
     m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
     m.push_str(&format!("Date: {date}\r\n"));
@@ -68,14 +72,18 @@ pub fn build(
         "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\r\n"
     ));
     m.push_str("This is a MIME-encapsulated message.\r\n\r\n");
-    m.push_str(&format!("--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"));
+    m.push_str(&format!(
+        "--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ));
     m.push_str(&format!(
         "This is the mail system at host {hostname}.\r\n\r\nYour message could not be delivered to one or more recipients:\r\n\r\n"
     ));
     for f in failed {
         m.push_str(&format!("<{}>: {}\r\n", f.addr, f.diagnostic));
     }
-    m.push_str(&format!("\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"));
+    m.push_str(&format!(
+        "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+    ));
     m.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
     if let Some(envid) = envid {
         m.push_str(&format!("Original-Envelope-Id: {envid}\r\n"));
@@ -100,7 +108,9 @@ pub fn build(
         let end = memchr::memmem::find(original, b"\r\n\r\n").map_or(original.len(), |e| e + 2);
         ("text/rfc822-headers", &original[..end])
     };
-    m.push_str(&format!("\r\n--{boundary}\r\nContent-Type: {part_type}\r\n\r\n"));
+    m.push_str(&format!(
+        "\r\n--{boundary}\r\nContent-Type: {part_type}\r\n\r\n"
+    ));
     let mut out = m.into_bytes();
     out.extend_from_slice(content);
     if !out.ends_with(b"\r\n") {
@@ -131,10 +141,21 @@ mod tests {
             diagnostic: "550 5.1.1 no such user".into(),
             remote: Some("mx.example.net".into()),
         };
-        let b = build("mx.test", "Q1", "a@example.org", Some("E1"), &[f], original, false, SystemTime::UNIX_EPOCH);
+        let b = build(
+            "mx.test",
+            "Q1",
+            "a@example.org",
+            Some("E1"),
+            &[f],
+            original,
+            false,
+            SystemTime::UNIX_EPOCH,
+        );
         let s = String::from_utf8(b).unwrap();
         assert!(s.contains("Content-Type: multipart/report; report-type=delivery-status;"));
-        assert!(s.contains("Final-Recipient: rfc822; u@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"));
+        assert!(s.contains(
+            "Final-Recipient: rfc822; u@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        ));
         assert!(s.contains("Original-Envelope-Id: E1\r\n"));
         assert!(s.contains("Subject: hi\r\n"));
         assert!(!s.contains("secret body"), "RET=HDRS returns headers only");

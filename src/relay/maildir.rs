@@ -14,7 +14,9 @@ pub struct BadMailbox(&'static str);
 
 /// The Maildir of `addr` under `root`, or why there is none.
 pub fn mailbox_dir(root: &Path, addr: &str) -> Result<PathBuf, BadMailbox> {
-    let (local, domain) = addr.rsplit_once('@').ok_or(BadMailbox("address without a domain"))?;
+    let (local, domain) = addr
+        .rsplit_once('@')
+        .ok_or(BadMailbox("address without a domain"))?;
     let safe = |s: &str| {
         !s.is_empty()
             && !s.starts_with('.')
@@ -63,7 +65,9 @@ pub async fn deliver(
         let mut off = 0usize;
         while off < content.len() {
             let end = (off + (1 << 20)).min(content.len());
-            let n = file.write_at(content[off..end].to_vec(), off as u64).await?;
+            let n = file
+                .write_at(content[off..end].to_vec(), off as u64)
+                .await?;
             if n == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
             }
@@ -98,8 +102,18 @@ mod tests {
     #[test]
     fn mailbox_paths_stay_inside_the_root() {
         let root = Path::new("/r");
-        assert_eq!(mailbox_dir(root, "John.Doe@Example.ORG").unwrap(), Path::new("/r/example.org/John.Doe"));
-        for bad in ["../x@example.org", "a/b@example.org", ".hidden@example.org", "x@..", "x@a/b", "nodomain"] {
+        assert_eq!(
+            mailbox_dir(root, "John.Doe@Example.ORG").unwrap(),
+            Path::new("/r/example.org/John.Doe")
+        );
+        for bad in [
+            "../x@example.org",
+            "a/b@example.org",
+            ".hidden@example.org",
+            "x@..",
+            "x@a/b",
+            "nodomain",
+        ] {
             assert!(mailbox_dir(root, bad).is_err(), "{bad}");
         }
     }

@@ -61,9 +61,9 @@ impl FromStr for Route {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (domain, target) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?}: expected DOMAIN=smtp:HOST:PORT or DOMAIN=maildir:PATH"))?;
+        let (domain, target) = s.split_once('=').ok_or_else(|| {
+            format!("{s:?}: expected DOMAIN=smtp:HOST:PORT or DOMAIN=maildir:PATH")
+        })?;
         let target = if let Some(hp) = target.strip_prefix("smtp:") {
             let (host, port) = parse_host_port(hp)?;
             Target::Smtp { host, port }
@@ -221,7 +221,10 @@ mod tests {
                 port: 2626
             }
         );
-        assert_eq!(c.target("u@a.corp.example"), Target::Maildir("/srv/mail".into()));
+        assert_eq!(
+            c.target("u@a.corp.example"),
+            Target::Maildir("/srv/mail".into())
+        );
         assert_eq!(
             c.target("u@corp.example"),
             Target::Mx {
@@ -229,8 +232,14 @@ mod tests {
                 port: 25
             }
         );
-        assert_eq!(c.target("u@localhost"), Target::Maildir("/var/maildir".into()));
-        assert_eq!(c.target("postmaster"), Target::Maildir("/var/maildir".into()));
+        assert_eq!(
+            c.target("u@localhost"),
+            Target::Maildir("/var/maildir".into())
+        );
+        assert_eq!(
+            c.target("postmaster"),
+            Target::Maildir("/var/maildir".into())
+        );
         assert!("x=ftp:h".parse::<Route>().is_err());
     }
 

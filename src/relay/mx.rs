@@ -86,7 +86,8 @@ impl Resolver {
                             while let Some(Request::Mail(_, answer) | Request::Host(_, answer)) =
                                 rx.recv().await
                             {
-                                let _ = answer.send(Resolution::Temporary(format!("no resolver: {e}")));
+                                let _ =
+                                    answer.send(Resolution::Temporary(format!("no resolver: {e}")));
                             }
                             return;
                         }
@@ -140,7 +141,10 @@ impl Resolver {
 }
 
 async fn addresses(r: &TokioResolver, host: &str) -> Resolution {
-    match r.lookup_ip(format!("{}.", host.trim_end_matches('.')).as_str()).await {
+    match r
+        .lookup_ip(format!("{}.", host.trim_end_matches('.')).as_str())
+        .await
+    {
         Ok(ips) => {
             let v: Vec<(String, IpAddr)> = ips.iter().map(|ip| (host.to_owned(), ip)).collect();
             if v.is_empty() {
@@ -164,13 +168,16 @@ async fn resolve(r: &TokioResolver, domain: &str) -> Resolution {
             .answers()
             .iter()
             .filter_map(|rec| match &rec.data {
-                hickory_resolver::proto::rr::RData::MX(m) => {
-                    Some((m.preference, m.exchange.to_ascii().trim_end_matches('.').to_owned()))
-                }
+                hickory_resolver::proto::rr::RData::MX(m) => Some((
+                    m.preference,
+                    m.exchange.to_ascii().trim_end_matches('.').to_owned(),
+                )),
                 _ => None,
             })
             .collect(),
-        Err(e) if e.is_nx_domain() => return Resolution::Permanent(format!("{domain}: no such domain")),
+        Err(e) if e.is_nx_domain() => {
+            return Resolution::Permanent(format!("{domain}: no such domain"))
+        }
         Err(e) if e.is_no_records_found() => Vec::new(),
         Err(e) => return Resolution::Temporary(format!("MX lookup for {domain} failed: {e}")),
     };

@@ -22,7 +22,9 @@ impl FromStr for Cidr {
             Some((ip, len)) => (ip, Some(len)),
             None => (s, None),
         };
-        let addr: IpAddr = ip.parse().map_err(|_| format!("not an IP network: {s:?}"))?;
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("not an IP network: {s:?}"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match len {
             Some(l) => l
@@ -41,11 +43,15 @@ impl Cidr {
         let ip = ip.to_canonical();
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,

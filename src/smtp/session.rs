@@ -469,7 +469,9 @@ impl Session {
                     consumed: i + 2,
                 }
             }
-            None if rest.len() >= self.line_limit(rest) || (self.skipping_line && !rest.is_empty()) => {
+            None if rest.len() >= self.line_limit(rest)
+                || (self.skipping_line && !rest.is_empty()) =>
+            {
                 // Too long to be a command: discard it as it arrives (keeping
                 // a final CR that may pair with the next LF) and answer once.
                 self.skipping_line = true;
@@ -822,9 +824,8 @@ impl Session {
                     .relay_networks
                     .iter()
                     .any(|n| n.contains(self.conn.peer.ip()));
-                if relay_client {
-                    Ok(mb.to_owned_string())
-                } else if local && !crate::relay::policy::is_routing_local_part(mb.local) {
+                let plain_local = local && !crate::relay::policy::is_routing_local_part(mb.local);
+                if relay_client || plain_local {
                     Ok(mb.to_owned_string())
                 } else {
                     Err(reply::RELAY_DENIED)
@@ -1025,9 +1026,7 @@ mod tests {
         match (c.username.as_str(), c.password.as_str()) {
             ("alice", "secret") => AuthResult::Success(Authenticated {
                 login: "alice".into(),
-                send_as: vec![crate::smtp::auth::SendAs::Address(
-                    "alice@localhost".into(),
-                )],
+                send_as: vec![crate::smtp::auth::SendAs::Address("alice@localhost".into())],
             }),
             (_, "busy") => AuthResult::TempFail,
             (_, "blocked") => AuthResult::TooManyFailures,
@@ -1359,11 +1358,15 @@ mod tests {
             starttls: true,
             ..(*cfg()).clone()
         });
-        let first = b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<u@localhost>\r\n";
+        let first =
+            b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<u@localhost>\r\n";
         let mut input = first.to_vec();
         input.extend_from_slice(b"MAIL FROM:<a@example.org>\r\nEHLO c\r\nSTARTTLS\r\nQUIT\r\n");
         let (out, _) = drive(&c, &input, &[first.len()]);
-        assert_eq!(codes(&out), ["220", "250", "220", "503", "250", "503", "221"]);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "220", "503", "250", "503", "221"]
+        );
         let (before, after) = out.split_once("220 2.0.0 Ready to start TLS\r\n").unwrap();
         assert!(before.contains("250 STARTTLS\r\n"), "{before}");
         assert!(!after.contains("STARTTLS\r\n"), "{after}");
@@ -1487,7 +1490,11 @@ mod tests {
         let (out, _) = drive_from(&submission(false), "127.0.0.1:4000", input.as_bytes(), &[]);
         assert_eq!(codes(&out), ["220", "503", "250", "503"]);
         // MAIL's AUTH= parameter is refused where AUTH is not offered.
-        let (out, _) = drive(&cfg(), b"EHLO c\r\nMAIL FROM:<a@example.org> AUTH=<>\r\n", &[]);
+        let (out, _) = drive(
+            &cfg(),
+            b"EHLO c\r\nMAIL FROM:<a@example.org> AUTH=<>\r\n",
+            &[],
+        );
         assert_eq!(codes(&out), ["220", "250", "555"]);
     }
 
@@ -1497,11 +1504,17 @@ mod tests {
     fn auth_line_limit() {
         let c = submission(false);
         let long = "A".repeat(auth::MAX_AUTH_LINE - 2 - "AUTH PLAIN ".len());
-        let input = format!("EHLO c\r\nAUTH PLAIN {long}\r\nAUTH PLAIN\r\n{long}\r\nNOOP {long}\r\nNOOP\r\n");
+        let input = format!(
+            "EHLO c\r\nAUTH PLAIN {long}\r\nAUTH PLAIN\r\n{long}\r\nNOOP {long}\r\nNOOP\r\n"
+        );
         let (out, _) = drive_from(&c, "127.0.0.1:1", input.as_bytes(), &[]);
         // Within the limit: decoded (and refused as malformed), not 500.
-        assert_eq!(codes(&out), ["220", "250", "501", "334", "501", "500", "250"]);
-        let too_long = format!("EHLO c\r\nAUTH PLAIN A{long}\r\nAUTH PLAIN\r\nAAAAAAAAAAAA{long}\r\nNOOP\r\n");
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "501", "334", "501", "500", "250"]
+        );
+        let too_long =
+            format!("EHLO c\r\nAUTH PLAIN A{long}\r\nAUTH PLAIN\r\nAAAAAAAAAAAA{long}\r\nNOOP\r\n");
         let (out, _) = drive_from(&c, "127.0.0.1:1", too_long.as_bytes(), &[100, 5000]);
         assert_eq!(codes(&out), ["220", "250", "500", "334", "500", "250"]);
     }

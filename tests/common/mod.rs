@@ -877,3 +877,41 @@ pub fn run_peer(program: &Path, args: &[&str], timeout: Duration) -> PeerRun {
         stderr: String::from_utf8_lossy(&fs::read(&err_path).unwrap_or_default()).into_owned(),
     }
 }
+
+/// [`run_peer`] with `input` on the program's standard input.
+pub fn run_peer_with_input(
+    program: &Path,
+    args: &[&str],
+    input: &[u8],
+    timeout: Duration,
+) -> PeerRun {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let in_path = dir.path().join("stdin");
+    fs::write(&in_path, input).expect("stdin file");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(fs::File::open(&in_path).expect("stdin file"))
+        .stdout(fs::File::create(&out_path).expect("stdout file"))
+        .stderr(fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+    let pid = child.id();
+    let Some(status) = wait_with_timeout(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{} {args:?} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            program.display(),
+            fs::read_to_string(&out_path).unwrap_or_default(),
+            fs::read_to_string(&err_path).unwrap_or_default()
+        );
+    };
+    PeerRun {
+        pid,
+        status,
+        stdout: String::from_utf8_lossy(&fs::read(&out_path).unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&fs::read(&err_path).unwrap_or_default()).into_owned(),
+    }
+}

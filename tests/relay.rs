@@ -1,0 +1,394 @@
+//! End-to-end relay with real peers on loopback: ringmta → ringmta, ringmta
+//! → Postfix's smtp-sink, MX routing through a dnsmasq the test starts, and
+//! the faults a relay meets (refusals, a downstream that is down, then up).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{peer_program, Server};
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn maildir_files(server: &Server, mailbox: &str) -> Vec<Vec<u8>> {
+    let root = server.spool_dir().parent().unwrap().join("maildir");
+    let (local, domain) = mailbox.split_once('@').unwrap();
+    let new = root.join(domain).join(local).join("new");
+    let Ok(dir) = std::fs::read_dir(&new) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = dir.map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A relay in front of a downstream ringmta; the downstream keeps what it
+/// receives queued (--no-delivery by the harness) so it can be compared.
+fn relay_to(downstream: &Server, extra: &[&str]) -> Server {
+    let route = format!("example.net=smtp:127.0.0.1:{}", downstream.port);
+    let mut args = vec![
+        "--route",
+        &route,
+        "--relay-network",
+        "127.0.0.0/8",
+        "--retry-schedule",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+#[test]
+fn relays_byte_for_byte_to_another_ringmta() {
+    let downstream = Server::start(&["--local-domain", "example.net"]);
+    let relay = relay_to(&downstream, &[]);
+    let content: &[u8] = b"Subject: relay test\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n.leading dot\r\n..two dots\r\n.\r\ncaf\xc3\xa9 \xe2\x82\xac\r\nlast line\r\n";
+    let mut c = relay.connect();
+    c.hello("client.example");
+    // Null sender (a bounce), 8-bit body declared as such.
+    c.expect("MAIL FROM:<> BODY=8BITMIME", 250);
+    c.expect("RCPT TO:<u@example.net>", 250);
+    c.expect("DATA", 354);
+    c.send(&common::dot_stuff(content));
+    let r = c.reply();
+    assert_eq!(r.code, 250, "{r:?}");
+
+    wait_until("delivery downstream", Duration::from_secs(20), || {
+        !downstream.queued().is_empty()
+    });
+    let got = downstream.queued();
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(m.mail_from, None, "null sender kept");
+    assert_eq!(m.rcpts, ["u@example.net"]);
+    assert!(m.has_line("param BODY=8BITMIME"), "{:?}", m.lines);
+    // Downstream's trace header, then ours, then exactly what was sent.
+    let text = String::from_utf8_lossy(&m.message);
+    assert_eq!(text.matches("Received: ").count(), 2, "{text}");
+    assert!(
+        m.message.ends_with(content),
+        "content changed in transit: {text}"
+    );
+    // Delivered: the relay's queue is empty.
+    wait_until("relay queue drained", Duration::from_secs(10), || {
+        relay.queued().is_empty()
+    });
+}
+
+#[test]
+fn refusals_bounce_and_temporary_failures_retry_without_duplicates() {
+    // Downstream takes one recipient per transaction (452 for the second:
+    // deferred and retried) and refuses a non-local domain (550: bounced).
+    let downstream = Server::start(&["--local-domain", "example.net", "--max-recipients", "1"]);
+    let route2 = format!("other.example=smtp:127.0.0.1:{}", downstream.port);
+    let relay = relay_to(&downstream, &["--route", &route2]);
+    let mut c = relay.connect();
+    c.hello("client.example");
+    c.send_message(
+        "sender@localhost",
+        &["a@example.net", "b@example.net", "x@other.example"],
+        b"Subject: partial\r\n\r\nbody\r\n",
+    );
+    wait_until(
+        "both local recipients delivered",
+        Duration::from_secs(20),
+        || downstream.queued().len() == 2,
+    );
+    let mut rcpts: Vec<String> = downstream
+        .queued()
+        .into_iter()
+        .flat_map(|q| q.rcpts)
+        .collect();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        ["a@example.net", "b@example.net"],
+        "each exactly once"
+    );
+
+    // The refused recipient comes back to the sender as a DSN (delivered
+    // into the relay's own Maildir: localhost is its local domain).
+    wait_until("bounce", Duration::from_secs(20), || {
+        !maildir_files(&relay, "sender@localhost").is_empty()
+    });
+    let bounce = String::from_utf8(maildir_files(&relay, "sender@localhost").remove(0)).unwrap();
+    assert!(bounce.starts_with("Return-Path: <>\r\n"), "{bounce}");
+    assert!(bounce.contains("Content-Type: multipart/report; report-type=delivery-status"));
+    assert!(
+        bounce.contains(
+            "Final-Recipient: rfc822; x@other.example\r\nAction: failed\r\nStatus: 5.7.1"
+        ),
+        "{bounce}"
+    );
+    assert!(
+        bounce.contains("Subject: partial"),
+        "original headers returned"
+    );
+    assert!(
+        !bounce.contains("a@example.net\r\nAction"),
+        "delivered recipients are not reported"
+    );
+    wait_until("relay queue drained", Duration::from_secs(10), || {
+        relay.queued().len() <= 1
+    });
+}
+
+#[test]
+fn downstream_down_then_up_delivers_once() {
+    let port = free_port();
+    let route = format!("example.net=smtp:127.0.0.1:{port}");
+    let relay = Server::start(&[
+        "--route",
+        &route,
+        "--relay-network",
+        "127.0.0.0/8",
+        "--retry-schedule",
+        "1s",
+    ]);
+    let mut c = relay.connect();
+    c.hello("client.example");
+    for n in 0..3 {
+        c.send_message(
+            "s@localhost",
+            &["u@example.net"],
+            format!("Subject: {n}\r\n\r\nx\r\n").as_bytes(),
+        );
+    }
+    // Nobody listens: the messages stay queued (deferred), none is lost.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(relay.queued().len(), 3);
+    assert!(relay.wait_for_log("deferred", Duration::from_secs(5)));
+
+    let addr = format!("127.0.0.1:{port}");
+    let downstream = Server::start(&["--smtp", &addr, "--local-domain", "example.net"]);
+    wait_until(
+        "delivery after the downstream came up",
+        Duration::from_secs(30),
+        || downstream.queued().len() == 3,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(downstream.queued().len(), 3, "nothing delivered twice");
+    wait_until("relay queue drained", Duration::from_secs(10), || {
+        relay.queued().is_empty()
+    });
+}
+
+struct Child_(Child);
+
+impl Drop for Child_ {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn relays_through_smtp_sink() {
+    let Some(sink_bin) = peer_program("smtp-sink", "postfix") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let template = format!("{}/%Y%m%d%H%M%S.", dir.path().display());
+    let sink = Child_(
+        Command::new(&sink_bin)
+            .args([
+                "-u",
+                "nobody",
+                "-d",
+                &template,
+                &format!("127.0.0.1:{port}"),
+                "64",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    wait_until("smtp-sink", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let relay = Server::start(&[
+        "--relay-host",
+        &format!("127.0.0.1:{port}"),
+        "--relay-network",
+        "127.0.0.0/8",
+    ]);
+    let mut c = relay.connect();
+    c.hello("client.example");
+    let content = b"Subject: to the sink\r\n\r\n.dot\r\nbody\r\n";
+    c.send_message(
+        "s@example.org",
+        &["r1@remote.example", "r2@remote.example"],
+        content,
+    );
+    wait_until("smtp-sink dump", Duration::from_secs(20), || {
+        std::fs::read_dir(dir.path()).unwrap().count() == 1
+    });
+    let dump_path = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let dump = std::fs::read(&dump_path).unwrap();
+    let text = String::from_utf8_lossy(&dump);
+    // smtp-sink writes the envelope as X- headers, then the message with
+    // LF line ends.
+    assert!(text.contains("X-Mail-Args: <s@example.org>\n"), "{text}");
+    assert!(
+        text.contains("X-Rcpt-Args: <r1@remote.example>\nX-Rcpt-Args: <r2@remote.example>\n"),
+        "{text}"
+    );
+    let lf = String::from_utf8_lossy(content).replace("\r\n", "\n");
+    assert!(text.trim_end().ends_with(lf.trim_end()), "{text}");
+    assert!(
+        text.contains("by mx.test (ringmta) with ESMTP"),
+        "our trace header: {text}"
+    );
+    wait_until("relay queue drained", Duration::from_secs(10), || {
+        relay.queued().is_empty()
+    });
+    drop(sink);
+}
+
+/// dnsmasq serving MX records for test domains on a loopback port.
+fn dnsmasq(records: &[String]) -> Option<(Child_, u16)> {
+    let bin = peer_program("dnsmasq", "dnsmasq-base")?;
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    // --local=/test/: answer for the test domains here (NXDOMAIN / NODATA),
+    // never forward anywhere.
+    cmd.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-daemon",
+        "--bind-interfaces",
+    ])
+    .arg("--local=/test/")
+    .args([
+        "--listen-address=127.0.0.1",
+        "--user=root",
+        "--pid-file",
+        "--log-facility=-",
+    ])
+    .arg(format!("--port={port}"))
+    .args(records)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = Child_(cmd.spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    Some((child, port))
+}
+
+#[test]
+fn mx_preference_fallback_a_record_and_null_mx() {
+    let mx_port = free_port();
+    // Two downstreams on the same port at different loopback addresses.
+    let first = Server::start(&[
+        "--smtp",
+        &format!("127.0.0.2:{mx_port}"),
+        "--local-domain",
+        "pref.test",
+        "--local-domain",
+        "plain.test",
+    ]);
+    let second = Server::start(&[
+        "--smtp",
+        &format!("127.0.0.3:{mx_port}"),
+        "--local-domain",
+        "pref.test",
+        "--local-domain",
+        "down.test",
+    ]);
+    let Some((_dns, dns_port)) = dnsmasq(&[
+        "--mx-host=pref.test,mx1.pref.test,10".into(),
+        "--mx-host=pref.test,mx2.pref.test,20".into(),
+        "--host-record=mx1.pref.test,127.0.0.2".into(),
+        "--host-record=mx2.pref.test,127.0.0.3".into(),
+        // The preferred MX has nothing listening: fall back to the next.
+        "--mx-host=down.test,mx1.down.test,5".into(),
+        "--mx-host=down.test,mx2.down.test,50".into(),
+        "--host-record=mx1.down.test,127.0.0.4".into(),
+        "--host-record=mx2.down.test,127.0.0.3".into(),
+        // No MX at all: the domain's own address (RFC 5321 5.1).
+        "--host-record=plain.test,127.0.0.2".into(),
+        // Null MX (RFC 7505).
+        "--mx-host=nullmx.test,.,0".into(),
+    ]) else {
+        return;
+    };
+    let relay = Server::start(&[
+        "--dns-server",
+        &format!("127.0.0.1:{dns_port}"),
+        "--outbound-port",
+        &mx_port.to_string(),
+        "--relay-network",
+        "127.0.0.0/8",
+        "--connect-timeout",
+        "2s",
+    ]);
+    let mut c = relay.connect();
+    c.hello("client.example");
+    c.send_message(
+        "s@localhost",
+        &["u@pref.test"],
+        b"Subject: pref\r\n\r\nx\r\n",
+    );
+    c.send_message(
+        "s@localhost",
+        &["u@down.test"],
+        b"Subject: down\r\n\r\nx\r\n",
+    );
+    c.send_message(
+        "s@localhost",
+        &["u@plain.test"],
+        b"Subject: plain\r\n\r\nx\r\n",
+    );
+    c.send_message(
+        "s@localhost",
+        &["u@nullmx.test"],
+        b"Subject: null\r\n\r\nx\r\n",
+    );
+    wait_until("MX deliveries", Duration::from_secs(30), || {
+        first.queued().len() == 2 && second.queued().len() == 1
+    });
+    let subjects = |s: &Server| -> Vec<String> {
+        let mut v: Vec<String> = s.queued().iter().map(|q| q.rcpts[0].clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(subjects(&first), ["u@plain.test", "u@pref.test"]);
+    assert_eq!(subjects(&second), ["u@down.test"]);
+    wait_until("null MX bounce", Duration::from_secs(20), || {
+        !maildir_files(&relay, "s@localhost").is_empty()
+    });
+    let bounce = String::from_utf8(maildir_files(&relay, "s@localhost").remove(0)).unwrap();
+    assert!(
+        bounce.contains("Final-Recipient: rfc822; u@nullmx.test"),
+        "{bounce}"
+    );
+    assert!(bounce.contains("null MX"), "{bounce}");
+}
