@@ -40,11 +40,21 @@ pub struct Cli {
     pub smtps: Vec<Listen>,
 
     /// TLS certificate chain (PEM) [default: a self-signed one generated into <spool-dir>/tls/].
-    #[arg(long, value_name = "FILE", env = "RINGMTA_TLS_CERT", requires = "tls_key")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "RINGMTA_TLS_CERT",
+        requires = "tls_key"
+    )]
     pub tls_cert: Option<PathBuf>,
 
     /// TLS private key (PEM, PKCS#8/PKCS#1/SEC1) for --tls-cert.
-    #[arg(long, value_name = "FILE", env = "RINGMTA_TLS_KEY", requires = "tls_cert")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "RINGMTA_TLS_KEY",
+        requires = "tls_cert"
+    )]
     pub tls_key: Option<PathBuf>,
 
     /// Longest a TLS handshake (STARTTLS or implicit) may take before the connection is closed.
@@ -227,12 +237,21 @@ pub struct Cli {
     pub no_delivery: bool,
 
     /// Client network allowed to relay to any domain (repeatable; default none).
-    #[arg(long = "relay-network", value_name = "CIDR", env = "RINGMTA_RELAY_NETWORK",
-          value_delimiter = ',')]
+    #[arg(
+        long = "relay-network",
+        value_name = "CIDR",
+        env = "RINGMTA_RELAY_NETWORK",
+        value_delimiter = ','
+    )]
     pub relay_networks: Vec<crate::relay::policy::Cidr>,
 
     /// Route mail for a domain: DOMAIN=smtp:HOST:PORT or DOMAIN=maildir:PATH (exact or *.domain; repeatable).
-    #[arg(long = "route", value_name = "ROUTE", env = "RINGMTA_ROUTE", value_delimiter = ',')]
+    #[arg(
+        long = "route",
+        value_name = "ROUTE",
+        env = "RINGMTA_ROUTE",
+        value_delimiter = ','
+    )]
     pub routes: Vec<crate::relay::Route>,
 
     /// Smarthost for all mail that no route or local domain covers (HOST:PORT); else MX lookup.
@@ -245,15 +264,30 @@ pub struct Cli {
     pub dns_server: Option<SocketAddr>,
 
     /// Port of remote MX hosts.
-    #[arg(long, value_name = "PORT", env = "RINGMTA_OUTBOUND_PORT", default_value_t = 25)]
+    #[arg(
+        long,
+        value_name = "PORT",
+        env = "RINGMTA_OUTBOUND_PORT",
+        default_value_t = 25
+    )]
     pub outbound_port: u16,
 
     /// Root of local Maildir delivery (<root>/<domain>/<local-part>/).
-    #[arg(long, value_name = "DIR", env = "RINGMTA_MAILDIR", default_value = "./var/maildir")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "RINGMTA_MAILDIR",
+        default_value = "./var/maildir"
+    )]
     pub maildir: PathBuf,
 
     /// Outbound connections per destination (and per shard).
-    #[arg(long, value_name = "N", env = "RINGMTA_MAX_CONNS_PER_DEST", default_value_t = 10)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_CONNS_PER_DEST",
+        default_value_t = 10
+    )]
     pub max_conns_per_dest: usize,
 
     /// Delays between delivery attempts, by the message's age (the last repeats).

@@ -9,11 +9,11 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cli::{Cli, Fsync};
+use crate::relay::RelayConfig;
 use crate::server::tls::TlsSettings;
 use crate::server::users::AuthSettings;
 use crate::server::ListenerKind;
 use crate::smtp::{Mode, SessionConfig};
-use crate::relay::RelayConfig;
 use crate::spool::SpoolOptions;
 
 #[derive(Debug, Clone)]

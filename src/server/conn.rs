@@ -137,9 +137,7 @@ where
             }
         }
         if !session.output().is_empty() {
-            if stream.write_all(session.output()).await.is_err()
-                || stream.flush().await.is_err()
-            {
+            if stream.write_all(session.output()).await.is_err() || stream.flush().await.is_err() {
                 return Outcome::Closed;
             }
             session.clear_output();

@@ -80,12 +80,18 @@ impl Shared {
     /// logged); sessions in progress are not touched.
     pub fn reload(&self) {
         match self.tls.reload() {
-            Ok(()) => tracing::info!(cert = %self.tls.cert_path().display(), "SIGHUP: TLS certificate reloaded"),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS certificate NOT reloaded; keeping the old one"),
+            Ok(()) => {
+                tracing::info!(cert = %self.tls.cert_path().display(), "SIGHUP: TLS certificate reloaded")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: TLS certificate NOT reloaded; keeping the old one")
+            }
         }
         match self.auth.reload() {
             Ok(n) => tracing::info!(users = n, "SIGHUP: users reloaded"),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: users NOT reloaded; keeping the old ones"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: users NOT reloaded; keeping the old ones")
+            }
         }
     }
 
@@ -112,7 +118,10 @@ pub fn run(
     let bound = listener::bind_all(&addrs, config.shards, config.backlog)?;
     // One resolver thread for all shards' outbound delivery.
     let resolver = if config.delivery {
-        Some(crate::relay::mx::Resolver::start(config.relay.dns_server).map_err(ServerError::Resolver)?)
+        Some(
+            crate::relay::mx::Resolver::start(config.relay.dns_server)
+                .map_err(ServerError::Resolver)?,
+        )
     } else {
         None
     };

@@ -128,7 +128,22 @@ pub fn info(conn: &ServerConnection) -> TlsInfo {
         .negotiated_cipher_suite()
         .and_then(|s| s.suite().as_str())
         .unwrap_or("unknown");
+    // rustls names the TLS 1.3 suites `TLS13_AES_...`; the IANA registry
+    // (and every other MTA's Received header) says `TLS_AES_...`.
+    let cipher = match cipher.strip_prefix("TLS13_") {
+        Some(rest) => iana_tls13(rest),
+        None => cipher,
+    };
     TlsInfo { version, cipher }
+}
+
+fn iana_tls13(rest: &str) -> &'static str {
+    match rest {
+        "AES_128_GCM_SHA256" => "TLS_AES_128_GCM_SHA256",
+        "AES_256_GCM_SHA384" => "TLS_AES_256_GCM_SHA384",
+        "CHACHA20_POLY1305_SHA256" => "TLS_CHACHA20_POLY1305_SHA256",
+        _ => "TLS1.3-unknown",
+    }
 }
 
 /// TLS 1.3 and 1.2 with the ring provider, no client certificates.
@@ -200,8 +215,12 @@ fn ensure_generated(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), Tl
     let generated = rcgen::generate_simple_self_signed(names)?;
     // The key first, private from its first byte; each file appears whole
     // (written aside, then renamed), so a crash leaves no half file.
-    write_atomically(&key, generated.signing_key.serialize_pem().as_bytes(), 0o600)
-        .map_err(write_err(&key))?;
+    write_atomically(
+        &key,
+        generated.signing_key.serialize_pem().as_bytes(),
+        0o600,
+    )
+    .map_err(write_err(&key))?;
     write_atomically(&cert, generated.cert.pem().as_bytes(), 0o644).map_err(write_err(&cert))?;
     tracing::warn!(
         cert = %cert.display(),

@@ -223,7 +223,10 @@ static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
 });
 
 fn valid_user(user: &str) -> bool {
-    !user.is_empty() && user.len() <= 255 && !user.contains(':') && !user.contains(char::is_whitespace)
+    !user.is_empty()
+        && user.len() <= 255
+        && !user.contains(':')
+        && !user.contains(char::is_whitespace)
 }
 
 /// `user:$argon2id$...` lines; `#` comments and blank lines are skipped.
@@ -305,7 +308,9 @@ fn parse_sender_map(text: &str) -> Result<SenderMap, (usize, &'static str)> {
             Some(d) if !d.is_empty() && !d.contains('@') => SendAs::Domain(d.to_ascii_lowercase()),
             Some(_) => return Err((i + 1, "bad @domain")),
             None => match sender.rsplit_once('@') {
-                Some((l, d)) if !l.is_empty() && !d.is_empty() => SendAs::Address(sender.to_owned()),
+                Some((l, d)) if !l.is_empty() && !d.is_empty() => {
+                    SendAs::Address(sender.to_owned())
+                }
                 _ => return Err((i + 1, "the sender must be user@domain or @domain")),
             },
         };

@@ -612,7 +612,13 @@ mod tests {
             r#"Auth { mechanism: "login", initial: None }"#
         );
         assert!(parse("AUTH X-UNKNOWN-MECH").is_ok());
-        for bad in ["AUTH", "AUTH ", "AUTH PLAIN a b", "AUTH PL/AIN", "AUTH PLAIN  x"] {
+        for bad in [
+            "AUTH",
+            "AUTH ",
+            "AUTH PLAIN a b",
+            "AUTH PL/AIN",
+            "AUTH PLAIN  x",
+        ] {
             assert_eq!(parse(bad), Err(ParseError::AuthSyntax), "{bad}");
         }
     }

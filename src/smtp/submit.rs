@@ -215,7 +215,10 @@ mod tests {
             ("From: Bob <bob@example.org>", true),
             ("From: bob@example.org", true),
             ("From: \"alice@example.org\" <bob@example.org>", true),
-            ("From: Bob <bob@example.org>,\r\n Alice <alice@example.org>", false),
+            (
+                "From: Bob <bob@example.org>,\r\n Alice <alice@example.org>",
+                false,
+            ),
         ] {
             let msg = format!("{base}{from}\r\n\r\nbody\r\n");
             let a = added(msg.as_bytes(), &c);
