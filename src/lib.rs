@@ -6,10 +6,16 @@
 //!
 //! * [`smtp`] — the protocol, sans-IO: the command parser, the DATA/BDAT
 //!   receivers (the SMTP-smuggling defence lives there), reply rendering and
-//!   the [`smtp::Session`] state machine. No sockets, files or clocks.
+//!   the [`smtp::Session`] state machine, the SASL PLAIN/LOGIN exchange
+//!   ([`smtp::auth`]; the password check is the driver's) and the RFC 6409
+//!   header completion of submitted mail ([`smtp::submit`]). No sockets,
+//!   files or clocks.
 //! * [`server`] — the glommio glue and the only place with sockets: one shard
 //!   per core, each with its own SO_REUSEPORT listeners, connection tasks
 //!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
+//!   The connection driver runs a session over plain TCP or rustls
+//!   (STARTTLS, implicit TLS); [`server::tls`] holds the certificate and
+//!   [`server::users`] the argon2 users, both reloaded on SIGHUP.
 //! * [`spool`] — durability: per-shard append-only segment files of
 //!   checksummed records; messages that finish while a write+`fdatasync` is
 //!   in flight share the next one (group commit), and their 250s go out when
