@@ -721,3 +721,61 @@ fn sighup_reloads_users() {
     assert!(server.wait_for_log("users reloaded", IO_TIMEOUT));
     c.expect(&format!("AUTH PLAIN {carol}"), 235);
 }
+
+/// Certificate reload under load: clients keep sending over STARTTLS while
+/// SIGHUP reloads the certificate again and again; every message gets its
+/// 250 and every session ends with 221.
+#[test]
+fn reload_under_load_drops_no_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let k = rcgen::generate_simple_self_signed(vec!["mx.test".to_string()]).unwrap();
+    std::fs::write(&cert, k.cert.pem()).unwrap();
+    std::fs::write(&key, k.signing_key.serialize_pem()).unwrap();
+    let server = Server::builder()
+        .args(["--tls-cert", cert.to_str().unwrap()])
+        .args(["--tls-key", key.to_str().unwrap()])
+        .shards(2)
+        .start();
+    const CLIENTS: usize = 4;
+    const SESSIONS: usize = 5;
+    const PER_SESSION: usize = 4;
+    let addr = server.addr;
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|w| {
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for s in 0..SESSIONS {
+                    let mut c = Smtp::connect(addr);
+                    c.reply();
+                    c.expect("EHLO load.example", 250);
+                    c.expect("STARTTLS", 220);
+                    c.handshake();
+                    c.expect("EHLO load.example", 250);
+                    for m in 0..PER_SESSION {
+                        let body = format!("Subject: {w}.{s}.{m}\r\n\r\nx\r\n");
+                        ids.push(c.send_message("a@example.org", "u@localhost", &body));
+                    }
+                    c.expect("QUIT", 221);
+                }
+                ids
+            })
+        })
+        .collect();
+    // Reload until every client is done (at least three times).
+    let mut reloads = 0;
+    while reloads < 3 || !workers.iter().all(|w| w.is_finished()) {
+        server.signal(libc::SIGHUP);
+        reloads += 1;
+        std::thread::sleep(Duration::from_millis(10));
+        assert!(reloads < 3000, "clients did not finish");
+    }
+    let mut total = 0;
+    for w in workers {
+        total += w.join().expect("a client failed").len();
+    }
+    assert_eq!(total, CLIENTS * SESSIONS * PER_SESSION);
+    assert_eq!(server.queued().len(), total);
+    assert!(server.wait_for_log("SIGHUP: TLS certificate reloaded", IO_TIMEOUT));
+}
