@@ -224,12 +224,12 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     };
     let _ = stream.set_nodelay(true);
     if state.active.get() >= state.ctx.config.max_conns_per_shard {
-        refuse(stream, reply::TOO_MANY_CONNECTIONS);
+        refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     }
     let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
         tracing::info!(%peer, "per-IP connection limit reached");
-        refuse(stream, reply::TOO_MANY_CONNECTIONS);
+        refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     };
     state.active.set(state.active.get() + 1);
@@ -260,8 +260,13 @@ pub(crate) async fn isolate(fut: impl std::future::Future<Output = ()>) -> Resul
         })
 }
 
-/// Answers `r` and closes, without counting the connection.
-fn refuse(mut stream: TcpStream, r: Reply) {
+/// Answers `r` and closes, without counting the connection. On an
+/// implicit-TLS listener the client expects a handshake, not a plaintext
+/// reply: the connection is just closed.
+fn refuse(mut stream: TcpStream, kind: ListenerKind, r: Reply) {
+    if kind == ListenerKind::Smtps {
+        return;
+    }
     glommio::spawn_local(async move {
         let mut out = Vec::with_capacity(96);
         r.write_to(&mut out);
