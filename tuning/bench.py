@@ -219,7 +219,7 @@ local_recipient_maps =
 
 def run_loadgen(port, flags, seconds, json_path):
     cmd = [LOADGEN, "--target", f"127.0.0.1:{port}", "--duration", str(seconds),
-           "--json", json_path] + flags
+           "--quiet", "--json", json_path] + flags
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=seconds + 120)
     with open(json_path) as f:
         return json.load(f)
@@ -270,13 +270,13 @@ def summarize(res):
     """Pick the figures the summary needs out of loadgen's --json."""
     lat = res["latency_us"]["end_of_data"]
     return {
-        "messages": res["messages_ok"],
-        "msgs_per_s": res["messages_per_s"],
-        "sessions_per_s": res["sessions_per_s"],
+        "messages": res["messages"]["accepted"],
+        "msgs_per_s": res["messages"]["per_s"],
+        "sessions_per_s": res["sessions"]["per_s"],
         "eod_p50_ms": lat["p50"] / 1000,
         "eod_p99_ms": lat["p99"] / 1000,
         "eod_p999_ms": lat["p999"] / 1000,
-        "errors": sum(res["errors"].values()),
+        "errors": res["errors"]["total"],
     }
 
 
