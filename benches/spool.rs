@@ -62,6 +62,7 @@ fn commit(c: &mut Criterion) {
         "mx.test".into(),
         SpoolOptions {
             max_segment: 64 << 20,
+            compact_below: 0.0,
             commit_window: Duration::ZERO,
             fsync: true,
         },

@@ -159,6 +159,7 @@ impl Config {
             delivery: !cli.no_delivery,
             spool: SpoolOptions {
                 max_segment: cli.max_segment_size.max(1 << 20),
+                compact_below: cli.compact_below.clamp(0.0, 1.0),
                 commit_window: cli.commit_window,
                 fsync: cli.fsync == Fsync::On,
             },

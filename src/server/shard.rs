@@ -51,6 +51,8 @@ pub(crate) struct ShardState {
     conn_closed: Event,
 }
 
+/// How often a shard looks for segments to compact.
+const COMPACT_EVERY: Duration = Duration::from_secs(10);
 /// How often a shard looks at the process-wide stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// After the grace period, how long forced 421s may take to be written.
@@ -116,6 +118,9 @@ async fn serve(
     if let Some(relay) = &relay {
         glommio::spawn_local(relay.clone().run()).detach();
     }
+    if ctx.config.spool.compact_below > 0.0 {
+        glommio::spawn_local(compactor(spool.clone(), ctx.config.spool.compact_below)).detach();
+    }
     let grace = ctx.config.shutdown_grace;
     let state = Rc::new(ShardState {
         ctx,
@@ -172,6 +177,19 @@ async fn serve(
         messages = stats.records,
         "shard stopped"
     );
+}
+
+/// Every so often, copies the few live messages out of mostly-finished
+/// segments so their files can go (the spool's disk use follows the queue).
+async fn compactor(spool: Rc<ShardSpool>, below: f64) {
+    loop {
+        glommio::timer::sleep(COMPACT_EVERY).await;
+        match spool.compact(below).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(freed = n, "spool segments compacted"),
+            Err(e) => tracing::warn!(error = %e, "spool compaction failed; retrying later"),
+        }
+    }
 }
 
 /// Waits until no connection is open, or `limit` passed (then `false`).

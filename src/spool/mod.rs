@@ -350,6 +350,9 @@ fn recover(root: &Path) -> Result<(Recovery, QueueIndex), SpoolError> {
 #[derive(Debug, Clone, Copy)]
 pub struct SpoolOptions {
     pub max_segment: u64,
+    /// Compact closed segments whose live records fill at most this share
+    /// of the file (0: never).
+    pub compact_below: f64,
     pub commit_window: Duration,
     pub fsync: bool,
 }
@@ -452,14 +455,7 @@ impl ShardSpool {
             segment_empty: Some(segment),
         } = &applied
         {
-            let current = self.writer.current_segment();
-            if current.as_deref() != Some(segment.as_str()) {
-                // The journal already says every message in it is finished; a
-                // crash before this removal is finished by recovery.
-                if let Err(e) = glommio::io::remove(self.dir.join(segment)).await {
-                    tracing::warn!(%segment, error = %e, "cannot remove finished segment");
-                }
-            }
+            self.remove_segment(segment).await;
         }
         Ok(applied)
     }
@@ -467,6 +463,60 @@ impl ShardSpool {
     /// One queued message's queue entry.
     pub fn entry(&self, id: &str) -> Option<Entry> {
         self.queue.borrow().get(id).cloned()
+    }
+
+    /// Deletes a segment with no live message left, unless it is still being
+    /// appended to. The journal already says every message in it is
+    /// finished; a crash before the removal is finished by recovery.
+    async fn remove_segment(&self, segment: &str) {
+        if self.writer.current_segment().as_deref() == Some(segment) {
+            return;
+        }
+        match glommio::io::remove(self.dir.join(segment)).await {
+            Ok(()) => self.queue.borrow_mut().forget_segment(segment),
+            Err(e) => tracing::warn!(%segment, error = %e, "cannot remove finished segment"),
+        }
+    }
+
+    /// Compaction: copies the live messages out of segments whose live
+    /// records fill at most `max_live_ratio` of the file into the current
+    /// segment (same ids), then deletes those segments. A crash half-way
+    /// leaves two copies of some records; recovery keeps one (ids are
+    /// unique). Returns how many segments were freed.
+    pub async fn compact(&self, max_live_ratio: f64) -> Result<usize, SpoolError> {
+        let current = self.writer.current_segment();
+        let candidates: Vec<(String, queue::Live)> = self
+            .queue
+            .borrow()
+            .live_segments()
+            .filter(|(seg, _)| current.as_deref() != Some(*seg))
+            .map(|(seg, live)| (seg.to_owned(), live))
+            .collect();
+        let mut freed = 0;
+        for (segment, live) in candidates {
+            // Any closed segment this shard owns: its own, or adopted at start.
+            let size = match std::fs::metadata(self.dir.join(&segment)) {
+                Ok(m) => m.len(),
+                Err(_) => continue,
+            };
+            let mostly_dead = (live.bytes as f64) <= max_live_ratio * size as f64;
+            if size == 0 || !mostly_dead {
+                continue;
+            }
+            let ids = self.queue.borrow().ids_in(&segment);
+            for id in ids {
+                let Some((envelope, message)) = self.show(&id).await? else {
+                    continue;
+                };
+                let to = self.writer.append(envelope.as_bytes(), &[&message]).await?;
+                let left = self.queue.borrow_mut().relocate(&id, to);
+                if let Some(empty) = left {
+                    self.remove_segment(&empty).await;
+                    freed += 1;
+                }
+            }
+        }
+        Ok(freed)
     }
 
     /// Queue snapshot for operators: messages in arrival order.

@@ -153,10 +153,21 @@ pub enum Applied {
     },
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    pub messages: usize,
+    pub bytes: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct QueueIndex {
     entries: HashMap<String, Entry>,
-    live_per_segment: HashMap<String, usize>,
+    /// Live messages and their record bytes, per segment.
+    live_per_segment: HashMap<String, Live>,
+    /// Finished messages whose record may still be on disk (their segment
+    /// holds live messages too), by id, with that segment: so a record read
+    /// again at recovery is not taken for a message still to deliver.
+    finished: HashMap<String, String>,
 }
 
 impl QueueIndex {
@@ -171,14 +182,49 @@ impl QueueIndex {
     /// Adds a message (a new one, or one found by recovery). A second record
     /// with the same id (a crash during compaction) is ignored.
     pub fn insert(&mut self, entry: Entry) {
-        if self.entries.contains_key(&entry.id) {
+        if self.entries.contains_key(&entry.id) || self.finished.contains_key(&entry.id) {
             return;
         }
-        *self
-            .live_per_segment
-            .entry(entry.location.segment.clone())
-            .or_default() += 1;
+        self.count(&entry.location, true);
         self.entries.insert(entry.id.clone(), entry);
+    }
+
+    /// Moves a message's record (compaction copied it); returns the segment
+    /// it left when nothing live remains there.
+    pub fn relocate(&mut self, id: &str, to: Location) -> Option<String> {
+        let from = self.entries.get(id)?.location.clone();
+        self.count(&to, true);
+        if let Some(e) = self.entries.get_mut(id) {
+            e.location = to;
+        }
+        self.count(&from, false).then_some(from.segment)
+    }
+
+    /// Ids of the live messages in `segment`.
+    pub fn ids_in(&self, segment: &str) -> Vec<String> {
+        self.entries
+            .values()
+            .filter(|e| e.location.segment == segment)
+            .map(|e| e.id.clone())
+            .collect()
+    }
+
+    /// Adds or removes one record from its segment's tally; `true` when a
+    /// removal left the segment without live messages.
+    fn count(&mut self, at: &Location, add: bool) -> bool {
+        let live = self.live_per_segment.entry(at.segment.clone()).or_default();
+        if add {
+            live.messages += 1;
+            live.bytes += at.len;
+            return false;
+        }
+        live.messages = live.messages.saturating_sub(1);
+        live.bytes = live.bytes.saturating_sub(at.len);
+        if live.messages == 0 {
+            self.live_per_segment.remove(&at.segment);
+            return true;
+        }
+        false
     }
 
     pub fn get(&self, id: &str) -> Option<&Entry> {
@@ -207,7 +253,7 @@ impl QueueIndex {
     }
 
     /// Segments that hold at least one live message.
-    pub fn live_segments(&self) -> impl Iterator<Item = (&str, usize)> {
+    pub fn live_segments(&self) -> impl Iterator<Item = (&str, Live)> {
         self.live_per_segment.iter().map(|(s, n)| (s.as_str(), *n))
     }
 
@@ -246,23 +292,29 @@ impl QueueIndex {
         if !e.finished() {
             return Applied::Changed;
         }
-        let segment = e.location.segment.clone();
+        let location = e.location.clone();
         self.entries.remove(op.id());
-        let live = self.live_per_segment.entry(segment.clone()).or_default();
-        *live = live.saturating_sub(1);
-        let segment_empty = if *live == 0 {
-            self.live_per_segment.remove(&segment);
-            Some(segment)
-        } else {
-            None
-        };
+        self.finished
+            .insert(op.id().to_owned(), location.segment.clone());
+        let segment_empty = self.count(&location, false).then_some(location.segment);
         Applied::Finished { segment_empty }
     }
 
+    /// A segment file was deleted: its finished messages are gone for good.
+    pub fn forget_segment(&mut self, segment: &str) {
+        self.finished.retain(|_, s| s != segment);
+    }
+
     /// The ops that rebuild the current state from the segments alone: the
-    /// content of a compacted journal.
+    /// content of a compacted journal. Finished messages whose record is
+    /// still on disk are marked finished (as deleted) so they stay finished.
     pub fn snapshot(&self) -> Vec<JournalOp> {
-        let mut ops = Vec::new();
+        let mut ops: Vec<JournalOp> = self
+            .finished
+            .iter()
+            .filter(|(_, seg)| self.live_per_segment.contains_key(*seg))
+            .map(|(id, _)| JournalOp::Delete { id: id.clone() })
+            .collect();
         for e in self.list() {
             if e.held {
                 ops.push(JournalOp::Hold { id: e.id.clone() });
@@ -294,15 +346,19 @@ impl QueueIndex {
             .collect();
         for id in ids {
             if let Some(e) = self.entries.remove(&id) {
-                let seg = e.location.segment.clone();
-                if let Some(n) = self.live_per_segment.get_mut(&seg) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.live_per_segment.remove(&seg);
-                    }
-                }
+                self.count(&e.location, false);
                 out.insert(e);
             }
+        }
+        let finished: Vec<(String, String)> = self
+            .finished
+            .iter()
+            .filter(|(_, seg)| pick(seg))
+            .map(|(i, s)| (i.clone(), s.clone()))
+            .collect();
+        for (id, seg) in finished {
+            self.finished.remove(&id);
+            out.finished.insert(id, seg);
         }
         out
     }
@@ -385,6 +441,73 @@ mod tests {
             }
         );
         assert!(q.is_empty());
+    }
+
+    /// Regression: a finished message in a segment that is kept (other
+    /// messages in it are live) must stay finished across two restarts.
+    #[test]
+    fn finished_messages_in_kept_segments_stay_finished() {
+        let mut q = QueueIndex::default();
+        q.insert(entry("m1", "s1", &["a@x.example"]));
+        q.insert(entry("m2", "s1", &["b@x.example"]));
+        q.apply(&JournalOp::Delivered {
+            id: "m1".into(),
+            rcpt: 0,
+        });
+        let snap = q.snapshot();
+        // Restart: the segment is scanned again, then the snapshot replayed.
+        let mut r = QueueIndex::default();
+        r.insert(entry("m1", "s1", &["a@x.example"]));
+        r.insert(entry("m2", "s1", &["b@x.example"]));
+        for op in &snap {
+            r.apply(op);
+        }
+        assert!(r.get("m1").is_none(), "m1 came back after a restart");
+        assert!(r.get("m2").is_some());
+        // And again from this state's snapshot.
+        let snap2 = r.snapshot();
+        let mut r2 = QueueIndex::default();
+        r2.insert(entry("m1", "s1", &["a@x.example"]));
+        r2.insert(entry("m2", "s1", &["b@x.example"]));
+        for op in &snap2 {
+            r2.apply(op);
+        }
+        assert!(
+            r2.get("m1").is_none(),
+            "m1 came back after a second restart"
+        );
+        // A record read twice (compaction copy) is not a second message.
+        r2.insert(entry("m1", "s9", &["a@x.example"]));
+        assert!(r2.get("m1").is_none());
+    }
+
+    #[test]
+    fn relocation_moves_the_tally() {
+        let mut q = QueueIndex::default();
+        q.insert(entry("m1", "s1", &["a@x.example"]));
+        q.insert(entry("m2", "s1", &["b@x.example"]));
+        let to = Location {
+            segment: "s2".into(),
+            offset: 0,
+            len: 100,
+        };
+        assert_eq!(q.relocate("m1", to.clone()), None);
+        assert_eq!(
+            q.relocate("m2", Location { offset: 100, ..to }),
+            Some("s1".into())
+        );
+        let live: Vec<_> = q.live_segments().collect();
+        assert_eq!(
+            live,
+            [(
+                "s2",
+                Live {
+                    messages: 2,
+                    bytes: 200
+                }
+            )]
+        );
+        assert_eq!(q.ids_in("s1"), Vec::<String>::new());
     }
 
     #[test]
