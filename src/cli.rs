@@ -150,7 +150,12 @@ pub struct Cli {
     pub fsync: Fsync,
 
     /// Compact a closed spool segment once its live messages fill at most this share of it (0: never).
-    #[arg(long, value_name = "RATIO", env = "RINGMTA_COMPACT_BELOW", default_value_t = 0.25)]
+    #[arg(
+        long,
+        value_name = "RATIO",
+        env = "RINGMTA_COMPACT_BELOW",
+        default_value_t = 0.25
+    )]
     pub compact_below: f64,
 
     /// Size at which a shard starts a new spool segment file.
