@@ -193,7 +193,7 @@ smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
 default_process_limit = 200
-maillog_file = {self.dir}/maillog
+maillog_file = /dev/stdout
 alias_maps =
 alias_database =
 local_recipient_maps =
@@ -205,8 +205,11 @@ local_recipient_maps =
             f"127.0.0.1:{self.port} inet  n       -       n       -       -       smtpd")
         with open(os.path.join(etc, "master.cf"), "w") as f:
             f.write(master)
+        # maillog_file must be under maillog_file_prefixes (/var, /dev/stdout):
+        # Postfix logs to its stdout, kept in a file here like a real maillog.
+        self.maillog = open(os.path.join(self.dir, "maillog"), "w")
         self.proc = subprocess.Popen(["postfix", "-c", etc, "start-fg"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=self.maillog, stderr=subprocess.STDOUT)
         wait_port(self.port)
         self.pid = self.proc.pid
         return self.port
