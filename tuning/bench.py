@@ -97,7 +97,8 @@ def peak_rss_kib(pids):
 
 class Ringmta:
     name = "ringmta"
-    note = "durable: fdatasync before every 250"
+    note = ("durable: fdatasync before every 250 (group commit), intake only "
+            "(`--no-delivery`): what is measured is accepting mail")
 
     def __init__(self, extra):
         self.extra = extra
@@ -300,6 +301,10 @@ def write_summary(out, servers, rows, seconds, args):
     lines = [f"# Benchmark summary {datetime.datetime.now().isoformat(timespec='seconds')}", "",
              f"Command: `tuning/run-bench.sh {' '.join(sys.argv[1:])}` "
              f"({seconds} s per run, loopback, {os.cpu_count()} cores).", ""]
+    load = os.getloadavg()
+    lines.append(f"Load average when the run ended: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+                 "(other work on the machine makes fdatasync slower and figures noisier).")
+    lines.append("")
     for srv in servers:
         lines.append(f"* **{srv.name}**: {srv.note}")
     lines += ["", "Latency is the end-of-data reply (the durability latency), "
