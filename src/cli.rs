@@ -57,7 +57,7 @@ pub struct Cli {
     )]
     pub tls_key: Option<PathBuf>,
 
-    /// Longest a TLS handshake (STARTTLS or implicit) may take before the connection is closed.
+    /// Longest a TLS handshake (inbound STARTTLS or implicit, outbound STARTTLS) may take before the connection is closed.
     #[arg(long, value_name = "DURATION", env = "RINGMTA_TLS_HANDSHAKE_TIMEOUT", default_value = "30s",
           value_parser = parse_duration)]
     pub tls_handshake_timeout: Duration,
@@ -313,6 +313,26 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "RINGMTA_MAX_HOPS", default_value_t = 50)]
     pub max_hops: usize,
 
+    /// Outbound STARTTLS: opportunistic (when offered; plaintext otherwise) or require (else defer, 4.7.x).
+    #[arg(
+        long,
+        value_name = "POLICY",
+        env = "RINGMTA_TLS_POLICY",
+        default_value = "opportunistic",
+        value_enum
+    )]
+    pub tls_policy: crate::relay::tls::TlsPolicy,
+
+    /// Verify the next hop's certificate against the bundled Mozilla roots (needs --tls-policy require).
+    #[arg(
+        long,
+        value_name = "on|off",
+        env = "RINGMTA_TLS_VERIFY",
+        default_value = "off",
+        value_enum
+    )]
+    pub tls_verify: TlsVerify,
+
     /// Outbound connect timeout.
     #[arg(long, value_name = "DURATION", env = "RINGMTA_CONNECT_TIMEOUT", default_value = "30s",
           value_parser = parse_duration)]
@@ -376,6 +396,13 @@ pub enum QueueAction {
     List,
     /// Print one message (envelope block, then the message) by id.
     Show { id: String },
+}
+
+/// Whether outbound TLS verifies the server's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsVerify {
+    On,
+    Off,
 }
 
 /// Whether the spool syncs before acknowledging.

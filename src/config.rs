@@ -58,6 +58,8 @@ pub enum ConfigError {
     BadRingDepth,
     #[error("--max-message-size must be at least 1 (SIZE 0 would advertise no limit)")]
     ZeroMessageSize,
+    #[error("--tls-verify on needs --tls-policy require (opportunistic TLS falls back to plaintext, so a failed verification would only make delivery less private)")]
+    VerifyNeedsRequire,
 }
 
 impl Config {
@@ -102,6 +104,9 @@ impl Config {
             max_queue_age: cli.max_queue_age,
             max_conns_per_dest: cli.max_conns_per_dest.max(1),
             max_hops: cli.max_hops,
+            tls_policy: cli.tls_policy,
+            tls_verify: tls_verify(cli)?,
+            tls_handshake_timeout: cli.tls_handshake_timeout,
             tick: Duration::from_secs(1),
         });
         let session = SessionConfig {
@@ -177,6 +182,17 @@ impl Config {
             .chain(self.submission.iter().map(kind(ListenerKind::Submission)))
             .chain(self.smtps.iter().map(kind(ListenerKind::Smtps)))
             .collect()
+    }
+}
+
+/// `--tls-verify on` only means something when TLS is mandatory.
+fn tls_verify(cli: &Cli) -> Result<bool, ConfigError> {
+    match (cli.tls_verify, cli.tls_policy) {
+        (crate::cli::TlsVerify::Off, _) => Ok(false),
+        (crate::cli::TlsVerify::On, crate::relay::tls::TlsPolicy::Require) => Ok(true),
+        (crate::cli::TlsVerify::On, crate::relay::tls::TlsPolicy::Opportunistic) => {
+            Err(ConfigError::VerifyNeedsRequire)
+        }
     }
 }
 

@@ -22,6 +22,13 @@
 //!   it returns. A per-shard journal records per-recipient outcomes and
 //!   queue operations; at start the segments are verified (torn tails cut
 //!   off) and the queue is rebuilt. Finished segments are deleted.
+//! * [`relay`] — outbound delivery: routing (`--route`, local Maildir,
+//!   `--relay-host`, MX lookup on a resolver thread), per-destination
+//!   workers that reuse connections, the sans-IO SMTP client
+//!   ([`relay::client`], STARTTLS included) driven over glommio sockets and
+//!   rustls ([`relay::tls`]: opportunistic or required TLS), retries with
+//!   backoff, RFC 3464 bounces, exactly-once Maildir delivery. Outcomes are
+//!   journaled per recipient through the spool.
 //! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
 //!   turned once into a validated [`config::Config`].
 

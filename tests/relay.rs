@@ -6,6 +6,8 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{peer_program, Server};
@@ -271,6 +273,292 @@ fn relays_through_smtp_sink() {
         relay.queued().is_empty()
     });
     drop(sink);
+}
+
+#[test]
+fn starttls_to_another_ringmta_shows_esmtps_downstream() {
+    let downstream = Server::start(&["--local-domain", "example.net"]);
+    // Opportunistic (the default) and required: both go over TLS 1.3.
+    for policy in ["opportunistic", "require"] {
+        let relay = relay_to(&downstream, &["--tls-policy", policy]);
+        let mut c = relay.connect();
+        c.hello("client.example");
+        let subject = format!("Subject: tls {policy}\r\n\r\nbody\r\n");
+        c.send_message("s@localhost", &["u@example.net"], subject.as_bytes());
+        wait_until("delivery over TLS", Duration::from_secs(20), || {
+            downstream
+                .queued()
+                .iter()
+                .any(|m| m.content().ends_with(subject.as_bytes()))
+        });
+        let m = downstream
+            .queued()
+            .into_iter()
+            .find(|m| m.content().ends_with(subject.as_bytes()))
+            .unwrap();
+        assert!(m.has_line("protocol ESMTPS"), "{:?}", m.lines);
+        let received = m.received();
+        assert!(
+            received.contains("with ESMTPS (TLS1.3 TLS_"),
+            "downstream trace header: {received}"
+        );
+        assert!(relay.wait_for_log("outbound TLS established", Duration::from_secs(5)));
+        wait_until("relay queue drained", Duration::from_secs(10), || {
+            relay.queued().is_empty()
+        });
+    }
+}
+
+#[test]
+fn required_tls_with_verification_defers_on_a_self_signed_certificate() {
+    let downstream = Server::start(&["--local-domain", "example.net"]);
+    let relay = relay_to(
+        &downstream,
+        &["--tls-policy", "require", "--tls-verify", "on"],
+    );
+    let mut c = relay.connect();
+    c.hello("client.example");
+    c.send_message(
+        "s@localhost",
+        &["u@example.net"],
+        b"Subject: verify\r\n\r\nx\r\n",
+    );
+    assert!(
+        relay.wait_for_log("4.7.5", Duration::from_secs(20)),
+        "{}",
+        relay.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        downstream.queued().is_empty(),
+        "never sent without verified TLS"
+    );
+    assert_eq!(relay.queued().len(), 1, "deferred, not lost");
+    // And --tls-verify on without require is refused at start.
+    let refused = common::Server::builder()
+        .args(["--tls-verify", "on"])
+        .try_start();
+    let err = refused
+        .err()
+        .expect("--tls-verify on alone must be refused");
+    assert!(err.stderr.contains("--tls-policy require"), "{err}");
+}
+
+/// A fake downstream: greets, offers STARTTLS, says 220 to it and then
+/// nothing (a stalled handshake); in plaintext it answers EHLO but never a
+/// MAIL. Counts what it saw.
+struct StallingServer {
+    stop: Arc<AtomicBool>,
+    starttls: Arc<AtomicUsize>,
+    plaintext_mail: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StallingServer {
+    fn start(port: u16) -> StallingServer {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let starttls = Arc::new(AtomicUsize::new(0));
+        let plaintext_mail = Arc::new(AtomicUsize::new(0));
+        let (s, t, m) = (stop.clone(), starttls.clone(), plaintext_mail.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (s, t, m) = (s.clone(), t.clone(), m.clone());
+                        std::thread::spawn(move || stall(conn, &s, &t, &m));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        StallingServer {
+            stop,
+            starttls,
+            plaintext_mail,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for StallingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn stall(conn: std::net::TcpStream, stop: &AtomicBool, starttls: &AtomicUsize, mail: &AtomicUsize) {
+    use std::io::{BufRead, Write};
+    conn.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut out = conn.try_clone().unwrap();
+    let _ = out.write_all(b"220 stall.test ESMTP\r\n");
+    let mut reader = std::io::BufReader::new(conn);
+    let mut silent = false;
+    let mut line = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => return,
+            Ok(_) if line.ends_with(b"\n") => {}
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return,
+        }
+        let cmd = String::from_utf8_lossy(&line).to_ascii_uppercase();
+        line.clear();
+        if silent {
+            continue;
+        }
+        if cmd.starts_with("EHLO") {
+            let _ = out.write_all(b"250-stall.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n");
+        } else if cmd.starts_with("STARTTLS") {
+            starttls.fetch_add(1, Ordering::SeqCst);
+            let _ = out.write_all(b"220 2.0.0 go ahead\r\n");
+            // The ClientHello arrives and is never answered.
+            silent = true;
+        } else if cmd.starts_with("MAIL") {
+            mail.fetch_add(1, Ordering::SeqCst);
+            silent = true;
+        } else if cmd.starts_with("QUIT") {
+            let _ = out.write_all(b"221 bye\r\n");
+            return;
+        }
+    }
+}
+
+#[test]
+fn stalled_tls_handshake_times_out_falls_back_and_the_message_waits() {
+    let port = free_port();
+    let stalling = StallingServer::start(port);
+    let route = format!("example.net=smtp:127.0.0.1:{port}");
+    let relay = Server::start(&[
+        "--route",
+        &route,
+        "--relay-network",
+        "127.0.0.0/8",
+        "--retry-schedule",
+        "1s",
+        "--tls-handshake-timeout",
+        "1s",
+        "--relay-timeout",
+        "2s",
+    ]);
+    let mut c = relay.connect();
+    c.hello("client.example");
+    let content = b"Subject: stalled\r\n\r\nx\r\n";
+    c.send_message("s@localhost", &["u@example.net"], content);
+    // Opportunistic: the handshake times out, the host is tried again in
+    // plaintext (which stalls too), and the message is deferred.
+    wait_until(
+        "STARTTLS, then a plaintext MAIL",
+        Duration::from_secs(20),
+        || {
+            stalling.starttls.load(Ordering::SeqCst) >= 1
+                && stalling.plaintext_mail.load(Ordering::SeqCst) >= 1
+        },
+    );
+    assert!(relay.wait_for_log("trying again without TLS", Duration::from_secs(5)));
+    assert!(
+        relay.wait_for_log("deferred", Duration::from_secs(10)),
+        "{}",
+        relay.stderr()
+    );
+    assert_eq!(relay.queued().len(), 1, "deferred, not lost");
+
+    // A real downstream takes the port over: delivered once, over TLS.
+    drop(stalling);
+    let addr = format!("127.0.0.1:{port}");
+    let downstream = Server::start(&["--smtp", &addr, "--local-domain", "example.net"]);
+    wait_until(
+        "delivery to the real downstream",
+        Duration::from_secs(30),
+        || downstream.queued().len() == 1,
+    );
+    let m = &downstream.queued()[0];
+    assert!(m.content().ends_with(content));
+    assert!(
+        m.received().contains("with ESMTPS (TLS1.3"),
+        "{}",
+        m.received()
+    );
+    wait_until("relay queue drained", Duration::from_secs(10), || {
+        relay.queued().is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(downstream.queued().len(), 1, "delivered once");
+}
+
+#[test]
+fn required_tls_to_a_server_without_starttls_stays_deferred() {
+    let Some(sink_bin) = peer_program("smtp-sink", "postfix") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let template = format!("{}/%Y%m%d%H%M%S.", dir.path().display());
+    // smtp-sink offers no STARTTLS.
+    let _sink = Child_(
+        Command::new(&sink_bin)
+            .args([
+                "-u",
+                "nobody",
+                "-d",
+                &template,
+                &format!("127.0.0.1:{port}"),
+                "64",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    wait_until("smtp-sink", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let relay = Server::start(&[
+        "--relay-host",
+        &format!("127.0.0.1:{port}"),
+        "--relay-network",
+        "127.0.0.0/8",
+        "--retry-schedule",
+        "1s",
+        "--tls-policy",
+        "require",
+    ]);
+    let mut c = relay.connect();
+    c.hello("client.example");
+    c.send_message(
+        "s@example.org",
+        &["r@remote.example"],
+        b"Subject: x\r\n\r\nx\r\n",
+    );
+    assert!(
+        relay.wait_for_log("4.7.4", Duration::from_secs(20)),
+        "{}",
+        relay.stderr()
+    );
+    // Retried (every second) and deferred each time; never sent.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(relay.queued().len(), 1, "still queued");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing reached the sink in plaintext"
+    );
 }
 
 /// dnsmasq serving MX records for test domains on a loopback port.

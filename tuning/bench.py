@@ -26,7 +26,25 @@ WORKLOADS = [
     ("connect-heavy", ["--concurrency", "50", "--messages-per-session", "1", "--size", "1024"]),
     ("persistent", ["--concurrency", "20", "--messages-per-session", "100", "--size", "10240"]),
     ("large", ["--concurrency", "10", "--messages-per-session", "1", "--size", "1048576"]),
+    # STARTTLS on every session (one TLS handshake per message): sessions/s
+    # is TLS handshakes/s. smtp-sink has no TLS and sits this one out.
+    ("starttls", ["--concurrency", "50", "--messages-per-session", "1", "--size", "1024",
+                  "--starttls"]),
 ]
+
+TLS_WORKLOADS = {"starttls"}
+
+
+def make_cert(directory):
+    """One self-signed certificate that every server in the run uses."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=mx.test",
+                    "-keyout", key, "-out", cert], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.chmod(directory, 0o755)
+    os.chmod(key, 0o644)
+    return cert, key
 
 
 def free_port():
@@ -100,8 +118,11 @@ class Ringmta:
     note = ("durable: fdatasync before every 250 (group commit), intake only "
             "(`--no-delivery`): what is measured is accepting mail")
 
-    def __init__(self, extra):
+    tls = True
+
+    def __init__(self, extra, cert):
         self.extra = extra
+        self.cert = cert
 
     def start(self):
         self.dir = tempfile.mkdtemp(prefix="ringmta-bench-")
@@ -109,7 +130,8 @@ class Ringmta:
         self.proc = subprocess.Popen(
             [RINGMTA, "--smtp", "127.0.0.1:0", "--spool-dir", self.dir + "/spool",
              "--hostname", "mx.test", "--max-conns-per-ip", "0", "--log", "info",
-             "--submission", "none", "--smtps", "none", "--no-delivery"] + self.extra,
+             "--submission", "none", "--smtps", "none", "--no-delivery",
+             "--tls-cert", self.cert[0], "--tls-key", self.cert[1]] + self.extra,
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
         self.port = int(line.split()[-1].rsplit(":", 1)[1])
@@ -141,6 +163,7 @@ class Ringmta:
 
 class SmtpSink:
     name = "smtp-sink"
+    tls = False
     note = "Postfix test server, writes nothing (the no-work ceiling)"
 
     def start(self):
@@ -166,6 +189,10 @@ class Postfix:
     durably (cleanup fsyncs each queue file) and drops."""
     name = "postfix"
     note = "Postfix smtpd+cleanup+qmgr, queue files fsynced, then discarded"
+    tls = True
+
+    def __init__(self, cert):
+        self.cert = cert
 
     def start(self):
         self.dir = tempfile.mkdtemp(prefix="ringmta-bench-postfix-")
@@ -190,6 +217,9 @@ mynetworks = 127.0.0.0/8
 local_transport = discard:
 default_transport = discard:
 relay_transport = discard:
+smtpd_tls_cert_file = {self.cert[0]}
+smtpd_tls_key_file = {self.cert[1]}
+smtpd_tls_security_level = may
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
@@ -246,23 +276,30 @@ def main():
     ap.add_argument("--quick", action="store_true", help="5 s per run instead of 15 s")
     ap.add_argument("--only", default="ringmta,smtp-sink,postfix")
     ap.add_argument("--out", default=None, help="results directory")
+    ap.add_argument("--workloads", default=None,
+                    help="comma-separated subset: connect-heavy,persistent,large,starttls")
     ap.add_argument("ringmta_flags", nargs="*", help="extra flags for ringmta")
     args = ap.parse_args()
     seconds = 5 if args.quick else 15
     wanted = args.only.split(",")
+    cert_dir = tempfile.mkdtemp(prefix="ringmta-bench-cert-")
+    cert = make_cert(cert_dir)
     servers = []
     if "ringmta" in wanted:
-        servers.append(Ringmta(args.ringmta_flags))
+        servers.append(Ringmta(args.ringmta_flags, cert))
     if "smtp-sink" in wanted and shutil.which("smtp-sink"):
         servers.append(SmtpSink())
     if "postfix" in wanted and shutil.which("postfix") and os.geteuid() == 0:
-        servers.append(Postfix())
+        servers.append(Postfix(cert))
     out = args.out or os.path.join(ROOT, "tuning", "results", datetime.date.today().isoformat())
     os.makedirs(os.path.join(out, "raw"), exist_ok=True)
 
     rows = {}
-    for wl, flags in WORKLOADS:
+    workloads = [w for w in WORKLOADS if args.workloads is None or w[0] in args.workloads.split(",")]
+    for wl, flags in workloads:
         for srv in servers:
+            if wl in TLS_WORKLOADS and not srv.tls:
+                continue
             port = srv.start()
             try:
                 before = cpu_seconds(srv.pids())
@@ -281,6 +318,7 @@ def main():
             print(f"{wl:14} {srv.name:10} {m['msgs_per_s']:9.0f} msg/s  "
                   f"p99 {m['eod_p99_ms']:.2f} ms  errors {m['errors']}", file=sys.stderr)
     write_summary(out, servers, rows, seconds, args)
+    shutil.rmtree(cert_dir, ignore_errors=True)
 
 
 def summarize(res):

@@ -7,6 +7,13 @@
 //! EHLO with a HELO fallback, PIPELINING (MAIL, every RCPT and DATA in one
 //! write), SIZE, 8BITMIME/SMTPUTF8 rules, CHUNKING (`BDAT n LAST`) and DSN
 //! parameters. No sockets and no clock here: timeouts belong to the driver.
+//!
+//! STARTTLS (RFC 3207) per [`StartTls`]: when the EHLO reply offers it, the
+//! client sends `STARTTLS`; on `220` it stops and [`Client::wants_tls`] says
+//! the driver must run the handshake, after which
+//! [`Client::handle_tls_done`] forgets the plaintext EHLO reply (RFC 3207
+//! 4.2) and sends EHLO again. STARTTLS is used at most once per connection,
+//! whatever the second EHLO reply offers.
 
 /// One complete reply from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,11 +171,27 @@ pub enum RcptOutcome {
     Failed(String),
 }
 
+/// Whether this connection uses STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartTls {
+    /// Never (TLS off, or the plaintext retry after a failed handshake).
+    Off,
+    /// When offered; a refusal (4xx/5xx) goes on in plaintext.
+    Opportunistic,
+    /// Mandatory: not offered or refused is [`ConnError::TlsUnavailable`].
+    Required,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Banner,
     Ehlo,
     Helo,
+    /// `STARTTLS` sent; waiting for its 220.
+    StartTls,
+    /// The 220 came: the driver runs the handshake, then
+    /// [`Client::handle_tls_done`].
+    TlsWanted,
     /// Greeted; waiting for a job (or QUIT).
     Idle,
     Mail,
@@ -190,10 +213,16 @@ pub enum ConnError {
         permanent: bool,
     },
     Protocol(String),
+    /// `--tls-policy require` and no TLS: STARTTLS not offered (or only
+    /// HELO), or refused. Always temporary: the message waits for a retry.
+    TlsUnavailable(String),
 }
 
 pub struct Client {
     helo_name: String,
+    starttls: StartTls,
+    /// The TLS handshake is done: no second STARTTLS.
+    tls: bool,
     phase: Phase,
     features: Features,
     out: Vec<u8>,
@@ -210,6 +239,8 @@ impl Client {
     pub fn new(helo_name: &str) -> Self {
         Self {
             helo_name: helo_name.to_owned(),
+            starttls: StartTls::Off,
+            tls: false,
             phase: Phase::Banner,
             features: Features::default(),
             out: Vec::new(),
@@ -219,6 +250,12 @@ impl Client {
             outcome: None,
             error: None,
         }
+    }
+
+    /// Uses STARTTLS as `mode` says (the default is [`StartTls::Off`]).
+    pub fn with_starttls(mut self, mode: StartTls) -> Self {
+        self.starttls = mode;
+        self
     }
 
     pub fn features(&self) -> &Features {
@@ -232,6 +269,31 @@ impl Client {
 
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
+    }
+
+    /// The server said 220 to STARTTLS: the driver must discard anything
+    /// it has buffered, run the TLS handshake, then call
+    /// [`Client::handle_tls_done`] (or drop the connection if it failed).
+    pub fn wants_tls(&self) -> bool {
+        self.phase == Phase::TlsWanted
+    }
+
+    /// The connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The handshake succeeded: start over with EHLO (RFC 3207 4.2: what
+    /// the server said before TLS no longer counts).
+    pub fn handle_tls_done(&mut self) {
+        if self.phase != Phase::TlsWanted {
+            return;
+        }
+        self.tls = true;
+        self.features = Features::default();
+        self.pending.clear();
+        self.command(&format!("EHLO {}", self.helo_name), Phase::Ehlo);
+        self.phase = Phase::Ehlo;
     }
 
     pub fn error(&self) -> Option<&ConnError> {
@@ -349,7 +411,7 @@ impl Client {
             Phase::Ehlo => {
                 if r.class() == 2 {
                     self.features = Features::from_ehlo(&r);
-                    self.phase = Phase::Idle;
+                    self.greeted();
                 } else if r.class() == 5 {
                     // RFC 5321 4.1.4: fall back to HELO.
                     self.command(&format!("HELO {}", self.helo_name), Phase::Helo);
@@ -360,10 +422,30 @@ impl Client {
             Phase::Helo => {
                 if r.class() == 2 {
                     self.features = Features::default();
-                    self.phase = Phase::Idle;
+                    self.greeted();
                 } else {
                     self.fail_conn(&r);
                 }
+            }
+            Phase::StartTls => {
+                if r.code == 220 {
+                    self.phase = Phase::TlsWanted;
+                } else if self.starttls == StartTls::Required {
+                    self.fail_tls(format!("STARTTLS refused: {}", r.text()));
+                } else {
+                    // RFC 3207 4: the session goes on, in plaintext, with
+                    // what the EHLO reply said (never STARTTLS again).
+                    self.features.starttls = false;
+                    self.phase = Phase::Idle;
+                }
+            }
+            Phase::TlsWanted => {
+                // Nothing may arrive between the 220 and the handshake.
+                self.error = Some(ConnError::Protocol(format!(
+                    "unexpected reply before the TLS handshake: {}",
+                    r.text()
+                )));
+                self.phase = Phase::Closed;
             }
             Phase::Mail => {
                 if r.class() != 2 {
@@ -528,6 +610,26 @@ impl Client {
         self.phase = Phase::Idle;
     }
 
+    /// EHLO or HELO answered: STARTTLS first if policy and offer say so.
+    fn greeted(&mut self) {
+        let offered = self.features.starttls;
+        match self.starttls {
+            _ if self.tls => self.phase = Phase::Idle,
+            StartTls::Off => self.phase = Phase::Idle,
+            StartTls::Opportunistic | StartTls::Required if offered => {
+                self.command("STARTTLS", Phase::StartTls);
+                self.phase = Phase::StartTls;
+            }
+            StartTls::Opportunistic => self.phase = Phase::Idle,
+            StartTls::Required => self.fail_tls("the server does not offer STARTTLS".into()),
+        }
+    }
+
+    fn fail_tls(&mut self, why: String) {
+        self.error = Some(ConnError::TlsUnavailable(why));
+        self.quit();
+    }
+
     fn fail_conn(&mut self, r: &Reply) {
         self.error = Some(ConnError::Refused {
             reply: r.text(),
@@ -690,6 +792,93 @@ mod tests {
             c.poll_outcome().unwrap()[0],
             RcptOutcome::Delivered(_)
         ));
+    }
+
+    #[test]
+    fn starttls_when_offered_then_ehlo_again_and_never_twice() {
+        let mut c = Client::new("relay.test").with_starttls(StartTls::Opportunistic);
+        c.handle_reply(reply("220 mx\r\n"));
+        assert_eq!(sent(&mut c), "EHLO relay.test\r\n");
+        c.handle_reply(reply("250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n"));
+        assert_eq!(sent(&mut c), "STARTTLS\r\n");
+        assert!(!c.is_idle() && !c.wants_tls());
+        c.handle_reply(reply("220 2.0.0 go ahead\r\n"));
+        assert!(c.wants_tls());
+        assert_eq!(
+            c.poll_transmit(),
+            None,
+            "nothing is sent before the handshake"
+        );
+        c.handle_tls_done();
+        assert!(c.is_tls());
+        assert_eq!(
+            c.features(),
+            &Features::default(),
+            "plaintext EHLO forgotten"
+        );
+        assert_eq!(sent(&mut c), "EHLO relay.test\r\n");
+        // A server that offers STARTTLS again under TLS is not obeyed.
+        c.handle_reply(reply("250-mx\r\n250-8BITMIME\r\n250 STARTTLS\r\n"));
+        assert!(c.is_idle());
+        assert_eq!(c.poll_transmit(), None);
+        assert!(c.features().eightbitmime);
+    }
+
+    #[test]
+    fn opportunistic_starttls_refused_goes_on_in_plaintext() {
+        let mut c = Client::new("relay.test").with_starttls(StartTls::Opportunistic);
+        c.handle_reply(reply("220 mx\r\n"));
+        sent(&mut c);
+        c.handle_reply(reply("250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n"));
+        assert_eq!(sent(&mut c), "STARTTLS\r\n");
+        c.handle_reply(reply("454 4.7.0 TLS not available\r\n"));
+        assert!(c.is_idle());
+        assert!(c.error().is_none());
+        assert!(c.features().pipelining, "the EHLO reply still counts");
+        // Not offered at all: plaintext at once.
+        let mut c = Client::new("relay.test").with_starttls(StartTls::Opportunistic);
+        c.handle_reply(reply("220 mx\r\n"));
+        sent(&mut c);
+        c.handle_reply(reply("250-mx\r\n250 PIPELINING\r\n"));
+        assert!(c.is_idle());
+        assert_eq!(c.poll_transmit(), None);
+    }
+
+    #[test]
+    fn required_tls_without_offer_or_after_refusal_is_an_error() {
+        for ehlo in ["250-mx\r\n250 PIPELINING\r\n", "250 mx\r\n"] {
+            let mut c = Client::new("relay.test").with_starttls(StartTls::Required);
+            c.handle_reply(reply("220 mx\r\n"));
+            sent(&mut c);
+            c.handle_reply(reply(ehlo));
+            assert!(matches!(c.error(), Some(ConnError::TlsUnavailable(_))));
+            assert_eq!(sent(&mut c), "QUIT\r\n");
+        }
+        let mut c = Client::new("relay.test").with_starttls(StartTls::Required);
+        c.handle_reply(reply("220 mx\r\n"));
+        sent(&mut c);
+        c.handle_reply(reply("502 no EHLO\r\n"));
+        assert_eq!(sent(&mut c), "HELO relay.test\r\n");
+        c.handle_reply(reply("250 old\r\n"));
+        assert!(matches!(c.error(), Some(ConnError::TlsUnavailable(_))));
+        let mut c = Client::new("relay.test").with_starttls(StartTls::Required);
+        c.handle_reply(reply("220 mx\r\n"));
+        sent(&mut c);
+        c.handle_reply(reply("250-mx\r\n250 STARTTLS\r\n"));
+        sent(&mut c);
+        c.handle_reply(reply("554 5.7.0 no\r\n"));
+        assert!(matches!(c.error(), Some(ConnError::TlsUnavailable(t)) if t.contains("554")));
+        assert!(!c.wants_tls());
+    }
+
+    #[test]
+    fn starttls_off_ignores_the_offer() {
+        let mut c = Client::new("relay.test");
+        c.handle_reply(reply("220 mx\r\n"));
+        sent(&mut c);
+        c.handle_reply(reply("250-mx\r\n250 STARTTLS\r\n"));
+        assert!(c.is_idle());
+        assert_eq!(c.poll_transmit(), None);
     }
 
     #[test]

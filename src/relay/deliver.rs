@@ -4,18 +4,23 @@
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
-use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
+use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
+use rustls::pki_types::ServerName;
 
-use super::client::{Client, Job, JobRcpt, RcptOutcome, ReplyParser};
+use super::client::{Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls};
 use super::maildir;
 use super::mx::{Resolution, Resolver};
+use super::tls::{self, TlsPolicy};
 use super::{dsn, RelayConfig, Target};
 use crate::smtp::envelope::{Protocol, Rcpt};
 use crate::smtp::{Envelope, Message};
@@ -52,6 +57,8 @@ pub struct Relay {
     hostname: String,
     spool: Rc<ShardSpool>,
     resolver: Resolver,
+    /// Outbound STARTTLS (verifying or not, per `--tls-verify`).
+    tls: TlsConnector,
     ready: RefCell<VecDeque<String>>,
     timers: RefCell<BinaryHeap<Reverse<(u64, String)>>>,
     in_flight: RefCell<HashSet<(String, usize)>>,
@@ -68,6 +75,7 @@ impl Relay {
         resolver: Resolver,
     ) -> Rc<Relay> {
         let relay = Rc::new(Relay {
+            tls: tls::connector(cfg.tls_verify),
             cfg,
             hostname,
             spool,
@@ -310,29 +318,16 @@ impl Relay {
                 }
             };
             // Try each host in order until one greets us (RFC 5321 5.1).
-            let mut last_error = String::from("no host to try");
+            let mut last_error = HostError::new("4.4.1", "no host to try".into());
             for (name, ip) in &hosts {
-                let addr = SocketAddr::new(*ip, port);
-                let mut conn =
-                    match Conn::connect(addr, self.cfg.connect_timeout, self.cfg.reply_timeout)
-                        .await
-                    {
-                        Ok(c) => c,
-                        Err(e) => {
-                            last_error = format!("{name}[{ip}]:{port}: {e}");
-                            tracing::debug!(%target, error = %last_error, "connect failed");
-                            continue;
-                        }
-                    };
-                let mut client = Client::new(&self.cfg.helo_name);
-                if let Err(e) = conn.until_idle(&mut client).await {
-                    last_error = format!("{name}[{ip}]:{port}: {e}");
-                    continue;
-                }
-                if let Some(err) = client.error() {
-                    last_error = format!("{name}[{ip}]:{port}: {err:?}");
-                    continue;
-                }
+                let (mut conn, mut client) = match self.open(name, *ip, port).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(%target, error = %e.text, "host failed");
+                        last_error = e;
+                        continue;
+                    }
+                };
                 // Connected and greeted: carry as many messages as are queued.
                 let mut work = Some(first);
                 while let Some(w) = work.take() {
@@ -371,8 +366,64 @@ impl Relay {
                 continue 'connections;
             }
             // Every host failed.
-            self.fail_work(first, &format!("451 4.4.1 {last_error}"), false)
-                .await;
+            let reply = format!("451 {} {}", last_error.status, last_error.text);
+            self.fail_work(first, &reply, false).await;
+        }
+    }
+
+    /// Connects to one host and greets it, with STARTTLS as `--tls-policy`
+    /// says. Under `opportunistic`, a failed handshake (after which the
+    /// connection is unusable) is followed by a plaintext connection.
+    async fn open(&self, name: &str, ip: IpAddr, port: u16) -> Result<(Conn, Client), HostError> {
+        let mode = match self.cfg.tls_policy {
+            TlsPolicy::Opportunistic => StartTls::Opportunistic,
+            TlsPolicy::Require => StartTls::Required,
+        };
+        match self.open_with(name, ip, port, mode).await {
+            Err(e) if e.handshake && mode == StartTls::Opportunistic => {
+                tracing::info!(error = %e.text, "TLS handshake failed; trying again without TLS");
+                self.open_with(name, ip, port, StartTls::Off).await
+            }
+            other => other,
+        }
+    }
+
+    async fn open_with(
+        &self,
+        name: &str,
+        ip: IpAddr,
+        port: u16,
+        mode: StartTls,
+    ) -> Result<(Conn, Client), HostError> {
+        let at = format!("{name}[{ip}]:{port}");
+        let addr = SocketAddr::new(ip, port);
+        let mut conn = Conn::connect(addr, self.cfg.connect_timeout, self.cfg.reply_timeout)
+            .await
+            .map_err(|e| HostError::new("4.4.1", format!("{at}: {e}")))?;
+        let mut client = Client::new(&self.cfg.helo_name).with_starttls(mode);
+        let greet_err = |e: String| HostError::new("4.4.1", format!("{at}: {e}"));
+        conn.until_idle(&mut client).await.map_err(greet_err)?;
+        if client.wants_tls() {
+            let server_name = tls::server_name(name, ip);
+            conn = conn
+                .starttls(&self.tls, server_name, self.cfg.tls_handshake_timeout)
+                .await
+                .map_err(|e| HostError {
+                    status: "4.7.5",
+                    text: format!("{at}: TLS handshake failed: {e}"),
+                    handshake: true,
+                })?;
+            tracing::info!(host = %at, tls = %conn.tls_description(), "outbound TLS established");
+            client.handle_tls_done();
+            conn.until_idle(&mut client).await.map_err(greet_err)?;
+        }
+        match client.error() {
+            None => Ok((conn, client)),
+            Some(ConnError::TlsUnavailable(why)) => Err(HostError::new(
+                "4.7.4",
+                format!("{at}: TLS is required: {why}"),
+            )),
+            Some(err) => Err(HostError::new("4.4.1", format!("{at}: {err:?}"))),
         }
     }
 
@@ -626,9 +677,74 @@ fn hash(s: &str) -> u64 {
     })
 }
 
+/// Why one host could not take mail, with the enhanced status code the
+/// deferral gets if no other host can either.
+struct HostError {
+    status: &'static str,
+    text: String,
+    /// The TLS handshake failed (the connection is unusable).
+    handshake: bool,
+}
+
+impl HostError {
+    fn new(status: &'static str, text: String) -> HostError {
+        HostError {
+            status,
+            text,
+            handshake: false,
+        }
+    }
+}
+
+/// A socket, before or after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_close(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
+
 /// One outbound connection: socket, reply parser, timeouts.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     parser: ReplyParser,
     buf: Vec<u8>,
     len: usize,
@@ -647,7 +763,7 @@ impl Conn {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(reply_timeout));
         Ok(Conn {
-            stream,
+            stream: Stream::Plain(stream),
             parser: ReplyParser::default(),
             buf: vec![0; 8192],
             len: 0,
@@ -655,12 +771,65 @@ impl Conn {
         })
     }
 
+    /// The TLS handshake after the server's 220 to STARTTLS, bounded by
+    /// `timeout`. On failure the connection is gone (dropped).
+    async fn starttls(
+        self,
+        connector: &TlsConnector,
+        name: ServerName<'static>,
+        timeout: Duration,
+    ) -> Result<Conn, String> {
+        let Stream::Plain(tcp) = self.stream else {
+            return Err("STARTTLS on a TLS connection".into());
+        };
+        if self.len > 0 {
+            // Sent before the handshake: it must not count as said under
+            // TLS (RFC 3207 5, the response-injection class of attacks).
+            tracing::warn!(
+                bytes = self.len,
+                "discarding what the server sent after its 220 to STARTTLS"
+            );
+        }
+        let handshake = connector.connect(name, tcp);
+        let done = async { Some(handshake.await) }
+            .or(async {
+                glommio::timer::sleep(timeout).await;
+                None
+            })
+            .await;
+        match done {
+            None => Err(format!("no handshake within {timeout:?}")),
+            Some(Err(e)) => Err(e.to_string()),
+            Some(Ok(tls)) => Ok(Conn {
+                stream: Stream::Tls(Box::new(tls)),
+                parser: ReplyParser::default(),
+                buf: self.buf,
+                len: 0,
+                reply_timeout: self.reply_timeout,
+            }),
+        }
+    }
+
+    /// `TLS1.3 TLS_AES_256_GCM_SHA384`, or `plaintext`.
+    fn tls_description(&self) -> String {
+        match &self.stream {
+            Stream::Plain(_) => "plaintext".into(),
+            Stream::Tls(s) => tls::describe(s.get_ref().1),
+        }
+    }
+
     async fn flush(&mut self, client: &mut Client) -> Result<(), String> {
+        let mut wrote = false;
         while let Some(bytes) = client.poll_transmit() {
             self.stream
                 .write_all(&bytes)
                 .await
                 .map_err(|e| e.to_string())?;
+            wrote = true;
+        }
+        if wrote {
+            // rustls holds records until flushed.
+            self.stream.flush().await.map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -708,8 +877,14 @@ impl Conn {
         }
     }
 
+    /// Runs the dialogue until the client is ready for a message, wants
+    /// the TLS handshake, or cannot go on.
     async fn until_idle(&mut self, client: &mut Client) -> Result<(), String> {
-        while !client.is_idle() && !client.is_closed() && client.error().is_none() {
+        while !client.is_idle()
+            && !client.wants_tls()
+            && !client.is_closed()
+            && client.error().is_none()
+        {
             self.step(client).await?;
         }
         Ok(())

@@ -7,6 +7,8 @@
 //!   split by destination into per-destination queues, each drained by at
 //!   most `--max-conns-per-dest` workers that reuse their connection for
 //!   several messages ([`client`] is the sans-IO SMTP client they drive).
+//! * Outbound connections use STARTTLS when offered, or insist on it, per
+//!   `--tls-policy` ([`tls`]).
 //! * Outcomes are journaled per recipient through the spool; 4xx and
 //!   connection failures are retried on `--retry-schedule` until
 //!   `--max-queue-age`, 5xx bounce at once ([`dsn`]).
@@ -20,6 +22,7 @@ pub mod dsn;
 pub mod maildir;
 pub mod mx;
 pub mod policy;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -121,6 +124,11 @@ pub struct RelayConfig {
     pub max_queue_age: Duration,
     pub max_conns_per_dest: usize,
     pub max_hops: usize,
+    /// STARTTLS to the next hop: opportunistic or required ([`tls`]).
+    pub tls_policy: tls::TlsPolicy,
+    /// Verify the next hop's certificate (only with `require`).
+    pub tls_verify: bool,
+    pub tls_handshake_timeout: Duration,
     /// How often the scheduler looks for due retries when nothing wakes it.
     pub tick: Duration,
 }
@@ -207,6 +215,9 @@ mod tests {
             max_queue_age: Duration::from_secs(5 * 86_400),
             max_conns_per_dest: 4,
             max_hops: 50,
+            tls_policy: tls::TlsPolicy::Opportunistic,
+            tls_verify: false,
+            tls_handshake_timeout: Duration::from_secs(30),
             tick: Duration::from_secs(1),
         }
     }

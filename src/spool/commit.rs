@@ -64,6 +64,10 @@ pub struct SegmentWriter {
     flushing: Cell<bool>,
     flush_done: Event,
     segment: RefCell<Option<OpenSegment>>,
+    /// The open segment's name. Kept apart from `segment`, which is taken
+    /// out while a batch is written: the segment is still current then, and
+    /// must not look removable.
+    current_name: RefCell<Option<Rc<str>>>,
     stats: Cell<CommitStats>,
 }
 
@@ -92,6 +96,7 @@ impl SegmentWriter {
             flushing: Cell::new(false),
             flush_done: Event::new(),
             segment: RefCell::new(None),
+            current_name: RefCell::new(None),
             stats: Cell::new(CommitStats::default()),
         }
     }
@@ -102,7 +107,7 @@ impl SegmentWriter {
 
     /// The file currently appended to, if any.
     pub fn current_segment(&self) -> Option<Rc<str>> {
-        self.segment.borrow().as_ref().map(|s| s.name.clone())
+        self.current_name.borrow().clone()
     }
 
     /// Appends one record and returns where it landed once it is durable
@@ -197,6 +202,7 @@ impl SegmentWriter {
                 let _ = old.file.close().await;
             }
             let (name, file) = self.create_segment().await?;
+            *self.current_name.borrow_mut() = Some(name.clone());
             *self.segment.borrow_mut() = Some(OpenSegment {
                 name,
                 file,
@@ -251,5 +257,53 @@ impl SegmentWriter {
         let _ = dir.close().await;
         synced?;
         Ok((name, file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use glommio::{LocalExecutorBuilder, Placement};
+
+    use super::*;
+
+    /// Regression: while a batch was being written the open segment was
+    /// taken out of the writer, so `current_segment()` said `None` and a
+    /// delivery finishing the segment's last live message deleted the
+    /// segment being appended to (every later message in it unreadable).
+    #[test]
+    fn current_segment_stays_named_while_a_batch_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let ex = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(64 << 10)
+            .make()
+            .unwrap();
+        let path = dir.path().to_owned();
+        let observed = ex.run(async move {
+            let w = Rc::new(SegmentWriter::new(
+                &path,
+                0,
+                false,
+                1 << 20,
+                Duration::ZERO,
+                true,
+            ));
+            let first = w.append(b"h", &[b"one"]).await.unwrap();
+            let done = Rc::new(Cell::new(false));
+            let (w2, d2) = (w.clone(), done.clone());
+            glommio::spawn_local(async move {
+                w2.append(b"h", &[b"two"]).await.unwrap();
+                d2.set(true);
+            })
+            .detach();
+            let mut observed = 0;
+            futures_lite::future::yield_now().await;
+            while !done.get() {
+                assert_eq!(w.current_segment().as_deref(), Some(&*first.segment));
+                observed += 1;
+                futures_lite::future::yield_now().await;
+            }
+            observed
+        });
+        assert!(observed > 0, "never looked while the batch was written");
     }
 }
