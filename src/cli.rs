@@ -97,6 +97,11 @@ pub struct Cli {
     #[arg(long, env = "RINGMTA_ADD_SENDER_HEADER")]
     pub add_sender_header: bool,
 
+    /// DKIM-sign submitted mail whose From (or Sender) domain is DOMAIN with the PEM key at PATH (RSA or Ed25519; make one with `ringmta dkim-keygen`) (repeatable; reloaded on SIGHUP).
+    #[arg(long = "dkim-key", value_name = "DOMAIN:SELECTOR:PATH", env = "RINGMTA_DKIM_KEY",
+          value_delimiter = ',', value_parser = crate::server::dkim::parse_key_spec)]
+    pub dkim_keys: Vec<crate::server::dkim::KeySpec>,
+
     /// Name used in the greeting, EHLO reply and Received headers [default: the system host name].
     #[arg(long, env = "RINGMTA_HOSTNAME")]
     pub hostname: Option<String>,
@@ -372,6 +377,24 @@ pub enum Subcommand {
     Passwd {
         /// The login name (no ':' or white space).
         user: String,
+    },
+    /// Generate a DKIM private key for --dkim-key and print its DNS TXT record.
+    DkimKeygen {
+        /// The signing domain (d=).
+        #[arg(long, value_name = "DOMAIN")]
+        domain: String,
+        /// The selector (s=): the record goes at SELECTOR._domainkey.DOMAIN.
+        #[arg(long, value_name = "SELECTOR")]
+        selector: String,
+        /// Key type. Many verifiers still know only RSA: sign with both (two --dkim-key) to use Ed25519.
+        #[arg(long, value_name = "ALGORITHM", default_value = "rsa", value_enum)]
+        algorithm: crate::server::dkim::KeyAlgorithm,
+        /// RSA key size (2048 to 4096).
+        #[arg(long, value_name = "N", default_value_t = 2048)]
+        bits: usize,
+        /// Where to write the private key (PKCS#8 PEM, mode 0600; an existing file is not replaced).
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
     },
 }
 

@@ -39,6 +39,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// Add `Sender:` to submitted mail whose From is not the user.
     pub add_sender_header: bool,
+    /// `--dkim-key`: the keys that sign submitted mail.
+    pub dkim_keys: Vec<crate::server::dkim::KeySpec>,
     pub relay: Arc<RelayConfig>,
     /// Run the delivery engine (off: accept and queue only).
     pub delivery: bool,
@@ -58,6 +60,8 @@ pub enum ConfigError {
     BadRingDepth,
     #[error("--max-message-size must be at least 1 (SIZE 0 would advertise no limit)")]
     ZeroMessageSize,
+    #[error("--dkim-key {0}: the same domain and selector twice")]
+    DuplicateDkimKey(String),
     #[error("--tls-verify on needs --tls-policy require (opportunistic TLS falls back to plaintext, so a failed verification would only make delivery less private)")]
     VerifyNeedsRequire,
 }
@@ -150,6 +154,7 @@ impl Config {
             tls,
             auth,
             add_sender_header: cli.add_sender_header,
+            dkim_keys: dkim_keys(cli)?,
             smtp: cli.smtp.clone(),
             spool_dir: cli.spool_dir.clone(),
             shards,
@@ -183,6 +188,22 @@ impl Config {
             .chain(self.smtps.iter().map(kind(ListenerKind::Smtps)))
             .collect()
     }
+}
+
+/// One key per domain and selector (a domain may have several selectors).
+fn dkim_keys(cli: &Cli) -> Result<Vec<crate::server::dkim::KeySpec>, ConfigError> {
+    for (i, k) in cli.dkim_keys.iter().enumerate() {
+        if cli.dkim_keys[..i]
+            .iter()
+            .any(|o| o.domain == k.domain && o.selector == k.selector)
+        {
+            return Err(ConfigError::DuplicateDkimKey(format!(
+                "{}:{}",
+                k.domain, k.selector
+            )));
+        }
+    }
+    Ok(cli.dkim_keys.clone())
 }
 
 /// `--tls-verify on` only means something when TLS is mandatory.

@@ -14,8 +14,9 @@
 //!   per core, each with its own SO_REUSEPORT listeners, connection tasks
 //!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
 //!   The connection driver runs a session over plain TCP or rustls
-//!   (STARTTLS, implicit TLS); [`server::tls`] holds the certificate and
-//!   [`server::users`] the argon2 users, both reloaded on SIGHUP.
+//!   (STARTTLS, implicit TLS); [`server::tls`] holds the certificate,
+//!   [`server::users`] the argon2 users and [`server::dkim`] the keys that
+//!   sign submitted mail, all reloaded on SIGHUP.
 //! * [`spool`] — durability: per-shard append-only segment files of
 //!   checksummed records; messages that finish while a write+`fdatasync` is
 //!   in flight share the next one (group commit), and their 250s go out when

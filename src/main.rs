@@ -26,6 +26,13 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Subcommand::Queue { spool_dir, action }) => queue(spool_dir, action),
         Some(Subcommand::Passwd { user }) => passwd(user),
+        Some(Subcommand::DkimKeygen {
+            domain,
+            selector,
+            algorithm,
+            bits,
+            out,
+        }) => dkim_keygen(domain, selector, *algorithm, *bits, out),
         None => serve(&cli),
     };
     match result {
@@ -83,8 +90,9 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
 }
 
 /// SIGTERM/SIGINT: graceful stop (a second one exits at once). SIGHUP: reload
-/// the TLS certificate, the users file and the sender login map (new
-/// handshakes and logins see them; open sessions are not touched).
+/// the TLS certificate, the users file, the sender login map and the DKIM
+/// keys (new handshakes, logins and messages see them; open sessions are
+/// not touched).
 fn watch_signals(shared: Arc<Shared>) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
@@ -139,6 +147,34 @@ fn passwd(user: &str) -> anyhow::Result<()> {
     }
     let entry = ringmta::server::users::passwd_line(user, password)?;
     writeln!(std::io::stdout().lock(), "{entry}")?;
+    Ok(())
+}
+
+/// `ringmta dkim-keygen`: writes the private key (0600, never over an
+/// existing file) and prints the DNS record to publish.
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: ringmta::server::dkim::KeyAlgorithm,
+    bits: usize,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use ringmta::server::dkim;
+    let spec = dkim::KeySpec::new(domain, selector, out).map_err(anyhow::Error::msg)?;
+    let key = dkim::generate(algorithm, bits)?;
+    dkim::write_private_key(&spec.path, &key.private_pem)?;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        key.dns_record(&spec.domain, &spec.selector)
+    )?;
+    eprintln!(
+        "ringmta: wrote {}; publish the record above, then run with --dkim-key {}:{}:{}",
+        spec.path.display(),
+        spec.domain,
+        spec.selector,
+        spec.path.display()
+    );
     Ok(())
 }
 

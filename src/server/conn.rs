@@ -16,10 +16,11 @@
 //! timeout, and shutdown interrupts a read. Memory is bounded: the session
 //! consumes content as it arrives, so the unconsumed tail of the buffer
 //! never exceeds one command line (or one 12288-octet AUTH line).
-//! Password checks (argon2) run on glommio's blocking pool, never on the
-//! shard thread.
+//! Password checks (argon2) and DKIM signing (hashing the message, an RSA
+//! signature) run on glommio's blocking pool, never on the shard thread.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +29,7 @@ use futures_rustls::server::TlsStream;
 use glommio::net::TcpStream;
 
 use super::shard::ShardState;
-use super::{tls, users, ListenerKind};
+use super::{dkim, tls, users, ListenerKind};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
 use crate::smtp::envelope::rfc5322_date;
 use crate::smtp::submit::{self, Completion};
@@ -221,11 +222,12 @@ async fn handshake(
 
 /// Makes `msg` durable. Submitted mail (an authenticated session) is
 /// completed first: `Date:`, `Message-ID:` and optionally `Sender:` when
-/// missing (RFC 6409 8), stored in front of the content as received.
+/// missing (RFC 6409 8), then DKIM-signed when its author's domain has a
+/// key; the added fields are stored in front of the content as received.
 async fn store(
     shard: &ShardState,
     session: &Session,
-    msg: Message,
+    mut msg: Message,
     peer: SocketAddr,
 ) -> CommitResult {
     let config = &shard.ctx.config;
@@ -244,6 +246,13 @@ async fn store(
         }
         None => Vec::new(),
     };
+    let added = match session.authenticated() {
+        Some(_) => match dkim_sign(shard, &mut msg, added, peer).await {
+            Some(added) => added,
+            None => return CommitResult::Failed,
+        },
+        None => added,
+    };
     match shard.spool.store_with(msg, session.tls(), &added).await {
         Ok(id) => {
             if let Some(relay) = &shard.relay {
@@ -254,6 +263,48 @@ async fn store(
         Err(e) => {
             tracing::warn!(%peer, error = %e, "message not stored");
             e.commit_result()
+        }
+    }
+}
+
+/// Prepends the DKIM signatures of the message `added` + `msg.body` to
+/// `added`, when the From (or Sender) domain has keys; `added` unchanged
+/// when it has none. `None` when signing failed: the client gets 451 and
+/// retries, rather than the message leaving unsigned into a DMARC policy.
+async fn dkim_sign(
+    shard: &ShardState,
+    msg: &mut Message,
+    added: Vec<u8>,
+    peer: SocketAddr,
+) -> Option<Vec<u8>> {
+    let domains = submit::author_domains(&[&added, &msg.body]);
+    let signers = shard.ctx.shared.dkim.signers_for(&domains);
+    if signers.is_empty() {
+        return Some(added);
+    }
+    // The blocking pool needs owned data: the body moves there and back.
+    let body = std::mem::take(&mut msg.body);
+    let job = move || {
+        // A panic must not cross into glommio's blocking-pool plumbing.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            dkim::sign_all(&signers, &[&added, &body])
+        }));
+        (added, body, result)
+    };
+    let (added, body, result) = glommio::executor().spawn_blocking(job).await;
+    msg.body = body;
+    match result {
+        Ok(Ok(mut signed)) => {
+            signed.extend_from_slice(&added);
+            Some(signed)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(%peer, error = %e, "message refused (451): not signed");
+            None
+        }
+        Err(_) => {
+            tracing::error!(%peer, "message refused (451): DKIM signing panicked");
+            None
         }
     }
 }

@@ -7,6 +7,7 @@
 //! writer.
 
 mod conn;
+pub mod dkim;
 mod limits;
 pub mod listener;
 mod shard;
@@ -52,32 +53,38 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("users: {0}")]
     Users(#[from] users::UsersError),
+    #[error(transparent)]
+    Dkim(#[from] dkim::DkimError),
 }
 
 /// Process-wide state: the stop flag the signal handler sets, the per-IP
-/// connection counts, and what SIGHUP reloads (certificate, users).
+/// connection counts, and what SIGHUP reloads (certificate, users, DKIM
+/// keys).
 #[derive(Debug)]
 pub struct Shared {
     pub stop: AtomicBool,
     pub ip_limiter: IpLimiter,
     pub tls: tls::TlsStore,
     pub auth: users::AuthStore,
+    pub dkim: dkim::DkimStore,
 }
 
 impl Shared {
-    /// Loads (or generates) the certificate and reads the users file.
+    /// Loads (or generates) the certificate, reads the users file and the
+    /// DKIM keys.
     pub fn new(config: &Config) -> Result<Arc<Shared>, ServerError> {
         Ok(Arc::new(Shared {
             stop: AtomicBool::new(false),
             ip_limiter: IpLimiter::new(config.max_conns_per_ip),
             tls: tls::TlsStore::load(config.tls.clone())?,
             auth: users::AuthStore::load(config.auth.clone())?,
+            dkim: dkim::DkimStore::load(config.dkim_keys.clone())?,
         }))
     }
 
-    /// SIGHUP: re-reads the certificate, the users file and the sender
-    /// login map. Whatever fails to load keeps its old version (and is
-    /// logged); sessions in progress are not touched.
+    /// SIGHUP: re-reads the certificate, the users file, the sender login
+    /// map and the DKIM keys. Whatever fails to load keeps its old version
+    /// (and is logged); sessions in progress are not touched.
     pub fn reload(&self) {
         match self.tls.reload() {
             Ok(()) => {
@@ -92,6 +99,16 @@ impl Shared {
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: users NOT reloaded; keeping the old ones")
             }
+        }
+        if !self.dkim.is_empty() {
+            let errors = self.dkim.reload();
+            for e in &errors {
+                tracing::error!(error = %e, "SIGHUP: DKIM key NOT reloaded; keeping the old one");
+            }
+            tracing::info!(
+                keys = self.dkim.len() - errors.len(),
+                "SIGHUP: DKIM keys reloaded"
+            );
         }
     }
 

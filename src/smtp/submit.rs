@@ -3,7 +3,8 @@
 //! front of the content.
 //!
 //! Owns reading the header section of a message (unfolding, case-insensitive
-//! names, the addresses in `From:`). It only ever *adds* fields: the content
+//! names, the addresses in `From:`), including which domains a DKIM
+//! signature may be made for ([`author_domains`]). It only ever *adds* fields: the content
 //! as received stays byte-exact after the added block, so a signature the
 //! client made over it survives. It must never rewrite or remove a field,
 //! never allocate a copy of the body, and never read a clock: the date and
@@ -60,6 +61,53 @@ pub fn missing_headers(body: &[u8], c: &Completion<'_>) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out
+}
+
+/// The domains a DKIM signature of this message may be made for, best
+/// first: those of the `From:` addresses, then that of `Sender:`, found in
+/// `blocks` (the fields submission added, then the message as received).
+/// Lower case, without duplicates. Empty when there is no `From:` field: a
+/// signature must cover it (RFC 6376 5.4), so such a message is not signed.
+pub fn author_domains(blocks: &[&[u8]]) -> Vec<String> {
+    let mut from = Vec::new();
+    let mut sender = Vec::new();
+    let mut has_from = false;
+    for block in blocks {
+        let header = header_section(block);
+        for (name, value) in fields(header) {
+            let list = if name.eq_ignore_ascii_case(b"From") {
+                has_from = true;
+                &mut from
+            } else if name.eq_ignore_ascii_case(b"Sender") {
+                &mut sender
+            } else {
+                continue;
+            };
+            let value = String::from_utf8_lossy(&value);
+            list.extend(addresses(&value).into_iter().filter_map(domain_of));
+        }
+        if header.len() < block.len() {
+            // The header section ended in this block: the rest is body.
+            break;
+        }
+    }
+    if !has_from {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = Vec::with_capacity(from.len() + sender.len());
+    for d in from.into_iter().chain(sender) {
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// `user@Example.ORG.` → `example.org`.
+fn domain_of(addr: &str) -> Option<String> {
+    let (_, domain) = addr.rsplit_once('@')?;
+    let domain = domain.trim().trim_end_matches('.');
+    (!domain.is_empty()).then(|| domain.to_ascii_lowercase())
 }
 
 fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
@@ -127,28 +175,36 @@ fn fields(header: &[u8]) -> impl Iterator<Item = (&[u8], Vec<u8>)> {
     })
 }
 
-/// True when `addr` is one of the addresses of a `From:` value: inside
-/// `<...>`, or the bare addr-spec when there are no angle brackets.
+/// True when `addr` is one of the addresses of a `From:` value.
 fn names_address(value: &[u8], addr: &str) -> bool {
     let value = String::from_utf8_lossy(value);
+    addresses(&value)
+        .into_iter()
+        .any(|a| a.eq_ignore_ascii_case(addr))
+}
+
+/// The addresses of an address-list value: those inside `<...>`, or, when
+/// there are no angle brackets, the comma-separated addr-specs (comments
+/// dropped).
+fn addresses(value: &str) -> Vec<&str> {
+    let mut found = Vec::new();
     let mut found_bracket = false;
-    let mut rest = value.as_ref();
+    let mut rest = value;
     while let Some(open) = rest.find('<') {
         found_bracket = true;
         let after = &rest[open + 1..];
         let Some(close) = after.find('>') else { break };
-        if after[..close].trim().eq_ignore_ascii_case(addr) {
-            return true;
-        }
+        found.push(after[..close].trim());
         rest = &after[close + 1..];
     }
     if found_bracket {
-        return false;
+        return found;
     }
     value
         .split(',')
         .map(|a| strip_comment(a).trim())
-        .any(|a| a.eq_ignore_ascii_case(addr))
+        .filter(|a| !a.is_empty())
+        .collect()
 }
 
 /// `user@example.org (User)` → `user@example.org `.
@@ -232,5 +288,27 @@ mod tests {
         assert!(added(with_sender.as_bytes(), &c).is_empty());
         let no_from = format!("{base}\r\n");
         assert!(added(no_from.as_bytes(), &c).is_empty());
+    }
+
+    #[test]
+    fn author_domains_from_then_sender() {
+        let d = |blocks: &[&[u8]]| author_domains(blocks);
+        assert_eq!(
+            d(&[b"From: Alice <alice@Example.ORG>\r\nTo: x@y.test\r\n\r\nFrom: no@body.test\r\n"]),
+            ["example.org"]
+        );
+        // Sender added by submission, From in the message; several From
+        // addresses, folded, with a duplicate domain.
+        let added: &[u8] = b"Date: d\r\nSender: <alice@example.net>\r\n";
+        let msg: &[u8] =
+            b"From: a@one.test (A),\r\n b@two.test., c@ONE.test\r\nSubject: s\r\n\r\nbody\r\n";
+        assert_eq!(d(&[added, msg]), ["one.test", "two.test", "example.net"]);
+        // No From: nothing to sign for, whatever Sender says.
+        assert!(d(&[b"Sender: s@example.org\r\n\r\n"]).is_empty());
+        // The header section ends in the added block (the message had
+        // none): a From-like line in the body is not a field.
+        assert!(d(&[b"Date: d\r\n\r\n", b"From: x@in.body\r\n"]).is_empty());
+        assert!(d(&[b"From: a@b.test\r\n", b"\r\nFrom: x@in.body\r\n"]) == ["b.test"]);
+        assert!(d(&[b"From: undisclosed\r\n\r\n"]).is_empty());
     }
 }
