@@ -120,9 +120,10 @@ class Ringmta:
 
     tls = True
 
-    def __init__(self, extra, cert):
+    def __init__(self, extra, cert, relay_to=None):
         self.extra = extra
         self.cert = cert
+        self.relay_to = relay_to
 
     def start(self):
         self.dir = tempfile.mkdtemp(prefix="ringmta-bench-")
@@ -130,8 +131,11 @@ class Ringmta:
         self.proc = subprocess.Popen(
             [RINGMTA, "--smtp", "127.0.0.1:0", "--spool-dir", self.dir + "/spool",
              "--hostname", "mx.test", "--max-conns-per-ip", "0", "--log", "info",
-             "--submission", "none", "--smtps", "none", "--no-delivery",
-             "--tls-cert", self.cert[0], "--tls-key", self.cert[1]] + self.extra,
+             "--submission", "none", "--smtps", "none",
+             "--tls-cert", self.cert[0], "--tls-key", self.cert[1]]
+            + (["--relay-host", f"127.0.0.1:{self.relay_to}", "--relay-network", "127.0.0.0/8"]
+               if self.relay_to else ["--no-delivery"])
+            + self.extra,
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
         self.port = int(line.split()[-1].rsplit(":", 1)[1])
@@ -191,8 +195,9 @@ class Postfix:
     note = "Postfix smtpd+cleanup+qmgr, queue files fsynced, then discarded"
     tls = True
 
-    def __init__(self, cert):
+    def __init__(self, cert, relay_to=None):
         self.cert = cert
+        self.relay_to = relay_to
 
     def start(self):
         self.dir = tempfile.mkdtemp(prefix="ringmta-bench-postfix-")
@@ -203,6 +208,12 @@ class Postfix:
         os.chown(data, pw.pw_uid, pw.pw_gid)
         os.chmod(self.dir, 0o755)
         self.port = free_port()
+        if self.relay_to:
+            transports = (f"relayhost = [127.0.0.1]:{self.relay_to}\n"
+                          "smtp_tls_security_level = none\n"
+                          "default_destination_concurrency_limit = 20\n")
+        else:
+            transports = "local_transport = discard:\ndefault_transport = discard:\nrelay_transport = discard:"
         with open(os.path.join(etc, "main.cf"), "w") as f:
             f.write(f"""compatibility_level = 3.6
 queue_directory = {queue}
@@ -214,9 +225,7 @@ inet_protocols = ipv4
 myhostname = pf.test
 mydestination = localhost
 mynetworks = 127.0.0.0/8
-local_transport = discard:
-default_transport = discard:
-relay_transport = discard:
+{transports}
 smtpd_tls_cert_file = {self.cert[0]}
 smtpd_tls_key_file = {self.cert[1]}
 smtpd_tls_security_level = may
@@ -264,11 +273,77 @@ local_recipient_maps =
 
 
 def run_loadgen(port, flags, seconds, json_path):
-    cmd = [LOADGEN, "--target", f"127.0.0.1:{port}", "--duration", str(seconds),
-           "--quiet", "--json", json_path] + flags
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=seconds + 120)
+    cmd = [LOADGEN, "--target", f"127.0.0.1:{port}", "--quiet", "--json", json_path] + flags
+    if seconds is not None:
+        cmd += ["--duration", str(seconds)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=(seconds or 300) + 120)
     with open(json_path) as f:
         return json.load(f)
+
+
+def sink_count(path):
+    """The last `mesg=N` smtp-sink -c printed."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 200))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return 0
+    counts = re.findall(r"mesg=(\d+)", tail)
+    return int(counts[-1]) if counts else 0
+
+
+def relay_bench(args, cert, out):
+    """loadgen -> MTA -> smtp-sink: end-to-end messages/s and how long the
+    queue takes to drain after intake stops, ringmta against Postfix
+    relaying to the same sink in the same run."""
+    n = 5000 if args.quick else 20000
+    rows = []
+    for kind in ("ringmta", "postfix"):
+        if kind == "postfix" and not (shutil.which("postfix") and os.geteuid() == 0):
+            continue
+        sink_port = free_port()
+        sink_out = os.path.join(out, "raw", f"relay-sink-{kind}.out")
+        sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{sink_port}", "1024"],
+                                stdout=open(sink_out, "w"), stderr=subprocess.DEVNULL)
+        wait_port(sink_port)
+        srv = Ringmta(args.ringmta_flags, cert, sink_port) if kind == "ringmta" else Postfix(cert, sink_port)
+        port = srv.start()
+        try:
+            t0 = time.time()
+            res = run_loadgen(port, ["--sessions", str(n // 10), "--concurrency", "50",
+                                     "--messages-per-session", "10", "--size", "4096",
+                                     "--rcpt-to", "rcpt{n}@relay.example"],
+                              None, os.path.join(out, "raw", f"relay-{kind}.json"))
+            t_intake = time.time() - t0
+            accepted = res["messages"]["accepted"]
+            deadline = time.time() + 300
+            while sink_count(sink_out) < accepted and time.time() < deadline:
+                time.sleep(0.05)
+            t_all = time.time() - t0
+            delivered = sink_count(sink_out)
+        finally:
+            srv.stop()
+            sink.kill()
+            sink.wait()
+        rows.append((kind, accepted, delivered, accepted / t_intake, delivered / t_all, t_all - t_intake))
+        print(f"relay {kind:8} accepted {accepted} delivered {delivered} "
+              f"end-to-end {delivered / t_all:.0f} msg/s", file=sys.stderr)
+    lines = ["# Relay benchmark", "",
+             f"Command: `tuning/run-bench.sh {' '.join(sys.argv[1:])}`: loadgen sends {n} messages "
+             "of 4 KiB (10 per session, 50 concurrent) for a non-local domain; the MTA relays each "
+             "to one smtp-sink (smarthost / relayhost) on loopback, which counts what it receives.",
+             f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.", "",
+             "| MTA | accepted | delivered to the sink | intake msg/s | end-to-end msg/s | drain after intake (s) |",
+             "|---|---|---|---|---|---|"]
+    for kind, acc, dlv, intake, e2e, drain in rows:
+        lines.append(f"| {kind} | {acc} | {dlv} | {intake:.0f} | {e2e:.0f} | {drain:.1f} |")
+    if len(rows) == 2 and rows[1][4]:
+        lines += ["", f"End-to-end ratio ringmta / Postfix: {rows[0][4] / rows[1][4]:.2f}×"]
+    path = os.path.join(out, "relay-summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main():
@@ -276,6 +351,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="5 s per run instead of 15 s")
     ap.add_argument("--only", default="ringmta,smtp-sink,postfix")
     ap.add_argument("--out", default=None, help="results directory")
+    ap.add_argument("--relay", action="store_true",
+                    help="end-to-end relay benchmark (loadgen -> MTA -> smtp-sink) instead")
     ap.add_argument("--workloads", default=None,
                     help="comma-separated subset: connect-heavy,persistent,large,starttls")
     ap.add_argument("ringmta_flags", nargs="*", help="extra flags for ringmta")
@@ -284,6 +361,12 @@ def main():
     wanted = args.only.split(",")
     cert_dir = tempfile.mkdtemp(prefix="ringmta-bench-cert-")
     cert = make_cert(cert_dir)
+    out = args.out or os.path.join(ROOT, "tuning", "results", datetime.date.today().isoformat())
+    os.makedirs(os.path.join(out, "raw"), exist_ok=True)
+    if args.relay:
+        relay_bench(args, cert, out)
+        shutil.rmtree(cert_dir, ignore_errors=True)
+        return
     servers = []
     if "ringmta" in wanted:
         servers.append(Ringmta(args.ringmta_flags, cert))
