@@ -2,6 +2,8 @@
 //!
 //!     cargo run --release --example recovery -- [MESSAGES] [DIR]
 //!
+//! (DIR given: the spool is kept there afterwards.)
+//!
 //! Writes MESSAGES (default 1,000,000) queued 1 KiB messages into a fresh
 //! spool as segment files (the record format ringmta writes, built directly
 //! so the set-up takes seconds), then times `Spool::open`: the scan, checksum
@@ -21,9 +23,14 @@ fn main() -> anyhow::Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(1_000_000);
-    let dir = match args.next() {
-        Some(d) => std::path::PathBuf::from(d),
-        None => std::env::temp_dir().join(format!("ringmta-recovery-{}", std::process::id())),
+    // With DIR given, the spool is left there (e.g. to start ringmta on it
+    // and measure what holding the queue costs).
+    let (dir, keep) = match args.next() {
+        Some(d) => (std::path::PathBuf::from(d), true),
+        None => (
+            std::env::temp_dir().join(format!("ringmta-recovery-{}", std::process::id())),
+            false,
+        ),
     };
     std::fs::create_dir_all(dir.join("seg"))?;
     let body = {
@@ -95,7 +102,9 @@ fn main() -> anyhow::Result<()> {
     );
     println!("process peak RSS: {} MiB", peak_rss_kib() / 1024);
     drop(spool);
-    std::fs::remove_dir_all(&dir)?;
+    if !keep {
+        std::fs::remove_dir_all(&dir)?;
+    }
     Ok(())
 }
 
