@@ -69,32 +69,56 @@ pub(crate) async fn serve(
     let conn = ConnInfo { peer, tls: false };
     let mut buf = InputBuffer::new();
     if kind == ListenerKind::Smtps {
-        let Some(mut tls) = handshake(shard, stream, peer).await else {
-            return;
-        };
-        let info = tls::info(tls.get_ref().1);
-        let mut session = Session::new(cfg, conn, Instant::now()).with_tls(info);
-        drive(shard, &mut tls, &mut session, &mut buf, peer).await;
+        // Boxed: the TLS states (rustls' connection, the handshake) are
+        // large, and an idle plaintext session should not carry their room
+        // in its future (this is what keeps an idle session near 8 KiB).
+        Box::pin(serve_implicit_tls(shard, stream, peer, cfg, conn, buf)).await;
         return;
     }
     let mut stream = stream;
     let mut session = Session::new(cfg, conn, Instant::now());
     if let Outcome::StartTls = drive(shard, &mut stream, &mut session, &mut buf, peer).await {
-        // RFC 3207 5: whatever the client sent after STARTTLS, before the
-        // handshake, is discarded unread.
-        let dropped = buf.clear();
-        if dropped > 0 {
-            tracing::info!(%peer, bytes = dropped, "discarded input pipelined after STARTTLS");
-        }
-        let Some(mut tls) = handshake(shard, stream, peer).await else {
-            return;
-        };
-        session.handle_tls(tls::info(tls.get_ref().1), Instant::now());
-        if let Outcome::StartTls = drive(shard, &mut tls, &mut session, &mut buf, peer).await {
-            // invariant: the session refuses STARTTLS under TLS (503), so
-            // it never asks again; close rather than loop.
-            tracing::error!(%peer, "STARTTLS requested twice; closing");
-        }
+        Box::pin(serve_after_starttls(shard, stream, peer, session, buf)).await;
+    }
+}
+
+async fn serve_implicit_tls(
+    shard: &ShardState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cfg: std::sync::Arc<crate::smtp::SessionConfig>,
+    conn: ConnInfo,
+    mut buf: InputBuffer,
+) {
+    let Some(mut tls) = handshake(shard, stream, peer).await else {
+        return;
+    };
+    let info = tls::info(tls.get_ref().1);
+    let mut session = Session::new(cfg, conn, Instant::now()).with_tls(info);
+    drive(shard, &mut tls, &mut session, &mut buf, peer).await;
+}
+
+async fn serve_after_starttls(
+    shard: &ShardState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut session: Session,
+    mut buf: InputBuffer,
+) {
+    // RFC 3207 5: whatever the client sent after STARTTLS, before the
+    // handshake, is discarded unread.
+    let dropped = buf.clear();
+    if dropped > 0 {
+        tracing::info!(%peer, bytes = dropped, "discarded input pipelined after STARTTLS");
+    }
+    let Some(mut tls) = handshake(shard, stream, peer).await else {
+        return;
+    };
+    session.handle_tls(tls::info(tls.get_ref().1), Instant::now());
+    if let Outcome::StartTls = drive(shard, &mut tls, &mut session, &mut buf, peer).await {
+        // invariant: the session refuses STARTTLS under TLS (503), so it
+        // never asks again; close rather than loop.
+        tracing::error!(%peer, "STARTTLS requested twice; closing");
     }
 }
 
@@ -119,11 +143,13 @@ where
             match session.poll_event() {
                 None => break,
                 Some(Event::Message(msg)) => {
-                    let result = store(shard, session, msg, peer).await;
+                    // Boxed (as below): rarely-taken branches with large
+                    // futures must not size every idle session's task.
+                    let result = Box::pin(store(shard, session, msg, peer)).await;
                     session.handle_commit(result, Instant::now());
                 }
                 Some(Event::Auth(creds)) => {
-                    let result = authenticate(shard, peer, creds).await;
+                    let result = Box::pin(authenticate(shard, peer, creds)).await;
                     session.handle_auth(result, Instant::now());
                 }
                 Some(Event::StartTls) => {
