@@ -680,3 +680,20 @@ fn mx_preference_fallback_a_record_and_null_mx() {
     );
     assert!(bounce.contains("null MX"), "{bounce}");
 }
+
+#[test]
+fn refusals_by_policy_are_logged() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.hello("client.example");
+    c.expect("MAIL FROM:<s@example.org>", 250);
+    c.expect("RCPT TO:<victim@remote.example>", 550);
+    assert!(
+        server.wait_for_log("refused by policy", Duration::from_secs(5)),
+        "{}",
+        server.stderr()
+    );
+    let log = server.stderr();
+    assert!(log.contains("RCPT TO:<victim@remote.example>"), "{log}");
+    assert!(log.contains("reply=550"), "{log}");
+}

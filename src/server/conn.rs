@@ -140,6 +140,19 @@ where
         loop {
             let n = session.handle_input(buf.pending(), Instant::now());
             buf.consume(n);
+            for r in session.take_rejections() {
+                if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
+                    tracing::info!(
+                        %peer,
+                        user = r.user.as_deref().unwrap_or("-"),
+                        command = %r.command,
+                        reply = r.reply.code,
+                        status = r.reply.status.unwrap_or(""),
+                        held_back,
+                        "refused by policy"
+                    );
+                }
+            }
             match session.poll_event() {
                 None => break,
                 Some(Event::Message(msg)) => {

@@ -63,9 +63,63 @@ impl Drop for IpSlot {
     }
 }
 
+/// Logs commands refused by policy (relay attempts, MAIL before AUTH,
+/// senders a user may not use), at most [`RejectLog::PER_SECOND`] lines a
+/// second per shard; what is held back is counted and reported with the next
+/// line, so a flood cannot fill the disk or hide in it.
+#[derive(Debug)]
+pub struct RejectLog {
+    window: std::cell::Cell<std::time::Instant>,
+    logged: std::cell::Cell<u32>,
+    suppressed: std::cell::Cell<u64>,
+}
+
+impl Default for RejectLog {
+    fn default() -> Self {
+        Self {
+            window: std::cell::Cell::new(std::time::Instant::now()),
+            logged: std::cell::Cell::new(0),
+            suppressed: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl RejectLog {
+    pub const PER_SECOND: u32 = 20;
+
+    /// Whether this rejection may be logged now; `Some(n)` also carries how
+    /// many were held back since the last line.
+    pub fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        if now.duration_since(self.window.get()) >= std::time::Duration::from_secs(1) {
+            self.window.set(now);
+            self.logged.set(0);
+        }
+        if self.logged.get() >= Self::PER_SECOND {
+            self.suppressed.set(self.suppressed.get() + 1);
+            return None;
+        }
+        self.logged.set(self.logged.get() + 1);
+        Some(self.suppressed.replace(0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reject_log_is_rate_limited_and_counts_what_it_drops() {
+        let log = RejectLog::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..RejectLog::PER_SECOND {
+            assert_eq!(log.admit(t0), Some(0));
+        }
+        assert_eq!(log.admit(t0), None);
+        assert_eq!(log.admit(t0), None);
+        let t1 = t0 + std::time::Duration::from_secs(1);
+        assert_eq!(log.admit(t1), Some(2));
+        assert_eq!(log.admit(t1), Some(0));
+    }
 
     #[test]
     fn limits_per_ip_and_releases() {

@@ -41,6 +41,8 @@ pub(crate) struct ShardState {
     pub spool: Rc<ShardSpool>,
     /// This shard's delivery engine; `None` with `--no-delivery`.
     pub relay: Option<Rc<crate::relay::Relay>>,
+    /// Rate-limited log of commands refused by policy.
+    pub reject_log: super::limits::RejectLog,
     active: Cell<usize>,
     /// Set once the stop flag was seen; connections answer 421 when idle.
     pub stopping: Cell<bool>,
@@ -126,6 +128,7 @@ async fn serve(
         ctx,
         spool,
         relay,
+        reject_log: Default::default(),
         active: Cell::new(0),
         stopping: Cell::new(false),
         stop_event: Event::new(),

@@ -145,6 +145,8 @@ pub struct Session {
     skipping_line: bool,
     errors: u32,
     draining: bool,
+    /// Commands refused by policy in this batch, for the driver's log.
+    rejections: Vec<PolicyRejection>,
     tls: Option<TlsInfo>,
     auth: Option<Authenticated>,
 }
@@ -226,6 +228,7 @@ impl Session {
             skipping_line: false,
             errors: 0,
             draining: false,
+            rejections: Vec::new(),
             tls: None,
             auth: None,
         }
@@ -438,6 +441,12 @@ impl Session {
     }
 
     /// No transaction is open (and none is being committed).
+    /// The MAIL and RCPT commands refused by policy (relay denied, AUTH
+    /// required, sender not owned, unqualified address) since the last call.
+    pub fn take_rejections(&mut self) -> Vec<PolicyRejection> {
+        std::mem::take(&mut self.rejections)
+    }
+
     pub fn is_idle(&self) -> bool {
         matches!(self.state, State::Fresh | State::Ready | State::Auth(_))
     }
@@ -715,16 +724,22 @@ impl Session {
             return self.error(reply::UNKNOWN_PARAMETER);
         }
         if self.cfg.mode == Mode::Submission {
+            let from = m.from.map_or_else(String::new, |f| f.to_owned_string());
             let Some(who) = &self.auth else {
+                self.note_rejection(auth::REQUIRED, format!("MAIL FROM:<{from}>"));
                 return self.error(auth::REQUIRED);
             };
-            if let Some(from) = &m.from {
-                if !self.is_qualified(&from.domain) {
-                    return self.error(UNQUALIFIED);
-                }
-                let addr = from.to_owned_string();
-                if !who.send_as.iter().any(|r| r.allows(&addr)) {
-                    return self.error(SENDER_NOT_OWNED);
+            if let Some(f) = &m.from {
+                let refusal = if !self.is_qualified(&f.domain) {
+                    Some(UNQUALIFIED)
+                } else if !who.send_as.iter().any(|r| r.allows(&from)) {
+                    Some(SENDER_NOT_OWNED)
+                } else {
+                    None
+                };
+                if let Some(refusal) = refusal {
+                    self.note_rejection(refusal, format!("MAIL FROM:<{from}>"));
+                    return self.error(refusal);
                 }
             }
         }
@@ -769,7 +784,16 @@ impl Session {
         };
         let addr = match verdict {
             Ok(addr) => addr,
-            Err(e) => return self.error(e),
+            Err(e) => {
+                if [reply::RELAY_DENIED, UNQUALIFIED].contains(&e) {
+                    let to = match &r.to {
+                        Recipient::Postmaster => "postmaster".to_owned(),
+                        Recipient::Mailbox(m) => m.to_owned_string(),
+                    };
+                    self.note_rejection(e, format!("RCPT TO:<{to}>"));
+                }
+                return self.error(e);
+            }
         };
         if let State::Mail(tx) = &mut self.state {
             tx.envelope.rcpts.push(Rcpt {
@@ -983,6 +1007,14 @@ impl Session {
         }
     }
 
+    fn note_rejection(&mut self, reply: Reply, command: String) {
+        self.rejections.push(PolicyRejection {
+            reply,
+            command,
+            user: self.auth.as_ref().map(|a| a.login.clone()),
+        });
+    }
+
     fn close_with(&mut self, r: Reply) {
         r.write_to(&mut self.output);
         self.state = State::Closed;
@@ -1002,6 +1034,16 @@ const SENDER_NOT_OWNED: Reply = Reply::new(
     "5.7.1",
     "Error: sender address not owned by the authenticated user",
 );
+
+/// A command refused by policy: what was asked, by whom, and the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRejection {
+    pub reply: Reply,
+    /// The command, e.g. `MAIL FROM:<x@example.org>`.
+    pub command: String,
+    /// The authenticated user, if any.
+    pub user: Option<String>,
+}
 
 enum LineStep {
     NeedMore(usize),
