@@ -50,6 +50,7 @@ struct Loaded {
     ret_full: bool,
     envid: Option<String>,
     arrival: u64,
+    arrival_ms: Option<u64>,
 }
 
 pub struct Relay {
@@ -65,6 +66,8 @@ pub struct Relay {
     dests: RefCell<HashMap<Target, DestQueue>>,
     wake: Event,
     stopping: Cell<bool>,
+    /// Accept-to-delivery latency of delivered recipients, milliseconds.
+    latency: RefCell<hdrhistogram::Histogram<u64>>,
 }
 
 impl Relay {
@@ -76,6 +79,8 @@ impl Relay {
     ) -> Rc<Relay> {
         let relay = Rc::new(Relay {
             tls: tls::connector(cfg.tls_verify),
+            // invariant: 3 significant figures is within hdrhistogram's range.
+            latency: RefCell::new(hdrhistogram::Histogram::new(3).expect("3 significant figures")),
             cfg,
             hostname,
             spool,
@@ -119,6 +124,16 @@ impl Relay {
     pub fn stop(&self) {
         self.stopping.set(true);
         self.wake.notify(usize::MAX);
+        let h = self.latency.borrow();
+        if !h.is_empty() {
+            tracing::info!(
+                delivered = h.len(),
+                p50_ms = h.value_at_quantile(0.5),
+                p99_ms = h.value_at_quantile(0.99),
+                max_ms = h.max(),
+                "delivery latency (accept to delivered)"
+            );
+        }
     }
 
     /// The scheduler: runs until [`Relay::stop`].
@@ -516,6 +531,7 @@ impl Relay {
             ret_full: param("RET=").is_some_and(|r| r.eq_ignore_ascii_case("FULL")),
             envid: param("ENVID="),
             arrival: env.arrival,
+            arrival_ms: env.arrival_ms,
         })
     }
 
@@ -539,6 +555,14 @@ impl Relay {
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
                     tracing::info!(id = %work.id, rcpt = %addr, reply = %r.text(), "delivered");
+                    if let Some(at) = loaded.arrival_ms {
+                        let now_ms = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64);
+                        self.latency
+                            .borrow_mut()
+                            .saturating_record(now_ms.saturating_sub(at));
+                    }
                     JournalOp::Delivered {
                         id: work.id.clone(),
                         rcpt,

@@ -35,6 +35,8 @@ pub fn encode_envelope(id: &str, env: &SmtpEnvelope, now: SystemTime) -> Vec<u8>
     line(&format!("id {id}"));
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     line(&format!("arrival {secs}"));
+    let millis = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    line(&format!("arrival-ms {millis}"));
     line(&format!("peer {}", env.peer));
     line(&format!("helo {}", env.helo));
     line(&format!("protocol {}", env.protocol.name()));
@@ -84,6 +86,8 @@ pub struct Envelope<'a> {
     pub id: &'a str,
     /// Arrival, Unix seconds.
     pub arrival: u64,
+    /// Arrival, Unix milliseconds (records written before it existed lack it).
+    pub arrival_ms: Option<u64>,
     /// `None` for the null reverse-path.
     pub mail_from: Option<&'a str>,
     /// Recipient addresses, in order.
@@ -106,6 +110,7 @@ pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
     };
     let id = field("id")?;
     let arrival = field("arrival")?.parse().ok()?;
+    let arrival_ms = field("arrival-ms").and_then(|v| v.parse().ok());
     let from = field("mail-from")?.strip_prefix('<')?.strip_suffix('>')?;
     let rcpts = lines
         .iter()
@@ -114,6 +119,7 @@ pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
     Some(Envelope {
         id,
         arrival,
+        arrival_ms,
         mail_from: (!from.is_empty()).then_some(from),
         rcpts,
         lines,
