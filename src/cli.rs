@@ -338,6 +338,11 @@ pub struct Cli {
     )]
     pub tls_verify: TlsVerify,
 
+    /// Work items queued between two shards for the destination's owning shard; when full, the intake shard delivers itself.
+    #[arg(long, value_name = "N", env = "RINGMTA_HANDOFF_CAPACITY", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub handoff_capacity: u32,
+
     /// Outbound connect timeout.
     #[arg(long, value_name = "DURATION", env = "RINGMTA_CONNECT_TIMEOUT", default_value = "30s",
           value_parser = parse_duration)]

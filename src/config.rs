@@ -111,6 +111,7 @@ impl Config {
             tls_policy: cli.tls_policy,
             tls_verify: tls_verify(cli)?,
             tls_handshake_timeout: cli.tls_handshake_timeout,
+            handoff_capacity: cli.handoff_capacity as usize,
             tick: Duration::from_secs(1),
         });
         let session = SessionConfig {

@@ -561,6 +561,141 @@ fn required_tls_to_a_server_without_starttls_stays_deferred() {
     );
 }
 
+/// Four destinations on one downstream (four loopback addresses, one
+/// port): by the FNV hash of the host, 127.0.0.1 and .3 belong to one shard,
+/// .2 and .4 to the other.
+const HANDOFF_HOSTS: [&str; 4] = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"];
+
+fn handoff_downstream(port: u16) -> Server {
+    let mut args = Vec::new();
+    for (i, host) in HANDOFF_HOSTS.iter().enumerate() {
+        args.push("--smtp".to_string());
+        args.push(format!("{host}:{port}"));
+        args.push("--local-domain".to_string());
+        args.push(format!("d{i}.example"));
+    }
+    Server::builder().args(args).start()
+}
+
+fn handoff_relay_args(port: u16) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--relay-network",
+        "127.0.0.0/8",
+        "--retry-schedule",
+        "1s",
+        "--log",
+        "ringmta=debug",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (i, host) in HANDOFF_HOSTS.iter().enumerate() {
+        args.push("--route".into());
+        args.push(format!("d{i}.example=smtp:{host}:{port}"));
+    }
+    args
+}
+
+/// Every (message, destination) pair the downstream holds, with a count.
+fn delivered_pairs(downstream: &Server) -> std::collections::HashMap<(String, String), usize> {
+    let mut seen = std::collections::HashMap::new();
+    for m in downstream.queued() {
+        let text = String::from_utf8_lossy(m.content()).into_owned();
+        let subject = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Subject: "))
+            .unwrap_or_default()
+            .to_owned();
+        for r in m.rcpts {
+            *seen.entry((subject.clone(), r)).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+fn send_to_every_destination(relay: &Server, conns: usize, per_conn: usize) -> usize {
+    let rcpts: Vec<String> = (0..HANDOFF_HOSTS.len())
+        .map(|i| format!("u@d{i}.example"))
+        .collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let mut clients: Vec<_> = (0..conns).map(|_| relay.connect()).collect();
+    for c in &mut clients {
+        c.hello("client.example");
+    }
+    for n in 0..per_conn {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let body = format!("Subject: m{k}-{n}\r\n\r\nx\r\n");
+            c.send_message("s@localhost", &rcpts, body.as_bytes());
+        }
+    }
+    conns * per_conn
+}
+
+#[test]
+fn handoff_between_shards_delivers_each_recipient_once() {
+    let port = free_port();
+    let downstream = handoff_downstream(port);
+    // A channel of one: handoffs happen, and so do "full, deliver here".
+    let mut args = handoff_relay_args(port);
+    args.extend(["--handoff-capacity".to_string(), "1".to_string()]);
+    let relay = Server::builder().shards(2).args(args).start();
+    assert!(relay.wait_for_log("handoff mesh joined", Duration::from_secs(10)));
+    let messages = send_to_every_destination(&relay, 6, 5);
+    let expected = messages * HANDOFF_HOSTS.len();
+    wait_until("every recipient delivered", Duration::from_secs(60), || {
+        delivered_pairs(&downstream).len() == expected
+    });
+    assert!(
+        relay.wait_for_log("handed off", Duration::from_secs(5)),
+        "no work crossed shards"
+    );
+    // The outcomes came back to each message's origin and were journaled.
+    wait_until("relay queue drained", Duration::from_secs(20), || {
+        relay.queued().is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let seen = delivered_pairs(&downstream);
+    assert_eq!(seen.len(), expected);
+    assert!(seen.values().all(|&n| n == 1), "delivered twice: {seen:?}");
+}
+
+#[test]
+fn handed_off_work_is_redone_after_kill_9() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let args = handoff_relay_args(port);
+    // Nothing listens yet: the work crosses shards and is deferred.
+    let relay = Server::builder()
+        .shards(2)
+        .spool_dir(spool.path())
+        .args(args.clone())
+        .start();
+    assert!(relay.wait_for_log("handoff mesh joined", Duration::from_secs(10)));
+    let messages = send_to_every_destination(&relay, 3, 2);
+    assert!(relay.wait_for_log("handed off", Duration::from_secs(10)));
+    assert!(relay.wait_for_log("deferred", Duration::from_secs(10)));
+    relay.signal(libc::SIGKILL);
+    drop(relay);
+
+    let downstream = handoff_downstream(port);
+    let relay = Server::builder()
+        .shards(2)
+        .spool_dir(spool.path())
+        .args(args)
+        .start();
+    let expected = messages * HANDOFF_HOSTS.len();
+    wait_until(
+        "every recipient delivered after the restart",
+        Duration::from_secs(60),
+        || delivered_pairs(&downstream).len() == expected,
+    );
+    wait_until("relay queue drained", Duration::from_secs(20), || {
+        relay.queued().is_empty()
+    });
+    let seen = delivered_pairs(&downstream);
+    assert!(seen.values().all(|&n| n == 1), "delivered twice: {seen:?}");
+}
+
 /// dnsmasq serving MX records for test domains on a loopback port.
 fn dnsmasq(records: &[String]) -> Option<(Child_, u16)> {
     let bin = peer_program("dnsmasq", "dnsmasq-base")?;

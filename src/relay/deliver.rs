@@ -1,5 +1,11 @@
 //! One shard's delivery engine: schedules the shard's queue, runs
 //! per-destination workers, applies outcomes, retries, bounces.
+//!
+//! SMTP destinations owned by another shard ([`super::handoff`]) are handed
+//! to it once the mesh is joined; the owner's workers deliver them next to
+//! its own, and their outcomes come back to be journaled here. Recipients
+//! stay in `in_flight` on the origin until their outcome is settled, so a
+//! message is never scheduled twice at once.
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
@@ -18,13 +24,14 @@ use glommio::net::TcpStream;
 use rustls::pki_types::ServerName;
 
 use super::client::{Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls};
+use super::handoff::{self, Done, Handoff, Link, Mesh, Msg, Report};
 use super::maildir;
 use super::mx::{Resolution, Resolver};
 use super::tls::{self, TlsPolicy};
 use super::{dsn, RelayConfig, Target};
 use crate::smtp::envelope::{Protocol, Rcpt};
 use crate::smtp::{Envelope, Message};
-use crate::spool::queue::{JournalOp, RcptState};
+use crate::spool::queue::{JournalOp, Location, RcptState};
 use crate::spool::{format, ShardSpool};
 
 /// Some recipients of one message, all for one destination.
@@ -32,7 +39,23 @@ use crate::spool::{format, ShardSpool};
 struct Work {
     id: String,
     rcpts: Vec<usize>,
+    /// `Some` when another shard's spool holds the message (handed off).
+    origin: Option<Origin>,
 }
+
+/// Where handed-off work came from.
+#[derive(Debug)]
+struct Origin {
+    /// The origin's index in the mesh.
+    peer: usize,
+    location: Location,
+}
+
+/// How long before a message that could not be read is tried again.
+const UNREADABLE_RETRY: u64 = 10;
+/// How long before recipients whose bounce could not be stored (disk
+/// full) are tried again.
+const BOUNCE_RETRY: u64 = 60;
 
 #[derive(Default)]
 struct DestQueue {
@@ -66,6 +89,9 @@ pub struct Relay {
     dests: RefCell<HashMap<Target, DestQueue>>,
     wake: Event,
     stopping: Cell<bool>,
+    stopped: Event,
+    /// This shard's end of the handoff mesh, once joined.
+    link: RefCell<Option<Rc<Link>>>,
     /// Accept-to-delivery latency of delivered recipients, milliseconds.
     latency: RefCell<hdrhistogram::Histogram<u64>>,
 }
@@ -91,6 +117,8 @@ impl Relay {
             dests: RefCell::new(HashMap::new()),
             wake: Event::new(),
             stopping: Cell::new(false),
+            stopped: Event::new(),
+            link: RefCell::new(None),
         });
         // The recovered queue: deferred recipients wait for their time.
         let now = unix_now();
@@ -124,6 +152,7 @@ impl Relay {
     pub fn stop(&self) {
         self.stopping.set(true);
         self.wake.notify(usize::MAX);
+        self.stopped.notify(usize::MAX);
         let h = self.latency.borrow();
         if !h.is_empty() {
             tracing::info!(
@@ -133,6 +162,80 @@ impl Relay {
                 max_ms = h.max(),
                 "delivery latency (accept to delivered)"
             );
+        }
+    }
+
+    /// Joins the handoff mesh (every shard must), then accepts work and
+    /// done records from the other shards. Until it is joined, and if it
+    /// never is (a shard failed to start, or the stop came first), this
+    /// shard delivers everything it takes in itself.
+    pub async fn join_mesh(self: Rc<Self>, mesh: Mesh) {
+        let joined = crate::server::isolate(async {
+            let stopped = async {
+                while !self.stopping.get() {
+                    let l = self.stopped.listen();
+                    if self.stopping.get() {
+                        break;
+                    }
+                    l.await;
+                }
+                None
+            };
+            let Some(joined) = async { Some(Link::join(mesh).await) }.or(stopped).await else {
+                return;
+            };
+            let (link, receivers) = match joined {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot join the handoff mesh; delivering locally");
+                    return;
+                }
+            };
+            for (peer, rx) in receivers {
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    while let Some(msg) = rx.recv().await {
+                        me.clone().receive(peer, msg);
+                    }
+                })
+                .detach();
+            }
+            tracing::debug!(
+                peer = link.me(),
+                peers = link.peers(),
+                "handoff mesh joined"
+            );
+            *self.link.borrow_mut() = Some(link);
+        })
+        .await;
+        if let Err(what) = joined {
+            tracing::error!(panic = %what, "joining the handoff mesh panicked; delivering locally");
+        }
+    }
+
+    fn receive(self: Rc<Self>, from: usize, msg: Msg) {
+        match msg {
+            Msg::Work(h) => {
+                let work = Work {
+                    id: h.id,
+                    rcpts: h.rcpts,
+                    origin: Some(Origin {
+                        peer: h.origin,
+                        location: h.location,
+                    }),
+                };
+                self.queue_work(h.target, work);
+            }
+            Msg::Done(d) => {
+                glommio::spawn_local(async move {
+                    let id = d.id.clone();
+                    let settled = crate::server::isolate(self.settle(&d.id, &d.rcpts, d.report));
+                    if let Err(what) = settled.await {
+                        tracing::error!(%id, from, panic = %what, "settling handed-off work panicked");
+                    }
+                })
+                .detach();
+            }
         }
     }
 
@@ -176,18 +279,30 @@ impl Relay {
                 continue;
             }
             let mut by_target: HashMap<Target, Vec<usize>> = HashMap::new();
+            // Recipients deferred to later than now still need a wake-up
+            // of their own: nothing else would bring the message back
+            // once the due ones are settled (regression test:
+            // handed_off_work_is_redone_after_kill_9).
+            let mut later: Option<u64> = None;
             {
                 let in_flight = self.in_flight.borrow();
                 for (i, (addr, state)) in entry.rcpts.iter().enumerate() {
                     let due = match state {
                         RcptState::Pending => true,
-                        RcptState::Deferred { until } => *until <= now,
+                        RcptState::Deferred { until } if *until > now => {
+                            later = Some(later.map_or(*until, |l| l.min(*until)));
+                            false
+                        }
+                        RcptState::Deferred { .. } => true,
                         RcptState::Delivered | RcptState::Bounced => false,
                     };
                     if due && !in_flight.contains(&(id.clone(), i)) {
                         by_target.entry(self.cfg.target(addr)).or_default().push(i);
                     }
                 }
+            }
+            if let Some(t) = later {
+                self.timers.borrow_mut().push(Reverse((t, id.clone())));
             }
             for (target, rcpts) in by_target {
                 {
@@ -196,31 +311,73 @@ impl Relay {
                         f.insert((id.clone(), i));
                     }
                 }
-                let spawn = {
-                    let mut dests = self.dests.borrow_mut();
-                    let q = dests.entry(target.clone()).or_default();
-                    q.jobs.push_back(Work {
-                        id: id.clone(),
-                        rcpts,
-                    });
-                    let spawn = q.workers < self.cfg.max_conns_per_dest.max(1);
-                    if spawn {
-                        q.workers += 1;
-                    }
-                    spawn
+                let work = Work {
+                    id: id.clone(),
+                    rcpts,
+                    origin: None,
                 };
-                if spawn {
-                    let me = self.clone();
-                    glommio::spawn_local(async move {
-                        let t = target.clone();
-                        if let Err(what) = crate::server::isolate(me.clone().worker(t)).await {
-                            tracing::error!(%target, panic = %what, "delivery worker panicked");
-                        }
-                        me.worker_done(&target);
-                    })
-                    .detach();
+                if let Some(work) = self.hand_off(&target, &entry.location, work) {
+                    self.queue_work(target, work);
                 }
             }
+        }
+    }
+
+    /// Sends `work` to the shard that owns `target`; gives it back when it
+    /// is to be delivered here (this shard owns it, no mesh, or the
+    /// owner's channel is full).
+    fn hand_off(&self, target: &Target, location: &Location, work: Work) -> Option<Work> {
+        let link = self.link.borrow();
+        // Before the mesh is joined (or with one shard) everything is
+        // delivered here: `?` would drop the work (regression test:
+        // handed_off_work_is_redone_after_kill_9).
+        let Some(link) = link.as_ref() else {
+            return Some(work);
+        };
+        let Some(owner) = handoff::owner(target, link.peers()) else {
+            return Some(work);
+        };
+        if owner == link.me() {
+            return Some(work);
+        }
+        let h = Handoff {
+            origin: link.me(),
+            id: work.id.clone(),
+            location: location.clone(),
+            rcpts: work.rcpts.clone(),
+            target: target.clone(),
+        };
+        if link.try_hand(owner, h) {
+            tracing::debug!(id = %work.id, %target, owner, "handed off");
+            None
+        } else {
+            tracing::debug!(id = %work.id, %target, owner, "handoff channel full; delivering from here");
+            Some(work)
+        }
+    }
+
+    /// Queues work for `target` here, starting a worker if there is room.
+    fn queue_work(self: &Rc<Self>, target: Target, work: Work) {
+        let spawn = {
+            let mut dests = self.dests.borrow_mut();
+            let q = dests.entry(target.clone()).or_default();
+            q.jobs.push_back(work);
+            let spawn = q.workers < self.cfg.max_conns_per_dest.max(1);
+            if spawn {
+                q.workers += 1;
+            }
+            spawn
+        };
+        if spawn {
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                let t = target.clone();
+                if let Err(what) = crate::server::isolate(me.clone().worker(t)).await {
+                    tracing::error!(%target, panic = %what, "delivery worker panicked");
+                }
+                me.worker_done(&target);
+            })
+            .detach();
         }
     }
 
@@ -240,22 +397,83 @@ impl Relay {
             } else if q.workers == 0 {
                 // Work arrived as the last worker was leaving.
                 drop(dests);
-                let ids: Vec<String> = self
+                let left: Vec<Work> = self
                     .dests
                     .borrow_mut()
                     .remove(target)
-                    .map(|q| q.jobs.into_iter().map(|w| w.id).collect())
+                    .map(|q| q.jobs.into_iter().collect())
                     .unwrap_or_default();
-                for id in ids {
-                    self.release_all(&id);
-                    self.enqueue(id);
+                for work in left {
+                    match work.origin {
+                        None => {
+                            self.release(&work.id, &work.rcpts);
+                            self.enqueue(work.id);
+                        }
+                        Some(o) => self.send_done(
+                            o.peer,
+                            Done {
+                                id: work.id,
+                                rcpts: work.rcpts,
+                                report: Report::Returned,
+                            },
+                        ),
+                    }
                 }
             }
         }
     }
 
-    fn release_all(&self, id: &str) {
-        self.in_flight.borrow_mut().retain(|(i, _)| i != id);
+    /// The recipients are no longer being delivered.
+    fn release(&self, id: &str, rcpts: &[usize]) {
+        let mut f = self.in_flight.borrow_mut();
+        for &i in rcpts {
+            f.remove(&(id.to_owned(), i));
+        }
+    }
+
+    fn send_done(&self, peer: usize, done: Done) {
+        match self.link.borrow().as_ref() {
+            Some(link) => link.send_done(peer, done),
+            // invariant: handed-off work only arrives over a joined link.
+            None => tracing::error!(id = %done.id, "no handoff link for a done record"),
+        }
+    }
+
+    /// Ends `work` here: settled at once when the message is in this
+    /// shard's spool, else reported back to its origin.
+    async fn report(&self, work: &Work, report: Report) {
+        match &work.origin {
+            None => self.settle(&work.id, &work.rcpts, report).await,
+            Some(o) => self.send_done(
+                o.peer,
+                Done {
+                    id: work.id.clone(),
+                    rcpts: work.rcpts.clone(),
+                    report,
+                },
+            ),
+        }
+    }
+
+    /// On the origin: journals what became of the work.
+    async fn settle(&self, id: &str, rcpts: &[usize], report: Report) {
+        match report {
+            Report::Outcomes { outcomes, remote } => {
+                self.apply_outcomes(id, rcpts, outcomes, remote.as_deref())
+                    .await
+            }
+            Report::Returned => {
+                self.release(id, rcpts);
+                self.enqueue(id.to_owned());
+            }
+            Report::Unreadable => {
+                self.release(id, rcpts);
+                if self.spool.entry(id).is_some() {
+                    let at = unix_now() + UNREADABLE_RETRY;
+                    self.timers.borrow_mut().push(Reverse((at, id.to_owned())));
+                }
+            }
+        }
     }
 
     async fn worker(self: Rc<Self>, target: Target) {
@@ -271,7 +489,7 @@ impl Relay {
 
     async fn deliver_local(&self, root: &std::path::Path, work: Work) {
         let Some(loaded) = self.load(&work).await else {
-            return self.finish_unloadable(&work);
+            return self.report(&work, Report::Unreadable).await;
         };
         let mut outcomes = Vec::with_capacity(loaded.job.rcpts.len());
         for (k, r) in loaded.job.rcpts.iter().enumerate() {
@@ -305,7 +523,12 @@ impl Relay {
             };
             outcomes.push(o);
         }
-        self.apply_outcomes(&work, &loaded, outcomes, None).await;
+        self.observe(&loaded, &outcomes);
+        let report = Report::Outcomes {
+            outcomes,
+            remote: None,
+        };
+        self.report(&work, report).await;
     }
 
     async fn smtp_worker(&self, target: &Target) {
@@ -347,18 +570,22 @@ impl Relay {
                 let mut work = Some(first);
                 while let Some(w) = work.take() {
                     let Some(loaded) = self.load(&w).await else {
-                        self.finish_unloadable(&w);
+                        self.report(&w, Report::Unreadable).await;
                         work = self.next_work(target);
                         continue;
                     };
                     if let Some(reason) = self.too_many_hops(&loaded) {
-                        let o = loaded
+                        let outcomes = loaded
                             .job
                             .rcpts
                             .iter()
                             .map(|_| RcptOutcome::Failed(reason.clone()))
                             .collect();
-                        self.apply_outcomes(&w, &loaded, o, None).await;
+                        let report = Report::Outcomes {
+                            outcomes,
+                            remote: None,
+                        };
+                        self.report(&w, report).await;
                         work = self.next_work(target);
                         continue;
                     }
@@ -370,7 +597,12 @@ impl Relay {
                             .collect(),
                     };
                     let broken = client.is_closed();
-                    self.apply_outcomes(&w, &loaded, outcomes, Some(name)).await;
+                    self.observe(&loaded, &outcomes);
+                    let report = Report::Outcomes {
+                        outcomes,
+                        remote: Some(name.clone()),
+                    };
+                    self.report(&w, report).await;
                     if broken || self.stopping.get() {
                         continue 'connections;
                     }
@@ -460,11 +692,7 @@ impl Relay {
 
     /// Every recipient of `work` gets the same outcome (no connection).
     async fn fail_work(&self, work: Work, reply: &str, permanent: bool) {
-        let Some(loaded) = self.load(&work).await else {
-            return self.finish_unloadable(&work);
-        };
-        let o = loaded
-            .job
+        let outcomes = work
             .rcpts
             .iter()
             .map(|_| {
@@ -475,19 +703,22 @@ impl Relay {
                 }
             })
             .collect();
-        self.apply_outcomes(&work, &loaded, o, None).await;
+        let report = Report::Outcomes {
+            outcomes,
+            remote: None,
+        };
+        self.report(&work, report).await;
     }
 
-    fn finish_unloadable(&self, work: &Work) {
-        let mut f = self.in_flight.borrow_mut();
-        for &i in &work.rcpts {
-            f.remove(&(work.id.clone(), i));
-        }
-    }
-
-    /// Reads the message back from the spool, with what delivery needs.
+    /// Reads the message back, with what delivery needs: from this shard's
+    /// queue, or, for handed-off work, from the origin's segment by
+    /// location.
     async fn load(&self, work: &Work) -> Option<Loaded> {
-        let (block, message) = match self.spool.show(&work.id).await {
+        let read = match &work.origin {
+            None => self.spool.show(&work.id).await,
+            Some(o) => self.spool.read_at(&o.location).await,
+        };
+        let (block, message) = match read {
             Ok(Some(x)) => x,
             Ok(None) => return None,
             Err(e) => {
@@ -496,6 +727,11 @@ impl Relay {
             }
         };
         let env = format::decode_envelope(&block)?;
+        if env.id != work.id {
+            // Compacted away and the place reused: not this message.
+            tracing::warn!(id = %work.id, found = %env.id, "queued message moved");
+            return None;
+        }
         let params = format::rcpt_params(&block);
         let param = |name: &str| {
             env.lines
@@ -535,72 +771,101 @@ impl Relay {
         })
     }
 
-    /// Journals each recipient's outcome, schedules retries, bounces.
+    /// Accept-to-delivery latency of the delivered recipients, recorded
+    /// on the shard that delivered them.
+    fn observe(&self, loaded: &Loaded, outcomes: &[RcptOutcome]) {
+        let Some(at) = loaded.arrival_ms else { return };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut h = self.latency.borrow_mut();
+        for o in outcomes {
+            if let RcptOutcome::Delivered(_) = o {
+                h.saturating_record(now_ms.saturating_sub(at));
+            }
+        }
+    }
+
+    /// On the origin: journals each recipient's outcome, schedules
+    /// retries, bounces. `rcpts` are envelope indexes, in outcome order.
+    ///
+    /// The bounce is stored before its recipients are journaled as
+    /// bounced: once the last recipient is finished the message may leave
+    /// the spool, and a crash in between must cost at worst a second
+    /// report, never the only one. A bounce that cannot be stored leaves
+    /// its recipients deferred (retried, and reported then).
     async fn apply_outcomes(
         &self,
-        work: &Work,
-        loaded: &Loaded,
+        id: &str,
+        rcpts: &[usize],
         outcomes: Vec<RcptOutcome>,
         remote: Option<&str>,
     ) {
+        let Some(entry) = self.spool.entry(id) else {
+            // Deleted from the queue while it was being delivered.
+            return self.release(id, rcpts);
+        };
+        let work = Work {
+            id: id.to_owned(),
+            rcpts: rcpts.to_vec(),
+            origin: None,
+        };
         let now = unix_now();
-        let age = Duration::from_secs(now.saturating_sub(loaded.arrival));
+        let age = Duration::from_secs(now.saturating_sub(entry.arrival));
         let mut failed = Vec::new();
         let mut retry_at: Option<u64> = None;
+        let mut ops = Vec::with_capacity(outcomes.len());
         for (k, outcome) in outcomes.into_iter().enumerate() {
-            let Some(&rcpt) = loaded.indexes.get(k) else {
+            let Some(&rcpt) = rcpts.get(k) else {
                 continue;
             };
-            let addr = &loaded.job.rcpts[k].addr;
+            let addr = entry.rcpts.get(rcpt).map_or("?", |(a, _)| a.as_str());
+            let id = work.id.clone();
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
-                    tracing::info!(id = %work.id, rcpt = %addr, reply = %r.text(), "delivered");
-                    if let Some(at) = loaded.arrival_ms {
-                        let now_ms = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as u64);
-                        self.latency
-                            .borrow_mut()
-                            .saturating_record(now_ms.saturating_sub(at));
-                    }
-                    JournalOp::Delivered {
-                        id: work.id.clone(),
-                        rcpt,
-                    }
+                    tracing::info!(%id, rcpt = %addr, reply = %r.text(), "delivered");
+                    JournalOp::Delivered { id, rcpt }
                 }
                 RcptOutcome::Failed(why) => {
-                    tracing::info!(id = %work.id, rcpt = %addr, reason = %why, "bounced");
+                    tracing::info!(%id, rcpt = %addr, reason = %why, "bounced");
                     failed.push((k, why));
-                    JournalOp::Bounced {
-                        id: work.id.clone(),
-                        rcpt,
-                    }
+                    JournalOp::Bounced { id, rcpt }
                 }
                 RcptOutcome::Deferred(why) => {
-                    let seed = hash(&work.id) ^ rcpt as u64;
+                    let seed = hash(&id) ^ rcpt as u64;
                     match self.cfg.next_retry(age, seed) {
                         Some(delay) => {
                             let until = now + delay.as_secs().max(1);
-                            tracing::info!(id = %work.id, rcpt = %addr, reason = %why, retry_in = ?delay, "deferred");
+                            tracing::info!(%id, rcpt = %addr, reason = %why, retry_in = ?delay, "deferred");
                             retry_at = Some(retry_at.map_or(until, |t: u64| t.min(until)));
-                            JournalOp::Deferred {
-                                id: work.id.clone(),
-                                rcpt,
-                                until,
-                            }
+                            JournalOp::Deferred { id, rcpt, until }
                         }
                         None => {
                             let why =
                                 format!("{why} (gave up after {}s in the queue)", age.as_secs());
+                            tracing::info!(%id, rcpt = %addr, reason = %why, "bounced");
                             failed.push((k, why));
-                            JournalOp::Bounced {
-                                id: work.id.clone(),
-                                rcpt,
-                            }
+                            JournalOp::Bounced { id, rcpt }
                         }
                     }
                 }
             };
+            ops.push(op);
+        }
+        if !failed.is_empty() && !self.bounce(&work, &failed, remote).await {
+            let until = now + BOUNCE_RETRY;
+            retry_at = Some(retry_at.map_or(until, |t: u64| t.min(until)));
+            for op in &mut ops {
+                if let JournalOp::Bounced { id, rcpt } = op {
+                    *op = JournalOp::Deferred {
+                        id: std::mem::take(id),
+                        rcpt: *rcpt,
+                        until,
+                    };
+                }
+            }
+        }
+        for op in ops {
             if let Err(e) = self.spool.apply(op).await {
                 // Not journaled: the recipient stays as it was and is tried
                 // again (a duplicate is better than a loss).
@@ -608,27 +873,24 @@ impl Relay {
                 retry_at = Some(now + 60);
             }
         }
-        self.finish_unloadable(work);
+        self.release(id, rcpts);
         if let Some(t) = retry_at {
             self.timers.borrow_mut().push(Reverse((t, work.id.clone())));
-        }
-        if !failed.is_empty() {
-            self.bounce(work, loaded, &failed, remote).await;
         }
     }
 
     /// Sends the sender one report for the recipients that failed (unless
-    /// the message was itself a bounce, or NOTIFY says not to).
-    async fn bounce(
-        &self,
-        work: &Work,
-        loaded: &Loaded,
-        failed: &[(usize, String)],
-        remote: Option<&str>,
-    ) {
+    /// the message was itself a bounce, or NOTIFY says not to). `failed`
+    /// holds positions in `work.rcpts`. `false` when a report is due but
+    /// could not be stored.
+    async fn bounce(&self, work: &Work, failed: &[(usize, String)], remote: Option<&str>) -> bool {
+        let Some(loaded) = self.load(work).await else {
+            tracing::error!(id = %work.id, "cannot read the message to bounce it");
+            return false;
+        };
         let Some(sender) = &loaded.job.mail_from else {
             tracing::info!(id = %work.id, "not bouncing a bounce (null sender)");
-            return;
+            return true;
         };
         let reported: Vec<dsn::Failed> = failed
             .iter()
@@ -641,7 +903,7 @@ impl Relay {
             })
             .collect();
         if reported.is_empty() {
-            return;
+            return true;
         }
         let body = dsn::build(
             &self.hostname,
@@ -682,8 +944,12 @@ impl Relay {
             Ok(id) => {
                 tracing::info!(id = %work.id, bounce = %id, to = %sender, "bounce queued");
                 self.enqueue(id);
+                true
             }
-            Err(e) => tracing::error!(id = %work.id, error = %e, "cannot queue a bounce"),
+            Err(e) => {
+                tracing::error!(id = %work.id, error = %e, "cannot queue a bounce; retrying later");
+                false
+            }
         }
     }
 }

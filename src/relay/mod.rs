@@ -7,6 +7,9 @@
 //!   split by destination into per-destination queues, each drained by at
 //!   most `--max-conns-per-dest` workers that reuse their connection for
 //!   several messages ([`client`] is the sans-IO SMTP client they drive).
+//!   An SMTP destination is delivered by the shard that owns it (a hash of
+//!   its host or domain); other shards hand their work for it over the
+//!   [`handoff`] mesh and get the outcomes back to journal.
 //! * Outbound connections use STARTTLS when offered, or insist on it, per
 //!   `--tls-policy` ([`tls`]).
 //! * Outcomes are journaled per recipient through the spool; 4xx and
@@ -19,6 +22,7 @@
 pub mod client;
 mod deliver;
 pub mod dsn;
+pub mod handoff;
 pub mod maildir;
 pub mod mx;
 pub mod policy;
@@ -129,6 +133,8 @@ pub struct RelayConfig {
     /// Verify the next hop's certificate (only with `require`).
     pub tls_verify: bool,
     pub tls_handshake_timeout: Duration,
+    /// Work items per channel between two shards ([`handoff`]).
+    pub handoff_capacity: usize,
     /// How often the scheduler looks for due retries when nothing wakes it.
     pub tick: Duration,
 }
@@ -218,6 +224,7 @@ mod tests {
             tls_policy: tls::TlsPolicy::Opportunistic,
             tls_verify: false,
             tls_handshake_timeout: Duration::from_secs(30),
+            handoff_capacity: 1024,
             tick: Duration::from_secs(1),
         }
     }

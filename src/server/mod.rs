@@ -145,6 +145,17 @@ pub fn run(
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), ServerError>>();
     let mut threads = Vec::with_capacity(config.shards);
+    // The handoff mesh between shards (outbound delivery only). Every clone
+    // is made here, before any shard thread runs: glommio's MeshBuilder
+    // shares a non-atomic `Rc` between its clones, so none may be cloned
+    // while another thread could be dropping one.
+    let shards = bound.by_shard.len();
+    let mut meshes: Vec<Option<crate::relay::handoff::Mesh>> = if config.delivery && shards > 1 {
+        let mesh = crate::relay::handoff::Mesh::full(shards, config.relay.handoff_capacity);
+        (0..shards).map(|_| Some(mesh.clone())).collect()
+    } else {
+        (0..shards).map(|_| None).collect()
+    };
     for (id, listeners) in bound.by_shard.into_iter().enumerate() {
         let core = if config.pin && !cores.is_empty() {
             Some(cores[id % cores.len()])
@@ -158,6 +169,7 @@ pub fn run(
             shared: shared.clone(),
             queue: std::cell::Cell::new(spool.take_shard_queue(id, config.shards)),
             resolver: resolver.clone(),
+            mesh: meshes.get_mut(id).and_then(Option::take),
         };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()

@@ -33,6 +33,9 @@ pub(crate) struct ShardContext {
     pub queue: std::cell::Cell<crate::spool::queue::QueueIndex>,
     /// DNS for outbound delivery; `None` with `--no-delivery`.
     pub resolver: Option<crate::relay::mx::Resolver>,
+    /// This shard's clone of the handoff mesh (joined once, in `serve`);
+    /// `None` with one shard or `--no-delivery`.
+    pub mesh: Option<crate::relay::handoff::Mesh>,
 }
 
 /// What every connection task of this shard shares (single-threaded).
@@ -98,7 +101,7 @@ pub(crate) fn run(
 }
 
 async fn serve(
-    ctx: ShardContext,
+    mut ctx: ShardContext,
     listeners: Vec<(ListenerKind, std::net::TcpListener)>,
     ready: mpsc::Sender<Result<(), ServerError>>,
 ) {
@@ -119,6 +122,9 @@ async fn serve(
     });
     if let Some(relay) = &relay {
         glommio::spawn_local(relay.clone().run()).detach();
+    }
+    if let (Some(relay), Some(mesh)) = (&relay, ctx.mesh.take()) {
+        glommio::spawn_local(relay.clone().join_mesh(mesh)).detach();
     }
     if ctx.config.spool.compact_below > 0.0 {
         glommio::spawn_local(compactor(spool.clone(), ctx.config.spool.compact_below)).detach();

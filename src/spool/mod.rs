@@ -542,6 +542,14 @@ impl ShardSpool {
         let Some(loc) = self.queue.borrow().get(id).map(|e| e.location.clone()) else {
             return Ok(None);
         };
+        self.read_at(&loc).await
+    }
+
+    /// The envelope block and message of the record at `loc`, in any
+    /// shard's segment (segment files are shared on disk): how a shard
+    /// delivering another shard's message reads it, without owning its
+    /// queue entry. `None` when no intact record is there.
+    pub async fn read_at(&self, loc: &Location) -> Result<Option<(String, Vec<u8>)>, SpoolError> {
         let file = glommio::io::BufferedFile::open(self.dir.join(&loc.segment)).await?;
         let read = file.read_at(loc.offset, loc.len as usize).await;
         let _ = file.close().await;
