@@ -314,6 +314,11 @@ pub struct Cli {
           value_parser = parse_duration)]
     pub max_queue_age: Duration,
 
+    /// Send the sender one "delayed" report (RFC 3464, Action: delayed) for recipients still queued after this long; 0 disables warnings.
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_DELAY_WARNING", default_value = "0",
+          value_parser = parse_duration)]
+    pub delay_warning: Duration,
+
     /// Received headers after which a message is a loop and bounces (5.4.6).
     #[arg(long, value_name = "N", env = "RINGMTA_MAX_HOPS", default_value_t = 50)]
     pub max_hops: usize,

@@ -106,6 +106,7 @@ impl Config {
             reply_timeout: cli.relay_timeout,
             retry_schedule: cli.retry_schedule.0.clone(),
             max_queue_age: cli.max_queue_age,
+            delay_warning: (!cli.delay_warning.is_zero()).then_some(cli.delay_warning),
             max_conns_per_dest: cli.max_conns_per_dest.max(1),
             max_hops: cli.max_hops,
             tls_policy: cli.tls_policy,

@@ -191,6 +191,69 @@ fn downstream_down_then_up_delivers_once() {
     });
 }
 
+#[test]
+fn delay_warning_is_sent_once_then_the_message_is_delivered() {
+    let port = free_port();
+    let route = format!("example.net=smtp:127.0.0.1:{port}");
+    let relay = Server::start(&[
+        "--route",
+        &route,
+        "--relay-network",
+        "127.0.0.0/8",
+        "--retry-schedule",
+        "1s",
+        "--delay-warning",
+        "2s",
+    ]);
+    let mut c = relay.connect();
+    c.hello("client.example");
+    c.send_message(
+        "sender@localhost",
+        &["u@example.net"],
+        b"Subject: slow\r\n\r\nx\r\n",
+    );
+    // NOTIFY=FAILURE only: this sender asked not to hear about delays.
+    c.expect("MAIL FROM:<quiet@localhost>", 250);
+    c.expect("RCPT TO:<u@example.net> NOTIFY=FAILURE", 250);
+    c.expect("DATA", 354);
+    c.send(b"Subject: quiet\r\n\r\nx\r\n.\r\n");
+    assert_eq!(c.reply().code, 250);
+
+    // Nobody listens downstream: deferred every second, warned once at 2 s.
+    wait_until("delay warning", Duration::from_secs(20), || {
+        !maildir_files(&relay, "sender@localhost").is_empty()
+    });
+    let warning = String::from_utf8(maildir_files(&relay, "sender@localhost").remove(0)).unwrap();
+    assert!(warning.starts_with("Return-Path: <>\r\n"), "{warning}");
+    assert!(warning.contains("Subject: Delayed Mail (still being retried)\r\n"));
+    assert!(
+        warning.contains("Final-Recipient: rfc822; u@example.net\r\nAction: delayed\r\nStatus: 4."),
+        "{warning}"
+    );
+    assert!(warning.contains("Will-Retry-Until: "), "{warning}");
+    assert!(
+        warning.contains("Subject: slow\r\n"),
+        "original headers returned"
+    );
+    // Several more deferrals: still one warning, none for NOTIFY=FAILURE.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(maildir_files(&relay, "sender@localhost").len(), 1);
+    assert!(maildir_files(&relay, "quiet@localhost").is_empty());
+    assert_eq!(relay.queued().len(), 2, "both still queued");
+
+    let addr = format!("127.0.0.1:{port}");
+    let downstream = Server::start(&["--smtp", &addr, "--local-domain", "example.net"]);
+    wait_until(
+        "delivery once the downstream is up",
+        Duration::from_secs(30),
+        || downstream.queued().len() == 2,
+    );
+    wait_until("relay queue drained", Duration::from_secs(10), || {
+        relay.queued().is_empty()
+    });
+    assert_eq!(maildir_files(&relay, "sender@localhost").len(), 1);
+}
+
 struct Child_(Child);
 
 impl Drop for Child_ {

@@ -813,13 +813,16 @@ impl Relay {
         let now = unix_now();
         let age = Duration::from_secs(now.saturating_sub(entry.arrival));
         let mut failed = Vec::new();
+        let mut delayed = Vec::new();
         let mut retry_at: Option<u64> = None;
         let mut ops = Vec::with_capacity(outcomes.len());
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&rcpt) = rcpts.get(k) else {
                 continue;
             };
-            let addr = entry.rcpts.get(rcpt).map_or("?", |(a, _)| a.as_str());
+            let Some((addr, before)) = entry.rcpts.get(rcpt) else {
+                continue;
+            };
             let id = work.id.clone();
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
@@ -835,8 +838,11 @@ impl Relay {
                     let seed = hash(&id) ^ rcpt as u64;
                     match self.cfg.next_retry(age, seed) {
                         Some(delay) => {
-                            let until = now + delay.as_secs().max(1);
-                            tracing::info!(%id, rcpt = %addr, reason = %why, retry_in = ?delay, "deferred");
+                            let until = self.cfg.retry_at(entry.arrival, now, delay);
+                            tracing::info!(%id, rcpt = %addr, reason = %why, retry_in = ?Duration::from_secs(until - now), "deferred");
+                            if self.cfg.delay_warning_due(entry.arrival, now, before) {
+                                delayed.push((k, why));
+                            }
                             retry_at = Some(retry_at.map_or(until, |t: u64| t.min(until)));
                             JournalOp::Deferred { id, rcpt, until }
                         }
@@ -852,7 +858,19 @@ impl Relay {
             };
             ops.push(op);
         }
-        if !failed.is_empty() && !self.bounce(&work, &failed, remote).await {
+        if !delayed.is_empty() {
+            let retry_until =
+                UNIX_EPOCH + Duration::from_secs(entry.arrival) + self.cfg.max_queue_age;
+            let action = dsn::Action::Delayed { retry_until };
+            // A warning that cannot be stored is not retried: it only
+            // informs, and the recipient's bounce (if it comes) will.
+            self.notify_sender(&work, action, &delayed, remote).await;
+        }
+        if !failed.is_empty()
+            && !self
+                .notify_sender(&work, dsn::Action::Failed, &failed, remote)
+                .await
+        {
             let until = now + BOUNCE_RETRY;
             retry_at = Some(retry_at.map_or(until, |t: u64| t.min(until)));
             for op in &mut ops {
@@ -879,23 +897,33 @@ impl Relay {
         }
     }
 
-    /// Sends the sender one report for the recipients that failed (unless
-    /// the message was itself a bounce, or NOTIFY says not to). `failed`
-    /// holds positions in `work.rcpts`. `false` when a report is due but
-    /// could not be stored.
-    async fn bounce(&self, work: &Work, failed: &[(usize, String)], remote: Option<&str>) -> bool {
+    /// Sends the sender one report on the recipients in `rcpts` (positions
+    /// in `work.rcpts`, each with its diagnostic) that failed or are
+    /// delayed, unless the message was itself a report, or their NOTIFY
+    /// says not to. `false` when a report is due but could not be stored.
+    async fn notify_sender(
+        &self,
+        work: &Work,
+        action: dsn::Action,
+        rcpts: &[(usize, String)],
+        remote: Option<&str>,
+    ) -> bool {
         let Some(loaded) = self.load(work).await else {
-            tracing::error!(id = %work.id, "cannot read the message to bounce it");
+            tracing::error!(id = %work.id, "cannot read the message to report on it");
             return false;
         };
         let Some(sender) = &loaded.job.mail_from else {
-            tracing::info!(id = %work.id, "not bouncing a bounce (null sender)");
+            tracing::info!(id = %work.id, "not reporting on a report (null sender)");
             return true;
         };
-        let reported: Vec<dsn::Failed> = failed
+        let wanted = |n: Option<&str>| match action {
+            dsn::Action::Failed => dsn::wants_failure_report(n),
+            dsn::Action::Delayed { .. } => dsn::wants_delay_report(n),
+        };
+        let reported: Vec<dsn::Recipient> = rcpts
             .iter()
-            .filter(|(k, _)| dsn::wants_failure_report(loaded.notify[*k].as_deref()))
-            .map(|(k, why)| dsn::Failed {
+            .filter(|(k, _)| wanted(loaded.notify[*k].as_deref()))
+            .map(|(k, why)| dsn::Recipient {
                 addr: loaded.job.rcpts[*k].addr.clone(),
                 orcpt: loaded.orcpt[*k].clone(),
                 diagnostic: why.clone(),
@@ -905,14 +933,19 @@ impl Relay {
         if reported.is_empty() {
             return true;
         }
+        let original = dsn::Original {
+            id: &work.id,
+            sender,
+            envid: loaded.envid.as_deref(),
+            arrival: UNIX_EPOCH + Duration::from_secs(loaded.arrival),
+            content: &loaded.job.body,
+            ret_full: loaded.ret_full,
+        };
         let body = dsn::build(
             &self.hostname,
-            &work.id,
-            sender,
-            loaded.envid.as_deref(),
+            &original,
+            action,
             &reported,
-            &loaded.job.body,
-            loaded.ret_full,
             SystemTime::now(),
         );
         let msg = Message {
@@ -942,12 +975,16 @@ impl Relay {
         };
         match self.spool.store(msg).await {
             Ok(id) => {
-                tracing::info!(id = %work.id, bounce = %id, to = %sender, "bounce queued");
+                let kind = match action {
+                    dsn::Action::Failed => "bounce",
+                    dsn::Action::Delayed { .. } => "delay warning",
+                };
+                tracing::info!(id = %work.id, report = %id, to = %sender, "{kind} queued");
                 self.enqueue(id);
                 true
             }
             Err(e) => {
-                tracing::error!(id = %work.id, error = %e, "cannot queue a bounce; retrying later");
+                tracing::error!(id = %work.id, error = %e, "cannot queue a report");
                 false
             }
         }

@@ -1,17 +1,19 @@
-//! Bounces: RFC 3464 delivery status notifications, built as a new message
-//! from the null sender to the original sender.
+//! Bounces and delay warnings: RFC 3464 delivery status notifications,
+//! built as a new message from the null sender to the original sender.
 //!
-//! Never bounces a bounce (null reverse-path), and honours NOTIFY (RFC 3461
-//! 4.1): a recipient with NOTIFY=NEVER, or with a NOTIFY list lacking
-//! FAILURE, produces no failure report.
+//! Never reports on a report (null reverse-path), and honours NOTIFY
+//! (RFC 3461 4.1): a recipient with NOTIFY=NEVER, or with a NOTIFY list
+//! lacking FAILURE (or DELAY for a warning), produces no report. Without
+//! NOTIFY, failures are reported, and delays too when `--delay-warning` is
+//! set (RFC 3461 leaves that default to the MTA; Postfix does the same).
 
 use std::time::SystemTime;
 
 use crate::smtp::envelope::rfc5322_date;
 
-/// One failed recipient, for the report.
+/// One recipient in a report.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failed {
+pub struct Recipient {
     pub addr: String,
     /// ORCPT as received (`rfc822;...`), if any.
     pub orcpt: Option<String>,
@@ -19,6 +21,29 @@ pub struct Failed {
     pub diagnostic: String,
     /// Who said so (`mx.example.net`), if it was a remote server.
     pub remote: Option<String>,
+}
+
+/// What the report says happened to its recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Given up: a bounce.
+    Failed,
+    /// Still queued and retried until `retry_until`: a delay warning.
+    Delayed { retry_until: SystemTime },
+}
+
+/// The message a report is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Original<'a> {
+    /// Its queue id.
+    pub id: &'a str,
+    /// The envelope sender, who gets the report.
+    pub sender: &'a str,
+    pub envid: Option<&'a str>,
+    pub arrival: SystemTime,
+    /// The stored message; only its header is returned unless `ret_full`.
+    pub content: &'a [u8],
+    pub ret_full: bool,
 }
 
 /// Whether a failure report is wanted for a recipient with this NOTIFY.
@@ -29,8 +54,22 @@ pub fn wants_failure_report(notify: Option<&str>) -> bool {
     }
 }
 
-/// The status code (`5.1.1`) inside a diagnostic, or a generic one.
-fn status_of(diagnostic: &str) -> String {
+/// Whether a delay warning is wanted for a recipient with this NOTIFY
+/// (once warnings are enabled at all).
+pub fn wants_delay_report(notify: Option<&str>) -> bool {
+    match notify {
+        None => true,
+        Some(n) => n.split(',').any(|w| w.eq_ignore_ascii_case("DELAY")),
+    }
+}
+
+/// The status code (`5.1.1`) inside a diagnostic, or a generic one of the
+/// right class.
+fn status_of(diagnostic: &str, action: Action) -> String {
+    let generic = match action {
+        Action::Failed => "5.0.0",
+        Action::Delayed { .. } => "4.0.0",
+    };
     diagnostic
         .split_ascii_whitespace()
         .nth(1)
@@ -40,32 +79,46 @@ fn status_of(diagnostic: &str) -> String {
                 && p.iter()
                     .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
         })
-        .map_or_else(|| "5.0.0".to_owned(), str::to_owned)
+        .map_or_else(|| generic.to_owned(), str::to_owned)
 }
 
-/// Builds the bounce message (headers and a multipart/report body). `original`
-/// is the stored message; only its header is returned unless `ret_full`.
-#[allow(clippy::too_many_arguments)]
+/// Builds the report (headers and a multipart/report body) on `original`
+/// for `rcpts`.
 pub fn build(
     hostname: &str,
-    id: &str,
-    sender: &str,
-    envid: Option<&str>,
-    failed: &[Failed],
-    original: &[u8],
-    ret_full: bool,
+    original: &Original<'_>,
+    action: Action,
+    rcpts: &[Recipient],
     now: SystemTime,
 ) -> Vec<u8> {
+    let id = original.id;
+    let (tag, subject, what) = match action {
+        Action::Failed => (
+            "bounce",
+            "Undelivered Mail Returned to Sender".to_owned(),
+            "Your message could not be delivered to one or more recipients:".to_owned(),
+        ),
+        Action::Delayed { retry_until } => (
+            "delay",
+            "Delayed Mail (still being retried)".to_owned(),
+            format!(
+                "Your message could not be delivered yet to one or more recipients.\r\n\
+                 It is still queued and will be retried until {}.\r\n\
+                 This is only a warning: you need not send the message again.",
+                rfc5322_date(retry_until)
+            ),
+        ),
+    };
     let boundary = format!("{id}/{hostname}");
     let date = rfc5322_date(now);
     let mut m = String::with_capacity(2048);
     m.push_str(&format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
     ));
-    m.push_str(&format!("To: <{sender}>\r\n"));
-    m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    m.push_str(&format!("To: <{}>\r\n", original.sender));
+    m.push_str(&format!("Subject: {subject}\r\n"));
     m.push_str(&format!("Date: {date}\r\n"));
-    m.push_str(&format!("Message-ID: <{id}.bounce@{hostname}>\r\n"));
+    m.push_str(&format!("Message-ID: <{id}.{tag}@{hostname}>\r\n"));
     m.push_str("Auto-Submitted: auto-replied\r\n");
     m.push_str("MIME-Version: 1.0\r\n");
     m.push_str(&format!(
@@ -76,37 +129,50 @@ pub fn build(
         "--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
     ));
     m.push_str(&format!(
-        "This is the mail system at host {hostname}.\r\n\r\nYour message could not be delivered to one or more recipients:\r\n\r\n"
+        "This is the mail system at host {hostname}.\r\n\r\n{what}\r\n\r\n"
     ));
-    for f in failed {
-        m.push_str(&format!("<{}>: {}\r\n", f.addr, f.diagnostic));
+    for r in rcpts {
+        m.push_str(&format!("<{}>: {}\r\n", r.addr, r.diagnostic));
     }
     m.push_str(&format!(
         "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
     ));
     m.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
-    if let Some(envid) = envid {
+    if let Some(envid) = original.envid {
         m.push_str(&format!("Original-Envelope-Id: {envid}\r\n"));
     }
-    m.push_str(&format!("Arrival-Date: {date}\r\n"));
-    for f in failed {
+    m.push_str(&format!(
+        "Arrival-Date: {}\r\n",
+        rfc5322_date(original.arrival)
+    ));
+    for r in rcpts {
         m.push_str("\r\n");
-        if let Some(o) = &f.orcpt {
+        if let Some(o) = &r.orcpt {
             m.push_str(&format!("Original-Recipient: {o}\r\n"));
         }
-        m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", f.addr));
-        m.push_str("Action: failed\r\n");
-        m.push_str(&format!("Status: {}\r\n", status_of(&f.diagnostic)));
-        if let Some(r) = &f.remote {
-            m.push_str(&format!("Remote-MTA: dns; {r}\r\n"));
+        m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", r.addr));
+        match action {
+            Action::Failed => m.push_str("Action: failed\r\n"),
+            Action::Delayed { .. } => m.push_str("Action: delayed\r\n"),
         }
-        m.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", f.diagnostic));
+        m.push_str(&format!("Status: {}\r\n", status_of(&r.diagnostic, action)));
+        if let Some(remote) = &r.remote {
+            m.push_str(&format!("Remote-MTA: dns; {remote}\r\n"));
+        }
+        m.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", r.diagnostic));
+        if let Action::Delayed { retry_until } = action {
+            m.push_str(&format!(
+                "Will-Retry-Until: {}\r\n",
+                rfc5322_date(retry_until)
+            ));
+        }
     }
-    let (part_type, content): (&str, &[u8]) = if ret_full {
-        ("message/rfc822", original)
+    let content = original.content;
+    let (part_type, content): (&str, &[u8]) = if original.ret_full {
+        ("message/rfc822", content)
     } else {
-        let end = memchr::memmem::find(original, b"\r\n\r\n").map_or(original.len(), |e| e + 2);
-        ("text/rfc822-headers", &original[..end])
+        let end = memchr::memmem::find(content, b"\r\n\r\n").map_or(content.len(), |e| e + 2);
+        ("text/rfc822-headers", &content[..end])
     };
     m.push_str(&format!(
         "\r\n--{boundary}\r\nContent-Type: {part_type}\r\n\r\n"
@@ -133,23 +199,43 @@ mod tests {
     }
 
     #[test]
-    fn report_has_the_parts() {
-        let original = b"Subject: hi\r\nFrom: a@example.org\r\n\r\nsecret body\r\n";
-        let f = Failed {
+    fn delay_notify_rules() {
+        assert!(wants_delay_report(None));
+        assert!(wants_delay_report(Some("FAILURE,DELAY")));
+        assert!(!wants_delay_report(Some("NEVER")));
+        assert!(!wants_delay_report(Some("FAILURE")));
+    }
+
+    fn original(content: &[u8]) -> Original<'_> {
+        Original {
+            id: "Q1",
+            sender: "a@example.org",
+            envid: Some("E1"),
+            arrival: SystemTime::UNIX_EPOCH,
+            content,
+            ret_full: false,
+        }
+    }
+
+    fn rcpt(diagnostic: &str) -> Recipient {
+        Recipient {
             addr: "u@example.net".into(),
             orcpt: Some("rfc822;u@example.net".into()),
-            diagnostic: "550 5.1.1 no such user".into(),
+            diagnostic: diagnostic.into(),
             remote: Some("mx.example.net".into()),
-        };
+        }
+    }
+
+    #[test]
+    fn report_has_the_parts() {
+        let content = b"Subject: hi\r\nFrom: a@example.org\r\n\r\nsecret body\r\n";
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(86_400);
         let b = build(
             "mx.test",
-            "Q1",
-            "a@example.org",
-            Some("E1"),
-            &[f],
-            original,
-            false,
-            SystemTime::UNIX_EPOCH,
+            &original(content),
+            Action::Failed,
+            &[rcpt("550 5.1.1 no such user")],
+            now,
         );
         let s = String::from_utf8(b).unwrap();
         assert!(s.contains("Content-Type: multipart/report; report-type=delivery-status;"));
@@ -157,8 +243,45 @@ mod tests {
             "Final-Recipient: rfc822; u@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
         ));
         assert!(s.contains("Original-Envelope-Id: E1\r\n"));
+        // The arrival, not the time of the report.
+        assert!(
+            s.contains("Arrival-Date: Thu, 1 Jan 1970 00:00:00 +0000\r\n"),
+            "{s}"
+        );
         assert!(s.contains("Subject: hi\r\n"));
         assert!(!s.contains("secret body"), "RET=HDRS returns headers only");
+        assert!(!s.contains("Will-Retry-Until"));
         assert!(s.ends_with("--Q1/mx.test--\r\n"));
+    }
+
+    #[test]
+    fn delay_warning_says_delayed_and_until_when() {
+        let content = b"Subject: hi\r\n\r\nbody\r\n";
+        let until = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(5 * 86_400);
+        let b = build(
+            "mx.test",
+            &original(content),
+            Action::Delayed { retry_until: until },
+            &[rcpt("451 4.3.0 try later"), {
+                let mut r = rcpt("connection refused");
+                r.addr = "v@example.net".into();
+                r.remote = None;
+                r
+            }],
+            until,
+        );
+        let s = String::from_utf8(b).unwrap();
+        assert!(s.contains("Subject: Delayed Mail (still being retried)\r\n"));
+        assert!(s.contains("Message-ID: <Q1.delay@mx.test>\r\n"));
+        assert!(s.contains(
+            "Final-Recipient: rfc822; u@example.net\r\nAction: delayed\r\nStatus: 4.3.0\r\n"
+        ));
+        assert!(s.contains(
+            "Final-Recipient: rfc822; v@example.net\r\nAction: delayed\r\nStatus: 4.0.0\r\n"
+        ));
+        assert!(
+            s.contains("Will-Retry-Until: Tue, 6 Jan 1970 00:00:00 +0000\r\n"),
+            "{s}"
+        );
     }
 }

@@ -126,6 +126,8 @@ pub struct RelayConfig {
     pub reply_timeout: Duration,
     pub retry_schedule: Vec<Duration>,
     pub max_queue_age: Duration,
+    /// Warn senders of recipients still queued after this long.
+    pub delay_warning: Option<Duration>,
     pub max_conns_per_dest: usize,
     pub max_hops: usize,
     /// STARTTLS to the next hop: opportunistic or required ([`tls`]).
@@ -182,6 +184,45 @@ impl RelayConfig {
         let jitter = delay.mul_f64((seed % 1000) as f64 / 10_000.0);
         Some(delay + jitter)
     }
+
+    /// When a recipient deferred `now` is tried next (Unix seconds): `delay`
+    /// later, but not past the `--delay-warning` threshold while it is still
+    /// ahead, so the attempt that crosses it (and sends the warning) comes
+    /// on time.
+    pub fn retry_at(&self, arrival: u64, now: u64, delay: Duration) -> u64 {
+        let at = now + delay.as_secs().max(1);
+        match self.delay_warning {
+            Some(w) if now < arrival + w.as_secs() => at.min(arrival + w.as_secs()),
+            _ => at,
+        }
+    }
+
+    /// Whether a recipient deferred again `now`, in state `before` until
+    /// this attempt, is owed its delay warning: warnings are on, it has been
+    /// queued for at least `--delay-warning`, and the attempt before this
+    /// one was still inside that time (it was pending, or its retry was
+    /// scheduled no later than the threshold, which [`Self::retry_at`]
+    /// guarantees). So each recipient is warned once, with no state kept
+    /// beyond the journal's retry times: a restart neither repeats nor
+    /// forgets a warning.
+    pub fn delay_warning_due(
+        &self,
+        arrival: u64,
+        now: u64,
+        before: &crate::spool::queue::RcptState,
+    ) -> bool {
+        use crate::spool::queue::RcptState;
+        let Some(w) = self.delay_warning else {
+            return false;
+        };
+        let threshold = arrival + w.as_secs();
+        now >= threshold
+            && match before {
+                RcptState::Pending => true,
+                RcptState::Deferred { until } => *until <= threshold,
+                RcptState::Delivered | RcptState::Bounced => false,
+            }
+    }
 }
 
 /// `--retry-schedule 1m,5m,15m,...`: delays between attempts.
@@ -218,6 +259,7 @@ mod tests {
             connect_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(300),
             retry_schedule: parse_schedule("1m,5m,15m").unwrap().0,
+            delay_warning: None,
             max_queue_age: Duration::from_secs(5 * 86_400),
             max_conns_per_dest: 4,
             max_hops: 50,
@@ -227,6 +269,47 @@ mod tests {
             handoff_capacity: 1024,
             tick: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn delay_warning_once_per_recipient_at_the_threshold() {
+        use crate::spool::queue::RcptState;
+        let mut c = cfg();
+        let arrival = 1_000_000;
+        // Off: never, and retries are not moved.
+        assert!(!c.delay_warning_due(arrival, arrival + 86_400, &RcptState::Pending));
+        assert_eq!(
+            c.retry_at(arrival, arrival + 3000, Duration::from_secs(900)),
+            arrival + 3900
+        );
+        c.delay_warning = Some(Duration::from_secs(3600));
+        let t = arrival + 3600;
+        // A retry that would jump over the threshold is pulled back to it.
+        assert_eq!(
+            c.retry_at(arrival, arrival + 3000, Duration::from_secs(900)),
+            t
+        );
+        assert_eq!(
+            c.retry_at(arrival, arrival + 100, Duration::from_secs(60)),
+            arrival + 160
+        );
+        // Past the threshold, the schedule is the schedule.
+        assert_eq!(
+            c.retry_at(arrival, t + 10, Duration::from_secs(900)),
+            t + 910
+        );
+        // Before the threshold: no warning.
+        let before = RcptState::Deferred { until: t - 600 };
+        assert!(!c.delay_warning_due(arrival, t - 1, &before));
+        // The attempt that crosses it warns (also when it was pulled back
+        // exactly to the threshold, or is late)...
+        assert!(c.delay_warning_due(arrival, t, &RcptState::Deferred { until: t }));
+        assert!(c.delay_warning_due(arrival, t + 500, &before));
+        assert!(c.delay_warning_due(arrival, t + 500, &RcptState::Pending));
+        // ...and the ones after it (scheduled past the threshold) do not.
+        let after = c.retry_at(arrival, t, Duration::from_secs(900));
+        assert!(!c.delay_warning_due(arrival, after, &RcptState::Deferred { until: after }));
+        assert!(!c.delay_warning_due(arrival, t + 1, &RcptState::Delivered));
     }
 
     #[test]
