@@ -343,9 +343,13 @@ pub struct Cli {
     )]
     pub tls_verify: TlsVerify,
 
-    /// Work items queued between two shards for the destination's owning shard; when full, the intake shard delivers itself.
-    #[arg(long, value_name = "N", env = "RINGMTA_HANDOFF_CAPACITY", default_value_t = 1024,
-          value_parser = clap::value_parser!(u32).range(1..))]
+    /// Work items queued between two shards for the destination's owning shard; when full, the intake shard delivers itself. 0: no handoff (every shard delivers what it took in).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_HANDOFF_CAPACITY",
+        default_value_t = 1024
+    )]
     pub handoff_capacity: u32,
 
     /// Outbound connect timeout.

@@ -28,8 +28,13 @@
 //!   workers that reuse connections, the sans-IO SMTP client
 //!   ([`relay::client`], STARTTLS included) driven over glommio sockets and
 //!   rustls ([`relay::tls`]: opportunistic or required TLS), retries with
-//!   backoff, RFC 3464 bounces, exactly-once Maildir delivery. Outcomes are
-//!   journaled per recipient through the spool.
+//!   backoff, RFC 3464 bounces and optional delay warnings
+//!   ([`relay::dsn`]), exactly-once Maildir delivery. Each SMTP destination
+//!   is delivered by the shard that owns it (a hash of its host or domain):
+//!   the shard that took a message in hands that destination's recipients
+//!   over the bounded [`relay::handoff`] mesh (or delivers them itself when
+//!   the channel is full) and gets the outcomes back. Outcomes are journaled
+//!   per recipient, by the origin shard only, through its spool.
 //! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
 //!   turned once into a validated [`config::Config`].
 

@@ -150,12 +150,13 @@ pub fn run(
     // shares a non-atomic `Rc` between its clones, so none may be cloned
     // while another thread could be dropping one.
     let shards = bound.by_shard.len();
-    let mut meshes: Vec<Option<crate::relay::handoff::Mesh>> = if config.delivery && shards > 1 {
-        let mesh = crate::relay::handoff::Mesh::full(shards, config.relay.handoff_capacity);
-        (0..shards).map(|_| Some(mesh.clone())).collect()
-    } else {
-        (0..shards).map(|_| None).collect()
-    };
+    let mut meshes: Vec<Option<crate::relay::handoff::Mesh>> =
+        if config.delivery && shards > 1 && config.relay.handoff_capacity > 0 {
+            let mesh = crate::relay::handoff::Mesh::full(shards, config.relay.handoff_capacity);
+            (0..shards).map(|_| Some(mesh.clone())).collect()
+        } else {
+            (0..shards).map(|_| None).collect()
+        };
     for (id, listeners) in bound.by_shard.into_iter().enumerate() {
         let core = if config.pin && !cores.is_empty() {
             Some(cores[id % cores.len()])
