@@ -2,16 +2,26 @@
 //! (counted chunks, RFC 3030).
 //!
 //! `DataReceiver` owns the SMTP-smuggling defence: only `<CRLF>.<CRLF>` ends
-//! DATA. A bare CR or LF anywhere in the content is never a line end; it is
-//! noted and the message refused at the end, with exactly one reply. The end
-//! marker is found with one `memmem::Finder` that only ever sees new bytes
-//! plus the at most four held-back bytes that could begin the marker. Content
-//! is unstuffed as it is copied out, once. `BdatReceiver` never looks at the
-//! bytes it carries.
+//! DATA. A bare CR or LF anywhere in the content is never a line end of that
+//! kind; it is noted and the message refused at the end, with exactly one
+//! reply (or, by policy, stored as CRLF). The receiver looks at each new
+//! octet once, 64 at a time ([`scan`]): bitmasks of CR, LF and '.' say where
+//! a line ends with a dot after it (a dot to unstuff, or the end of DATA),
+//! and CR/LF pairing and line lengths are checked from the same masks, so
+//! per-line work happens only where a mask asks for it. Content is unstuffed
+//! as it is copied out, once, in long runs. Bytes that could begin the end
+//! marker are held back for the next input, never searched twice.
+//! `BdatReceiver` never looks at the bytes it carries.
 
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
+
+use scan::{Masks, Scanner, BLOCK};
+
+#[cfg(test)]
+mod reference;
+mod scan;
 
 /// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF.
 pub const MAX_TEXT_LINE: usize = 1000;
@@ -70,6 +80,7 @@ pub struct DataReceiver {
     /// Octets of unstuffed content so far, kept or not.
     size: u64,
     max_size: u64,
+    scanner: Scanner,
 }
 
 impl DataReceiver {
@@ -84,6 +95,7 @@ impl DataReceiver {
             long_line: false,
             size: 0,
             max_size,
+            scanner: Scanner::detect(),
         }
     }
 
@@ -100,15 +112,34 @@ impl DataReceiver {
                 return Progress::NeedMore { consumed: 0 };
             }
         }
-        if let Some(p) = END_OF_DATA.find(input) {
-            // The CRLF before the dot ends the last line of content.
-            self.feed(&input[..p + 2], body);
-            return Progress::Done { consumed: p + 5 };
-        }
-        // A segment fed here never ends in a lone CR: that is held back.
+        // A segment fed never ends in a lone CR: that is held back, so a
+        // CRLF pair never straddles two calls. The first end marker, if
+        // any, always has its dot before `keep` (the held-back suffix is a
+        // proper prefix of the marker, so it cannot hold a whole marker's
+        // dot and the CRLF after it).
         let keep = input.len() - held_back(input);
-        self.feed(&input[..keep], body);
-        Progress::NeedMore { consumed: keep }
+        let saved = (self.clone(), body.len());
+        match self.feed(input, keep, body) {
+            Fed::End { dot } => Progress::Done { consumed: dot + 3 },
+            Fed::Content => Progress::NeedMore { consumed: keep },
+            Fed::Bare => {
+                // Normalizing: undo, and take the byte-exact slow path for
+                // this input. Bare line ends are rare (and such content is
+                // the sender's problem); clean CRLF text never comes here.
+                *self = saved.0;
+                body.truncate(saved.1);
+                let (seg, progress) = match END_OF_DATA.find(input) {
+                    // The CRLF before the dot ends the last line of content.
+                    Some(p) => (&input[..p + 2], Progress::Done { consumed: p + 5 }),
+                    None => (&input[..keep], Progress::NeedMore { consumed: keep }),
+                };
+                if !seg.is_empty() {
+                    self.feed_normalizing(seg, body);
+                    self.after_crlf = seg.ends_with(b"\r\n");
+                }
+                progress
+            }
+        }
     }
 
     /// Octets of content received (after unstuffing).
@@ -129,62 +160,82 @@ impl DataReceiver {
         }
     }
 
-    /// Content between line boundaries the caller chose; never ends in a
-    /// lone CR (see `held_back`), so a CRLF pair never straddles two calls.
-    fn feed(&mut self, seg: &[u8], body: &mut Vec<u8>) {
-        if seg.is_empty() {
-            return;
-        }
-        if self.policy == BareNewline::Normalize {
-            // Optimistic: clean CRLF text takes the fast path; on the rare
-            // bare CR/LF, undo and take the normalising path instead.
-            let saved = (self.clone(), body.len());
-            if !self.feed_fast(seg, body) {
-                *self = saved.0;
-                body.truncate(saved.1);
-                self.feed_normalizing(seg, body);
-            }
-        } else if !self.feed_fast(seg, body) {
-            self.bare = true;
-        }
-        self.after_crlf = seg.ends_with(b"\r\n");
+    #[cfg(test)]
+    fn with_scanner(mut self, scanner: Scanner) -> Self {
+        self.scanner = scanner;
+        self
     }
 
-    /// Per line: check its CRLF, its length and a leading dot. Returns
-    /// `false` if the segment holds a bare CR or LF (the content was still
-    /// taken, with the bare bytes as they were).
-    fn feed_fast(&mut self, seg: &[u8], body: &mut Vec<u8>) -> bool {
-        // The stuffing dot is dropped and, per RFC 5321 4.5.3.1.6, not
-        // counted in the line length: a stuffed line "begins" after it.
-        let mut copy_from = 0;
-        if self.line_start && seg[0] == b'.' {
-            copy_from = 1;
+    /// Takes the content in `input[..keep]`, or up to the first end marker
+    /// if there is one. Lines end at LF (an LF followed by '.' has its dot
+    /// dropped, RFC 5321 4.5.2), CR/LF pairing is checked separately; for
+    /// CRLF text that is exactly RFC 5321. Under `Reject` bare CR/LF are
+    /// kept as they are and only noted; under `Normalize` the first one
+    /// makes the caller start again on the normalising path.
+    fn feed(&mut self, input: &[u8], keep: usize, body: &mut Vec<u8>) -> Fed {
+        if keep == 0 {
+            return Fed::Content;
         }
-        let crs = memchr::memchr_iter(b'\r', seg).count();
-        let mut lfs = 0;
-        let mut clean = true;
-        let mut line_begin = copy_from;
-        for j in memchr::memchr_iter(b'\n', seg) {
-            lfs += 1;
-            clean &= j > 0 && seg[j - 1] == b'\r';
-            self.end_line(j + 1 - line_begin);
-            line_begin = j + 1;
-            if seg.get(j + 1) == Some(&b'.') {
-                // A dot-stuffed line (RFC 5321 4.5.2): drop the first dot.
-                self.emit(&seg[copy_from..j + 1], body);
-                copy_from = j + 2;
-                line_begin = j + 2;
+        let mut pass = Pass {
+            input,
+            end: keep,
+            copy_from: 0,
+            line_begin: -(self.line_len as isize),
+            lf_block: None,
+            // An LF first cannot follow a CR: no call ends in a lone CR.
+            bare: input[0] == b'\n',
+            marker: false,
+        };
+        if self.line_start && input[0] == b'.' {
+            // The stuffing dot is dropped and, per RFC 5321 4.5.3.1.6, not
+            // counted in the line length: a stuffed line "begins" after it.
+            pass.copy_from = 1;
+            pass.line_begin = 1;
+        }
+        let mut pos = 0;
+        while !pass.marker && pos < pass.end {
+            if pos + BLOCK < pass.end {
+                // Runs are copied out at most RUN octets at a time, while
+                // they are still in the L1 cache from the scan.
+                let to = pass.end.min(pos + RUN);
+                let skip = self.scanner.skip(input, pos, to, pass.line_begin_bound());
+                pass.bare |= skip.bare;
+                if skip.lf_block.is_some() {
+                    pass.lf_block = skip.lf_block;
+                }
+                pos = skip.pos;
+                if pos + BLOCK < to {
+                    let m = self.scanner.masks(input, pos);
+                    pass.block(self, pos, m, body);
+                    pos += BLOCK;
+                }
+                if pos - pass.copy_from.min(pos) >= RUN && !pass.marker {
+                    self.emit(&input[pass.copy_from..pos], body);
+                    pass.copy_from = pos;
+                }
+            } else {
+                // The last, short block (or one whose next octet is not
+                // content).
+                let m = self.scanner.masks(input, pos);
+                pass.block(self, pos, m, body);
+                pos += BLOCK;
+            }
+            if pass.bare && self.policy == BareNewline::Normalize {
+                return Fed::Bare;
             }
         }
-        // Every LF followed a CR, so more CRs than LFs means a lone CR.
-        clean &= crs == lfs;
-        self.line_len += seg.len() - line_begin;
+        let end = pass.end;
+        self.bare |= pass.bare;
+        self.emit(&input[pass.copy_from..end], body);
+        self.line_len = (end as isize - pass.exact_line_begin()) as usize;
         self.long_line |= self.line_len > MAX_TEXT_LINE;
-        if copy_from < seg.len() {
-            self.emit(&seg[copy_from..], body);
+        self.line_start = input[end - 1] == b'\n';
+        self.after_crlf = input[..end].ends_with(b"\r\n");
+        if pass.marker {
+            Fed::End { dot: end }
+        } else {
+            Fed::Content
         }
-        self.line_start = seg.last() == Some(&b'\n');
-        clean
     }
 
     /// Byte-exact slow path: every CR, LF or CRLF ends a line and is stored
@@ -231,6 +282,100 @@ impl DataReceiver {
             return;
         }
         body.extend_from_slice(bytes);
+    }
+}
+
+/// Longest run of content copied out in one piece: small enough to still
+/// be in the L1 cache after the scan, large enough that the per-copy cost
+/// does not matter.
+const RUN: usize = 16 << 10;
+
+/// How [`DataReceiver::feed`] ended.
+enum Fed {
+    /// The content ends before the end marker's dot at `input[dot]`.
+    End { dot: usize },
+    /// All of `input[..keep]` was content.
+    Content,
+    /// A bare CR or LF under [`BareNewline::Normalize`]; nothing was kept.
+    Bare,
+}
+
+/// One call's walk over `input`, block by block.
+struct Pass<'a> {
+    input: &'a [u8],
+    /// Content ends here; moves back to the marker's dot if one is found.
+    end: usize,
+    /// Content before this was copied out (or was a dropped dot).
+    copy_from: usize,
+    /// Where the current line's counted octets begin; negative when the
+    /// line began in earlier input.
+    line_begin: isize,
+    /// The last block with an LF that `Scanner::skip` passed over since
+    /// `line_begin` was last exact: the line really begins after its last
+    /// LF.
+    lf_block: Option<usize>,
+    bare: bool,
+    marker: bool,
+}
+
+impl Pass<'_> {
+    /// A lower bound of where the current line begins, for `skip`.
+    fn line_begin_bound(&self) -> isize {
+        self.lf_block
+            .map_or(self.line_begin, |block| block as isize + 1)
+    }
+
+    /// Where the current line's counted octets begin. A dot after the LF in
+    /// `lf_block` would have stopped `skip` there, so no dot is dropped.
+    fn exact_line_begin(&mut self) -> isize {
+        if let Some(block) = self.lf_block.take() {
+            let octets = &self.input[block..block + BLOCK];
+            if let Some(lf) = memchr::memrchr(b'\n', octets) {
+                self.line_begin = (block + lf + 1) as isize;
+            }
+        }
+        self.line_begin
+    }
+
+    /// The per-line work for the block at `pos`, classified as `m`: dots
+    /// after an LF are dropped (or end DATA), pairs of CR and LF, and the
+    /// length of the line its first LF ends.
+    fn block(&mut self, rx: &mut DataReceiver, pos: usize, m: Masks, body: &mut Vec<u8>) {
+        let input = self.input;
+        // Bit i may stand for content only if pos + i < end.
+        let below = |n: usize| if n >= BLOCK { !0 } else { (1u64 << n) - 1 };
+        let mut lf_dot = m.lf & m.dot_next() & below(self.end - pos - 1);
+        while lf_dot != 0 {
+            let dot = pos + lf_dot.trailing_zeros() as usize + 1;
+            if dot >= 2 && input.get(dot - 2..dot + 3) == Some(b"\r\n.\r\n") {
+                // Content ends with the CRLF before the dot.
+                self.end = dot;
+                self.marker = true;
+                break;
+            }
+            // A dot-stuffed line (RFC 5321 4.5.2): drop the first dot.
+            rx.emit(&input[self.copy_from..dot], body);
+            self.copy_from = dot + 1;
+            lf_dot &= lf_dot - 1;
+        }
+        let n = self.end - pos;
+        let content = below(n);
+        // Each CR must be followed by LF and each LF preceded by CR: bit i
+        // pairs octets i and i + 1, so it counts only if both are content;
+        // a CR that is the last octet of content has no LF.
+        let pairs = (m.cr ^ m.lf_next()) & below(n - 1);
+        let last_cr = n <= BLOCK && m.cr & (1 << (n - 1)) != 0;
+        self.bare |= pairs != 0 || last_cr;
+        let lfs = m.lf & content;
+        if lfs != 0 {
+            // Lines ending at later LFs of the block are shorter than it.
+            let first = pos + lfs.trailing_zeros() as usize;
+            let length = (first + 1) as isize - self.exact_line_begin();
+            rx.long_line |= length > MAX_TEXT_LINE as isize;
+            let last = pos + (BLOCK - 1) - lfs.leading_zeros() as usize;
+            let stuffed = last + 1 < self.end && input[last + 1] == b'.';
+            self.line_begin = (last + 1 + usize::from(stuffed)) as isize;
+        }
     }
 }
 
@@ -289,26 +434,60 @@ pub(crate) mod tests {
         max: u64,
         policy: BareNewline,
     ) -> (Vec<u8>, Verdict, usize) {
-        let mut rx = DataReceiver::new(max, policy);
-        let mut body = Vec::new();
+        let mut results = Scanner::available().into_iter().map(|scanner| {
+            let mut rx = DataReceiver::new(max, policy).with_scanner(scanner);
+            let mut body = Vec::new();
+            let run = drive(input, cuts, |input| rx.handle(input, &mut body));
+            let Some(consumed) = run.consumed else {
+                panic!("no end of data in {:?}", String::from_utf8_lossy(input));
+            };
+            (body, rx.verdict(), consumed)
+        });
+        let first = results
+            .next()
+            .expect("the portable scanner is always there");
+        for other in results {
+            assert_eq!(other, first, "scanners disagree");
+        }
+        first
+    }
+
+    /// What feeding an input in pieces did, call by call.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Run {
+        progress: Vec<Progress>,
+        /// Bytes of the input taken once DATA ended.
+        consumed: Option<usize>,
+    }
+
+    /// Feeds `input` in pieces ending at `cuts` (then at its end), as a
+    /// connection would: bytes not consumed are presented again in front of
+    /// the next piece.
+    fn drive(input: &[u8], cuts: &[usize], mut handle: impl FnMut(&[u8]) -> Progress) -> Run {
         let mut pending: Vec<u8> = Vec::new();
         let mut fed = 0;
-        let mut bounds: Vec<usize> = cuts.to_vec();
-        bounds.push(input.len());
-        for &end in &bounds {
+        let mut progress = Vec::new();
+        for &end in cuts.iter().chain(std::iter::once(&input.len())) {
             pending.extend_from_slice(&input[fed..end]);
             fed = end;
-            match rx.handle(&pending, &mut body) {
+            let p = handle(&pending);
+            progress.push(p);
+            match p {
                 Progress::Done { consumed } => {
-                    let total = fed - (pending.len() - consumed);
-                    return (body, rx.verdict(), total);
+                    return Run {
+                        progress,
+                        consumed: Some(fed - (pending.len() - consumed)),
+                    };
                 }
                 Progress::NeedMore { consumed } => {
                     pending.drain(..consumed);
                 }
             }
         }
-        panic!("no end of data in {:?}", String::from_utf8_lossy(input));
+        Run {
+            progress,
+            consumed: None,
+        }
     }
 
     fn receive_every_split(input: &[u8]) -> (Vec<u8>, Verdict, usize) {
@@ -480,5 +659,259 @@ pub(crate) mod tests {
             Progress::Done { consumed: 3 }
         );
         assert_eq!(sink, b"abc\r\n");
+    }
+
+    // Differential tests: the block-scanning receiver against the receiver
+    // it replaced (`reference`), which the tests above and the fuzz target
+    // pinned down. Everything a caller sees must be identical, for every
+    // scanner, policy, size limit and way of splitting the input.
+
+    /// Everything a caller can observe of one receiver over one input.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Observed {
+        run: Run,
+        body: Vec<u8>,
+        size: u64,
+        verdict: Option<Verdict>,
+    }
+
+    fn observe_reference(input: &[u8], cuts: &[usize], max: u64, policy: BareNewline) -> Observed {
+        let mut rx = reference::DataReceiver::new(max, policy);
+        let mut body = b"caller's".to_vec();
+        let run = drive(input, cuts, |input| rx.handle(input, &mut body));
+        let verdict = run.consumed.map(|_| rx.verdict());
+        Observed {
+            run,
+            body,
+            size: rx.size(),
+            verdict,
+        }
+    }
+
+    fn observe(
+        input: &[u8],
+        cuts: &[usize],
+        max: u64,
+        policy: BareNewline,
+        scanner: Scanner,
+    ) -> Observed {
+        let mut rx = DataReceiver::new(max, policy).with_scanner(scanner);
+        let mut body = b"caller's".to_vec();
+        let run = drive(input, cuts, |input| rx.handle(input, &mut body));
+        let verdict = run.consumed.map(|_| rx.verdict());
+        Observed {
+            run,
+            body,
+            size: rx.size(),
+            verdict,
+        }
+    }
+
+    const LIMITS: [u64; 6] = [0, 9, 100, 4096, 1 << 20, u64::MAX];
+
+    /// Compares every scanner with the reference for the given splits.
+    fn compare(input: &[u8], cuts: &[usize], limits: &[u64]) {
+        for policy in [BareNewline::Reject, BareNewline::Normalize] {
+            for &max in limits {
+                let want = observe_reference(input, cuts, max, policy);
+                for scanner in Scanner::available() {
+                    let got = observe(input, cuts, max, policy, scanner);
+                    assert!(
+                        got == want,
+                        "{scanner:?} {policy:?} max {max} cuts {cuts:?}\\n\
+                         input {:?}\\n got {got:?}\\nwant {want:?}",
+                        String::from_utf8_lossy(input)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whole, at every single split point, at pairs of them, byte by byte.
+    fn compare_every_split(input: &[u8]) {
+        compare(input, &[], &LIMITS);
+        for cut in 1..input.len() {
+            compare(input, &[cut], &[100, u64::MAX]);
+        }
+        for cut in (1..input.len()).step_by(13) {
+            for cut2 in (cut + 1..input.len()).step_by(29) {
+                compare(input, &[cut, cut2], &[u64::MAX]);
+            }
+        }
+        let all: Vec<usize> = (1..input.len()).collect();
+        compare(input, &all, &[9, u64::MAX]);
+    }
+
+    /// Deterministic noise; the tests need no `rand`.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Text with the octets that matter: mostly letters, some CRLF, dots,
+    /// bare CR and LF, at a density `rare` (1 in `rare` octets).
+    fn noise(rng: &mut XorShift, len: usize, rare: usize) -> Vec<u8> {
+        const SPECIAL: [&[u8]; 9] = [
+            b"\r\n",
+            b"\r\n",
+            b"\r\n.",
+            b".",
+            b"\r",
+            b"\n",
+            b"\r\n.\r\n",
+            b"\r\n..\r\n",
+            b"\n.\r\n",
+        ];
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            if rng.below(rare) == 0 {
+                out.extend_from_slice(SPECIAL[rng.below(SPECIAL.len())]);
+            } else {
+                out.push(b"ax\x80\xff\x00Q"[rng.below(6)]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn same_as_reference_on_noise() {
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        for round in 0..60 {
+            let len = rng.below(260);
+            let rare = [2, 5, 20, 80][round % 4];
+            let input = noise(&mut rng, len, rare);
+            compare_every_split(&input);
+        }
+    }
+
+    /// Longer inputs (several blocks, past `RUN`) at random split points.
+    #[test]
+    fn same_as_reference_on_long_noise() {
+        let mut rng = XorShift(99);
+        for round in 0..80 {
+            let len = if round % 10 == 9 {
+                RUN * 2 + rng.below(3000)
+            } else {
+                rng.below(5000)
+            };
+            let rare = [3, 40, 200, 2000][round % 4];
+            let mut input = noise(&mut rng, len, rare);
+            if round % 3 == 1 {
+                input.extend_from_slice(b"\r\n.\r\n");
+            }
+            compare(&input, &[], &LIMITS);
+            for _ in 0..20 {
+                let mut cuts: Vec<usize> = (0..rng.below(6)).map(|_| rng.below(len + 1)).collect();
+                cuts.sort_unstable();
+                compare(&input, &cuts, &[100, 4096, u64::MAX]);
+            }
+        }
+    }
+
+    /// Lines of 80 octets with some stuffed, as the benchmark sends them,
+    /// with one octet changed at every interesting place.
+    #[test]
+    fn same_as_reference_on_text_with_one_fault() {
+        let mut text = Vec::new();
+        for n in 0..24 {
+            if n % 7 == 3 {
+                text.push(b'.');
+            }
+            text.extend(std::iter::repeat_n(b'a' + (n % 26) as u8, 78 - (n % 5)));
+            text.extend_from_slice(b"\r\n");
+        }
+        let mut input = text[..900].to_vec();
+        input.extend_from_slice(b"\r\n.\r\n");
+        compare_every_split(&input);
+        for at in (0..text.len()).step_by(5) {
+            for fault in [b'\r', b'\n', b'.', b'x'] {
+                let mut input = text.clone();
+                input[at] = fault;
+                input.extend_from_slice(b".\r\nQUIT\r\n");
+                compare(&input, &[], &LIMITS);
+                compare(&input, &[at.saturating_sub(1)], &[u64::MAX]);
+                compare(&input, &[at, at + 1, (at + 64).min(input.len())], &[100]);
+            }
+        }
+    }
+
+    /// Line lengths around the limit, with and without a stuffing dot, the
+    /// line placed at every offset within a block and carried across calls.
+    #[test]
+    fn same_as_reference_on_line_lengths() {
+        for len in [
+            935, 936, 937, 998, 999, 1000, 1001, 1002, 1063, 1064, 1065, 2100,
+        ] {
+            for offset in 0..66 {
+                for stuffed in [false, true] {
+                    for eol in [&b"\r\n"[..], b"\n", b"\r"] {
+                        let mut input = vec![b'y'; offset];
+                        input.extend_from_slice(b"\r\n");
+                        if stuffed {
+                            input.push(b'.');
+                        }
+                        input.extend(std::iter::repeat_n(b'z', len));
+                        input.extend_from_slice(eol);
+                        input.extend_from_slice(b"short\r\n.\r\n");
+                        compare(&input, &[], &[u64::MAX]);
+                        let mid = offset + 2 + len / 2;
+                        compare(&input, &[mid], &[u64::MAX]);
+                        compare(&input, &[offset + 2, offset + 3], &[u64::MAX]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dots, markers and bare line ends at and around block edges, in
+    /// front of content that continues.
+    #[test]
+    fn same_as_reference_at_block_edges() {
+        const PIECES: [&[u8]; 12] = [
+            b"\r\n.\r\n",
+            b"\r\n..\r\n",
+            b"\r\n.x",
+            b"\n.\r\n",
+            b"\r.\r\n",
+            b"\r\n.\n",
+            b"\r\n.\r",
+            b"\r\r\n",
+            b"\n\n",
+            b"\r\n\r\n.\r\n",
+            b".",
+            b"\r",
+        ];
+        for piece in PIECES {
+            for start in [
+                0, 1, 2, 3, 60, 61, 62, 63, 64, 65, 66, 125, 126, 127, 128, 129,
+            ] {
+                let mut input = vec![b'w'; start];
+                input.extend_from_slice(piece);
+                input.extend(std::iter::repeat_n(b'v', 150));
+                input.extend_from_slice(b"\r\n.\r\n");
+                compare(&input, &[], &[9, u64::MAX]);
+                for cut in start.saturating_sub(2)..(start + piece.len() + 2).min(input.len()) {
+                    compare(&input, &[cut], &[u64::MAX]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn same_as_reference_on_smuggling_table() {
+        for seq in SMUGGLING {
+            compare_every_split(&smuggling_input(seq));
+            let mut padded = vec![b'p'; 61];
+            padded.extend_from_slice(&smuggling_input(seq));
+            compare(&padded, &[], &LIMITS);
+        }
     }
 }
