@@ -68,7 +68,6 @@ enum Repr {
     Hex([u8; HEX_DIGITS / 2]),
     // Boxed twice: the thin pointer is what keeps `QueueId` at 16 bytes
     // (a `Box<str>` beside the tag would make it 24).
-    #[allow(clippy::redundant_allocation)]
     Text(Box<Box<str>>),
 }
 
