@@ -31,7 +31,7 @@ use super::tls::{self, TlsPolicy};
 use super::{dsn, RelayConfig, Target};
 use crate::smtp::envelope::{Protocol, Rcpt};
 use crate::smtp::{Envelope, Message};
-use crate::spool::queue::{JournalOp, Location, RcptState};
+use crate::spool::queue::{JournalOp, Location, QueueId, RcptState};
 use crate::spool::{format, ShardSpool};
 
 /// Some recipients of one message, all for one destination.
@@ -83,7 +83,7 @@ pub struct Relay {
     resolver: Resolver,
     /// Outbound STARTTLS (verifying or not, per `--tls-verify`).
     tls: TlsConnector,
-    ready: RefCell<VecDeque<String>>,
+    ready: RefCell<VecDeque<QueueId>>,
     timers: RefCell<BinaryHeap<Reverse<(u64, String)>>>,
     in_flight: RefCell<HashSet<(String, usize)>>,
     dests: RefCell<HashMap<Target, DestQueue>>,
@@ -121,30 +121,19 @@ impl Relay {
             link: RefCell::new(None),
         });
         // The recovered queue: deferred recipients wait for their time.
-        let now = unix_now();
-        for e in relay.spool.list() {
-            let until = e
-                .rcpts
-                .iter()
-                .filter_map(|(_, s)| match s {
-                    RcptState::Deferred { until } => Some(*until),
-                    _ => None,
-                })
-                .min();
-            let pending_now = e.rcpts.iter().any(|(_, s)| *s == RcptState::Pending);
-            match until {
-                Some(t) if !pending_now && t > now => {
-                    relay.timers.borrow_mut().push(Reverse((t, e.id)))
-                }
-                _ => relay.ready.borrow_mut().push_back(e.id),
-            }
-        }
+        let (due, later) = relay.spool.schedule(unix_now());
+        *relay.ready.borrow_mut() = due.into();
+        relay.timers.borrow_mut().extend(
+            later
+                .into_iter()
+                .map(|(t, id)| Reverse((t, id.to_string()))),
+        );
         relay
     }
 
     /// A message became deliverable (new, released or flushed).
     pub fn enqueue(&self, id: String) {
-        self.ready.borrow_mut().push_back(id);
+        self.ready.borrow_mut().push_back(id.into());
         self.wake.notify(1);
     }
 
@@ -263,7 +252,7 @@ impl Relay {
             let mut timers = self.timers.borrow_mut();
             while timers.peek().is_some_and(|Reverse((t, _))| *t <= now) {
                 if let Some(Reverse((_, id))) = timers.pop() {
-                    self.ready.borrow_mut().push_back(id);
+                    self.ready.borrow_mut().push_back(id.into());
                 }
             }
         }
@@ -272,6 +261,7 @@ impl Relay {
             let Some(id) = self.ready.borrow_mut().pop_front() else {
                 break;
             };
+            let id = id.to_string();
             let Some(entry) = self.spool.entry(&id) else {
                 continue;
             };

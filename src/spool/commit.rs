@@ -12,6 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
@@ -129,7 +130,7 @@ impl SegmentWriter {
                         return Err(SpoolError::Io(io::Error::other("batch without a place")));
                     };
                     return Ok(Location {
-                        segment: segment.to_string(),
+                        segment: Arc::from(&**segment),
                         offset: base + pos,
                         len,
                     });

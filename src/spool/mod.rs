@@ -26,14 +26,14 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
 use crate::smtp::{CommitResult, Message, TlsInfo};
 use commit::SegmentWriter;
-use queue::{Applied, Entry, JournalOp, Location, QueueIndex, RcptState};
+use queue::{Applied, Entry, JournalOp, Location, QueueId, QueueIndex, RcptState};
 
 #[derive(Debug, Error)]
 pub enum SpoolError {
@@ -177,11 +177,11 @@ impl Spool {
 /// operators inspecting a spool, also while ringmta runs.
 pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
     let (_, queue) = rebuild(root, false)?;
-    let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
+    let mut files: std::collections::HashMap<Arc<str>, Vec<u8>> = Default::default();
     let mut out = Vec::new();
     for e in queue.list() {
         if !files.contains_key(&e.location.segment) {
-            let bytes = fs::read(root.join("seg").join(&e.location.segment))?;
+            let bytes = fs::read(root.join("seg").join(&*e.location.segment))?;
             files.insert(e.location.segment.clone(), bytes);
         }
         let bytes = &files[&e.location.segment];
@@ -194,7 +194,7 @@ pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
             continue;
         };
         out.push(QueuedMessage {
-            segment: root.join("seg").join(&e.location.segment),
+            segment: root.join("seg").join(&*e.location.segment),
             offset: e.location.offset,
             envelope: String::from_utf8_lossy(r.header).into_owned(),
             message: r.body.to_vec(),
@@ -258,10 +258,11 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
     for path in &segments {
         let bytes = read_verified(path, &mut rec, repair)?;
         rec.segments += 1;
-        let name = path
+        let name: Arc<str> = path
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+            .into();
         for r in segment::scan(&bytes).records {
             let Ok(block) = std::str::from_utf8(r.header) else {
                 continue;
@@ -341,7 +342,7 @@ fn recover(root: &Path) -> Result<(Recovery, QueueIndex), SpoolError> {
     }
     File::open(root.join("seg"))?.sync_all()?;
     rec.messages = queue.len() as u64;
-    rec.bytes = queue.list().iter().map(|e| e.location.len).sum();
+    rec.bytes = queue.live_segments().map(|(_, live)| live.bytes).sum();
     rec.elapsed = started.elapsed();
     Ok((rec, queue))
 }
@@ -446,7 +447,7 @@ impl ShardSpool {
     /// Records a queue change durably, then applies it; frees the message's
     /// segment once nothing in it is left to do.
     pub async fn apply(&self, op: JournalOp) -> Result<Applied, SpoolError> {
-        if self.queue.borrow().get(op.id()).is_none() {
+        if !self.queue.borrow().contains(op.id()) {
             return Ok(Applied::Unknown);
         }
         self.journal.append(op.encode().as_bytes(), &[]).await?;
@@ -462,7 +463,13 @@ impl ShardSpool {
 
     /// One queued message's queue entry.
     pub fn entry(&self, id: &str) -> Option<Entry> {
-        self.queue.borrow().get(id).cloned()
+        self.queue.borrow().get(id)
+    }
+
+    /// Where delivery starts with the queue at `now` (see
+    /// [`QueueIndex::schedule`]).
+    pub fn schedule(&self, now: u64) -> (Vec<QueueId>, Vec<(u64, QueueId)>) {
+        self.queue.borrow().schedule(now)
     }
 
     /// Deletes a segment with no live message left, unless it is still being
@@ -521,7 +528,7 @@ impl ShardSpool {
 
     /// Queue snapshot for operators: messages in arrival order.
     pub fn list(&self) -> Vec<Entry> {
-        self.queue.borrow().list().into_iter().cloned().collect()
+        self.queue.borrow().list()
     }
 
     pub fn count_by_domain(&self) -> std::collections::BTreeMap<String, usize> {
@@ -539,7 +546,7 @@ impl ShardSpool {
     /// The envelope block and message of one queued message, read back from
     /// its segment.
     pub async fn show(&self, id: &str) -> Result<Option<(String, Vec<u8>)>, SpoolError> {
-        let Some(loc) = self.queue.borrow().get(id).map(|e| e.location.clone()) else {
+        let Some(loc) = self.queue.borrow().location(id) else {
             return Ok(None);
         };
         self.read_at(&loc).await
@@ -550,7 +557,7 @@ impl ShardSpool {
     /// delivering another shard's message reads it, without owning its
     /// queue entry. `None` when no intact record is there.
     pub async fn read_at(&self, loc: &Location) -> Result<Option<(String, Vec<u8>)>, SpoolError> {
-        let file = glommio::io::BufferedFile::open(self.dir.join(&loc.segment)).await?;
+        let file = glommio::io::BufferedFile::open(self.dir.join(&*loc.segment)).await?;
         let read = file.read_at(loc.offset, loc.len as usize).await;
         let _ = file.close().await;
         let bytes = read?;
