@@ -118,7 +118,8 @@ impl DataReceiver {
         // proper prefix of the marker, so it cannot hold a whole marker's
         // dot and the CRLF after it).
         let keep = input.len() - held_back(input);
-        let saved = (self.clone(), body.len());
+        // All that `feed` changes before it can return `Fed::Bare`.
+        let saved = (self.size, self.long_line, body.len());
         match self.feed(input, keep, body) {
             Fed::End { dot } => Progress::Done { consumed: dot + 3 },
             Fed::Content => Progress::NeedMore { consumed: keep },
@@ -126,8 +127,8 @@ impl DataReceiver {
                 // Normalizing: undo, and take the byte-exact slow path for
                 // this input. Bare line ends are rare (and such content is
                 // the sender's problem); clean CRLF text never comes here.
-                *self = saved.0;
-                body.truncate(saved.1);
+                (self.size, self.long_line) = (saved.0, saved.1);
+                body.truncate(saved.2);
                 let (seg, progress) = match END_OF_DATA.find(input) {
                     // The CRLF before the dot ends the last line of content.
                     Some(p) => (&input[..p + 2], Progress::Done { consumed: p + 5 }),

@@ -102,18 +102,36 @@ impl Scanner {
     /// Classifies the 64 octets at `input[pos..]`; octets past the end of
     /// `input` count as 0 (neither CR, LF nor '.').
     pub fn masks(self, input: &[u8], pos: usize) -> Masks {
-        let rest = input.get(pos..).unwrap_or_default();
-        let next = rest.get(BLOCK).copied().unwrap_or(0);
+        let next = input.get(pos + BLOCK).copied().unwrap_or(0);
+        if let Some(block) = input
+            .get(pos..)
+            .and_then(|rest| rest.first_chunk::<BLOCK>())
+        {
+            let (cr, lf, dot) = self.classify(block);
+            return Masks { cr, lf, dot, next };
+        }
+        // The last, short block of a call: classify the last 64 octets of
+        // the input instead and shift the octets before `pos` out.
+        let pos = pos.min(input.len());
         let mut padded = [0u8; BLOCK];
-        let block = match rest.first_chunk::<BLOCK>() {
-            Some(block) => block,
+        let (block, shift) = match input.last_chunk::<BLOCK>() {
+            Some(block) => (block, pos - (input.len() - BLOCK)),
             None => {
-                // The last, short block of a call: rare enough to copy.
-                padded[..rest.len()].copy_from_slice(rest);
-                &padded
+                padded[..input.len() - pos].copy_from_slice(&input[pos..]);
+                (&padded, 0)
             }
         };
-        let (cr, lf, dot) = match self.0 {
+        let (cr, lf, dot) = self.classify(block);
+        Masks {
+            cr: cr.checked_shr(shift as u32).unwrap_or(0),
+            lf: lf.checked_shr(shift as u32).unwrap_or(0),
+            dot: dot.checked_shr(shift as u32).unwrap_or(0),
+            next,
+        }
+    }
+
+    fn classify(self, block: &[u8; BLOCK]) -> (u64, u64, u64) {
+        match self.0 {
             Kind::Portable => masks_swar(block),
             // SAFETY: SSE2 is part of the x86_64 baseline.
             #[cfg(target_arch = "x86_64")]
@@ -121,8 +139,7 @@ impl Scanner {
             // SAFETY: `Kind::Avx2` only exists once AVX2 was detected.
             #[cfg(target_arch = "x86_64")]
             Kind::Avx2 => unsafe { x86::masks_avx2(block) },
-        };
-        Masks { cr, lf, dot, next }
+        }
     }
 
     /// Passes over the blocks starting at `from`, `from + 64`, ... while a
@@ -259,7 +276,42 @@ mod x86 {
         )
     }
 
-    /// See [`super::Scanner::skip`]; `to <= input.len()`.
+    /// One 64-octet block at `$pos` for [`skip_avx2`]: (LF followed by '.',
+    /// LF, CR/LF pairing broken), each as a vector of 0x00/0xff octets.
+    /// The caller guarantees `$pos + 65 <= input.len()`.
+    macro_rules! block_avx2 {
+        ($at:expr, $pos:expr, $cr:expr, $lf:expr, $dot:expr) => {{
+            let at: *const u8 = $at;
+            let pos: usize = $pos;
+            // SAFETY: pos + 65 <= input.len() (the caller's condition); the
+            // loads read [pos, pos + 64) and, one octet on, [pos + 1, pos + 65).
+            let (v1, v2, w1, w2) = unsafe {
+                (
+                    _mm256_loadu_si256(at.add(pos).cast()),
+                    _mm256_loadu_si256(at.add(pos + 32).cast()),
+                    _mm256_loadu_si256(at.add(pos + 1).cast()),
+                    _mm256_loadu_si256(at.add(pos + 33).cast()),
+                )
+            };
+            // The octet after each one comes from the loads one octet on,
+            // so pairs across the block edge need no carry.
+            let lf1 = _mm256_cmpeq_epi8(v1, $lf);
+            let lf2 = _mm256_cmpeq_epi8(v2, $lf);
+            let lf_dot = _mm256_or_si256(
+                _mm256_and_si256(lf1, _mm256_cmpeq_epi8(w1, $dot)),
+                _mm256_and_si256(lf2, _mm256_cmpeq_epi8(w2, $dot)),
+            );
+            let pairs = _mm256_or_si256(
+                _mm256_xor_si256(_mm256_cmpeq_epi8(v1, $cr), _mm256_cmpeq_epi8(w1, $lf)),
+                _mm256_xor_si256(_mm256_cmpeq_epi8(v2, $cr), _mm256_cmpeq_epi8(w2, $lf)),
+            );
+            (lf_dot, _mm256_or_si256(lf1, lf2), pairs)
+        }};
+    }
+
+    /// See [`super::Scanner::skip`]; `to <= input.len()`. Two blocks per
+    /// step while there is room, which halves the scalar work per octet; a
+    /// pair that must stop is retried one block at a time.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn skip_avx2(
         input: &[u8],
@@ -276,32 +328,38 @@ mod x86 {
         let at = input.as_ptr();
         let mut bad = _mm256_setzero_si256();
         let mut lf_block = None;
-        while pos + BLOCK < to {
-            // SAFETY: pos + 65 <= to <= input.len(); the loads read
-            // [pos, pos + 64) and, one octet on, [pos + 1, pos + 65).
-            let (v1, v2, w1, w2) = unsafe {
-                (
-                    _mm256_loadu_si256(at.add(pos).cast()),
-                    _mm256_loadu_si256(at.add(pos + 32).cast()),
-                    _mm256_loadu_si256(at.add(pos + 1).cast()),
-                    _mm256_loadu_si256(at.add(pos + 33).cast()),
-                )
-            };
-            // The octet after each one comes from the loads one octet on,
-            // so pairs across the block edge need no carry.
-            let lf1 = _mm256_cmpeq_epi8(v1, lf);
-            let lf2 = _mm256_cmpeq_epi8(v2, lf);
-            let lf_dot = _mm256_or_si256(
-                _mm256_and_si256(lf1, _mm256_cmpeq_epi8(w1, dot)),
-                _mm256_and_si256(lf2, _mm256_cmpeq_epi8(w2, dot)),
-            );
-            let any_lf = _mm256_movemask_epi8(_mm256_or_si256(lf1, lf2)) != 0;
+        loop {
+            while pos + 2 * BLOCK < to {
+                let (dot1, lf1, pairs1) = block_avx2!(at, pos, cr, lf, dot);
+                let (dot2, lf2, pairs2) = block_avx2!(at, pos + BLOCK, cr, lf, dot);
+                let lf_dot = _mm256_or_si256(dot1, dot2);
+                let any1 = _mm256_movemask_epi8(lf1) != 0;
+                let any2 = _mm256_movemask_epi8(lf2) != 0;
+                // Judged as if both blocks' LFs were in the second one.
+                if _mm256_testz_si256(lf_dot, lf_dot) == 0
+                    || ((any1 || any2) && may_be_long(pos + BLOCK, line_begin))
+                {
+                    break;
+                }
+                bad = _mm256_or_si256(bad, _mm256_or_si256(pairs1, pairs2));
+                if any2 {
+                    line_begin = (pos + BLOCK) as isize + 1;
+                    lf_block = Some(pos + BLOCK);
+                } else if any1 {
+                    line_begin = pos as isize + 1;
+                    lf_block = Some(pos);
+                }
+                pos += 2 * BLOCK;
+            }
+            if pos + BLOCK >= to {
+                break;
+            }
+            let (lf_dot, lfs, pairs) = block_avx2!(at, pos, cr, lf, dot);
+            let any_lf = _mm256_movemask_epi8(lfs) != 0;
             if _mm256_testz_si256(lf_dot, lf_dot) == 0 || (any_lf && may_be_long(pos, line_begin)) {
                 break;
             }
-            let pair1 = _mm256_xor_si256(_mm256_cmpeq_epi8(v1, cr), _mm256_cmpeq_epi8(w1, lf));
-            let pair2 = _mm256_xor_si256(_mm256_cmpeq_epi8(v2, cr), _mm256_cmpeq_epi8(w2, lf));
-            bad = _mm256_or_si256(bad, _mm256_or_si256(pair1, pair2));
+            bad = _mm256_or_si256(bad, pairs);
             if any_lf {
                 line_begin = pos as isize + 1;
                 lf_block = Some(pos);
