@@ -95,9 +95,9 @@ async fn origin(mesh: Mesh, n: u64) -> Duration {
             for i in 0..n {
                 let work = Handoff {
                     origin: link.me(),
-                    id: format!("06612cf508be55{i:08x}"),
+                    id: format!("06612cf508be55{i:08x}").into(),
                     location: location.clone(),
-                    rcpts: vec![0],
+                    rcpts: vec![0].into(),
                     target: target.clone(),
                 };
                 // Keep the item when the channel is full: `try_hand`

@@ -24,7 +24,7 @@ use glommio::net::TcpStream;
 use rustls::pki_types::ServerName;
 
 use super::client::{Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls};
-use super::handoff::{self, Done, Handoff, Link, Mesh, Msg, Report};
+use super::handoff::{self, Done, Handoff, Link, Mesh, Msg, RcptIndexes, Report};
 use super::maildir;
 use super::mx::{Resolution, Resolver};
 use super::tls::{self, TlsPolicy};
@@ -34,11 +34,13 @@ use crate::smtp::{Envelope, Message};
 use crate::spool::queue::{JournalOp, Location, QueueId, RcptState};
 use crate::spool::{format, ShardSpool};
 
-/// Some recipients of one message, all for one destination.
+/// Some recipients of one message, all for one destination. Every message
+/// waiting for a destination that does not answer is one of these, so it
+/// holds no allocation of its own in the common case.
 #[derive(Debug)]
 struct Work {
-    id: String,
-    rcpts: Vec<usize>,
+    id: QueueId,
+    rcpts: RcptIndexes,
     /// `Some` when another shard's spool holds the message (handed off).
     origin: Option<Origin>,
 }
@@ -84,8 +86,9 @@ pub struct Relay {
     /// Outbound STARTTLS (verifying or not, per `--tls-verify`).
     tls: TlsConnector,
     ready: RefCell<VecDeque<QueueId>>,
-    timers: RefCell<BinaryHeap<Reverse<(u64, String)>>>,
-    in_flight: RefCell<HashSet<(String, usize)>>,
+    timers: RefCell<BinaryHeap<Reverse<(u64, QueueId)>>>,
+    /// Recipients (message, envelope index) being delivered.
+    in_flight: RefCell<HashSet<(QueueId, usize)>>,
     dests: RefCell<HashMap<Target, DestQueue>>,
     wake: Event,
     stopping: Cell<bool>,
@@ -123,16 +126,15 @@ impl Relay {
         // The recovered queue: deferred recipients wait for their time.
         let (due, later) = relay.spool.schedule(unix_now());
         *relay.ready.borrow_mut() = due.into();
-        relay.timers.borrow_mut().extend(
-            later
-                .into_iter()
-                .map(|(t, id)| Reverse((t, id.to_string()))),
-        );
+        relay
+            .timers
+            .borrow_mut()
+            .extend(later.into_iter().map(Reverse));
         relay
     }
 
     /// A message became deliverable (new, released or flushed).
-    pub fn enqueue(&self, id: String) {
+    pub fn enqueue(&self, id: impl Into<QueueId>) {
         self.ready.borrow_mut().push_back(id.into());
         self.wake.notify(1);
     }
@@ -252,7 +254,7 @@ impl Relay {
             let mut timers = self.timers.borrow_mut();
             while timers.peek().is_some_and(|Reverse((t, _))| *t <= now) {
                 if let Some(Reverse((_, id))) = timers.pop() {
-                    self.ready.borrow_mut().push_back(id.into());
+                    self.ready.borrow_mut().push_back(id);
                 }
             }
         }
@@ -261,8 +263,7 @@ impl Relay {
             let Some(id) = self.ready.borrow_mut().pop_front() else {
                 break;
             };
-            let id = id.to_string();
-            let Some(entry) = self.spool.entry(&id) else {
+            let Some(entry) = id.with_str(|id| self.spool.entry(id)) else {
                 continue;
             };
             if entry.held {
@@ -303,13 +304,18 @@ impl Relay {
                 }
                 let work = Work {
                     id: id.clone(),
-                    rcpts,
+                    rcpts: rcpts.into(),
                     origin: None,
                 };
                 if let Some(work) = self.hand_off(&target, &entry.location, work) {
                     self.queue_work(target, work);
                 }
             }
+        }
+        let mut ready = self.ready.borrow_mut();
+        let len = ready.len();
+        if sparse(len, ready.capacity()) {
+            ready.shrink_to(len * 2);
         }
     }
 
@@ -372,10 +378,13 @@ impl Relay {
     }
 
     fn next_work(&self, target: &Target) -> Option<Work> {
-        self.dests
-            .borrow_mut()
-            .get_mut(target)
-            .and_then(|q| q.jobs.pop_front())
+        let mut dests = self.dests.borrow_mut();
+        let q = dests.get_mut(target)?;
+        let work = q.jobs.pop_front();
+        if sparse(q.jobs.len(), q.jobs.capacity()) {
+            q.jobs.shrink_to(q.jobs.len() * 2);
+        }
+        work
     }
 
     fn worker_done(self: &Rc<Self>, target: &Target) {
@@ -414,10 +423,14 @@ impl Relay {
     }
 
     /// The recipients are no longer being delivered.
-    fn release(&self, id: &str, rcpts: &[usize]) {
+    fn release(&self, id: &QueueId, rcpts: &[usize]) {
         let mut f = self.in_flight.borrow_mut();
         for &i in rcpts {
-            f.remove(&(id.to_owned(), i));
+            f.remove(&(id.clone(), i));
+        }
+        let len = f.len();
+        if sparse(len, f.capacity()) {
+            f.shrink_to(len * 2);
         }
     }
 
@@ -446,7 +459,7 @@ impl Relay {
     }
 
     /// On the origin: journals what became of the work.
-    async fn settle(&self, id: &str, rcpts: &[usize], report: Report) {
+    async fn settle(&self, id: &QueueId, rcpts: &[usize], report: Report) {
         match report {
             Report::Outcomes { outcomes, remote } => {
                 self.apply_outcomes(id, rcpts, outcomes, remote.as_deref())
@@ -454,13 +467,13 @@ impl Relay {
             }
             Report::Returned => {
                 self.release(id, rcpts);
-                self.enqueue(id.to_owned());
+                self.enqueue(id.clone());
             }
             Report::Unreadable => {
                 self.release(id, rcpts);
-                if self.spool.entry(id).is_some() {
+                if id.with_str(|id| self.spool.entry(id)).is_some() {
                     let at = unix_now() + UNREADABLE_RETRY;
-                    self.timers.borrow_mut().push(Reverse((at, id.to_owned())));
+                    self.timers.borrow_mut().push(Reverse((at, id.clone())));
                 }
             }
         }
@@ -481,13 +494,14 @@ impl Relay {
         let Some(loaded) = self.load(&work).await else {
             return self.report(&work, Report::Unreadable).await;
         };
+        let id = work.id.to_string();
         let mut outcomes = Vec::with_capacity(loaded.job.rcpts.len());
         for (k, r) in loaded.job.rcpts.iter().enumerate() {
             let o = match maildir::mailbox_dir(root, &r.addr) {
                 Err(e) => RcptOutcome::Failed(format!("550 5.1.1 <{}>: {e}", r.addr)),
                 Ok(dir) => {
                     let name = maildir::unique_name(
-                        &work.id,
+                        &id,
                         loaded.indexes[k],
                         loaded.arrival,
                         &self.hostname,
@@ -705,7 +719,7 @@ impl Relay {
     /// location.
     async fn load(&self, work: &Work) -> Option<Loaded> {
         let read = match &work.origin {
-            None => self.spool.show(&work.id).await,
+            None => self.spool.show(&work.id.to_string()).await,
             Some(o) => self.spool.read_at(&o.location).await,
         };
         let (block, message) = match read {
@@ -717,7 +731,7 @@ impl Relay {
             }
         };
         let env = format::decode_envelope(&block)?;
-        if env.id != work.id {
+        if work.id != *env.id {
             // Compacted away and the place reused: not this message.
             tracing::warn!(id = %work.id, found = %env.id, "queued message moved");
             return None;
@@ -732,7 +746,7 @@ impl Relay {
         let mut rcpts = Vec::new();
         let mut notify = Vec::new();
         let mut orcpt = Vec::new();
-        for &i in &work.rcpts {
+        for &i in work.rcpts.iter() {
             let (addr, n, o) = params.get(i)?.clone();
             rcpts.push(JobRcpt {
                 addr,
@@ -751,7 +765,7 @@ impl Relay {
                 ret: param("RET="),
                 envid: param("ENVID="),
             },
-            indexes: work.rcpts.clone(),
+            indexes: work.rcpts.to_vec(),
             notify,
             orcpt,
             ret_full: param("RET=").is_some_and(|r| r.eq_ignore_ascii_case("FULL")),
@@ -786,18 +800,18 @@ impl Relay {
     /// its recipients deferred (retried, and reported then).
     async fn apply_outcomes(
         &self,
-        id: &str,
+        id: &QueueId,
         rcpts: &[usize],
         outcomes: Vec<RcptOutcome>,
         remote: Option<&str>,
     ) {
-        let Some(entry) = self.spool.entry(id) else {
+        let Some(entry) = id.with_str(|id| self.spool.entry(id)) else {
             // Deleted from the queue while it was being delivered.
             return self.release(id, rcpts);
         };
         let work = Work {
-            id: id.to_owned(),
-            rcpts: rcpts.to_vec(),
+            id: id.clone(),
+            rcpts: rcpts.into(),
             origin: None,
         };
         let now = unix_now();
@@ -813,7 +827,7 @@ impl Relay {
             let Some((addr, before)) = entry.rcpts.get(rcpt) else {
                 continue;
             };
-            let id = work.id.clone();
+            let id = work.id.to_string();
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
                     tracing::info!(%id, rcpt = %addr, reply = %r.text(), "delivered");
@@ -923,8 +937,9 @@ impl Relay {
         if reported.is_empty() {
             return true;
         }
+        let id = work.id.to_string();
         let original = dsn::Original {
-            id: &work.id,
+            id: &id,
             sender,
             envid: loaded.envid.as_deref(),
             arrival: UNIX_EPOCH + Duration::from_secs(loaded.arrival),
@@ -979,6 +994,14 @@ impl Relay {
             }
         }
     }
+}
+
+/// Whether a queue or set sized for a crowd (the whole recovered queue at
+/// start, a burst, a destination that stopped answering) is now mostly
+/// empty and should give memory back. Shrinking to twice the length leaves
+/// room to grow before the next shrink, so the copying stays amortized.
+fn sparse(len: usize, capacity: usize) -> bool {
+    capacity > 4096 && len < capacity / 4
 }
 
 fn unix_now() -> u64 {

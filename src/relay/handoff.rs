@@ -27,6 +27,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::ops::Deref;
 use std::rc::Rc;
 
 use event_listener::Event;
@@ -35,7 +36,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 
 use super::client::RcptOutcome;
 use super::Target;
-use crate::spool::queue::Location;
+use crate::spool::queue::{Location, QueueId};
 
 /// The mesh as built in `server::run`, one clone per shard.
 pub type Mesh = MeshBuilder<Msg, Full>;
@@ -53,18 +54,56 @@ pub enum Msg {
 pub struct Handoff {
     /// The origin's index in the mesh, where [`Done`] goes back.
     pub origin: usize,
-    pub id: String,
+    pub id: QueueId,
     pub location: Location,
-    /// Recipient indexes in the stored envelope.
-    pub rcpts: Vec<usize>,
+    pub rcpts: RcptIndexes,
     pub target: Target,
 }
 
 #[derive(Debug)]
 pub struct Done {
-    pub id: String,
-    pub rcpts: Vec<usize>,
+    pub id: QueueId,
+    pub rcpts: RcptIndexes,
     pub report: Report,
+}
+
+/// Recipient indexes in a stored envelope, in order: which recipients a
+/// piece of work is for. Every queued message has one piece in flight per
+/// destination, so this is kept small: the common single recipient inline
+/// (16 bytes in all, no allocation), more in one boxed slice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptIndexes {
+    One([usize; 1]),
+    Many(Box<[usize]>),
+}
+
+impl Deref for RcptIndexes {
+    type Target = [usize];
+
+    fn deref(&self) -> &[usize] {
+        match self {
+            RcptIndexes::One(one) => one,
+            RcptIndexes::Many(many) => many,
+        }
+    }
+}
+
+impl From<&[usize]> for RcptIndexes {
+    fn from(rcpts: &[usize]) -> RcptIndexes {
+        match rcpts {
+            [one] => RcptIndexes::One([*one]),
+            _ => RcptIndexes::Many(rcpts.into()),
+        }
+    }
+}
+
+impl From<Vec<usize>> for RcptIndexes {
+    fn from(rcpts: Vec<usize>) -> RcptIndexes {
+        match *rcpts {
+            [one] => RcptIndexes::One([one]),
+            _ => RcptIndexes::Many(rcpts.into_boxed_slice()),
+        }
+    }
 }
 
 /// The end of one piece of work, on whichever shard it ran.
@@ -174,6 +213,18 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rcpt_indexes_keep_order_and_one_is_inline() {
+        // The size is the point: one per piece of queued work.
+        assert_eq!(std::mem::size_of::<RcptIndexes>(), 16);
+        let one = RcptIndexes::from(vec![3]);
+        assert!(matches!(one, RcptIndexes::One(_)));
+        assert_eq!(*one, [3]);
+        assert_eq!(*RcptIndexes::from(&[2, 0, 5][..]), [2, 0, 5]);
+        assert!(RcptIndexes::from(Vec::new()).is_empty());
+        assert_eq!(RcptIndexes::from(&[7][..]), RcptIndexes::One([7]));
+    }
 
     #[test]
     fn owners_are_stable_and_spread() {
