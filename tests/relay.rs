@@ -43,7 +43,12 @@ fn free_port() -> u16 {
 /// A relay in front of a downstream ringmta; the downstream keeps what it
 /// receives queued (--no-delivery by the harness) so it can be compared.
 fn relay_to(downstream: &Server, extra: &[&str]) -> Server {
-    let route = format!("example.net=smtp:127.0.0.1:{}", downstream.port);
+    relay_to_port(downstream.port, extra)
+}
+
+/// The same, towards a port where a downstream may not (yet) listen.
+fn relay_to_port(port: u16, extra: &[&str]) -> Server {
+    let route = format!("example.net=smtp:127.0.0.1:{port}");
     let mut args = vec![
         "--route",
         &route,
@@ -154,15 +159,7 @@ fn refusals_bounce_and_temporary_failures_retry_without_duplicates() {
 #[test]
 fn downstream_down_then_up_delivers_once() {
     let port = free_port();
-    let route = format!("example.net=smtp:127.0.0.1:{port}");
-    let relay = Server::start(&[
-        "--route",
-        &route,
-        "--relay-network",
-        "127.0.0.0/8",
-        "--retry-schedule",
-        "1s",
-    ]);
+    let relay = relay_to_port(port, &[]);
     let mut c = relay.connect();
     c.hello("client.example");
     for n in 0..3 {
@@ -194,17 +191,7 @@ fn downstream_down_then_up_delivers_once() {
 #[test]
 fn delay_warning_is_sent_once_then_the_message_is_delivered() {
     let port = free_port();
-    let route = format!("example.net=smtp:127.0.0.1:{port}");
-    let relay = Server::start(&[
-        "--route",
-        &route,
-        "--relay-network",
-        "127.0.0.0/8",
-        "--retry-schedule",
-        "1s",
-        "--delay-warning",
-        "2s",
-    ]);
+    let relay = relay_to_port(port, &["--delay-warning", "2s"]);
     let mut c = relay.connect();
     c.hello("client.example");
     c.send_message(
