@@ -357,10 +357,25 @@ pub struct Cli {
           value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Outbound wait for any reply, including after the content (RFC 5321 4.5.3.2: up to 10m).
+    /// Outbound wait for the reply to each command: EHLO, MAIL, RCPT, DATA, RSET (RFC 5321 4.5.3.2).
     #[arg(long, value_name = "DURATION", env = "RINGMTA_RELAY_TIMEOUT", default_value = "5m",
           value_parser = parse_duration)]
     pub relay_timeout: Duration,
+
+    /// Outbound wait for the server's 220 greeting (RFC 5321 4.5.3.2.1).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_RELAY_BANNER_TIMEOUT", default_value = "5m",
+          value_parser = parse_duration)]
+    pub relay_banner_timeout: Duration,
+
+    /// Outbound: each write of the message content (a data block, RFC 5321 4.5.3.2.5).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_RELAY_DATA_TIMEOUT", default_value = "3m",
+          value_parser = parse_duration)]
+    pub relay_data_timeout: Duration,
+
+    /// Outbound wait for the reply after the content ("." or BDAT LAST; RFC 5321 4.5.3.2.6).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_RELAY_FINAL_TIMEOUT", default_value = "10m",
+          value_parser = parse_duration)]
+    pub relay_final_timeout: Duration,
 
     /// Log filter (tracing EnvFilter syntax, e.g. info or ringmta=debug).
     #[arg(

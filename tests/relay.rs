@@ -394,6 +394,46 @@ fn required_tls_with_verification_defers_on_a_self_signed_certificate() {
     assert!(err.stderr.contains("--tls-policy require"), "{err}");
 }
 
+#[test]
+fn downstream_silent_after_connect_times_out_and_is_retried() {
+    // Accepts and never says a word: the greeting wait must end.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let silent = {
+        let (stop, accepted) = (stop.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                        held.push(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+    };
+    let relay = relay_to_port(port, &["--relay-banner-timeout", "1s"]);
+    let mut c = relay.connect();
+    c.hello("client.example");
+    c.send_message(
+        "s@localhost",
+        &["u@example.net"],
+        b"Subject: mute\r\n\r\nx\r\n",
+    );
+    assert!(relay.wait_for_log("timeout waiting for the greeting", Duration::from_secs(15)));
+    wait_until("a second attempt", Duration::from_secs(15), || {
+        accepted.load(Ordering::SeqCst) >= 2
+    });
+    assert_eq!(relay.queued().len(), 1, "deferred, not lost");
+    stop.store(true, Ordering::SeqCst);
+    silent.join().unwrap();
+}
+
 /// A fake downstream: greets, offers STARTTLS, says 220 to it and then
 /// nothing (a stalled handshake); in plaintext it answers EHLO but never a
 /// MAIL. Counts what it saw.

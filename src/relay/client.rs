@@ -204,6 +204,19 @@ enum Phase {
     Closed,
 }
 
+/// What the next reply answers, for choosing its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaiting {
+    /// The 220 greeting (RFC 5321 4.5.3.2.1: 5 minutes).
+    Banner,
+    /// A command: EHLO, MAIL, RCPT, DATA, RSET, QUIT (5 minutes; 2 for the
+    /// 354 to DATA).
+    Command,
+    /// The reply after the content, `.` or `BDAT LAST` (10 minutes: the
+    /// server may be processing the message).
+    Final,
+}
+
 /// Why the connection cannot carry (more) mail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnError {
@@ -298,6 +311,16 @@ impl Client {
 
     pub fn error(&self) -> Option<&ConnError> {
         self.error.as_ref()
+    }
+
+    /// Which reply the client waits for next, for the driver's timeout
+    /// (RFC 5321 4.5.3.2 gives each its own).
+    pub fn awaiting(&self) -> Awaiting {
+        match self.pending.front().copied().unwrap_or(self.phase) {
+            Phase::Banner => Awaiting::Banner,
+            Phase::DataDone => Awaiting::Final,
+            _ => Awaiting::Command,
+        }
     }
 
     /// Bytes to write now (commands, or content after a 354).
@@ -738,6 +761,36 @@ mod tests {
         assert_eq!(o[1], RcptOutcome::Failed("550 5.1.1 no such user".into()));
         assert_eq!(o[2], RcptOutcome::Deferred("451 4.3.0 later".into()));
         assert!(c.is_idle());
+    }
+
+    #[test]
+    fn each_wait_is_named_for_its_timeout() {
+        let mut c = Client::new("relay.test");
+        assert_eq!(c.awaiting(), Awaiting::Banner);
+        c.handle_reply(reply("220 mx ESMTP\r\n"));
+        sent(&mut c);
+        assert_eq!(c.awaiting(), Awaiting::Command, "EHLO");
+        c.handle_reply(reply("250-mx\r\n250 PIPELINING\r\n"));
+        c.start(job(1, b"x\r\n")).unwrap();
+        sent(&mut c);
+        assert_eq!(c.awaiting(), Awaiting::Command, "MAIL, RCPT, DATA");
+        c.handle_reply(reply("250 ok\r\n"));
+        c.handle_reply(reply("250 ok\r\n"));
+        assert_eq!(c.awaiting(), Awaiting::Command, "the 354");
+        c.handle_reply(reply("354 go\r\n"));
+        sent(&mut c);
+        assert_eq!(c.awaiting(), Awaiting::Final, "after the content");
+        c.handle_reply(reply("250 queued\r\n"));
+        c.poll_outcome().unwrap();
+        // With CHUNKING the last chunk's reply is the final one too.
+        let mut c = Client::new("relay.test");
+        c.handle_reply(reply("220 mx ESMTP\r\n"));
+        c.handle_reply(reply("250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n"));
+        c.start(job(1, b"x\r\n")).unwrap();
+        c.handle_reply(reply("250 ok\r\n"));
+        assert_eq!(c.awaiting(), Awaiting::Command, "RCPT");
+        c.handle_reply(reply("250 ok\r\n"));
+        assert_eq!(c.awaiting(), Awaiting::Final, "BDAT LAST");
     }
 
     #[test]

@@ -23,7 +23,9 @@ use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
 use rustls::pki_types::ServerName;
 
-use super::client::{Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls};
+use super::client::{
+    Awaiting, Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls,
+};
 use super::handoff::{self, Done, Handoff, Link, Mesh, Msg, RcptIndexes, Report};
 use super::maildir;
 use super::mx::{Resolution, Resolver};
@@ -648,7 +650,7 @@ impl Relay {
     ) -> Result<(Conn, Client), HostError> {
         let at = format!("{name}[{ip}]:{port}");
         let addr = SocketAddr::new(ip, port);
-        let mut conn = Conn::connect(addr, self.cfg.connect_timeout, self.cfg.reply_timeout)
+        let mut conn = Conn::connect(addr, self.cfg.connect_timeout, Timeouts::of(&self.cfg))
             .await
             .map_err(|e| HostError::new("4.4.1", format!("{at}: {e}")))?;
         let mut client = Client::new(&self.cfg.helo_name).with_starttls(mode);
@@ -1088,26 +1090,61 @@ struct Conn {
     parser: ReplyParser,
     buf: Vec<u8>,
     len: usize,
-    reply_timeout: Duration,
+    timeouts: Timeouts,
+}
+
+/// How long each wait of an outbound session may take (RFC 5321 4.5.3.2
+/// gives the greeting, commands, content writes and the final reply their
+/// own).
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    banner: Duration,
+    command: Duration,
+    /// Each write (the content goes out in blocks).
+    write: Duration,
+    final_reply: Duration,
+}
+
+impl Timeouts {
+    fn of(cfg: &RelayConfig) -> Timeouts {
+        Timeouts {
+            banner: cfg.banner_timeout,
+            command: cfg.reply_timeout,
+            write: cfg.data_timeout,
+            final_reply: cfg.final_timeout,
+        }
+    }
+
+    /// The limit for the reply `client` waits for, and what to call it.
+    fn reply(&self, client: &Client) -> (Duration, &'static str) {
+        match client.awaiting() {
+            Awaiting::Banner => (self.banner, "timeout waiting for the greeting"),
+            Awaiting::Command => (self.command, "timeout waiting for a reply"),
+            Awaiting::Final => (
+                self.final_reply,
+                "timeout waiting for the reply to the content",
+            ),
+        }
+    }
 }
 
 impl Conn {
     async fn connect(
         addr: SocketAddr,
         connect_timeout: Duration,
-        reply_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Result<Conn, String> {
         let stream = TcpStream::connect_timeout(addr, connect_timeout)
             .await
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
-        let _ = stream.set_write_timeout(Some(reply_timeout));
+        let _ = stream.set_write_timeout(Some(timeouts.write));
         Ok(Conn {
             stream: Stream::Plain(stream),
             parser: ReplyParser::default(),
             buf: vec![0; 8192],
             len: 0,
-            reply_timeout,
+            timeouts,
         })
     }
 
@@ -1145,7 +1182,7 @@ impl Conn {
                 parser: ReplyParser::default(),
                 buf: self.buf,
                 len: 0,
-                reply_timeout: self.reply_timeout,
+                timeouts: self.timeouts,
             }),
         }
     }
@@ -1177,7 +1214,8 @@ impl Conn {
     /// Writes what the client has to say and feeds it the next reply.
     async fn step(&mut self, client: &mut Client) -> Result<(), String> {
         self.flush(client).await?;
-        let deadline = Instant::now() + self.reply_timeout;
+        let (timeout, timed_out) = self.timeouts.reply(client);
+        let deadline = Instant::now() + timeout;
         loop {
             let (used, reply) = self
                 .parser
@@ -1201,8 +1239,8 @@ impl Conn {
                 .await;
             match read {
                 None => {
-                    client.handle_close("timeout waiting for a reply");
-                    return Err("timeout waiting for a reply".into());
+                    client.handle_close(timed_out);
+                    return Err(timed_out.into());
                 }
                 Some(Ok(0)) => {
                     client.handle_close("connection closed by the server");

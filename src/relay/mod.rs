@@ -123,7 +123,14 @@ pub struct RelayConfig {
     pub dns_server: Option<SocketAddr>,
     pub connect_timeout: Duration,
     /// Waiting for any reply, content included.
+    /// Waits for a reply to a command (`--relay-timeout`).
     pub reply_timeout: Duration,
+    /// Wait for the greeting (`--relay-banner-timeout`).
+    pub banner_timeout: Duration,
+    /// Wait for the reply after the content (`--relay-final-timeout`).
+    pub final_timeout: Duration,
+    /// Each write of the content (`--relay-data-timeout`).
+    pub data_timeout: Duration,
     pub retry_schedule: Vec<Duration>,
     pub max_queue_age: Duration,
     /// Warn senders of recipients still queued after this long.
@@ -258,6 +265,9 @@ mod tests {
             dns_server: None,
             connect_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(300),
+            banner_timeout: Duration::from_secs(300),
+            final_timeout: Duration::from_secs(600),
+            data_timeout: Duration::from_secs(180),
             retry_schedule: parse_schedule("1m,5m,15m").unwrap().0,
             delay_warning: None,
             max_queue_age: Duration::from_secs(5 * 86_400),
