@@ -177,14 +177,23 @@ impl Spool {
 /// operators inspecting a spool, also while ringmta runs.
 pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
     let (_, queue) = rebuild(root, false)?;
-    let mut files: std::collections::HashMap<Arc<str>, Vec<u8>> = Default::default();
+    let mut files: std::collections::HashMap<Arc<str>, Option<Vec<u8>>> = Default::default();
     let mut out = Vec::new();
     for e in queue.list() {
         if !files.contains_key(&e.location.segment) {
-            let bytes = fs::read(root.join("seg").join(&*e.location.segment))?;
+            // Gone since the rebuild (regression test: crash.rs raced a
+            // running ringmta deleting a finished segment): its messages
+            // left the queue meanwhile.
+            let bytes = match fs::read(root.join("seg").join(&*e.location.segment)) {
+                Ok(b) => Some(b),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
             files.insert(e.location.segment.clone(), bytes);
         }
-        let bytes = &files[&e.location.segment];
+        let Some(bytes) = &files[&e.location.segment] else {
+            continue;
+        };
         let start = e.location.offset as usize;
         let end = start + e.location.len as usize;
         let Some(r) = bytes
@@ -249,6 +258,19 @@ fn read_verified(path: &Path, rec: &mut Recovery, repair: bool) -> io::Result<Ve
     Ok(bytes)
 }
 
+/// A file the directory listing named, verified; `None` when a running
+/// ringmta deleted it in the meantime (a finished or compacted segment, a
+/// journal replaced by its snapshot). Only a read-only look at a live
+/// spool (`repair` off: `ringmta queue`, [`read_queue`]) can see that; at
+/// start-up, under the lock, a vanished file is an error.
+fn read_listed(path: &Path, rec: &mut Recovery, repair: bool) -> io::Result<Option<Vec<u8>>> {
+    match read_verified(path, rec, repair) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if !repair && e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Rebuilds the queue: every message record, then every journal entry in
 /// order. With `repair`, damaged tails are cut off the files.
 fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
@@ -256,7 +278,9 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
     let mut queue = QueueIndex::default();
     let segments = segment_paths(root)?;
     for path in &segments {
-        let bytes = read_verified(path, &mut rec, repair)?;
+        let Some(bytes) = read_listed(path, &mut rec, repair)? else {
+            continue;
+        };
         rec.segments += 1;
         let name: Arc<str> = path
             .file_name()
@@ -290,7 +314,9 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
         }
     }
     for path in &spool_files(root, "jrn")? {
-        let bytes = read_verified(path, &mut rec, repair)?;
+        let Some(bytes) = read_listed(path, &mut rec, repair)? else {
+            continue;
+        };
         for r in segment::scan(&bytes).records {
             if let Some(op) = std::str::from_utf8(r.header)
                 .ok()
