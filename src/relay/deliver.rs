@@ -70,8 +70,6 @@ struct DestQueue {
 /// The content and envelope of a message, read back from the spool.
 struct Loaded {
     job: Job,
-    /// Recipient indexes in the stored envelope, in `job.rcpts` order.
-    indexes: Vec<usize>,
     notify: Vec<Option<String>>,
     orcpt: Vec<Option<String>>,
     ret_full: bool,
@@ -502,12 +500,8 @@ impl Relay {
             let o = match maildir::mailbox_dir(root, &r.addr) {
                 Err(e) => RcptOutcome::Failed(format!("550 5.1.1 <{}>: {e}", r.addr)),
                 Ok(dir) => {
-                    let name = maildir::unique_name(
-                        &id,
-                        loaded.indexes[k],
-                        loaded.arrival,
-                        &self.hostname,
-                    );
+                    let name =
+                        maildir::unique_name(&id, work.rcpts[k], loaded.arrival, &self.hostname);
                     match maildir::deliver(
                         &dir,
                         loaded.job.mail_from.as_deref(),
@@ -767,7 +761,6 @@ impl Relay {
                 ret: param("RET="),
                 envid: param("ENVID="),
             },
-            indexes: work.rcpts.to_vec(),
             notify,
             orcpt,
             ret_full: param("RET=").is_some_and(|r| r.eq_ignore_ascii_case("FULL")),

@@ -743,10 +743,11 @@ pub(crate) mod tests {
         compare(input, &all, &[9, u64::MAX]);
     }
 
-    /// Deterministic noise; the tests need no `rand`.
-    struct XorShift(u64);
+    /// Deterministic noise; the tests need no `rand` (the scanner's tests
+    /// use it too).
+    pub(crate) struct XorShift(pub(crate) u64);
     impl XorShift {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;

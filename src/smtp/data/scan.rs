@@ -453,6 +453,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::data::tests::XorShift;
 
     fn masks_scalar(input: &[u8], pos: usize) -> Masks {
         let at = |i: usize| input.get(pos + i).copied().unwrap_or(0);
@@ -462,17 +463,6 @@ mod tests {
             lf: mask(b'\n'),
             dot: mask(b'.'),
             next: at(BLOCK),
-        }
-    }
-
-    /// Deterministic noise; the tests need no `rand`.
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
         }
     }
 
