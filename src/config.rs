@@ -2,7 +2,7 @@
 //! [`crate::cli::Cli`] flags ("parse, don't validate").
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +64,16 @@ pub enum ConfigError {
     DuplicateDkimKey(String),
     #[error("--tls-verify on needs --tls-policy require (opportunistic TLS falls back to plaintext, so a failed verification would only make delivery less private)")]
     VerifyNeedsRequire,
+    #[error("{0}: cannot make the path absolute (is the working directory gone?): {1}")]
+    BadPath(PathBuf, std::io::Error),
+}
+
+/// Relative paths are resolved once, against the working directory at start:
+/// glommio opens files by absolute path only (a relative `--spool-dir` made
+/// every spool write fail with EBADF), and nothing later may depend on the
+/// working directory.
+fn absolute(path: &Path) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(path).map_err(|e| ConfigError::BadPath(path.to_owned(), e))
 }
 
 impl Config {
@@ -94,11 +104,17 @@ impl Config {
             Some(h) => return Err(ConfigError::BadHostname(h.clone())),
             None => system_hostname().unwrap_or_else(|| "localhost".into()),
         };
+        let spool_dir = absolute(&cli.spool_dir)?;
+        let routes = cli
+            .routes
+            .iter()
+            .map(|r| r.clone().map_maildir(absolute))
+            .collect::<Result<Vec<_>, _>>()?;
         let relay = Arc::new(RelayConfig {
-            routes: cli.routes.clone(),
+            routes,
             relay_host: cli.relay_host.clone(),
             local_domains: local_domains.clone(),
-            maildir_root: cli.maildir.clone(),
+            maildir_root: absolute(&cli.maildir)?,
             outbound_port: cli.outbound_port,
             helo_name: hostname.clone(),
             dns_server: cli.dns_server,
@@ -140,7 +156,7 @@ impl Config {
         });
         let tls = TlsSettings {
             files: cli.tls_cert.clone().zip(cli.tls_key.clone()),
-            generated_dir: cli.spool_dir.join("tls"),
+            generated_dir: spool_dir.join("tls"),
             hostname: hostname.clone(),
             handshake_timeout: cli.tls_handshake_timeout,
         };
@@ -161,7 +177,7 @@ impl Config {
             add_sender_header: cli.add_sender_header,
             dkim_keys: dkim_keys(cli)?,
             smtp: cli.smtp.clone(),
-            spool_dir: cli.spool_dir.clone(),
+            spool_dir,
             shards,
             pin: cli.pin,
             io_memory: usize::try_from(cli.io_memory).unwrap_or(usize::MAX),

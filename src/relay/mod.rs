@@ -29,7 +29,7 @@ pub mod policy;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -87,6 +87,18 @@ impl FromStr for Route {
 }
 
 impl Route {
+    /// The same route with its Maildir path passed through `f` (config
+    /// resolution makes it absolute).
+    pub fn map_maildir<E>(
+        mut self,
+        f: impl FnOnce(&Path) -> Result<PathBuf, E>,
+    ) -> Result<Self, E> {
+        if let Target::Maildir(p) = &self.target {
+            self.target = Target::Maildir(f(p)?);
+        }
+        Ok(self)
+    }
+
     fn matches(&self, domain: &str) -> bool {
         match self.pattern.strip_prefix("*.") {
             Some(suffix) => domain
