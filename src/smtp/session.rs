@@ -1279,8 +1279,122 @@ mod tests {
         assert_eq!(m.body, b"Subject: t\r\n\r\n.dot\r\n\xc3\xa9\r\n");
         assert_eq!(m.envelope.mail_from.as_deref(), Some("a@example.org"));
         assert_eq!(m.envelope.rcpts.len(), 2);
-        assert_eq!(m.envelope.rcpts[1].addr, "postmaster");
+        // RFC 5321 4.5.1: bare <postmaster> is the first local domain's,
+        // and ORCPT keeps what the client wrote.
+        assert_eq!(m.envelope.rcpts[1].addr, "postmaster@localhost");
+        assert_eq!(
+            m.envelope.rcpts[1].orcpt.as_deref(),
+            Some("rfc822;postmaster")
+        );
         assert!(m.envelope.rcpts[0].notify.unwrap().failure);
+    }
+
+    fn rcpt_replies(cfg: &Arc<SessionConfig>, peer: &str, rcpts: &[&str]) -> Vec<String> {
+        let mut input = b"EHLO c.example\r\nMAIL FROM:<victim@remote.test> RET=FULL\r\n".to_vec();
+        for r in rcpts {
+            input.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+        }
+        let (out, _) = drive_from(cfg, peer, &input, &[]);
+        out.split("\r\n")
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .skip(3)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Regression (issue 11): recipients that Maildir delivery would refuse
+    /// were accepted, then bounced, with the whole message, to the forged
+    /// sender. They are refused at RCPT, for every kind of client.
+    #[test]
+    fn undeliverable_local_recipients_are_refused_at_rcpt() {
+        let cfg = Arc::new(SessionConfig {
+            relay_networks: vec!["198.51.100.0/24".parse().unwrap()],
+            routes: vec![
+                "sink.test=maildir:/srv/sink".parse().unwrap(),
+                "backend.test=smtp:127.0.0.1:2626".parse().unwrap(),
+            ],
+            local_domains: vec!["localhost".into(), "backend.test".into()],
+            max_recipients: 100,
+            ..(*cfg()).clone()
+        });
+        let bad = [
+            "a/b@localhost",
+            "\".x\"@localhost",
+            "\"x.\"@localhost",
+            "\"a..b\"@localhost",
+            "\"..\"@localhost",
+            "\"a\\/b\"@LOCALHOST",
+        ];
+        for peer in [PEER, "198.51.100.9:25"] {
+            let replies = rcpt_replies(&cfg, peer, &bad);
+            for (r, reply) in bad.iter().zip(&replies) {
+                assert!(
+                    reply.starts_with(&format!(
+                        "550 5.1.1 <{r}>: Recipient address rejected: undeliverable mailbox name ("
+                    )),
+                    "{peer} {r}: {reply}"
+                );
+            }
+        }
+        // A maildir: route is local delivery too (for a relay client); an
+        // SMTP-routed local domain is not a Maildir.
+        let replies = rcpt_replies(
+            &cfg,
+            "198.51.100.9:25",
+            &["a/b@sink.test", "a/b@backend.test", "a/b@remote.test"],
+        );
+        assert_eq!(
+            replies,
+            [
+                "550 5.1.1 <a/b@sink.test>: Recipient address rejected: undeliverable mailbox name (contains '/')",
+                "250 2.1.5 Recipient ok",
+                "250 2.1.5 Recipient ok",
+            ]
+        );
+        // Authenticated submission is checked the same way.
+        let input = b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<alice@localhost>\r\nRCPT TO:<\".x\"@localhost>\r\nRCPT TO:<ok@localhost>\r\n";
+        let (out, _) = drive_from(&submission(false), "127.0.0.1:4321", input, &[]);
+        assert!(
+            out.contains("550 5.1.1 <\".x\"@localhost>: Recipient address rejected: undeliverable mailbox name (leading dot)\r\n250 2.1.5 Recipient ok\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn local_recipients_table_at_rcpt() {
+        use crate::policy::recipient::RecipientTable;
+        let table = RecipientTable::parse("alice@localhost\n@catchall.test\n").unwrap();
+        let cfg = Arc::new(SessionConfig {
+            local_domains: vec!["localhost".into(), "catchall.test".into()],
+            recipients: Recipients::enabled(table),
+            max_recipients: 100,
+            ..(*cfg()).clone()
+        });
+        let input = b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<ALICE@localhost>\r\nRCPT TO:<bob@localhost>\r\nRCPT TO:<anyone@catchall.test>\r\nRCPT TO:<Postmaster@localhost>\r\nRCPT TO:<postmaster>\r\nDATA\r\n.\r\n";
+        let (out, msgs) = drive_every_split(&cfg, input);
+        assert!(
+            out.contains("550 5.1.1 <bob@localhost>: Recipient address rejected: User unknown\r\n"),
+            "{out}"
+        );
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "550", "250", "250", "250", "354", "250"]
+        );
+        let rcpts: Vec<&str> = msgs[0]
+            .envelope
+            .rcpts
+            .iter()
+            .map(|r| r.addr.as_str())
+            .collect();
+        assert_eq!(
+            rcpts,
+            [
+                "alice@localhost",
+                "anyone@catchall.test",
+                "Postmaster@localhost",
+                "postmaster@localhost"
+            ]
+        );
     }
 
     /// Each smuggling sequence, followed by a complete second transaction,
