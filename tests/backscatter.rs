@@ -104,7 +104,11 @@ fn assert_refused_in_session_and_never_bounced(
         server.queued().is_empty()
     });
     let delivered = maildir_files(&maildir_root(server), good).len();
-    assert_eq!(delivered, rows.len(), "the good recipient got every message");
+    assert_eq!(
+        delivered,
+        rows.len(),
+        "the good recipient got every message"
+    );
     let bounces = all_files(sink);
     if !bounces.is_empty() {
         wrong.push(format!(
@@ -392,9 +396,9 @@ fn bounce_of_a_large_message_carries_headers_only() {
     assert!(!bounce.contains("BIGBODY"), "the body came back");
     assert!(bounce.len() < 8192, "bounce of {} octets", bounce.len());
     assert!(
-        bounce.contains(&format!(
+        bounce.contains(
             "more than this server returns\r\n(51200 octets): only its header is attached."
-        )),
+        ),
         "{bounce}"
     );
 
@@ -409,7 +413,10 @@ fn bounce_of_a_large_message_carries_headers_only() {
     );
 
     let bounce = maildir_files(&root, "hdrs@localhost").remove(0);
-    assert!(bounce.contains("Content-Type: text/rfc822-headers\r\n"), "{bounce}");
+    assert!(
+        bounce.contains("Content-Type: text/rfc822-headers\r\n"),
+        "{bounce}"
+    );
     assert!(bounce.contains("Subject: small one\r\n"), "{bounce}");
     assert!(!bounce.contains("SMALLBODY"), "{bounce}");
 }

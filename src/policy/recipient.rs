@@ -158,7 +158,10 @@ impl RecipientTable {
     pub fn parse(text: &str) -> Result<RecipientTable, TableError> {
         let mut t = RecipientTable::default();
         for (i, line) in text.lines().enumerate() {
-            let err = |reason| TableError { line: i + 1, reason };
+            let err = |reason| TableError {
+                line: i + 1,
+                reason,
+            };
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -180,8 +183,7 @@ impl RecipientTable {
                 continue;
             }
             let local = unquote(local).ok_or_else(|| err("malformed quoted string"))?;
-            t.users
-                .insert(fold(&local, &domain), local.into_owned());
+            t.users.insert(fold(&local, &domain), local.into_owned());
         }
         Ok(t)
     }
@@ -378,7 +380,10 @@ mod tests {
         assert_eq!(t.len(), 4);
         assert_eq!(t.lookup("alice", "example.org"), Lookup::User("alice"));
         assert_eq!(t.lookup("ALICE", "EXAMPLE.org"), Lookup::User("alice"));
-        assert_eq!(t.lookup("bob.smith", "example.org"), Lookup::User("Bob.Smith"));
+        assert_eq!(
+            t.lookup("bob.smith", "example.org"),
+            Lookup::User("Bob.Smith")
+        );
         assert_eq!(t.lookup("carol", "example.org"), Lookup::Unknown);
         assert_eq!(t.lookup("anyone", "Catchall.Example"), Lookup::CatchAll);
         assert_eq!(t.lookup("alice", "other.example"), Lookup::Unknown);
@@ -400,8 +405,14 @@ mod tests {
             Ok(Some("Bob.Smith@example.org".into()))
         );
         assert_eq!(check("\"Alice\"@example.org", MAILDIR, t), Ok(None));
-        assert_eq!(check("carol@example.org", MAILDIR, t), Err(Refusal::Unknown));
-        assert_eq!(check("carol@example.org", SMTP_ROUTED, t), Err(Refusal::Unknown));
+        assert_eq!(
+            check("carol@example.org", MAILDIR, t),
+            Err(Refusal::Unknown)
+        );
+        assert_eq!(
+            check("carol@example.org", SMTP_ROUTED, t),
+            Err(Refusal::Unknown)
+        );
         assert_eq!(check("x@catchall.example", MAILDIR, t), Ok(None));
         // Postmaster always exists (RFC 5321 4.5.1), listed or not.
         assert_eq!(check("PostMaster@example.org", MAILDIR, t), Ok(None));

@@ -363,7 +363,11 @@ mod tests {
             .map(|(_, p)| p)
             .expect("a last part");
         let (ty, rest) = last.split_once("\r\n\r\n").expect("part header");
-        (ty, rest.strip_suffix(&format!("\r\n{boundary}--\r\n")).expect("closing boundary"))
+        (
+            ty,
+            rest.strip_suffix(&format!("\r\n{boundary}--\r\n"))
+                .expect("closing boundary"),
+        )
     }
 
     fn bounce(content: &[u8], ret_full: bool, limit: usize) -> String {
