@@ -62,16 +62,24 @@ pub struct Mailbox {
 /// The Maildir mailbox of `addr` (`local@domain`), or why no Maildir can
 /// hold it. Delivery builds its path from this; `RCPT` refuses with it.
 pub fn maildir_mailbox(addr: &str) -> Result<Mailbox, Refusal> {
+    let (local, domain) = maildir_parts(addr)?;
+    Ok(Mailbox {
+        local: local.into_owned(),
+        domain: domain.to_ascii_lowercase(),
+    })
+}
+
+/// [`maildir_mailbox`] without the copies (one RCPT of a plain address
+/// allocates nothing here): the unquoted local part and the domain as
+/// written.
+fn maildir_parts(addr: &str) -> Result<(Cow<'_, str>, &str), Refusal> {
     let (local, domain) = addr
         .rsplit_once('@')
         .ok_or(Refusal::Unusable("address without a domain"))?;
     let local = unquote(local).ok_or(Refusal::Unusable("malformed quoted string"))?;
     name_rule(&local).map_err(Refusal::Unusable)?;
     name_rule(domain).map_err(|_| Refusal::Unusable("domain not usable as a directory name"))?;
-    Ok(Mailbox {
-        local: local.into_owned(),
-        domain: domain.to_ascii_lowercase(),
-    })
+    Ok((local, domain))
 }
 
 /// The decision for a recipient `addr` whose domain is delivered as `at`
@@ -89,7 +97,7 @@ pub fn check(
         return Ok(None);
     }
     if at.maildir {
-        maildir_mailbox(addr)?;
+        maildir_parts(addr)?;
     }
     let Some(table) = table else {
         return Ok(None);
