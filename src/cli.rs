@@ -125,6 +125,10 @@ pub struct Cli {
     )]
     pub local_domains: Vec<String>,
 
+    /// The recipients that exist in the local domains: lines `user@domain` (any case) or `@domain` (catch-all); others get 550 5.1.1 at RCPT [default: any local part]; reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE", env = "RINGMTA_LOCAL_RECIPIENTS")]
+    pub local_recipients: Option<PathBuf>,
+
     /// Largest message accepted, in bytes (suffixes K, M, G); advertised with SIZE.
     #[arg(long, value_name = "BYTES", env = "RINGMTA_MAX_MESSAGE_SIZE", default_value = "50M",
           value_parser = parse_size)]
@@ -318,6 +322,11 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", env = "RINGMTA_DELAY_WARNING", default_value = "0",
           value_parser = parse_duration)]
     pub delay_warning: Duration,
+
+    /// Most octets of the original message a bounce returns; a larger one comes back as its header only (as Postfix's bounce_size_limit).
+    #[arg(long, value_name = "BYTES", env = "RINGMTA_BOUNCE_SIZE_LIMIT", default_value = "51200",
+          value_parser = parse_size)]
+    pub bounce_size_limit: u64,
 
     /// Received headers after which a message is a loop and bounces (5.4.6).
     #[arg(long, value_name = "N", env = "RINGMTA_MAX_HOPS", default_value_t = 50)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cli::{Cli, Fsync};
+use crate::policy::recipient::{RecipientTable, Recipients};
 use crate::relay::RelayConfig;
 use crate::server::tls::TlsSettings;
 use crate::server::users::AuthSettings;
@@ -37,6 +38,9 @@ pub struct Config {
     pub submission_session: Arc<SessionConfig>,
     pub tls: TlsSettings,
     pub auth: AuthSettings,
+    /// `--local-recipients`, loaded into `session.recipients` (which every
+    /// session config shares) at start and on SIGHUP.
+    pub local_recipients: Option<PathBuf>,
     /// Add `Sender:` to submitted mail whose From is not the user.
     pub add_sender_header: bool,
     /// `--dkim-key`: the keys that sign submitted mail.
@@ -126,6 +130,7 @@ impl Config {
             retry_schedule: cli.retry_schedule.0.clone(),
             max_queue_age: cli.max_queue_age,
             delay_warning: (!cli.delay_warning.is_zero()).then_some(cli.delay_warning),
+            bounce_size_limit: usize::try_from(cli.bounce_size_limit).unwrap_or(usize::MAX),
             max_conns_per_dest: cli.max_conns_per_dest.max(1),
             max_hops: cli.max_hops,
             tls_policy: cli.tls_policy,
@@ -144,6 +149,13 @@ impl Config {
             max_errors: cli.max_errors.max(1),
             bare_newline: cli.bare_newline,
             relay_networks: cli.relay_networks.clone(),
+            routes: cli.routes.clone(),
+            // Filled from the file by `Shared::new`, before any session.
+            recipients: if cli.local_recipients.is_some() {
+                Recipients::enabled(RecipientTable::default())
+            } else {
+                Recipients::default()
+            },
             mode: Mode::Relay,
             // A certificate is always there (given or generated).
             starttls: true,
@@ -174,6 +186,7 @@ impl Config {
             submission_session,
             tls,
             auth,
+            local_recipients: cli.local_recipients.clone(),
             add_sender_header: cli.add_sender_header,
             dkim_keys: dkim_keys(cli)?,
             smtp: cli.smtp.clone(),

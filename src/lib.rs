@@ -15,8 +15,9 @@
 //!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
 //!   The connection driver runs a session over plain TCP or rustls
 //!   (STARTTLS, implicit TLS); [`server::tls`] holds the certificate,
-//!   [`server::users`] the argon2 users and [`server::dkim`] the keys that
-//!   sign submitted mail, all reloaded on SIGHUP.
+//!   [`server::users`] the argon2 users, [`server::dkim`] the keys that
+//!   sign submitted mail and [`server::recipients`] the
+//!   `--local-recipients` file, all reloaded on SIGHUP.
 //! * [`spool`] — durability: per-shard append-only segment files of
 //!   checksummed records; messages that finish while a write+`fdatasync` is
 //!   in flight share the next one (group commit), and their 250s go out when
@@ -35,11 +36,16 @@
 //!   over the bounded [`relay::handoff`] mesh (or delivers them itself when
 //!   the channel is full) and gets the outcomes back. Outcomes are journaled
 //!   per recipient, by the origin shard only, through its spool.
+//! * [`policy`] — pure decisions the session and delivery share: which
+//!   local recipients exist (`--local-recipients`) and which mailbox names
+//!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails
+//!   later as a bounce to a forged sender. No I/O.
 //! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
 //!   turned once into a validated [`config::Config`].
 
 pub mod cli;
 pub mod config;
+pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod smtp;

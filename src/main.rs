@@ -90,9 +90,9 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
 }
 
 /// SIGTERM/SIGINT: graceful stop (a second one exits at once). SIGHUP: reload
-/// the TLS certificate, the users file, the sender login map and the DKIM
-/// keys (new handshakes, logins and messages see them; open sessions are
-/// not touched).
+/// the TLS certificate, the users file, the sender login map, the DKIM keys
+/// and the local recipients (new handshakes, logins, messages and RCPTs see
+/// them; open sessions are not otherwise touched).
 fn watch_signals(shared: Arc<Shared>) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()

@@ -31,6 +31,7 @@ use super::maildir;
 use super::mx::{Resolution, Resolver};
 use super::tls::{self, TlsPolicy};
 use super::{dsn, RelayConfig, Target};
+use crate::policy;
 use crate::smtp::envelope::{Protocol, Rcpt};
 use crate::smtp::{Envelope, Message};
 use crate::spool::queue::{JournalOp, Location, QueueId, RcptState};
@@ -496,8 +497,11 @@ impl Relay {
         };
         let id = work.id.to_string();
         let mut outcomes = Vec::with_capacity(loaded.job.rcpts.len());
+        let first_local = self.cfg.local_domains.first().map(String::as_str);
         for (k, r) in loaded.job.rcpts.iter().enumerate() {
-            let o = match maildir::mailbox_dir(root, &r.addr) {
+            // A bare <postmaster> queued before the session qualified it.
+            let addr = policy::recipient::qualify_postmaster(&r.addr, first_local);
+            let o = match maildir::mailbox_dir(root, &addr) {
                 Err(e) => RcptOutcome::Failed(format!("550 5.1.1 <{}>: {e}", r.addr)),
                 Ok(dir) => {
                     let name =
@@ -505,7 +509,7 @@ impl Relay {
                     match maildir::deliver(
                         &dir,
                         loaded.job.mail_from.as_deref(),
-                        &r.addr,
+                        &addr,
                         &loaded.job.body,
                         &name,
                     )
@@ -940,6 +944,7 @@ impl Relay {
             arrival: UNIX_EPOCH + Duration::from_secs(loaded.arrival),
             content: &loaded.job.body,
             ret_full: loaded.ret_full,
+            limit: self.cfg.bounce_size_limit,
         };
         let body = dsn::build(
             &self.hostname,

@@ -6,6 +6,13 @@
 //! lacking FAILURE (or DELAY for a warning), produces no report. Without
 //! NOTIFY, failures are reported, and delays too when `--delay-warning` is
 //! set (RFC 3461 leaves that default to the MTA; Postfix does the same).
+//!
+//! Returns at most `--bounce-size-limit` octets of the original (Postfix's
+//! `bounce_size_limit`, 50 KiB by default): a larger message comes back as
+//! its header alone (text/rfc822-headers, RFC 6522), whatever RET asked, and
+//! a header larger than the limit is cut after the last whole field that
+//! fits. A bounce must never carry someone's message back in bulk: on the
+//! relay port the sender it goes to can be forged.
 
 use std::time::SystemTime;
 
@@ -44,6 +51,8 @@ pub struct Original<'a> {
     /// The stored message; only its header is returned unless `ret_full`.
     pub content: &'a [u8],
     pub ret_full: bool,
+    /// Most octets of `content` the report returns (`--bounce-size-limit`).
+    pub limit: usize,
 }
 
 /// Whether a failure report is wanted for a recipient with this NOTIFY.
@@ -134,6 +143,20 @@ pub fn build(
     for r in rcpts {
         m.push_str(&format!("<{}>: {}\r\n", r.addr, r.diagnostic));
     }
+    let returned = Returned::of(original);
+    if returned.cut {
+        m.push_str(&format!(
+            "\r\nThe original message was {} octets, more than this server returns\r\n\
+             ({} octets): only its header is attached{}.\r\n",
+            original.content.len(),
+            original.limit,
+            if returned.content.len() < header_len(original.content) {
+                ", and only the first fields of that"
+            } else {
+                ""
+            }
+        ));
+    }
     m.push_str(&format!(
         "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
     ));
@@ -167,23 +190,70 @@ pub fn build(
             ));
         }
     }
-    let content = original.content;
-    let (part_type, content): (&str, &[u8]) = if original.ret_full {
-        ("message/rfc822", content)
-    } else {
-        let end = memchr::memmem::find(content, b"\r\n\r\n").map_or(content.len(), |e| e + 2);
-        ("text/rfc822-headers", &content[..end])
-    };
     m.push_str(&format!(
-        "\r\n--{boundary}\r\nContent-Type: {part_type}\r\n\r\n"
+        "\r\n--{boundary}\r\nContent-Type: {}\r\n\r\n",
+        returned.part_type
     ));
     let mut out = m.into_bytes();
-    out.extend_from_slice(content);
+    out.extend_from_slice(returned.content);
     if !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
+}
+
+/// What a report returns of the original.
+struct Returned<'a> {
+    part_type: &'static str,
+    content: &'a [u8],
+    /// RET=FULL was asked, and the message was over the limit.
+    cut: bool,
+}
+
+impl Returned<'_> {
+    fn of<'a>(original: &Original<'a>) -> Returned<'a> {
+        let content = original.content;
+        if original.ret_full && content.len() <= original.limit {
+            return Returned {
+                part_type: "message/rfc822",
+                content,
+                cut: false,
+            };
+        }
+        let header = &content[..header_len(content)];
+        Returned {
+            part_type: "text/rfc822-headers",
+            content: whole_fields(header, original.limit),
+            cut: original.ret_full,
+        }
+    }
+}
+
+/// The length of the header section, up to and including the CRLF that
+/// ends its last field (all of `content` when no empty line follows).
+fn header_len(content: &[u8]) -> usize {
+    if content.starts_with(b"\r\n") {
+        return 0;
+    }
+    memchr::memmem::find(content, b"\r\n\r\n").map_or(content.len(), |e| e + 2)
+}
+
+/// The longest prefix of `header` within `limit` octets that ends after a
+/// whole field (at a CRLF not followed by a folded continuation line).
+fn whole_fields(header: &[u8], limit: usize) -> &[u8] {
+    if header.len() <= limit {
+        return header;
+    }
+    let mut end = limit;
+    while let Some(p) = memchr::memmem::rfind(&header[..end], b"\r\n") {
+        let cut = p + 2;
+        if !matches!(header.get(cut), Some(b' ' | b'\t')) {
+            return &header[..cut];
+        }
+        end = p + 1;
+    }
+    &[]
 }
 
 #[cfg(test)]
@@ -214,6 +284,7 @@ mod tests {
             arrival: SystemTime::UNIX_EPOCH,
             content,
             ret_full: false,
+            limit: 51_200,
         }
     }
 
@@ -283,5 +354,89 @@ mod tests {
             s.contains("Will-Retry-Until: Tue, 6 Jan 1970 00:00:00 +0000\r\n"),
             "{s}"
         );
+    }
+
+    fn returned_part(s: &str) -> (&str, &str) {
+        let boundary = "--Q1/mx.test";
+        let last = s
+            .rsplit_once(&format!("\r\n{boundary}\r\nContent-Type: "))
+            .map(|(_, p)| p)
+            .expect("a last part");
+        let (ty, rest) = last.split_once("\r\n\r\n").expect("part header");
+        (
+            ty,
+            rest.strip_suffix(&format!("\r\n{boundary}--\r\n"))
+                .expect("closing boundary"),
+        )
+    }
+
+    fn bounce(content: &[u8], ret_full: bool, limit: usize) -> String {
+        let o = Original {
+            ret_full,
+            limit,
+            ..original(content)
+        };
+        let b = build(
+            "mx.test",
+            &o,
+            Action::Failed,
+            &[rcpt("550 5.1.1 no such user")],
+            SystemTime::UNIX_EPOCH,
+        );
+        String::from_utf8(b).unwrap()
+    }
+
+    #[test]
+    fn ret_full_returns_a_message_within_the_limit_whole() {
+        let content = "Subject: small\r\n\r\nthe body\r\n";
+        let s = bounce(content.as_bytes(), true, content.len());
+        assert_eq!(returned_part(&s), ("message/rfc822", content));
+        assert!(!s.contains("more than this server returns"), "{s}");
+    }
+
+    #[test]
+    fn bounce_size_limit_returns_headers_only_above_it() {
+        let content = format!(
+            "Subject: big\r\nX-Folded: a\r\n\tb\r\n\r\n{}",
+            "body line\r\n".repeat(10_000)
+        );
+        let s = bounce(content.as_bytes(), true, 51_200);
+        let (ty, part) = returned_part(&s);
+        assert_eq!(ty, "text/rfc822-headers");
+        assert_eq!(part, "Subject: big\r\nX-Folded: a\r\n\tb\r\n");
+        assert!(!s.contains("body line"));
+        assert!(
+            s.contains(&format!(
+                "The original message was {} octets, more than this server returns\r\n(51200 octets)",
+                content.len()
+            )),
+            "{s}"
+        );
+        // RET=HDRS: headers, and nothing to explain.
+        let s = bounce(b"Subject: x\r\n\r\nbody\r\n", false, 51_200);
+        assert_eq!(returned_part(&s), ("text/rfc822-headers", "Subject: x\r\n"));
+        assert!(!s.contains("more than this server returns"));
+    }
+
+    #[test]
+    fn a_header_over_the_limit_is_cut_after_a_whole_field() {
+        let content = "A: 1\r\nB: 2\r\n\tcontinued\r\nC: 3\r\n\r\nbody\r\n";
+        // The limit falls inside the folded B field: B goes entirely.
+        let within_b = "A: 1\r\nB: 2\r\n\tcont".len();
+        let s = bounce(content.as_bytes(), true, within_b);
+        assert_eq!(returned_part(&s), ("text/rfc822-headers", "A: 1\r\n"));
+        assert!(s.contains("and only the first fields of that"), "{s}");
+        // Exactly at a field's end, that field stays.
+        let at_b_end = "A: 1\r\nB: 2\r\n\tcontinued\r\n".len();
+        let s = bounce(content.as_bytes(), false, at_b_end);
+        assert_eq!(
+            returned_part(&s),
+            ("text/rfc822-headers", "A: 1\r\nB: 2\r\n\tcontinued\r\n")
+        );
+        // A header with no empty line after it, and a limit of 0.
+        assert_eq!(whole_fields(b"A: 1\r\nB: 2", 8), b"A: 1\r\n");
+        assert_eq!(whole_fields(b"A: 1\r\n", 0), b"");
+        assert_eq!(header_len(b"\r\nbody"), 0);
+        assert_eq!(header_len(b"A: 1\r\n"), 6);
     }
 }

@@ -2,34 +2,20 @@
 //! written in `tmp/`, `fdatasync`ed, renamed into `new/`, and `new/` synced,
 //! so a delivered message survives a crash and is never seen half-written.
 //!
-//! Must never write outside the root: a local part or domain that could be a
-//! path (`/`, `..`, leading `.`, NUL) is refused, and the message bounces.
+//! Must never write outside the root: the mailbox name comes from
+//! [`crate::policy::recipient::maildir_mailbox`], the same check that
+//! refuses such a recipient at `RCPT` (a name that could be a path, `/`, a
+//! leading, trailing or doubled dot, a control character). Only a message
+//! queued before that check existed can still fail it here, and bounce.
 
 use std::path::{Path, PathBuf};
 
-/// Why a recipient cannot have a Maildir.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct BadMailbox(&'static str);
+use crate::policy::recipient::{self, Refusal};
 
 /// The Maildir of `addr` under `root`, or why there is none.
-pub fn mailbox_dir(root: &Path, addr: &str) -> Result<PathBuf, BadMailbox> {
-    let (local, domain) = addr
-        .rsplit_once('@')
-        .ok_or(BadMailbox("address without a domain"))?;
-    let safe = |s: &str| {
-        !s.is_empty()
-            && !s.starts_with('.')
-            && !s.contains('/')
-            && !s.contains('\0')
-            && s.len() <= 255
-    };
-    // The local part keeps its case (RFC 5321 2.4); the domain does not matter.
-    let local = local.trim_matches('"');
-    if !safe(local) || !safe(domain) {
-        return Err(BadMailbox("mailbox name not usable as a Maildir"));
-    }
-    Ok(root.join(domain.to_ascii_lowercase()).join(local))
+pub fn mailbox_dir(root: &Path, addr: &str) -> Result<PathBuf, Refusal> {
+    let mb = recipient::maildir_mailbox(addr)?;
+    Ok(root.join(mb.domain).join(mb.local))
 }
 
 /// Delivers `message` (prefixed with `Return-Path` and `Delivered-To`) into
@@ -106,10 +92,15 @@ mod tests {
             mailbox_dir(root, "John.Doe@Example.ORG").unwrap(),
             Path::new("/r/example.org/John.Doe")
         );
+        assert_eq!(
+            mailbox_dir(root, "\"john\"@example.org").unwrap(),
+            Path::new("/r/example.org/john")
+        );
         for bad in [
             "../x@example.org",
             "a/b@example.org",
             ".hidden@example.org",
+            "\"x.\"@example.org",
             "x@..",
             "x@a/b",
             "nodomain",

@@ -109,6 +109,13 @@ impl Route {
     }
 }
 
+/// Where the first `--route` for `domain` (lower case) sends it, if one
+/// matches. Routes come before the local domains: the session asks this
+/// too, to know which recipients will be delivered into a Maildir.
+pub fn route_for<'a>(routes: &'a [Route], domain: &str) -> Option<&'a Target> {
+    routes.iter().find(|r| r.matches(domain)).map(|r| &r.target)
+}
+
 /// `HOST:PORT` (`[v6]:PORT` for IPv6 literals).
 pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
@@ -147,6 +154,8 @@ pub struct RelayConfig {
     pub max_queue_age: Duration,
     /// Warn senders of recipients still queued after this long.
     pub delay_warning: Option<Duration>,
+    /// Most octets of the original a bounce returns (`--bounce-size-limit`).
+    pub bounce_size_limit: usize,
     pub max_conns_per_dest: usize,
     pub max_hops: usize,
     /// STARTTLS to the next hop: opportunistic or required ([`tls`]).
@@ -167,8 +176,8 @@ impl RelayConfig {
             .rsplit_once('@')
             .map_or(addr, |(_, d)| d)
             .to_ascii_lowercase();
-        if let Some(r) = self.routes.iter().find(|r| r.matches(&domain)) {
-            return r.target.clone();
+        if let Some(t) = route_for(&self.routes, &domain) {
+            return t.clone();
         }
         if addr.eq_ignore_ascii_case("postmaster") || self.local_domains.contains(&domain) {
             return Target::Maildir(self.maildir_root.clone());
@@ -282,6 +291,7 @@ mod tests {
             data_timeout: Duration::from_secs(180),
             retry_schedule: parse_schedule("1m,5m,15m").unwrap().0,
             delay_warning: None,
+            bounce_size_limit: 51_200,
             max_queue_age: Duration::from_secs(5 * 86_400),
             max_conns_per_dest: 4,
             max_hops: 50,

@@ -10,6 +10,7 @@ mod conn;
 pub mod dkim;
 mod limits;
 pub mod listener;
+pub mod recipients;
 mod shard;
 pub mod tls;
 pub mod users;
@@ -55,11 +56,13 @@ pub enum ServerError {
     Users(#[from] users::UsersError),
     #[error(transparent)]
     Dkim(#[from] dkim::DkimError),
+    #[error("--local-recipients: {0}")]
+    Recipients(#[from] recipients::RecipientsError),
 }
 
 /// Process-wide state: the stop flag the signal handler sets, the per-IP
 /// connection counts, and what SIGHUP reloads (certificate, users, DKIM
-/// keys).
+/// keys, local recipients).
 #[derive(Debug)]
 pub struct Shared {
     pub stop: AtomicBool,
@@ -67,11 +70,12 @@ pub struct Shared {
     pub tls: tls::TlsStore,
     pub auth: users::AuthStore,
     pub dkim: dkim::DkimStore,
+    pub recipients: recipients::RecipientsStore,
 }
 
 impl Shared {
-    /// Loads (or generates) the certificate, reads the users file and the
-    /// DKIM keys.
+    /// Loads (or generates) the certificate, reads the users file, the
+    /// DKIM keys and the local recipients.
     pub fn new(config: &Config) -> Result<Arc<Shared>, ServerError> {
         Ok(Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -79,11 +83,15 @@ impl Shared {
             tls: tls::TlsStore::load(config.tls.clone())?,
             auth: users::AuthStore::load(config.auth.clone())?,
             dkim: dkim::DkimStore::load(config.dkim_keys.clone())?,
+            recipients: recipients::RecipientsStore::load(
+                config.local_recipients.clone(),
+                config.session.recipients.clone(),
+            )?,
         }))
     }
 
     /// SIGHUP: re-reads the certificate, the users file, the sender login
-    /// map and the DKIM keys. Whatever fails to load keeps its old version
+    /// map, the DKIM keys and the local recipients. Whatever fails to load keeps its old version
     /// (and is logged); sessions in progress are not touched.
     pub fn reload(&self) {
         match self.tls.reload() {
@@ -99,6 +107,14 @@ impl Shared {
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: users NOT reloaded; keeping the old ones")
             }
+        }
+        match self.recipients.reload() {
+            None => {}
+            Some(Ok(n)) => tracing::info!(entries = n, "SIGHUP: local recipients reloaded"),
+            Some(Err(e)) => tracing::error!(
+                error = %e,
+                "SIGHUP: local recipients NOT reloaded; keeping the old ones"
+            ),
         }
         if !self.dkim.is_empty() {
             let errors = self.dkim.reload();

@@ -24,6 +24,8 @@ use bumpalo::Bump;
 use memchr::memmem::Finder;
 use std::sync::LazyLock;
 
+use crate::policy::recipient::{Locality, Recipients, Refusal};
+use crate::relay::Target;
 use crate::smtp::auth::{self, AuthResult, Authenticated, Credentials, Exchange, Mechanism, Step};
 use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
 use crate::smtp::data::{BareNewline, BdatReceiver, DataReceiver, Progress, Verdict};
@@ -59,6 +61,12 @@ pub struct SessionConfig {
     pub bare_newline: BareNewline,
     /// Clients that may relay to any domain (`--relay-network`).
     pub relay_networks: Vec<crate::relay::policy::Cidr>,
+    /// `--route`s: which domains go into a Maildir (their recipients must
+    /// be Maildir-safe) and which go on by SMTP.
+    pub routes: Vec<crate::relay::Route>,
+    /// The recipients that exist in the local domains (`--local-recipients`;
+    /// disabled: any Maildir-safe local part).
+    pub recipients: Recipients,
     /// Relay/MX port or message submission (RFC 6409).
     pub mode: Mode,
     /// A certificate is loaded: STARTTLS is offered until TLS is active.
@@ -92,6 +100,8 @@ impl Default for SessionConfig {
             max_errors: 20,
             bare_newline: BareNewline::Normalize,
             relay_networks: Vec::new(),
+            routes: Vec::new(),
+            recipients: Recipients::default(),
             mode: Mode::Relay,
             starttls: false,
             plaintext_auth_on_loopback: false,
@@ -777,14 +787,16 @@ impl Session {
     fn rcpt(&mut self, r: RcptCommand<'_>) {
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
         let verdict = match &self.state {
-            State::Fresh => Err(reply::BAD_SEQUENCE_HELO),
-            State::Mail(tx) if tx.envelope.chunked => Err(reply::BAD_SEQUENCE_RCPT_AFTER_BDAT),
+            State::Fresh => Err(reply::BAD_SEQUENCE_HELO.into()),
+            State::Mail(tx) if tx.envelope.chunked => {
+                Err(reply::BAD_SEQUENCE_RCPT_AFTER_BDAT.into())
+            }
             State::Mail(tx) => self.check_rcpt(&r, &tx.envelope, esmtp),
-            _ => Err(reply::BAD_SEQUENCE_NEED_MAIL),
+            _ => Err(reply::BAD_SEQUENCE_NEED_MAIL.into()),
         };
-        let addr = match verdict {
-            Ok(addr) => addr,
-            Err(e) => {
+        let accepted = match verdict {
+            Ok(a) => a,
+            Err(RcptRefusal::Reply(e)) => {
                 if [reply::RELAY_DENIED, UNQUALIFIED].contains(&e) {
                     let to = match &r.to {
                         Recipient::Postmaster => "postmaster".to_owned(),
@@ -794,12 +806,17 @@ impl Session {
                 }
                 return self.error(e);
             }
+            Err(RcptRefusal::Mailbox { addr, why }) => {
+                self.note_rejection(MAILBOX_REFUSED, format!("RCPT TO:<{addr}>"));
+                let text = format!("<{addr}>: Recipient address rejected: {why}");
+                return self.error_text(MAILBOX_REFUSED.code, MAILBOX_REFUSED.status, &text);
+            }
         };
         if let State::Mail(tx) = &mut self.state {
             tx.envelope.rcpts.push(Rcpt {
-                addr,
+                addr: accepted.addr,
                 notify: r.params.notify,
-                orcpt: r.params.orcpt.map(str::to_owned),
+                orcpt: r.params.orcpt.map(str::to_owned).or(accepted.orcpt),
             });
         }
         self.reply(reply::RCPT_OK);
@@ -810,51 +827,85 @@ impl Session {
         r: &RcptCommand<'_>,
         env: &Envelope,
         esmtp: bool,
-    ) -> Result<String, Reply> {
+    ) -> Result<Accepted, RcptRefusal> {
         if (r.params.notify.is_some() || r.params.orcpt.is_some()) && !esmtp {
-            return Err(reply::PARAMETERS_AFTER_HELO);
+            return Err(reply::PARAMETERS_AFTER_HELO.into());
         }
         if env.rcpts.len() >= self.cfg.max_recipients {
-            return Err(reply::TOO_MANY_RECIPIENTS);
+            return Err(reply::TOO_MANY_RECIPIENTS.into());
         }
-        match &r.to {
-            Recipient::Postmaster => Ok("postmaster".to_owned()),
-            Recipient::Mailbox(mb) => {
-                if mb.utf8 && !env.smtputf8 {
-                    return Err(reply::UTF8_NOT_DECLARED);
-                }
-                if self.cfg.mode == Mode::Submission {
-                    // MAIL already required AUTH: an authenticated user may
-                    // send anywhere (RFC 6409 4.3), to qualified addresses.
-                    if !self.is_qualified(&mb.domain) {
-                        return Err(UNQUALIFIED);
-                    }
-                    return Ok(mb.to_owned_string());
-                }
-                let local = match mb.domain {
-                    Domain::Name(d) => self
-                        .cfg
-                        .local_domains
-                        .iter()
-                        .any(|l| l.eq_ignore_ascii_case(d)),
-                    Domain::Literal(_) => false,
-                };
-                // Relay policy: clients in --relay-network may send
-                // anywhere; everyone else only to local domains, and only to
-                // plain local parts (no percent hack, bang path or quoted
-                // '@' that another MTA could route onward).
-                let relay_client = self
-                    .cfg
-                    .relay_networks
-                    .iter()
-                    .any(|n| n.contains(self.conn.peer.ip()));
-                let plain_local = local && !crate::relay::policy::is_routing_local_part(mb.local);
-                if relay_client || plain_local {
-                    Ok(mb.to_owned_string())
-                } else {
-                    Err(reply::RELAY_DENIED)
-                }
+        let mb = match &r.to {
+            // RFC 5321 4.5.1: <postmaster> must be delivered: it is the
+            // first local domain's postmaster, and the DSN's
+            // Original-Recipient says what the client wrote.
+            Recipient::Postmaster => {
+                let first = self.cfg.local_domains.first().map(String::as_str);
+                let addr = crate::policy::recipient::qualify_postmaster("postmaster", first);
+                return Ok(Accepted {
+                    addr: addr.into_owned(),
+                    orcpt: first.map(|_| "rfc822;postmaster".to_owned()),
+                });
             }
+            Recipient::Mailbox(mb) => mb,
+        };
+        if mb.utf8 && !env.smtputf8 {
+            return Err(reply::UTF8_NOT_DECLARED.into());
+        }
+        let at = self.locality(&mb.domain);
+        if self.cfg.mode == Mode::Submission {
+            // MAIL already required AUTH: an authenticated user may
+            // send anywhere (RFC 6409 4.3), to qualified addresses.
+            if !self.is_qualified(&mb.domain) {
+                return Err(UNQUALIFIED.into());
+            }
+        } else {
+            // Relay policy: clients in --relay-network may send anywhere;
+            // everyone else only to local domains, and only to plain local
+            // parts (no percent hack, bang path or quoted '@' that another
+            // MTA could route onward).
+            let relay_client = self
+                .cfg
+                .relay_networks
+                .iter()
+                .any(|n| n.contains(self.conn.peer.ip()));
+            let plain_local =
+                at.local_domain && !crate::relay::policy::is_routing_local_part(mb.local);
+            if !(relay_client || plain_local) {
+                return Err(reply::RELAY_DENIED.into());
+            }
+        }
+        // Whatever delivery would refuse is refused now, in the session:
+        // accepted and failed later, it would bounce to a sender who may
+        // be forged (backscatter).
+        let addr = mb.to_owned_string();
+        match self.cfg.recipients.check(&addr, at) {
+            Ok(listed) => Ok(Accepted {
+                addr: listed.unwrap_or(addr),
+                orcpt: None,
+            }),
+            Err(why) => Err(RcptRefusal::Mailbox { addr, why }),
+        }
+    }
+
+    /// Whether a domain is local, and whether its mail goes into a Maildir
+    /// (a `--route` decides first, as in delivery; then a local domain
+    /// does).
+    fn locality(&self, domain: &Domain<'_>) -> Locality {
+        let Domain::Name(d) = domain else {
+            return Locality::default();
+        };
+        let local_domain = self
+            .cfg
+            .local_domains
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case(d));
+        let maildir = match crate::relay::route_for(&self.cfg.routes, &d.to_ascii_lowercase()) {
+            Some(t) => matches!(t, Target::Maildir(_)),
+            None => local_domain,
+        };
+        Locality {
+            local_domain,
+            maildir,
         }
     }
 
@@ -1000,7 +1051,12 @@ impl Session {
     /// An error reply; too many of them end the session (a client speaking
     /// another protocol, or probing).
     fn error(&mut self, r: Reply) {
-        r.write_to(&mut self.output);
+        self.error_text(r.code, r.status, r.text);
+    }
+
+    /// An error reply whose text is made for this command.
+    fn error_text(&mut self, code: u16, status: Option<&'static str>, text: &str) {
+        reply::write_line(&mut self.output, code, status, text, true);
         self.errors += 1;
         if self.errors >= self.cfg.max_errors && !matches!(self.state, State::Closed) {
             self.close_with(reply::TOO_MANY_ERRORS);
@@ -1034,6 +1090,31 @@ const SENDER_NOT_OWNED: Reply = Reply::new(
     "5.7.1",
     "Error: sender address not owned by the authenticated user",
 );
+
+/// A local recipient that does not exist or cannot be delivered; the reply
+/// text names the address and the reason (`<bob@example.org>: Recipient
+/// address rejected: User unknown`), as Postfix's does.
+const MAILBOX_REFUSED: Reply = Reply::new(550, "5.1.1", "Recipient address rejected");
+
+/// A recipient the session takes: the address to store, and the ORCPT to
+/// keep when the client gave none (the address was rewritten).
+struct Accepted {
+    addr: String,
+    orcpt: Option<String>,
+}
+
+/// Why a recipient is refused: a fixed reply, or a local mailbox refused by
+/// [`crate::policy::recipient`] (its reply names the address).
+enum RcptRefusal {
+    Reply(Reply),
+    Mailbox { addr: String, why: Refusal },
+}
+
+impl From<Reply> for RcptRefusal {
+    fn from(r: Reply) -> Self {
+        RcptRefusal::Reply(r)
+    }
+}
 
 /// A command refused by policy: what was asked, by whom, and the answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1198,8 +1279,122 @@ mod tests {
         assert_eq!(m.body, b"Subject: t\r\n\r\n.dot\r\n\xc3\xa9\r\n");
         assert_eq!(m.envelope.mail_from.as_deref(), Some("a@example.org"));
         assert_eq!(m.envelope.rcpts.len(), 2);
-        assert_eq!(m.envelope.rcpts[1].addr, "postmaster");
+        // RFC 5321 4.5.1: bare <postmaster> is the first local domain's,
+        // and ORCPT keeps what the client wrote.
+        assert_eq!(m.envelope.rcpts[1].addr, "postmaster@localhost");
+        assert_eq!(
+            m.envelope.rcpts[1].orcpt.as_deref(),
+            Some("rfc822;postmaster")
+        );
         assert!(m.envelope.rcpts[0].notify.unwrap().failure);
+    }
+
+    fn rcpt_replies(cfg: &Arc<SessionConfig>, peer: &str, rcpts: &[&str]) -> Vec<String> {
+        let mut input = b"EHLO c.example\r\nMAIL FROM:<victim@remote.test> RET=FULL\r\n".to_vec();
+        for r in rcpts {
+            input.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+        }
+        let (out, _) = drive_from(cfg, peer, &input, &[]);
+        out.split("\r\n")
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .skip(3)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Regression (issue 11): recipients that Maildir delivery would refuse
+    /// were accepted, then bounced, with the whole message, to the forged
+    /// sender. They are refused at RCPT, for every kind of client.
+    #[test]
+    fn undeliverable_local_recipients_are_refused_at_rcpt() {
+        let cfg = Arc::new(SessionConfig {
+            relay_networks: vec!["198.51.100.0/24".parse().unwrap()],
+            routes: vec![
+                "sink.test=maildir:/srv/sink".parse().unwrap(),
+                "backend.test=smtp:127.0.0.1:2626".parse().unwrap(),
+            ],
+            local_domains: vec!["localhost".into(), "backend.test".into()],
+            max_recipients: 100,
+            ..(*cfg()).clone()
+        });
+        let bad = [
+            "a/b@localhost",
+            "\".x\"@localhost",
+            "\"x.\"@localhost",
+            "\"a..b\"@localhost",
+            "\"..\"@localhost",
+            "\"a\\/b\"@LOCALHOST",
+        ];
+        for peer in [PEER, "198.51.100.9:25"] {
+            let replies = rcpt_replies(&cfg, peer, &bad);
+            for (r, reply) in bad.iter().zip(&replies) {
+                assert!(
+                    reply.starts_with(&format!(
+                        "550 5.1.1 <{r}>: Recipient address rejected: undeliverable mailbox name ("
+                    )),
+                    "{peer} {r}: {reply}"
+                );
+            }
+        }
+        // A maildir: route is local delivery too (for a relay client); an
+        // SMTP-routed local domain is not a Maildir.
+        let replies = rcpt_replies(
+            &cfg,
+            "198.51.100.9:25",
+            &["a/b@sink.test", "a/b@backend.test", "a/b@remote.test"],
+        );
+        assert_eq!(
+            replies,
+            [
+                "550 5.1.1 <a/b@sink.test>: Recipient address rejected: undeliverable mailbox name (contains '/')",
+                "250 2.1.5 Recipient ok",
+                "250 2.1.5 Recipient ok",
+            ]
+        );
+        // Authenticated submission is checked the same way.
+        let input = b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<alice@localhost>\r\nRCPT TO:<\".x\"@localhost>\r\nRCPT TO:<ok@localhost>\r\n";
+        let (out, _) = drive_from(&submission(false), "127.0.0.1:4321", input, &[]);
+        assert!(
+            out.contains("550 5.1.1 <\".x\"@localhost>: Recipient address rejected: undeliverable mailbox name (leading dot)\r\n250 2.1.5 Recipient ok\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn local_recipients_table_at_rcpt() {
+        use crate::policy::recipient::RecipientTable;
+        let table = RecipientTable::parse("alice@localhost\n@catchall.test\n").unwrap();
+        let cfg = Arc::new(SessionConfig {
+            local_domains: vec!["localhost".into(), "catchall.test".into()],
+            recipients: Recipients::enabled(table),
+            max_recipients: 100,
+            ..(*cfg()).clone()
+        });
+        let input = b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<ALICE@localhost>\r\nRCPT TO:<bob@localhost>\r\nRCPT TO:<anyone@catchall.test>\r\nRCPT TO:<Postmaster@localhost>\r\nRCPT TO:<postmaster>\r\nDATA\r\n.\r\n";
+        let (out, msgs) = drive_every_split(&cfg, input);
+        assert!(
+            out.contains("550 5.1.1 <bob@localhost>: Recipient address rejected: User unknown\r\n"),
+            "{out}"
+        );
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "550", "250", "250", "250", "354", "250"]
+        );
+        let rcpts: Vec<&str> = msgs[0]
+            .envelope
+            .rcpts
+            .iter()
+            .map(|r| r.addr.as_str())
+            .collect();
+        assert_eq!(
+            rcpts,
+            [
+                "alice@localhost",
+                "anyone@catchall.test",
+                "Postmaster@localhost",
+                "postmaster@localhost"
+            ]
+        );
     }
 
     /// Each smuggling sequence, followed by a complete second transaction,
