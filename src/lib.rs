@@ -35,9 +35,14 @@
 //!   over the bounded [`relay::handoff`] mesh (or delivers them itself when
 //!   the channel is full) and gets the outcomes back. Outcomes are journaled
 //!   per recipient, by the origin shard only, through its spool.
+//! * [`blocking`] — small bounded thread pools for the blocking work the
+//!   shards hand off, one per kind (password checks, DKIM signing, Maildir
+//!   file operations), so a flood of one never queues the others; a full
+//!   queue is refused or waited for, with a bound. A leaf.
 //! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
 //!   turned once into a validated [`config::Config`].
 
+pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod relay;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::blocking::BlockingPool;
 use crate::config::Config;
 use crate::spool::Spool;
 
@@ -58,8 +59,9 @@ pub enum ServerError {
 }
 
 /// Process-wide state: the stop flag the signal handler sets, the per-IP
-/// connection counts, and what SIGHUP reloads (certificate, users, DKIM
-/// keys).
+/// connection counts, what SIGHUP reloads (certificate, users, DKIM keys),
+/// and the blocking pools, one per kind of work so that none waits behind
+/// another.
 #[derive(Debug)]
 pub struct Shared {
     pub stop: AtomicBool,
@@ -67,7 +69,20 @@ pub struct Shared {
     pub tls: tls::TlsStore,
     pub auth: users::AuthStore,
     pub dkim: dkim::DkimStore,
+    /// Password checks (argon2).
+    pub auth_pool: BlockingPool,
+    /// DKIM signing.
+    pub dkim_pool: BlockingPool,
+    /// Maildir directory operations and renames.
+    pub maildir_pool: Arc<BlockingPool>,
 }
+
+/// Queued password checks per auth thread: beyond them a login gets 454
+/// rather than waiting behind a flood (each check is tens of milliseconds).
+const AUTH_QUEUE_PER_THREAD: usize = 8;
+/// Queued signatures and Maildir operations per thread; beyond them the
+/// caller waits (bounded) for room.
+const QUEUE_PER_THREAD: usize = 64;
 
 impl Shared {
     /// Loads (or generates) the certificate, reads the users file and the
@@ -79,6 +94,26 @@ impl Shared {
             tls: tls::TlsStore::load(config.tls.clone())?,
             auth: users::AuthStore::load(config.auth.clone())?,
             dkim: dkim::DkimStore::load(config.dkim_keys.clone())?,
+            auth_pool: BlockingPool::new(
+                "auth",
+                config.pools.auth_threads,
+                config.pools.auth_threads * AUTH_QUEUE_PER_THREAD,
+            )
+            .map_err(ServerError::Thread)?,
+            dkim_pool: BlockingPool::new(
+                "dkim",
+                config.pools.dkim_threads,
+                config.pools.dkim_threads * QUEUE_PER_THREAD,
+            )
+            .map_err(ServerError::Thread)?,
+            maildir_pool: Arc::new(
+                BlockingPool::new(
+                    "maildir",
+                    config.pools.maildir_threads,
+                    config.pools.maildir_threads * QUEUE_PER_THREAD,
+                )
+                .map_err(ServerError::Thread)?,
+            ),
         }))
     }
 

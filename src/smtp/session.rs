@@ -130,6 +130,10 @@ pub enum CommitResult {
     NoSpace,
     /// Any other local failure: 451 4.3.0.
     Failed,
+    /// Refused by policy once the content was seen (e.g. a `From:` the
+    /// login may not use): this reply, counted as an error, and logged as a
+    /// policy rejection of `what`.
+    Refused { reply: Reply, what: String },
 }
 
 pub struct Session {
@@ -337,6 +341,10 @@ impl Session {
             // Our failure, not the client's: not counted towards --max-errors.
             CommitResult::NoSpace => self.reply(reply::STORAGE_FULL),
             CommitResult::Failed => self.reply(reply::STORAGE_ERROR),
+            CommitResult::Refused { reply, what } => {
+                self.note_rejection(reply, what);
+                self.error(reply);
+            }
         }
         if self.draining {
             self.close_with(reply::SHUTTING_DOWN);
