@@ -664,8 +664,16 @@ fn dkim_signs_only_from_addresses_the_login_may_send_as() {
     let mut c = submit(&server);
 
     // Her own address, and one the sender login map grants: signed.
-    let own = c.send_message("alice@example.com", &[RCPT], message("Alice <alice@example.com>").as_bytes());
-    let granted = c.send_message("alice@example.com", &[RCPT], message("sales@example.org").as_bytes());
+    let own = c.send_message(
+        "alice@example.com",
+        &[RCPT],
+        message("Alice <alice@example.com>").as_bytes(),
+    );
+    let granted = c.send_message(
+        "alice@example.com",
+        &[RCPT],
+        message("sales@example.org").as_bytes(),
+    );
     // bob at her own (signed) domain; bob hidden behind a display name that
     // shows alice; bob next to alice; an unreadable From naming the domain.
     for from in [
@@ -683,10 +691,18 @@ fn dkim_signs_only_from_addresses_the_login_may_send_as() {
         assert!(r.to_string().contains("5.7.1"), "{r}");
     }
     // The session stays in sync and usable.
-    let after = c.send_message("alice@example.com", &[RCPT], message("alice@example.com").as_bytes());
+    let after = c.send_message(
+        "alice@example.com",
+        &[RCPT],
+        message("alice@example.com").as_bytes(),
+    );
     c.expect("QUIT", 221);
     assert_eq!(server.queued().len(), 3, "the refused messages were stored");
-    for (id, key) in [(&own, "example.com"), (&granted, "example.org"), (&after, "example.com")] {
+    for (id, key) in [
+        (&own, "example.com"),
+        (&granted, "example.org"),
+        (&after, "example.com"),
+    ] {
         let got = mail_auth_verify(&server.message(id).message, &keys);
         assert_eq!(got.len(), 1, "{got:?}");
         assert!(got[0].0 && got[0].1 == key, "{got:?}");

@@ -175,8 +175,10 @@ impl Smtp {
     /// as far as per-IP limits go).
     fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Smtp {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.bind(&SocketAddr::new(source, 0).into()).expect("bind the source address");
-        s.connect_timeout(&addr.into(), IO_TIMEOUT).expect("connect");
+        s.bind(&SocketAddr::new(source, 0).into())
+            .expect("bind the source address");
+        s.connect_timeout(&addr.into(), IO_TIMEOUT)
+            .expect("connect");
         let s: TcpStream = s.into();
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -655,7 +657,12 @@ fn concurrent_wrong_passwords_from_one_ip_stay_within_max_auth_failures() {
         .collect();
     let codes: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let count = |code| codes.iter().filter(|&&c| c == code).count();
-    eprintln!("535: {}, 421: {}, 454: {}", count(535), count(421), count(454));
+    eprintln!(
+        "535: {}, 421: {}, 454: {}",
+        count(535),
+        count(421),
+        count(454)
+    );
     assert!(
         (1..=MAX_FAILURES).contains(&count(535)),
         "{} wrong passwords were checked: {codes:?}",
@@ -738,7 +745,10 @@ fn good_login_is_not_queued_behind_a_burst_of_bad_ones() {
     // The burst is under way: password checks are being refused.
     let t0 = Instant::now();
     while checks.load(std::sync::atomic::Ordering::Relaxed) < 4 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the burst never got going");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the burst never got going"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let during = median((0..3).map(|_| login()).collect());
