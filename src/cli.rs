@@ -79,7 +79,7 @@ pub struct Cli {
           value_parser = parse_duration)]
     pub auth_failure_delay: Duration,
 
-    /// Failed AUTHs per client IP within --auth-failure-window before the IP is refused with 421 (0: no limit).
+    /// Failed AUTHs per client (IPv4 address or IPv6 /64) within --auth-failure-window before it is refused with 421; a check in progress counts until it succeeds (0: no limit).
     #[arg(
         long,
         value_name = "N",
@@ -264,7 +264,7 @@ pub struct Cli {
     )]
     pub max_conns_per_shard: usize,
 
-    /// Concurrent connections per client IP address over all shards (0: no limit).
+    /// Concurrent connections per client (IPv4 address or IPv6 /64) over all shards (0: no limit).
     #[arg(
         long,
         value_name = "N",

@@ -637,10 +637,20 @@ fn auth_failures_are_limited_per_ip() {
 /// 454 (too many checks at once).
 #[test]
 fn concurrent_wrong_passwords_from_one_ip_stay_within_max_auth_failures() {
+    // With the default cap on checks at once, and without it (the limit
+    // alone must hold).
+    for checks in ["2", "0"] {
+        concurrent_wrong_passwords(&["--max-auth-checks-per-ip", checks]);
+    }
+}
+
+fn concurrent_wrong_passwords(extra: &[&str]) {
     const CLIENTS: usize = 60;
     const MAX_FAILURES: usize = 5;
     let dir = tempfile::tempdir().unwrap();
-    let server = submission_server(dir.path(), &["--max-auth-failures", "5"]);
+    let mut args = vec!["--max-auth-failures", "5"];
+    args.extend_from_slice(extra);
+    let server = submission_server(dir.path(), &args);
     let smtps = server.smtps.unwrap();
     let barrier = Arc::new(std::sync::Barrier::new(CLIENTS));
     let clients: Vec<_> = (0..CLIENTS)
@@ -658,7 +668,7 @@ fn concurrent_wrong_passwords_from_one_ip_stay_within_max_auth_failures() {
     let codes: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let count = |code| codes.iter().filter(|&&c| c == code).count();
     eprintln!(
-        "535: {}, 421: {}, 454: {}",
+        "{extra:?}: 535: {}, 421: {}, 454: {}",
         count(535),
         count(421),
         count(454)

@@ -2,9 +2,10 @@
 //!
 //! [`run`] binds the listeners, starts one shard (a glommio executor on its
 //! own thread) per configured core, and returns when every shard has shut
-//! down. Shards share nothing mutable but the per-IP connection counts and
-//! the shutdown flag; each owns its listeners, its connections and its spool
-//! writer.
+//! down. Shards share nothing mutable but the per-client connection and
+//! login counts, the shutdown flag and the queues of the blocking pools
+//! ([`crate::blocking`]); each owns its listeners, its connections and its
+//! spool writer.
 
 mod conn;
 pub mod dkim;
