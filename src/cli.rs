@@ -79,7 +79,7 @@ pub struct Cli {
           value_parser = parse_duration)]
     pub auth_failure_delay: Duration,
 
-    /// Failed AUTHs per client IP within --auth-failure-window before the IP is refused with 421 (0: no limit).
+    /// Failed AUTHs per client (IPv4 address or IPv6 /64) within --auth-failure-window before it is refused with 421; a check in progress counts until it succeeds (0: no limit).
     #[arg(
         long,
         value_name = "N",
@@ -92,6 +92,52 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", env = "RINGMTA_AUTH_FAILURE_WINDOW", default_value = "15m",
           value_parser = parse_duration)]
     pub auth_failure_window: Duration,
+
+    /// Password checks in progress at once per client (IPv4 address or IPv6 /64); more AUTHs get 454 4.7.0 (0: no limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_AUTH_CHECKS_PER_IP",
+        default_value_t = 2
+    )]
+    pub max_auth_checks_per_ip: u32,
+
+    /// Threads that check passwords (argon2, ~19 MiB each while checking); a full queue (8 per thread) answers 454 4.7.0.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_AUTH_THREADS",
+        default_value_t = 2
+    )]
+    pub auth_threads: usize,
+
+    /// Threads that DKIM-sign submitted mail.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_DKIM_THREADS",
+        default_value_t = 2
+    )]
+    pub dkim_threads: usize,
+
+    /// Threads for Maildir file operations (directories, renames).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAILDIR_THREADS",
+        default_value_t = 2
+    )]
+    pub maildir_threads: usize,
+
+    /// Submitted mail whose From: (or Sender:) is at a --dkim-key domain but not an address the login may send as: reject (550 5.7.1 at the end of DATA) or unsigned (store it without signatures).
+    #[arg(
+        long,
+        value_name = "POLICY",
+        env = "RINGMTA_DKIM_FROM_MISMATCH",
+        default_value = "reject",
+        value_enum
+    )]
+    pub dkim_from_mismatch: crate::server::dkim::FromMismatch,
 
     /// Submission: add `Sender: <login address>` when From is not the authenticated user (RFC 6409 8.1).
     #[arg(long, env = "RINGMTA_ADD_SENDER_HEADER")]
@@ -222,7 +268,7 @@ pub struct Cli {
     )]
     pub max_conns_per_shard: usize,
 
-    /// Concurrent connections per client IP address over all shards (0: no limit).
+    /// Concurrent connections per client (IPv4 address or IPv6 /64) over all shards (0: no limit).
     #[arg(
         long,
         value_name = "N",

@@ -45,9 +45,21 @@ pub struct Config {
     pub add_sender_header: bool,
     /// `--dkim-key`: the keys that sign submitted mail.
     pub dkim_keys: Vec<crate::server::dkim::KeySpec>,
+    /// What to do with submitted mail From someone the login is not.
+    pub dkim_from_mismatch: crate::server::dkim::FromMismatch,
+    /// Threads of the password-check, signing and Maildir pools.
+    pub pools: Pools,
     pub relay: Arc<RelayConfig>,
     /// Run the delivery engine (off: accept and queue only).
     pub delivery: bool,
+}
+
+/// Sizes of the blocking pools ([`crate::blocking`]), at least 1 each.
+#[derive(Debug, Clone, Copy)]
+pub struct Pools {
+    pub auth_threads: usize,
+    pub dkim_threads: usize,
+    pub maildir_threads: usize,
 }
 
 #[derive(Debug, Error)]
@@ -179,6 +191,7 @@ impl Config {
             failure_delay: cli.auth_failure_delay,
             max_failures: cli.max_auth_failures,
             failure_window: cli.auth_failure_window,
+            max_checks_per_ip: cli.max_auth_checks_per_ip,
         };
         Ok(Config {
             submission: cli.submission.iter().filter_map(|l| l.0).collect(),
@@ -189,6 +202,12 @@ impl Config {
             local_recipients: cli.local_recipients.clone(),
             add_sender_header: cli.add_sender_header,
             dkim_keys: dkim_keys(cli)?,
+            dkim_from_mismatch: cli.dkim_from_mismatch,
+            pools: Pools {
+                auth_threads: cli.auth_threads.max(1),
+                dkim_threads: cli.dkim_threads.max(1),
+                maildir_threads: cli.maildir_threads.max(1),
+            },
             smtp: cli.smtp.clone(),
             spool_dir,
             shards,

@@ -40,9 +40,14 @@
 //!   local recipients exist (`--local-recipients`) and which mailbox names
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails
 //!   later as a bounce to a forged sender. No I/O.
+//! * [`blocking`] — small bounded thread pools for the blocking work the
+//!   shards hand off, one per kind (password checks, DKIM signing, Maildir
+//!   file operations), so a flood of one never queues the others; a full
+//!   queue is refused or waited for, with a bound. A leaf.
 //! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
 //!   turned once into a validated [`config::Config`].
 
+pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod policy;

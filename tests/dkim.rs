@@ -462,12 +462,17 @@ fn users_file(dir: &Path) -> PathBuf {
 }
 
 /// A submission server for local domain `example.com` (alice's own address
-/// is alice@example.com), AUTH in the clear from loopback.
+/// is alice@example.com; the sender login map lets her send as anyone at
+/// example.org and example.net), AUTH in the clear from loopback.
 fn server(dir: &Path, keys: &[&Key], extra: &[&str]) -> Server {
+    let map = dir.join("sender-login-map");
+    std::fs::write(&map, "@example.org alice\n@example.net alice\n").unwrap();
     let mut b = Server::builder()
         .args(["--auth-failure-delay", "0", "--local-domain", "example.com"])
         .args(["--allow-plaintext-auth-on-loopback", "--users"])
-        .arg(users_file(dir).to_str().unwrap());
+        .arg(users_file(dir).to_str().unwrap())
+        .arg("--sender-login-map")
+        .arg(map.to_str().unwrap());
     for k in keys {
         b = b.arg("--dkim-key").arg(k.flag());
     }
@@ -642,6 +647,78 @@ fn unsigned_without_a_key_and_on_the_relay_port() {
     );
     c.expect("QUIT", 221);
     assert_eq!(server.message(&id).content(), relayed.as_bytes());
+}
+
+/// Regression (issue 11, defect 7): any `From:` domain with a key was
+/// signed, whoever logged in, so alice could send DKIM-aligned mail as
+/// bob. Now a signature is made only for an author the login may send as;
+/// anyone else at a signed domain is refused (the default) or stored
+/// unsigned.
+#[test]
+fn dkim_signs_only_from_addresses_the_login_may_send_as() {
+    let dir = tempfile::tempdir().unwrap();
+    let com = keygen(dir.path(), "example.com", "c1", "ed25519");
+    let org = keygen(dir.path(), "example.org", "o1", "ed25519");
+    let keys = [&com, &org];
+    let server = server(dir.path(), &keys, &[]);
+    let mut c = submit(&server);
+
+    // Her own address, and one the sender login map grants: signed.
+    let own = c.send_message(
+        "alice@example.com",
+        &[RCPT],
+        message("Alice <alice@example.com>").as_bytes(),
+    );
+    let granted = c.send_message(
+        "alice@example.com",
+        &[RCPT],
+        message("sales@example.org").as_bytes(),
+    );
+    // bob at her own (signed) domain; bob hidden behind a display name that
+    // shows alice; bob next to alice; an unreadable From naming the domain.
+    for from in [
+        "Bob <bob@example.com>",
+        "\"alice@example.com\" <bob@example.com>",
+        "alice@example.com, bob@example.com",
+        "=?utf-8?q?x<alice@example.com>?= <bob@example.com",
+    ] {
+        c.expect("MAIL FROM:<alice@example.com>", 250);
+        c.expect(&format!("RCPT TO:<{RCPT}>"), 250);
+        c.expect("DATA", 354);
+        c.send(&common::dot_stuff(message(from).as_bytes()));
+        let r = c.reply();
+        assert_eq!(r.code, 550, "From: {from}: {r}");
+        assert!(r.to_string().contains("5.7.1"), "{r}");
+    }
+    // The session stays in sync and usable.
+    let after = c.send_message(
+        "alice@example.com",
+        &[RCPT],
+        message("alice@example.com").as_bytes(),
+    );
+    c.expect("QUIT", 221);
+    assert_eq!(server.queued().len(), 3, "the refused messages were stored");
+    for (id, key) in [
+        (&own, "example.com"),
+        (&granted, "example.org"),
+        (&after, "example.com"),
+    ] {
+        let got = mail_auth_verify(&server.message(id).message, &keys);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].0 && got[0].1 == key, "{got:?}");
+    }
+    assert!(server.wait_for_log("refused by policy", Duration::from_secs(10)));
+
+    // --dkim-from-mismatch unsigned: stored, without any signature.
+    let dir2 = tempfile::tempdir().unwrap();
+    let server = self::server(dir2.path(), &keys, &["--dkim-from-mismatch", "unsigned"]);
+    let mut c = submit(&server);
+    let sent = message("Bob <bob@example.com>");
+    let id = c.send_message("alice@example.com", &[RCPT], sent.as_bytes());
+    c.expect("QUIT", 221);
+    let q = server.message(&id);
+    assert_eq!(signature_count(&q.message), 0);
+    assert!(q.content().ends_with(sent.as_bytes()));
 }
 
 #[test]

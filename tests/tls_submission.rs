@@ -171,6 +171,24 @@ impl Smtp {
         }
     }
 
+    /// Connects from `source` (another loopback address: another client
+    /// as far as per-IP limits go).
+    fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Smtp {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(source, 0).into())
+            .expect("bind the source address");
+        s.connect_timeout(&addr.into(), IO_TIMEOUT)
+            .expect("connect");
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Smtp {
+            stream: Some(Stream::Plain(s)),
+            buf: Vec::new(),
+            cert: None,
+        }
+    }
+
     /// Connects and handshakes at once (implicit TLS).
     fn connect_tls(addr: SocketAddr) -> Smtp {
         let mut c = Smtp::connect(addr);
@@ -610,6 +628,150 @@ fn auth_failures_are_limited_per_ip() {
     c.greeting();
     c.expect("EHLO c", 250);
     c.expect(&format!("AUTH PLAIN {}", b64(b"\0alice\0secret")), 421);
+}
+
+/// Regression (issue 11, defect 6): the failure was counted after the
+/// password check and the limit checked before it, so 60 concurrent wrong
+/// passwords from one address all got a check and a 535. Now at most
+/// --max-auth-failures of them are checked; the rest get 421 (the limit) or
+/// 454 (too many checks at once).
+#[test]
+fn concurrent_wrong_passwords_from_one_ip_stay_within_max_auth_failures() {
+    // With the default cap on checks at once, and without it (the limit
+    // alone must hold).
+    for checks in ["2", "0"] {
+        concurrent_wrong_passwords(&["--max-auth-checks-per-ip", checks]);
+    }
+}
+
+fn concurrent_wrong_passwords(extra: &[&str]) {
+    const CLIENTS: usize = 60;
+    const MAX_FAILURES: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--max-auth-failures", "5"];
+    args.extend_from_slice(extra);
+    let server = submission_server(dir.path(), &args);
+    let smtps = server.smtps.unwrap();
+    let barrier = Arc::new(std::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = Smtp::connect_tls(smtps);
+                c.reply();
+                c.expect("EHLO client.example", 250);
+                barrier.wait();
+                c.cmd(&format!("AUTH PLAIN {}", b64(b"\0alice\0wrong"))).0
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let count = |code| codes.iter().filter(|&&c| c == code).count();
+    eprintln!(
+        "{extra:?}: 535: {}, 421: {}, 454: {}",
+        count(535),
+        count(421),
+        count(454)
+    );
+    assert!(
+        (1..=MAX_FAILURES).contains(&count(535)),
+        "{} wrong passwords were checked: {codes:?}",
+        count(535)
+    );
+    assert_eq!(count(535) + count(421) + count(454), CLIENTS, "{codes:?}");
+    // Guessing on, one at a time: the failures add up to the limit exactly,
+    // then the address is refused, even with the right password.
+    let mut c = Smtp::connect_tls(smtps);
+    c.reply();
+    c.expect("EHLO client.example", 250);
+    let mut failures = count(535);
+    loop {
+        match c.cmd(&format!("AUTH PLAIN {}", b64(b"\0alice\0wrong"))) {
+            (535, _) => failures += 1,
+            (421, _) => break,
+            (_, text) => panic!("{text}"),
+        }
+        assert!(failures <= MAX_FAILURES, "more than {MAX_FAILURES} checked");
+    }
+    assert_eq!(failures, MAX_FAILURES);
+    let mut c = Smtp::connect_tls(smtps);
+    c.reply();
+    c.expect("EHLO client.example", 250);
+    c.expect(&format!("AUTH PLAIN {}", b64(b"\0alice\0secret")), 421);
+}
+
+/// Regression (issue 11, defect 6): argon2, DKIM signing and Maildir work
+/// shared glommio's one blocking thread per shard, so a good login waited
+/// behind a burst of bad ones (1.9 s measured). Now password checks have
+/// their own pool and each client at most --max-auth-checks-per-ip checks
+/// at once: a good login from another address during a burst takes about
+/// as long as one alone. The bound is generous (5 times an unloaded login,
+/// at least 0.5 s); the burst is 40 connections that keep guessing.
+#[test]
+fn good_login_is_not_queued_behind_a_burst_of_bad_ones() {
+    const ATTACKERS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let server = submission_server(
+        dir.path(),
+        &["--max-auth-failures", "0", "--max-errors", "100000"],
+    );
+    let smtps = server.smtps.unwrap();
+    let good: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let login = || {
+        let mut c = Smtp::connect_from(smtps, good);
+        c.handshake();
+        c.reply();
+        c.expect("EHLO good.example", 250);
+        let t0 = Instant::now();
+        c.expect(&format!("AUTH PLAIN {}", b64(b"\0alice\0secret")), 235);
+        t0.elapsed()
+    };
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let alone = median((0..3).map(|_| login()).collect());
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let attackers: Vec<_> = (0..ATTACKERS)
+        .map(|_| {
+            let stop = stop.clone();
+            let checks = checks.clone();
+            std::thread::spawn(move || {
+                let mut c = Smtp::connect_tls(smtps);
+                c.reply();
+                c.expect("EHLO bad.example", 250);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (code, text) = c.cmd(&format!("AUTH PLAIN {}", b64(b"\0alice\0wrong")));
+                    assert!(code == 535 || code == 454, "{text}");
+                    if code == 535 {
+                        checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    // The burst is under way: password checks are being refused.
+    let t0 = Instant::now();
+    while checks.load(std::sync::atomic::Ordering::Relaxed) < 4 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the burst never got going"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let during = median((0..3).map(|_| login()).collect());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in attackers {
+        a.join().expect("an attacker failed");
+    }
+    let bound = (alone * 5).max(Duration::from_millis(500));
+    eprintln!("good login: alone {alone:?}, during the burst {during:?} (bound {bound:?})");
+    assert!(
+        during < bound,
+        "a good login took {during:?} during the burst, {alone:?} alone"
+    );
 }
 
 /// RFC 6409 8: Date and Message-ID are added when missing, Sender (by flag)

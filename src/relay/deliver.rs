@@ -84,6 +84,8 @@ pub struct Relay {
     hostname: String,
     spool: Rc<ShardSpool>,
     resolver: Resolver,
+    /// Maildir directory operations (process-wide, bounded).
+    maildir_pool: Arc<crate::blocking::BlockingPool>,
     /// Outbound STARTTLS (verifying or not, per `--tls-verify`).
     tls: TlsConnector,
     ready: RefCell<VecDeque<QueueId>>,
@@ -106,6 +108,7 @@ impl Relay {
         hostname: String,
         spool: Rc<ShardSpool>,
         resolver: Resolver,
+        maildir_pool: Arc<crate::blocking::BlockingPool>,
     ) -> Rc<Relay> {
         let relay = Rc::new(Relay {
             tls: tls::connector(cfg.tls_verify),
@@ -115,6 +118,7 @@ impl Relay {
             hostname,
             spool,
             resolver,
+            maildir_pool,
             ready: RefCell::new(VecDeque::new()),
             timers: RefCell::new(BinaryHeap::new()),
             in_flight: RefCell::new(HashSet::new()),
@@ -507,6 +511,7 @@ impl Relay {
                     let name =
                         maildir::unique_name(&id, work.rcpts[k], loaded.arrival, &self.hostname);
                     match maildir::deliver(
+                        &self.maildir_pool,
                         &dir,
                         loaded.job.mail_from.as_deref(),
                         &addr,

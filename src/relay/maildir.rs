@@ -7,10 +7,22 @@
 //! refuses such a recipient at `RCPT` (a name that could be a path, `/`, a
 //! leading, trailing or doubled dot, a control character). Only a message
 //! queued before that check existed can still fail it here, and bounce.
+//! The content is written and synced through io_uring on the shard; the
+//! directory work that io_uring cannot do here (`mkdir -p`, the existence
+//! checks, the rename, removing a failed temporary file) runs on the Maildir
+//! pool ([`crate::blocking`]), never on the shard thread and never behind
+//! password checks or signatures.
 
+use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use crate::blocking::BlockingPool;
 use crate::policy::recipient::{self, Refusal};
+
+/// How long a delivery waits for room on a full Maildir pool before it is
+/// deferred.
+const POOL_WAIT: Duration = Duration::from_secs(60);
 
 /// The Maildir of `addr` under `root`, or why there is none.
 pub fn mailbox_dir(root: &Path, addr: &str) -> Result<PathBuf, Refusal> {
@@ -23,20 +35,30 @@ pub fn mailbox_dir(root: &Path, addr: &str) -> Result<PathBuf, Refusal> {
 /// and recipient, so a delivery repeated after a crash (delivered, but not
 /// yet journaled) finds its file and is not made twice: exactly once.
 pub async fn deliver(
+    pool: &BlockingPool,
     dir: &Path,
     return_path: Option<&str>,
     rcpt: &str,
     message: &[u8],
     unique: &str,
 ) -> std::io::Result<()> {
-    for sub in ["tmp", "new", "cur"] {
-        let p = dir.join(sub);
-        if !p.is_dir() {
-            std::fs::create_dir_all(&p)?;
-        }
-    }
     let dest = dir.join("new").join(unique);
-    if dest.exists() || dir.join("cur").join(unique).exists() {
+    let prepare = {
+        let dir = dir.to_owned();
+        let dest = dest.clone();
+        let in_cur = dir.join("cur").join(unique);
+        move || -> io::Result<bool> {
+            for sub in ["tmp", "new", "cur"] {
+                let p = dir.join(sub);
+                if !p.is_dir() {
+                    std::fs::create_dir_all(&p)?;
+                }
+            }
+            Ok(dest.exists() || in_cur.exists())
+        }
+    };
+    if on_pool(pool, prepare).await? {
+        // Delivered before (a crash between delivery and journal).
         return Ok(());
     }
     let mut content = format!(
@@ -64,14 +86,30 @@ pub async fn deliver(
     .await;
     let closed = file.close().await;
     if let Err(e) = written.and(closed) {
-        let _ = glommio::io::remove(&tmp).await;
+        let tmp = tmp.clone();
+        let _ = on_pool(pool, move || std::fs::remove_file(tmp)).await;
         return Err(e.into());
     }
-    glommio::io::rename(&tmp, &dest).await?;
+    {
+        let tmp = tmp.clone();
+        let dest = dest.clone();
+        on_pool(pool, move || std::fs::rename(tmp, dest)).await?;
+    }
     let new = glommio::io::Directory::open(dir.join("new")).await?;
     let synced = new.sync().await;
     let _ = new.close().await;
     synced.map_err(Into::into)
+}
+
+/// Runs a file operation on the Maildir pool; a pool that stays full (or a
+/// panic) is an I/O error, so the recipient is deferred and retried.
+async fn on_pool<T: Send + 'static>(
+    pool: &BlockingPool,
+    op: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    pool.run(op, POOL_WAIT)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// The Maildir file name of queue message `id` for its recipient number

@@ -17,17 +17,19 @@
 //! consumes content as it arrives, so the unconsumed tail of the buffer
 //! never exceeds one command line (or one 12288-octet AUTH line).
 //! Password checks (argon2) and DKIM signing (hashing the message, an RSA
-//! signature) run on glommio's blocking pool, never on the shard thread.
+//! signature) run on their own bounded pools ([`crate::blocking`]), never
+//! on the shard thread and never queued behind each other.
 
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
 use futures_rustls::server::TlsStream;
 use glommio::net::TcpStream;
 
+use super::dkim::FromMismatch;
+use super::limits::AuthRefusal;
 use super::shard::ShardState;
 use super::{dkim, tls, users, ListenerKind};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
@@ -261,8 +263,9 @@ async fn handshake(
 
 /// Makes `msg` durable. Submitted mail (an authenticated session) is
 /// completed first: `Date:`, `Message-ID:` and optionally `Sender:` when
-/// missing (RFC 6409 8), then DKIM-signed when its author's domain has a
-/// key; the added fields are stored in front of the content as received.
+/// missing (RFC 6409 8), then DKIM-signed when an author's domain has a key
+/// and the login may send as that author; the added fields are stored in
+/// front of the content as received.
 async fn store(
     shard: &ShardState,
     session: &Session,
@@ -281,16 +284,13 @@ async fn store(
                 message_id: &message_id,
                 sender,
             };
-            submit::missing_headers(&msg.body, &completion)
+            let added = submit::missing_headers(&msg.body, &completion);
+            match dkim_sign(shard, &mut msg, added, who, peer).await {
+                Ok(added) => added,
+                Err(refusal) => return refusal,
+            }
         }
         None => Vec::new(),
-    };
-    let added = match session.authenticated() {
-        Some(_) => match dkim_sign(shard, &mut msg, added, peer).await {
-            Some(added) => added,
-            None => return CommitResult::Failed,
-        },
-        None => added,
     };
     match shard.spool.store_with(msg, session.tls(), &added).await {
         Ok(id) => {
@@ -306,81 +306,120 @@ async fn store(
     }
 }
 
+/// How long a message waits for room on a full signing pool before 451.
+const DKIM_POOL_WAIT: Duration = Duration::from_secs(10);
+
 /// Prepends the DKIM signatures of the message `added` + `msg.body` to
-/// `added`, when the From (or Sender) domain has keys; `added` unchanged
-/// when it has none. `None` when signing failed: the client gets 451 and
-/// retries, rather than the message leaving unsigned into a DMARC policy.
+/// `added` when [`dkim::plan`] says so; `added` unchanged when nothing is to
+/// be signed. `Err` with the answer when the message is not stored: 550
+/// when an author is someone else at a signed domain (under
+/// `--dkim-from-mismatch reject`), 451 when signing failed, so that the
+/// client retries rather than the message leaving unsigned into a DMARC
+/// policy.
 async fn dkim_sign(
     shard: &ShardState,
     msg: &mut Message,
     added: Vec<u8>,
+    who: &Authenticated,
     peer: SocketAddr,
-) -> Option<Vec<u8>> {
-    let domains = submit::author_domains(&[&added, &msg.body]);
-    let signers = shard.ctx.shared.dkim.signers_for(&domains);
-    if signers.is_empty() {
-        return Some(added);
-    }
-    // The blocking pool needs owned data: the body moves there and back.
+) -> Result<Vec<u8>, CommitResult> {
+    let signers = shard.ctx.shared.dkim.signers();
+    let authors = submit::authors(&[&added, &msg.body]);
+    let may_send_as = |addr: &str| who.send_as.iter().any(|r| r.allows(addr));
+    let signers = match dkim::plan(&signers, &authors, may_send_as) {
+        dkim::Plan::Sign(signers) => signers,
+        dkim::Plan::Unsigned => return Ok(added),
+        dkim::Plan::Mismatch(what) => {
+            return match shard.ctx.config.dkim_from_mismatch {
+                FromMismatch::Reject => Err(CommitResult::Refused {
+                    reply: submit::FROM_NOT_OWNED,
+                    what: format!("DATA (From: {what})"),
+                }),
+                FromMismatch::Unsigned => {
+                    tracing::info!(%peer, user = %who.login, from = %what,
+                        "not DKIM-signed: the author is not the login's");
+                    Ok(added)
+                }
+            };
+        }
+    };
+    // The pool needs owned data: the body moves there and back. Should the
+    // job be refused or the connection go away, the body is lost with it:
+    // the message is answered 451 and never acknowledged.
     let body = std::mem::take(&mut msg.body);
     let job = move || {
-        // A panic must not cross into glommio's blocking-pool plumbing.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            dkim::sign_all(&signers, &[&added, &body])
-        }));
+        let result = dkim::sign_all(&signers, &[&added, &body]);
         (added, body, result)
     };
-    let (added, body, result) = glommio::executor().spawn_blocking(job).await;
-    msg.body = body;
-    match result {
-        Ok(Ok(mut signed)) => {
+    let outcome = shard.ctx.shared.dkim_pool.run(job, DKIM_POOL_WAIT).await;
+    match outcome {
+        Ok((added, body, Ok(mut signed))) => {
+            msg.body = body;
             signed.extend_from_slice(&added);
-            Some(signed)
+            Ok(signed)
         }
-        Ok(Err(e)) => {
+        Ok((_, _, Err(e))) => {
             tracing::error!(%peer, error = %e, "message refused (451): not signed");
-            None
+            Err(CommitResult::Failed)
         }
-        Err(_) => {
-            tracing::error!(%peer, "message refused (451): DKIM signing panicked");
-            None
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "message refused (451): not signed");
+            Err(CommitResult::Failed)
         }
     }
 }
 
-/// Checks credentials: refused outright when this client IP failed too
-/// often; argon2 on the blocking pool; a failure is counted and answered
-/// after `--auth-failure-delay`. Unknown users and wrong passwords look
-/// the same to the client.
+/// Checks credentials. The attempt is first reserved against this client's
+/// limits (it counts as a failure until it succeeds, so concurrent guesses
+/// cannot all get past the limit): 421 when the client failed too often,
+/// 454 when it has too many checks in progress or the auth pool is full.
+/// argon2 runs on the auth pool; a failure is answered after
+/// `--auth-failure-delay`, the reservation held meanwhile. Unknown users and
+/// wrong passwords look the same to the client.
 async fn authenticate(shard: &ShardState, peer: SocketAddr, creds: Credentials) -> AuthResult {
     let store = &shard.ctx.shared.auth;
-    let ip = peer.ip();
-    if store.is_blocked(ip, Instant::now()) {
-        tracing::warn!(%peer, user = ?creds.username, "AUTH refused: too many failures from this address");
-        return AuthResult::TooManyFailures;
-    }
+    let attempt = match store.throttle().reserve(peer.ip(), Instant::now()) {
+        Ok(a) => a,
+        Err(refusal) => {
+            if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
+                tracing::warn!(%peer, user = ?creds.username, ?refusal, held_back,
+                    "AUTH refused before the password check");
+            }
+            return match refusal {
+                AuthRefusal::Blocked => AuthResult::TooManyFailures,
+                AuthRefusal::Busy | AuthRefusal::TableFull => AuthResult::TempFail,
+            };
+        }
+    };
     let hash = store.hash_of(&creds.username);
     let Credentials {
         username, password, ..
     } = creds;
-    let check = move || {
-        // A panic must not cross into glommio's blocking-pool plumbing.
-        std::panic::catch_unwind(|| users::verify(hash.as_deref(), &password)).unwrap_or(false)
-    };
-    if glommio::executor().spawn_blocking(check).await {
-        tracing::info!(%peer, user = ?username, "authenticated");
-        let send_as = store.send_as(&username);
-        return AuthResult::Success(Authenticated {
-            login: username,
-            send_as,
-        });
+    let check = move || users::verify(hash.as_deref(), &password);
+    match shard.ctx.shared.auth_pool.try_run(check).await {
+        Ok(true) => {
+            attempt.succeeded();
+            tracing::info!(%peer, user = ?username, "authenticated");
+            let send_as = store.send_as(&username);
+            return AuthResult::Success(Authenticated {
+                login: username,
+                send_as,
+            });
+        }
+        Ok(false) => {}
+        Err(e) => {
+            // Not the client's failure: its reservation is given back.
+            attempt.succeeded();
+            tracing::warn!(%peer, user = ?username, error = %e, "AUTH not checked (454)");
+            return AuthResult::TempFail;
+        }
     }
-    store.record_failure(ip, Instant::now());
     tracing::warn!(%peer, user = ?username, "authentication failed");
     let delay = store.failure_delay();
     if !delay.is_zero() {
         glommio::timer::sleep(delay).await;
     }
+    drop(attempt);
     AuthResult::Failed
 }
 

@@ -11,7 +11,13 @@
 //!
 //! Signing canonicalizes and hashes the whole message and, for RSA, costs a
 //! millisecond or two of CPU: [`sign_all`] must never run on a shard thread
-//! (the connection driver calls it on glommio's blocking pool). This module
+//! (the connection driver calls it on the signing pool, [`crate::blocking`]).
+//!
+//! A signature vouches for its domain: [`plan`] signs only for a domain
+//! taken from an author address (From, else Sender) the login may send as,
+//! by the same rule as the envelope sender, and signs nothing when another
+//! author address is at a domain with a key (`--dkim-from-mismatch` then
+//! refuses the message or stores it unsigned). This module
 //! only ever *adds* fields in front of a submitted message; it must never
 //! rewrite one, and never see mail from the relay port, which stays
 //! byte-exact.
@@ -30,6 +36,8 @@ use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
 use thiserror::Error;
+
+use crate::smtp::submit::{self, Authors};
 
 /// The header fields a signature covers: who wrote it and to whom, what it
 /// is about, when, which thread, and how the body is to be read (RFC 6376
@@ -52,6 +60,74 @@ pub const SIGNED_HEADERS: &[&str] = &[
     "Content-Type",
     "Content-Transfer-Encoding",
 ];
+
+/// `--dkim-from-mismatch`: what becomes of submitted mail whose `From:`
+/// or `Sender:` is at a domain with a key but is not an address the login
+/// may send as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FromMismatch {
+    /// `550 5.7.1` at the end of the content: the user learns at once.
+    Reject,
+    /// Stored without any signature: the domain's DMARC policy decides.
+    Unsigned,
+}
+
+/// Whether and with which keys a submitted message is signed.
+#[derive(Debug)]
+pub enum Plan {
+    /// With these keys (all of one domain, the first author domain with
+    /// keys).
+    Sign(Vec<Arc<Signer>>),
+    /// No author is at a domain with a key (or there is no From at all).
+    Unsigned,
+    /// An author at a domain with a key is not the login's to use (or the
+    /// fields cannot be read and name such a domain): never signed; what
+    /// happens is `--dkim-from-mismatch`'s. The offending address or the
+    /// reason.
+    Mismatch(String),
+}
+
+/// Which keys may sign a message with these `authors` for a login that may
+/// send as `may_send_as` allows: only keys of a domain taken from an
+/// address the login may use, and none at all when any author address at a
+/// domain with keys is not the login's (a signature for its own domain on
+/// a message From someone else's signed domain would still vouch for the
+/// forgery). When the fields cannot be read, nothing is signed.
+pub fn plan(
+    signers: &[Arc<Signer>],
+    authors: &Authors,
+    may_send_as: impl Fn(&str) -> bool,
+) -> Plan {
+    if signers.is_empty() {
+        return Plan::Unsigned;
+    }
+    let keyed = |domain: &str| signers.iter().any(|s| s.domain == domain);
+    match authors {
+        Authors::NoFrom => return Plan::Unsigned,
+        Authors::Doubtful { reason, raw } => {
+            return if signers.iter().any(|s| raw.contains(s.domain.as_str())) {
+                Plan::Mismatch((*reason).to_owned())
+            } else {
+                Plan::Unsigned
+            };
+        }
+        Authors::Parsed { .. } => {}
+    }
+    let mut chosen = None;
+    for addr in authors.addresses() {
+        let Some(domain) = submit::domain_of(addr).filter(|d| keyed(d)) else {
+            continue;
+        };
+        if !may_send_as(addr) {
+            return Plan::Mismatch(addr.to_owned());
+        }
+        chosen.get_or_insert(domain);
+    }
+    match chosen {
+        Some(d) => Plan::Sign(signers.iter().filter(|s| s.domain == d).cloned().collect()),
+        None => Plan::Unsigned,
+    }
+}
 
 /// One `--dkim-key DOMAIN:SELECTOR:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,19 +360,9 @@ impl DkimStore {
         self.specs.is_empty()
     }
 
-    /// The keys of the first of `domains` (best first, as
-    /// [`crate::smtp::submit::author_domains`] gives them) that has any;
-    /// empty when none has.
-    pub fn signers_for(&self, domains: &[String]) -> Vec<Arc<Signer>> {
-        let signers = self.signers.load();
-        for d in domains {
-            let found: Vec<Arc<Signer>> =
-                signers.iter().filter(|s| s.domain == *d).cloned().collect();
-            if !found.is_empty() {
-                return found;
-            }
-        }
-        Vec::new()
+    /// The keys in force.
+    pub fn signers(&self) -> Arc<Vec<Arc<Signer>>> {
+        self.signers.load_full()
     }
 }
 
@@ -685,7 +751,7 @@ MC4CAQAwBQYDK2VwBCIEIGmKqfnvnCK7F9uIXdkvXZ4hC7jgbvdSOymTqR81cqcP
     }
 
     #[test]
-    fn signers_by_domain_and_reload_keeps_a_broken_key() {
+    fn signs_only_for_the_logins_own_authors_and_reload_keeps_a_broken_key() {
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, pem: &str| {
             let p = dir.path().join(name);
@@ -707,26 +773,70 @@ MC4CAQAwBQYDK2VwBCIEIGmKqfnvnCK7F9uIXdkvXZ4hC7jgbvdSOymTqR81cqcP
             spec("two.test", "a", a.clone()),
         ])
         .unwrap();
-        let sels = |domains: &[&str]| {
-            let d: Vec<String> = domains.iter().map(|s| s.to_string()).collect();
-            store
-                .signers_for(&d)
+        let signers = store.signers();
+        // The login may send as anything at one.test and two.test.
+        let mine = |a: &str| a.ends_with("@one.test") || a.ends_with("@two.test");
+        let sels = |header: &str| match plan(&signers, &submit::authors(&[header.as_bytes()]), mine)
+        {
+            Plan::Sign(keys) => keys
                 .iter()
                 .map(|s| format!("{}/{}", s.domain(), s.selector()))
                 .collect::<Vec<_>>()
+                .join(" "),
+            Plan::Unsigned => "unsigned".into(),
+            Plan::Mismatch(what) => format!("mismatch {what}"),
         };
-        assert_eq!(sels(&["one.test"]), ["one.test/a", "one.test/b"]);
+        assert_eq!(sels("From: a@one.test\r\n\r\n"), "one.test/a one.test/b");
         assert_eq!(
-            sels(&["three.test", "two.test", "one.test"]),
-            ["two.test/a"]
+            sels("From: a@three.test, b@two.test, c@ONE.test\r\n\r\n"),
+            "two.test/a"
         );
-        assert!(sels(&["three.test"]).is_empty());
+        assert_eq!(sels("From: a@three.test\r\n\r\n"), "unsigned");
+        assert_eq!(sels("Subject: no from\r\n\r\n"), "unsigned");
+        // Sender's domain signs when From's has no key.
+        assert_eq!(
+            sels("From: x@three.test\r\nSender: s@two.test\r\n\r\n"),
+            "two.test/a"
+        );
+        assert_eq!(
+            sels("From: \"a@one.test\" <a@three.test>\r\n\r\n"),
+            "unsigned"
+        );
 
-        let before = store.signers_for(&["two.test".into()])[0].clone();
+        let alice = |a: &str| a == "alice@one.test";
+        let plan_for = |header: &str| plan(&signers, &submit::authors(&[header.as_bytes()]), alice);
+        let mismatch = |header: &str| match plan_for(header) {
+            Plan::Mismatch(what) => what,
+            other => panic!("{header}: {other:?}"),
+        };
+        assert!(matches!(
+            plan_for("From: Alice <alice@one.test>\r\n\r\n"),
+            Plan::Sign(_)
+        ));
+        // Someone else at a signed domain, in From or Sender, alone or next
+        // to the login's own address: never signed.
+        assert_eq!(mismatch("From: bob@one.test\r\n\r\n"), "bob@one.test");
+        assert_eq!(
+            mismatch("From: alice@one.test, bob@two.test\r\n\r\n"),
+            "bob@two.test"
+        );
+        assert_eq!(
+            mismatch("From: x@three.test\r\nSender: bob@two.test\r\n\r\n"),
+            "bob@two.test"
+        );
+        // Unreadable fields naming a signed domain: in doubt, a mismatch.
+        mismatch("From: Friends: bob@one.test;\r\n\r\n");
+        mismatch("From: alice@one.test\r\nFrom: bob@one.test\r\n\r\n");
+        assert!(matches!(
+            plan_for("From: (x@three.test\r\n\r\n"),
+            Plan::Unsigned
+        ));
+
+        let before = store.signers()[2].clone();
         fs::write(&a, "garbage").unwrap();
         let errors = store.reload();
         assert_eq!(errors.len(), 2, "{errors:?}");
-        let after = store.signers_for(&["two.test".into()])[0].clone();
+        let after = store.signers()[2].clone();
         assert!(Arc::ptr_eq(&before, &after), "the old key stays");
 
         assert!(DkimStore::load(vec![spec("one.test", "a", a)]).is_err());

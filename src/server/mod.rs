@@ -2,9 +2,10 @@
 //!
 //! [`run`] binds the listeners, starts one shard (a glommio executor on its
 //! own thread) per configured core, and returns when every shard has shut
-//! down. Shards share nothing mutable but the per-IP connection counts and
-//! the shutdown flag; each owns its listeners, its connections and its spool
-//! writer.
+//! down. Shards share nothing mutable but the per-client connection and
+//! login counts, the shutdown flag and the queues of the blocking pools
+//! ([`crate::blocking`]); each owns its listeners, its connections and its
+//! spool writer.
 
 mod conn;
 pub mod dkim;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::blocking::BlockingPool;
 use crate::config::Config;
 use crate::spool::Spool;
 
@@ -61,8 +63,9 @@ pub enum ServerError {
 }
 
 /// Process-wide state: the stop flag the signal handler sets, the per-IP
-/// connection counts, and what SIGHUP reloads (certificate, users, DKIM
-/// keys, local recipients).
+/// connection counts, what SIGHUP reloads (certificate, users, DKIM keys,
+/// local recipients), and the blocking pools, one per kind of work so that
+/// none waits behind another.
 #[derive(Debug)]
 pub struct Shared {
     pub stop: AtomicBool,
@@ -71,7 +74,20 @@ pub struct Shared {
     pub auth: users::AuthStore,
     pub dkim: dkim::DkimStore,
     pub recipients: recipients::RecipientsStore,
+    /// Password checks (argon2).
+    pub auth_pool: BlockingPool,
+    /// DKIM signing.
+    pub dkim_pool: BlockingPool,
+    /// Maildir directory operations and renames.
+    pub maildir_pool: Arc<BlockingPool>,
 }
+
+/// Queued password checks per auth thread: beyond them a login gets 454
+/// rather than waiting behind a flood (each check is tens of milliseconds).
+const AUTH_QUEUE_PER_THREAD: usize = 8;
+/// Queued signatures and Maildir operations per thread; beyond them the
+/// caller waits (bounded) for room.
+const QUEUE_PER_THREAD: usize = 64;
 
 impl Shared {
     /// Loads (or generates) the certificate, reads the users file, the
@@ -87,6 +103,26 @@ impl Shared {
                 config.local_recipients.clone(),
                 config.session.recipients.clone(),
             )?,
+            auth_pool: BlockingPool::new(
+                "auth",
+                config.pools.auth_threads,
+                config.pools.auth_threads * AUTH_QUEUE_PER_THREAD,
+            )
+            .map_err(ServerError::Thread)?,
+            dkim_pool: BlockingPool::new(
+                "dkim",
+                config.pools.dkim_threads,
+                config.pools.dkim_threads * QUEUE_PER_THREAD,
+            )
+            .map_err(ServerError::Thread)?,
+            maildir_pool: Arc::new(
+                BlockingPool::new(
+                    "maildir",
+                    config.pools.maildir_threads,
+                    config.pools.maildir_threads * QUEUE_PER_THREAD,
+                )
+                .map_err(ServerError::Thread)?,
+            ),
         }))
     }
 

@@ -118,6 +118,7 @@ async fn serve(
             ctx.config.session.hostname.clone(),
             spool.clone(),
             resolver,
+            ctx.shared.maildir_pool.clone(),
         )
     });
     if let Some(relay) = &relay {

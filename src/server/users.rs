@@ -1,12 +1,14 @@
 //! Who may submit mail: the `--users` file (`user:argon2-PHC-hash` lines),
 //! the `--sender-login-map` (which envelope senders a login may use), and
-//! the per-client-IP throttle on failed logins. Both files are reloaded on
-//! SIGHUP; a reload that fails keeps the old contents.
+//! the per-client throttle on logins ([`AuthThrottle`]: failures in a
+//! window, checks at once). Both files are reloaded on SIGHUP; a reload that
+//! fails keeps the old contents.
 //!
 //! Verifying an argon2 hash costs tens of milliseconds of CPU by design:
 //! [`verify`] must never run on a shard thread. The connection driver calls
-//! it through glommio's blocking pool. An unknown user is verified against a
-//! dummy hash, so a failure takes the same time either way.
+//! it on the auth pool ([`crate::blocking`]), which does nothing else. An
+//! unknown user is verified against a dummy hash, so a failure takes the
+//! same time either way.
 //!
 //! This module must never log or keep a password, and never tell an unknown
 //! user from a wrong password to the client.
@@ -14,10 +16,9 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use argon2::password_hash::rand_core::OsRng;
@@ -25,6 +26,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use thiserror::Error;
 
+use super::limits::{AuthLimits, AuthThrottle};
 use crate::smtp::auth::SendAs;
 
 /// The submission knobs that are not session policy.
@@ -36,10 +38,12 @@ pub struct AuthSettings {
     pub local_domains: Vec<String>,
     /// Pause before each 535.
     pub failure_delay: Duration,
-    /// Failures per client IP within `failure_window` before further
-    /// attempts are refused (0: no limit).
+    /// Failures per client (an IPv4 address, an IPv6 /64) within
+    /// `failure_window` before further attempts are refused (0: no limit).
     pub max_failures: u32,
     pub failure_window: Duration,
+    /// Password checks per client at once (0: no limit).
+    pub max_checks_per_ip: u32,
 }
 
 #[derive(Debug, Error)]
@@ -58,25 +62,18 @@ pub enum UsersError {
     BadUser(String),
 }
 
-/// The users and sender map in force, and the failure counts.
+/// The users and sender map in force, and the login throttle.
 #[derive(Debug)]
 pub struct AuthStore {
     settings: AuthSettings,
     users: ArcSwap<HashMap<String, String>>,
     senders: ArcSwap<SenderMap>,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    throttle: AuthThrottle,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Failures {
-    count: u32,
-    since: Instant,
-}
-
-/// Most client addresses whose failures are remembered; past it, the
-/// expired ones are dropped (and if none are, all: bounded memory beats a
-/// perfect count under a spray of source addresses).
-const MAX_TRACKED_IPS: usize = 65_536;
+/// Most clients whose logins are counted at once (a few MiB); see
+/// [`AuthThrottle`] for what goes when it is full.
+const MAX_TRACKED_CLIENTS: usize = 65_536;
 
 impl AuthStore {
     pub fn load(settings: AuthSettings) -> Result<AuthStore, UsersError> {
@@ -88,11 +85,17 @@ impl AuthStore {
             Some(p) => read_sender_map(p)?,
             None => SenderMap::default(),
         };
+        let throttle = AuthThrottle::new(AuthLimits {
+            max_failures: settings.max_failures,
+            window: settings.failure_window,
+            max_checks: settings.max_checks_per_ip,
+            max_clients: MAX_TRACKED_CLIENTS,
+        });
         Ok(AuthStore {
             settings,
             users: ArcSwap::from_pointee(users),
             senders: ArcSwap::from_pointee(senders),
-            failures: Mutex::new(HashMap::new()),
+            throttle,
         })
     }
 
@@ -137,42 +140,9 @@ impl AuthStore {
         rules
     }
 
-    /// True when `ip` has used up its failures within the window.
-    pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
-        if self.settings.max_failures == 0 {
-            return false;
-        }
-        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&ip.to_canonical()).is_some_and(|f| {
-            now.duration_since(f.since) < self.settings.failure_window
-                && f.count >= self.settings.max_failures
-        })
-    }
-
-    /// Counts one failure for `ip`.
-    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
-        if self.settings.max_failures == 0 {
-            return;
-        }
-        let window = self.settings.failure_window;
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_TRACKED_IPS {
-            map.retain(|_, f| now.duration_since(f.since) < window);
-            if map.len() >= MAX_TRACKED_IPS {
-                map.clear();
-            }
-        }
-        let f = map.entry(ip.to_canonical()).or_insert(Failures {
-            count: 0,
-            since: now,
-        });
-        if now.duration_since(f.since) >= window {
-            *f = Failures {
-                count: 0,
-                since: now,
-            };
-        }
-        f.count = f.count.saturating_add(1);
+    /// Failed logins and checks in progress per client.
+    pub fn throttle(&self) -> &AuthThrottle {
+        &self.throttle
     }
 
     pub fn failure_delay(&self) -> Duration {
@@ -336,6 +306,7 @@ mod tests {
             failure_delay: Duration::ZERO,
             max_failures: 3,
             failure_window: Duration::from_secs(60),
+            max_checks_per_ip: 2,
         }
     }
 
@@ -388,20 +359,22 @@ mod tests {
     }
 
     #[test]
-    fn failures_block_per_ip_within_the_window() {
+    fn failures_block_per_client_within_the_window() {
+        use std::net::IpAddr;
+        use std::time::Instant;
         let store = AuthStore::load(settings()).unwrap();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert!(!store.is_blocked(ip, t0));
-            store.record_failure(ip, t0);
+            assert!(!store.throttle().is_blocked(ip, t0));
+            drop(store.throttle().reserve(ip, t0).unwrap());
         }
-        assert!(store.is_blocked(ip, t0));
-        assert!(!store.is_blocked(other, t0));
+        assert!(store.throttle().is_blocked(ip, t0));
+        assert!(!store.throttle().is_blocked(other, t0));
         let later = t0 + Duration::from_secs(61);
-        assert!(!store.is_blocked(ip, later));
-        store.record_failure(ip, later);
-        assert!(!store.is_blocked(ip, later));
+        assert!(!store.throttle().is_blocked(ip, later));
+        drop(store.throttle().reserve(ip, later).unwrap());
+        assert!(!store.throttle().is_blocked(ip, later));
     }
 }

@@ -140,6 +140,10 @@ pub enum CommitResult {
     NoSpace,
     /// Any other local failure: 451 4.3.0.
     Failed,
+    /// Refused by policy once the content was seen (e.g. a `From:` the
+    /// login may not use): this reply, counted as an error, and logged as a
+    /// policy rejection of `what`.
+    Refused { reply: Reply, what: String },
 }
 
 pub struct Session {
@@ -347,6 +351,10 @@ impl Session {
             // Our failure, not the client's: not counted towards --max-errors.
             CommitResult::NoSpace => self.reply(reply::STORAGE_FULL),
             CommitResult::Failed => self.reply(reply::STORAGE_ERROR),
+            CommitResult::Refused { reply, what } => {
+                self.note_rejection(reply, what);
+                self.error(reply);
+            }
         }
         if self.draining {
             self.close_with(reply::SHUTTING_DOWN);
@@ -1565,6 +1573,41 @@ mod tests {
             .output()
             .ends_with(b"452 4.3.1 Error: insufficient system storage\r\n"));
         assert!(s.is_idle());
+    }
+
+    /// A refusal after the content (a From: the login may not use) is the
+    /// given reply, a logged policy rejection, and the session goes on.
+    #[test]
+    fn commit_refused_by_policy_replies_and_stays_in_sync() {
+        let now = Instant::now();
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let mut s = Session::new(cfg(), conn, now);
+        s.handle_input(
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nDATA\r\nx\r\n.\r\n",
+            now,
+        );
+        assert!(s.poll_event().is_some());
+        let reply = crate::smtp::submit::FROM_NOT_OWNED;
+        s.handle_commit(
+            CommitResult::Refused {
+                reply,
+                what: "DATA (From: bob@example.org)".into(),
+            },
+            now,
+        );
+        assert!(s
+            .output()
+            .ends_with(b"550 5.7.1 Error: From: address not owned by the authenticated user\r\n"));
+        let rejections = s.take_rejections();
+        assert_eq!(rejections.len(), 1);
+        assert_eq!(rejections[0].command, "DATA (From: bob@example.org)");
+        assert!(s.is_idle());
+        s.clear_output();
+        s.handle_input(b"NOOP\r\n", now);
+        assert!(s.output().starts_with(b"250 "));
     }
 
     #[test]
