@@ -9,6 +9,7 @@
 //! a time, so `Cell`/`RefCell` suffice.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -69,6 +70,10 @@ pub struct SegmentWriter {
     /// out while a batch is written: the segment is still current then, and
     /// must not look removable.
     current_name: RefCell<Option<Rc<str>>>,
+    /// Records written to a segment whose appender has not taken its
+    /// location yet (woken, not yet run): the segment holds messages the
+    /// queue does not know of, so it must not look removable.
+    unclaimed: RefCell<HashMap<Rc<str>, u64>>,
     stats: Cell<CommitStats>,
 }
 
@@ -98,6 +103,7 @@ impl SegmentWriter {
             flush_done: Event::new(),
             segment: RefCell::new(None),
             current_name: RefCell::new(None),
+            unclaimed: RefCell::new(HashMap::new()),
             stats: Cell::new(CommitStats::default()),
         }
     }
@@ -111,6 +117,44 @@ impl SegmentWriter {
         self.current_name.borrow().clone()
     }
 
+    /// Whether `name` may still receive records or holds records whose
+    /// appenders have not taken their location yet: deleting it now could
+    /// lose an acknowledged message.
+    pub fn in_use(&self, name: &str) -> bool {
+        self.current_name.borrow().as_deref() == Some(name)
+            || self.unclaimed.borrow().contains_key(name)
+    }
+
+    /// Stops appending to `name` if it is the current segment and no batch
+    /// is being written to it: the next record starts a new segment.
+    /// Returns whether `name` is no longer current. The caller knows the
+    /// segment has nothing live left (a drained queue then leaves no
+    /// segment of delivered mail behind).
+    pub async fn retire(&self, name: &str) -> bool {
+        if self.current_name.borrow().as_deref() != Some(name) {
+            return true;
+        }
+        if self.flushing.get() {
+            // A batch is on its way into it.
+            return false;
+        }
+        *self.current_name.borrow_mut() = None;
+        if let Some(old) = self.segment.take() {
+            let _ = old.file.close().await;
+        }
+        true
+    }
+
+    fn claim(&self, name: &Rc<str>) {
+        let mut unclaimed = self.unclaimed.borrow_mut();
+        if let Some(n) = unclaimed.get_mut(name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                unclaimed.remove(name);
+            }
+        }
+    }
+
     /// Appends one record and returns where it landed once it is durable
     /// (or the error of its batch).
     pub async fn append(&self, header: &[u8], body: &[&[u8]]) -> Result<Location, SpoolError> {
@@ -122,9 +166,17 @@ impl SegmentWriter {
             (pos as u64, (buf.len() - pos) as u64)
         };
         batch.records.set(batch.records.get() + 1);
+        // Takes this record off the unclaimed count, also when the caller
+        // goes away before it looked.
+        let mut claim = Claim {
+            writer: self,
+            batch: &batch,
+            done: false,
+        };
         loop {
             match batch.outcome.get() {
                 Some(Outcome::Durable) => {
+                    claim.take();
                     let placed = batch.placed.borrow();
                     let Some((segment, base)) = placed.as_ref() else {
                         return Err(SpoolError::Io(io::Error::other("batch without a place")));
@@ -169,6 +221,11 @@ impl SegmentWriter {
         let buf = batch.buf.take();
         let outcome = match self.write(&buf).await {
             Ok(place) => {
+                *self
+                    .unclaimed
+                    .borrow_mut()
+                    .entry(place.0.clone())
+                    .or_default() += batch.records.get();
                 *batch.placed.borrow_mut() = Some(place);
                 let mut s = self.stats.get();
                 s.batches += 1;
@@ -258,6 +315,32 @@ impl SegmentWriter {
         let _ = dir.close().await;
         synced?;
         Ok((name, file))
+    }
+}
+
+/// One appender's claim on its record's location (see
+/// `SegmentWriter::unclaimed`).
+struct Claim<'a> {
+    writer: &'a SegmentWriter,
+    batch: &'a Batch,
+    done: bool,
+}
+
+impl Claim<'_> {
+    fn take(&mut self) {
+        if self.done || self.batch.outcome.get() != Some(Outcome::Durable) {
+            return;
+        }
+        self.done = true;
+        if let Some((segment, _)) = self.batch.placed.borrow().as_ref() {
+            self.writer.claim(segment);
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.take();
     }
 }
 

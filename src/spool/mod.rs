@@ -394,6 +394,10 @@ pub struct ShardSpool {
     writer: SegmentWriter,
     journal: SegmentWriter,
     queue: RefCell<QueueIndex>,
+    /// Segments left without live messages while they could not go yet
+    /// (still being appended to, or records in them not yet claimed):
+    /// removed by a later [`ShardSpool::reap`].
+    retired: RefCell<Vec<String>>,
 }
 
 impl ShardSpool {
@@ -427,6 +431,7 @@ impl ShardSpool {
             ),
             dir,
             queue: RefCell::new(queue),
+            retired: RefCell::new(Vec::new()),
         }
     }
 
@@ -484,7 +489,26 @@ impl ShardSpool {
         {
             self.remove_segment(segment).await;
         }
+        self.reap().await;
         Ok(applied)
+    }
+
+    /// Removes the segments that were left empty while they could not go
+    /// yet, once they can. Runs after every journaled change and on the
+    /// shard's maintenance timer, so a segment that was current when its
+    /// last message finished goes once it no longer is.
+    pub async fn reap(&self) {
+        if self.retired.borrow().is_empty() {
+            return;
+        }
+        let retired = std::mem::take(&mut *self.retired.borrow_mut());
+        for segment in retired {
+            // Live again (appended to after it was retired): it comes back
+            // here when that message finishes.
+            if !self.queue.borrow().segment_is_live(&segment) {
+                self.remove_segment(&segment).await;
+            }
+        }
     }
 
     /// One queued message's queue entry.
@@ -498,16 +522,40 @@ impl ShardSpool {
         self.queue.borrow().schedule(now)
     }
 
-    /// Deletes a segment with no live message left, unless it is still being
-    /// appended to. The journal already says every message in it is
-    /// finished; a crash before the removal is finished by recovery.
+    /// Deletes a segment with no live message left, with its finished
+    /// entries. The current segment is retired first (the next message
+    /// starts a new one); one still in use is kept in `retired` for
+    /// [`ShardSpool::reap`]. The journal already says every message in it
+    /// is finished; a crash before the removal is finished by recovery.
     async fn remove_segment(&self, segment: &str) {
-        if self.writer.current_segment().as_deref() == Some(segment) {
+        if self.writer.in_use(segment)
+            && !(self.writer.retire(segment).await && !self.writer.in_use(segment))
+        {
+            let mut retired = self.retired.borrow_mut();
+            if !retired.iter().any(|s| s == segment) {
+                retired.push(segment.to_owned());
+            }
             return;
         }
-        match glommio::io::remove(self.dir.join(segment)).await {
+        // Retiring awaited: make sure nothing was stored into it meanwhile.
+        if self.queue.borrow().segment_is_live(segment) {
+            return;
+        }
+        match glommio::io::remove(self.dir.join(segment))
+            .await
+            .map_err(io::Error::from)
+        {
             Ok(()) => self.queue.borrow_mut().forget_segment(segment),
-            Err(e) => tracing::warn!(%segment, error = %e, "cannot remove finished segment"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.queue.borrow_mut().forget_segment(segment)
+            }
+            Err(e) => {
+                tracing::warn!(%segment, error = %e, "cannot remove finished segment; retrying later");
+                let mut retired = self.retired.borrow_mut();
+                if !retired.iter().any(|s| s == segment) {
+                    retired.push(segment.to_owned());
+                }
+            }
         }
     }
 

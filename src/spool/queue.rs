@@ -468,6 +468,11 @@ impl QueueIndex {
         out
     }
 
+    /// Whether `segment` holds at least one live message.
+    pub fn segment_is_live(&self, segment: &str) -> bool {
+        self.live_per_segment.contains_key(segment)
+    }
+
     /// Segments that hold at least one live message.
     pub fn live_segments(&self) -> impl Iterator<Item = (&str, Live)> {
         self.live_per_segment.iter().map(|(s, n)| (&**s, *n))
