@@ -59,6 +59,9 @@ pub struct SegmentWriter {
     /// File name extension: `seg` for messages, `jrn` for the journal.
     ext: &'static str,
     kind: u8,
+    /// The checksum seed of every record this writer makes, named in the
+    /// file names of its message segments (see `segment`); 0 for journals.
+    seed: u32,
     max_segment: u64,
     window: Duration,
     fsync: bool,
@@ -95,6 +98,7 @@ impl SegmentWriter {
             } else {
                 segment::KIND_MESSAGE
             },
+            seed: if journal { 0 } else { random_seed(shard) },
             max_segment,
             window,
             fsync,
@@ -162,7 +166,7 @@ impl SegmentWriter {
         let (pos, len) = {
             let mut buf = batch.buf.borrow_mut();
             let pos = buf.len();
-            segment::encode_record(&mut buf, self.kind, header, body);
+            segment::encode_record_seeded(&mut buf, self.kind, self.seed, header, body);
             (pos as u64, (buf.len() - pos) as u64)
         };
         batch.records.set(batch.records.get() + 1);
@@ -307,7 +311,15 @@ impl SegmentWriter {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
-        let name: Rc<str> = format!("{:03}-{micros:016x}.{}", self.shard, self.ext).into();
+        let name: Rc<str> = if self.seed == 0 {
+            format!("{:03}-{micros:016x}.{}", self.shard, self.ext).into()
+        } else {
+            format!(
+                "{:03}-{micros:016x}-{:08x}.{}",
+                self.shard, self.seed, self.ext
+            )
+            .into()
+        };
         let path = self.dir.join(&*name);
         let file = BufferedFile::create(&path).await?;
         let dir = glommio::io::Directory::open(&self.dir).await?;
@@ -315,6 +327,20 @@ impl SegmentWriter {
         let _ = dir.close().await;
         synced?;
         Ok((name, file))
+    }
+}
+
+/// A seed no peer can guess: std's `RandomState` keys come from the
+/// operating system's random source. Never 0 (that means unseeded).
+fn random_seed(shard: usize) -> u32 {
+    use std::hash::BuildHasher;
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let h = std::hash::RandomState::new().hash_one((shard, micros));
+    match (h ^ (h >> 32)) as u32 {
+        0 => 1,
+        seed => seed,
     }
 }
 

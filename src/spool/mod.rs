@@ -100,6 +100,9 @@ pub struct Recovery {
     pub bytes: u64,
     /// Segments and journals whose tail was damaged (torn by a crash) and cut off.
     pub torn: usize,
+    /// Damaged regions in the middle of files, skipped (the intact records
+    /// after them are kept).
+    pub damaged: usize,
     /// Journal entries replayed.
     pub journal_ops: u64,
     /// Segments deleted because every message in them was finished.
@@ -196,9 +199,10 @@ pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
         };
         let start = e.location.offset as usize;
         let end = start + e.location.len as usize;
+        let keying = segment::Keying::of(&e.location.segment);
         let Some(r) = bytes
             .get(start..end)
-            .and_then(|rec| segment::scan(rec).records.first().copied())
+            .and_then(|rec| segment::scan(rec, keying).records.first().copied())
         else {
             continue;
         };
@@ -237,10 +241,24 @@ fn spool_files(root: &Path, ext: &str) -> io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Reads a spool file, cutting off a damaged tail (never acknowledged).
+/// Reads a spool file, cutting off a damaged tail (never acknowledged);
+/// damage in the middle is reported and left in place (the records after
+/// it were acknowledged, and are read past it).
 fn read_verified(path: &Path, rec: &mut Recovery, repair: bool) -> io::Result<Vec<u8>> {
     let mut bytes = fs::read(path)?;
-    let scan = segment::scan(&bytes);
+    let scan = segment::scan(&bytes, keying(path));
+    if repair {
+        for skip in &scan.skipped {
+            rec.damaged += 1;
+            tracing::error!(
+                file = %path.display(),
+                offset = skip.offset,
+                bytes = skip.len,
+                damage = ?skip.damage,
+                "damaged records in the middle of a spool file skipped; the records after them are kept"
+            );
+        }
+    }
     if let (Some(damage), true) = (scan.damage, repair) {
         rec.torn += 1;
         tracing::warn!(
@@ -256,6 +274,10 @@ fn read_verified(path: &Path, rec: &mut Recovery, repair: bool) -> io::Result<Ve
         bytes.truncate(scan.valid_len as usize);
     }
     Ok(bytes)
+}
+
+fn keying(path: &Path) -> segment::Keying {
+    segment::Keying::of(&path.file_name().unwrap_or_default().to_string_lossy())
 }
 
 /// A file the directory listing named, verified; `None` when a running
@@ -287,7 +309,7 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
             .map(|n| n.to_string_lossy())
             .unwrap_or_default()
             .into();
-        for r in segment::scan(&bytes).records {
+        for r in segment::scan(&bytes, keying(path)).records {
             let Ok(block) = std::str::from_utf8(r.header) else {
                 continue;
             };
@@ -317,7 +339,7 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
         let Some(bytes) = read_listed(path, &mut rec, repair)? else {
             continue;
         };
-        for r in segment::scan(&bytes).records {
+        for r in segment::scan(&bytes, keying(path)).records {
             if let Some(op) = std::str::from_utf8(r.header)
                 .ok()
                 .and_then(JournalOp::decode)
@@ -635,7 +657,7 @@ impl ShardSpool {
         let read = file.read_at(loc.offset, loc.len as usize).await;
         let _ = file.close().await;
         let bytes = read?;
-        let scan = segment::scan(&bytes);
+        let scan = segment::scan(&bytes, segment::Keying::of(&loc.segment));
         Ok(scan.records.first().map(|r| {
             (
                 String::from_utf8_lossy(r.header).into_owned(),
