@@ -77,6 +77,9 @@ pub struct SegmentWriter {
     /// location yet (woken, not yet run): the segment holds messages the
     /// queue does not know of, so it must not look removable.
     unclaimed: RefCell<HashMap<Rc<str>, u64>>,
+    /// The time part of the last file name made: names only grow, so
+    /// files replay in the order they were made.
+    last_stamp: Cell<u64>,
     stats: Cell<CommitStats>,
 }
 
@@ -108,6 +111,7 @@ impl SegmentWriter {
             segment: RefCell::new(None),
             current_name: RefCell::new(None),
             unclaimed: RefCell::new(HashMap::new()),
+            last_stamp: Cell::new(0),
             stats: Cell::new(CommitStats::default()),
         }
     }
@@ -305,12 +309,27 @@ impl SegmentWriter {
         }
     }
 
+    /// A file name that sorts after every file this writer made so far and
+    /// before every later one (a journal snapshot takes its place in the
+    /// order this way).
+    pub fn reserve_name(&self) -> String {
+        let stamp = self.next_stamp();
+        format!("{:03}-{stamp:016x}.{}", self.shard, self.ext)
+    }
+
+    fn next_stamp(&self) -> u64 {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let stamp = micros.max(self.last_stamp.get() + 1);
+        self.last_stamp.set(stamp);
+        stamp
+    }
+
     /// A new segment file, with its directory entry made durable before any
     /// record in it can be acknowledged.
     async fn create_segment(&self) -> Result<(Rc<str>, BufferedFile), SpoolError> {
-        let micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
+        let micros = self.next_stamp();
         let name: Rc<str> = if self.seed == 0 {
             format!("{:03}-{micros:016x}.{}", self.shard, self.ext).into()
         } else {
