@@ -395,6 +395,52 @@ mod tests {
 
     use super::*;
 
+    /// Regression (issue 11, the leak fix): a segment must not look
+    /// removable while a message written to it has not been queued yet
+    /// (its appender woken but not run), even once it is no longer the
+    /// current segment; else deleting a finished segment right after a
+    /// rotation could take an acknowledged message with it.
+    #[test]
+    fn unclaimed_records_keep_their_segment_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let ex = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(64 << 10)
+            .make()
+            .unwrap();
+        let path = dir.path().to_owned();
+        ex.run(async move {
+            // A commit window, so that two records share one batch.
+            let w = Rc::new(SegmentWriter::new(
+                &path,
+                0,
+                false,
+                1 << 20,
+                Duration::from_millis(20),
+                true,
+            ));
+            let w2 = w.clone();
+            let first = glommio::spawn_local(async move {
+                let at = w2.append(b"h", &[b"one"]).await.unwrap();
+                // The flusher runs on at once; the other appender of the
+                // batch has not run yet.
+                let unclaimed = w2.unclaimed.borrow().get(&*at.segment).copied();
+                (at, unclaimed)
+            });
+            futures_lite::future::yield_now().await;
+            let second = w.append(b"h", &[b"two"]).await.unwrap();
+            let (at, unclaimed) = first.await;
+            assert_eq!(at.segment, second.segment);
+            // The second record counted until its appender took it: the
+            // segment was in use whether current or not.
+            assert_eq!(unclaimed, Some(1));
+            assert!(w.unclaimed.borrow().is_empty());
+            assert!(w.in_use(&at.segment), "current");
+            assert!(w.retire(&at.segment).await);
+            assert!(w.current_segment().is_none());
+            assert!(!w.in_use(&at.segment), "claimed, retired: free to go");
+        });
+    }
+
     /// Regression: while a batch was being written the open segment was
     /// taken out of the writer, so `current_segment()` said `None` and a
     /// delivery finishing the segment's last live message deleted the

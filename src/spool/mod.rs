@@ -732,9 +732,9 @@ impl ShardSpool {
     /// [`ShardSpool::reap`]. The journal already says every message in it
     /// is finished; a crash before the removal is finished by recovery.
     async fn remove_segment(&self, segment: &str) {
-        if self.writer.in_use(segment)
-            && !(self.writer.retire(segment).await && !self.writer.in_use(segment))
-        {
+        let busy = self.writer.in_use(segment)
+            && (!self.writer.retire(segment).await || self.writer.in_use(segment));
+        if busy {
             let mut retired = self.retired.borrow_mut();
             if !retired.iter().any(|s| s == segment) {
                 retired.push(segment.to_owned());

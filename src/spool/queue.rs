@@ -987,7 +987,7 @@ mod tests {
                     4 => JournalOp::Hold { id },
                     5 => JournalOp::Release { id },
                     6 => JournalOp::Flush { id },
-                    7 if rng.next() % 4 == 0 => JournalOp::Delete { id },
+                    7 if rng.next().is_multiple_of(4) => JournalOp::Delete { id },
                     _ => JournalOp::Hold { id },
                 });
             }
