@@ -4,13 +4,20 @@
 //!
 //! * `ringmta.lock` — held with `flock` for the life of the process, so a
 //!   second instance on the same spool refuses to start.
-//! * `seg/SSS-TTTTTTTTTTTTTTTT.seg` — per-shard append-only segment files
-//!   ([`segment`] record format with crc32c). Each shard appends to its own
-//!   current segment; messages that finish while a write+`fdatasync` is in
-//!   flight are group-committed by the next one ([`commit`]).
+//! * `seg/SSS-TTTTTTTTTTTTTTTT-KKKKKKKK.seg` — per-shard append-only
+//!   segment files ([`segment`] record format with crc32c, seeded with K).
+//!   Each shard appends to its own current segment; messages that finish
+//!   while a write+`fdatasync` is in flight are group-committed by the next
+//!   one ([`commit`]). A segment goes once every message in it is finished.
+//! * `seg/SSS-TTTTTTTTTTTTTTTT.jrn` — journal files: queue changes of the
+//!   messages in `SSS-*.seg` segments (and, from a running shard, of its
+//!   messages). A shard replaces its journal files by one snapshot of its
+//!   queue as they grow ([`ShardSpool::compact_journal`]).
 //!
 //! At start ([`Spool::open`]) every segment is scanned and verified; a torn
-//! tail (a crash mid-write: never acknowledged) is reported and cut off.
+//! tail (a crash mid-write: never acknowledged) is reported and cut off,
+//! damage in the middle is reported and skipped (the records after it were
+//! acknowledged).
 //!
 //! This module must never acknowledge what it has not synced, and never
 //! panic on an I/O error: errors become [`SpoolError`]s, which the session
