@@ -317,6 +317,12 @@ impl SegmentWriter {
         format!("{:03}-{stamp:016x}.{}", self.shard, self.ext)
     }
 
+    /// Makes every later name sort after a file stamped `stamp` (a file
+    /// from before a restart, if the clock went back since).
+    pub fn names_after(&self, stamp: u64) {
+        self.last_stamp.set(self.last_stamp.get().max(stamp));
+    }
+
     fn next_stamp(&self) -> u64 {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -488,13 +488,32 @@ impl ShardSpool {
             queue.segment_names().filter_map(segment_shard).collect();
         owned.insert(shard);
         // The snapshots recovery wrote for them.
-        let base = spool_files(root, "jrn")
-            .unwrap_or_default()
+        let journals = spool_files(root, "jrn").unwrap_or_default();
+        let base = journals
             .iter()
             .filter(|p| journal_owner(p).is_some_and(|s| owned.contains(&s)))
             .filter_map(|p| fs::metadata(p).ok())
             .map(|m| m.len())
             .sum();
+        let newest = journals
+            .iter()
+            .filter_map(|p| {
+                let name = p.file_name()?.to_str()?;
+                u64::from_str_radix(name.get(4..20)?, 16).ok()
+            })
+            .max()
+            .unwrap_or(0);
+        let journal = SegmentWriter::new(
+            &dir,
+            shard,
+            true,
+            opts.max_segment,
+            Duration::ZERO,
+            opts.fsync,
+        );
+        // Replay goes by name: this shard's journal files must come after
+        // the snapshots recovery wrote, whatever the clock says.
+        journal.names_after(newest);
         ShardSpool {
             shard,
             hostname,
@@ -507,14 +526,7 @@ impl ShardSpool {
                 opts.commit_window,
                 opts.fsync,
             ),
-            journal: SegmentWriter::new(
-                &dir,
-                shard,
-                true,
-                opts.max_segment,
-                Duration::ZERO,
-                opts.fsync,
-            ),
+            journal,
             dir,
             queue: RefCell::new(queue),
             retired: RefCell::new(Vec::new()),
@@ -669,7 +681,10 @@ impl ShardSpool {
             }
             .await;
             let _ = file.close().await;
-            written?;
+            if let Err(e) = written {
+                let _ = glommio::io::remove(&tmp).await;
+                return Err(e.into());
+            }
             glommio::io::rename(&tmp, self.dir.join(&name)).await?;
             self.sync_dir().await?;
         }
