@@ -446,12 +446,13 @@ pub struct Cli {
 pub enum Subcommand {
     /// Inspect the queue in a spool directory (read-only; works while ringmta runs).
     Queue {
-        /// The spool directory to read.
+        /// The spool directory to read (before or after the action: `queue count --spool-dir DIR`).
         #[arg(
             long,
             value_name = "DIR",
             env = "RINGMTA_SPOOL_DIR",
-            default_value = "./var/spool"
+            default_value = "./var/spool",
+            global = true
         )]
         spool_dir: PathBuf,
         #[command(subcommand)]
@@ -577,6 +578,25 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
         assert!(parse_duration("3 weeks").is_err());
+    }
+
+    /// Regression: `ringmta queue count --spool-dir X` was refused, the
+    /// flag was only accepted between `queue` and the action.
+    #[test]
+    fn queue_spool_dir_after_the_action() {
+        for args in [
+            &["ringmta", "queue", "count", "--spool-dir", "/x"][..],
+            &["ringmta", "queue", "--spool-dir", "/x", "count"],
+            &["ringmta", "queue", "show", "abc", "--spool-dir", "/x"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            match cli.command {
+                Some(Subcommand::Queue { spool_dir, .. }) => {
+                    assert_eq!(spool_dir, PathBuf::from("/x"), "{args:?}")
+                }
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

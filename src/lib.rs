@@ -22,8 +22,10 @@
 //!   checksummed records; messages that finish while a write+`fdatasync` is
 //!   in flight share the next one (group commit), and their 250s go out when
 //!   it returns. A per-shard journal records per-recipient outcomes and
-//!   queue operations; at start the segments are verified (torn tails cut
-//!   off) and the queue is rebuilt. Finished segments are deleted.
+//!   queue operations, and is replaced by a snapshot of the queue as it
+//!   grows; at start the segments are verified (torn tails cut off, damage
+//!   in the middle skipped) and the queue is rebuilt. Finished segments are
+//!   deleted while running.
 //! * [`relay`] — outbound delivery: routing (`--route`, local Maildir,
 //!   `--relay-host`, MX lookup on a resolver thread), per-destination
 //!   workers that reuse connections, the sans-IO SMTP client

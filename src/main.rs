@@ -55,6 +55,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         messages = rec.messages,
         bytes = rec.bytes,
         torn = rec.torn,
+        damaged = rec.damaged,
         "spool recovered"
     );
     if !config.spool.fsync {

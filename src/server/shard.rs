@@ -127,9 +127,11 @@ async fn serve(
     if let (Some(relay), Some(mesh)) = (&relay, ctx.mesh.take()) {
         glommio::spawn_local(relay.clone().join_mesh(mesh)).detach();
     }
-    if ctx.config.spool.compact_below > 0.0 {
-        glommio::spawn_local(compactor(spool.clone(), ctx.config.spool.compact_below)).detach();
-    }
+    glommio::spawn_local(maintain_spool(
+        spool.clone(),
+        ctx.config.spool.compact_below,
+    ))
+    .detach();
     let grace = ctx.config.shutdown_grace;
     let state = Rc::new(ShardState {
         ctx,
@@ -189,11 +191,17 @@ async fn serve(
     );
 }
 
-/// Every so often, copies the few live messages out of mostly-finished
-/// segments so their files can go (the spool's disk use follows the queue).
-async fn compactor(spool: Rc<ShardSpool>, below: f64) {
+/// Every so often, removes finished segments that could not go at once
+/// (no further delivery may come to retry it), and copies the few live
+/// messages out of mostly-finished segments so their files can go (the
+/// spool's disk use follows the queue).
+async fn maintain_spool(spool: Rc<ShardSpool>, below: f64) {
     loop {
         glommio::timer::sleep(COMPACT_EVERY).await;
+        spool.reap().await;
+        if below <= 0.0 {
+            continue;
+        }
         match spool.compact(below).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(freed = n, "spool segments compacted"),

@@ -9,6 +9,7 @@
 //! a time, so `Cell`/`RefCell` suffice.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -58,6 +59,9 @@ pub struct SegmentWriter {
     /// File name extension: `seg` for messages, `jrn` for the journal.
     ext: &'static str,
     kind: u8,
+    /// The checksum seed of every record this writer makes, named in the
+    /// file names of its message segments (see `segment`); 0 for journals.
+    seed: u32,
     max_segment: u64,
     window: Duration,
     fsync: bool,
@@ -69,6 +73,13 @@ pub struct SegmentWriter {
     /// out while a batch is written: the segment is still current then, and
     /// must not look removable.
     current_name: RefCell<Option<Rc<str>>>,
+    /// Records written to a segment whose appender has not taken its
+    /// location yet (woken, not yet run): the segment holds messages the
+    /// queue does not know of, so it must not look removable.
+    unclaimed: RefCell<HashMap<Rc<str>, u64>>,
+    /// The time part of the last file name made: names only grow, so
+    /// files replay in the order they were made.
+    last_stamp: Cell<u64>,
     stats: Cell<CommitStats>,
 }
 
@@ -90,6 +101,7 @@ impl SegmentWriter {
             } else {
                 segment::KIND_MESSAGE
             },
+            seed: if journal { 0 } else { random_seed(shard) },
             max_segment,
             window,
             fsync,
@@ -98,6 +110,8 @@ impl SegmentWriter {
             flush_done: Event::new(),
             segment: RefCell::new(None),
             current_name: RefCell::new(None),
+            unclaimed: RefCell::new(HashMap::new()),
+            last_stamp: Cell::new(0),
             stats: Cell::new(CommitStats::default()),
         }
     }
@@ -111,6 +125,44 @@ impl SegmentWriter {
         self.current_name.borrow().clone()
     }
 
+    /// Whether `name` may still receive records or holds records whose
+    /// appenders have not taken their location yet: deleting it now could
+    /// lose an acknowledged message.
+    pub fn in_use(&self, name: &str) -> bool {
+        self.current_name.borrow().as_deref() == Some(name)
+            || self.unclaimed.borrow().contains_key(name)
+    }
+
+    /// Stops appending to `name` if it is the current segment and no batch
+    /// is being written to it: the next record starts a new segment.
+    /// Returns whether `name` is no longer current. The caller knows the
+    /// segment has nothing live left (a drained queue then leaves no
+    /// segment of delivered mail behind).
+    pub async fn retire(&self, name: &str) -> bool {
+        if self.current_name.borrow().as_deref() != Some(name) {
+            return true;
+        }
+        if self.flushing.get() {
+            // A batch is on its way into it.
+            return false;
+        }
+        *self.current_name.borrow_mut() = None;
+        if let Some(old) = self.segment.take() {
+            let _ = old.file.close().await;
+        }
+        true
+    }
+
+    fn claim(&self, name: &Rc<str>) {
+        let mut unclaimed = self.unclaimed.borrow_mut();
+        if let Some(n) = unclaimed.get_mut(name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                unclaimed.remove(name);
+            }
+        }
+    }
+
     /// Appends one record and returns where it landed once it is durable
     /// (or the error of its batch).
     pub async fn append(&self, header: &[u8], body: &[&[u8]]) -> Result<Location, SpoolError> {
@@ -118,13 +170,21 @@ impl SegmentWriter {
         let (pos, len) = {
             let mut buf = batch.buf.borrow_mut();
             let pos = buf.len();
-            segment::encode_record(&mut buf, self.kind, header, body);
+            segment::encode_record_seeded(&mut buf, self.kind, self.seed, header, body);
             (pos as u64, (buf.len() - pos) as u64)
         };
         batch.records.set(batch.records.get() + 1);
+        // Takes this record off the unclaimed count, also when the caller
+        // goes away before it looked.
+        let mut claim = Claim {
+            writer: self,
+            batch: &batch,
+            done: false,
+        };
         loop {
             match batch.outcome.get() {
                 Some(Outcome::Durable) => {
+                    claim.take();
                     let placed = batch.placed.borrow();
                     let Some((segment, base)) = placed.as_ref() else {
                         return Err(SpoolError::Io(io::Error::other("batch without a place")));
@@ -169,6 +229,11 @@ impl SegmentWriter {
         let buf = batch.buf.take();
         let outcome = match self.write(&buf).await {
             Ok(place) => {
+                *self
+                    .unclaimed
+                    .borrow_mut()
+                    .entry(place.0.clone())
+                    .or_default() += batch.records.get();
                 *batch.placed.borrow_mut() = Some(place);
                 let mut s = self.stats.get();
                 s.batches += 1;
@@ -244,13 +309,42 @@ impl SegmentWriter {
         }
     }
 
+    /// A file name that sorts after every file this writer made so far and
+    /// before every later one (a journal snapshot takes its place in the
+    /// order this way).
+    pub fn reserve_name(&self) -> String {
+        let stamp = self.next_stamp();
+        format!("{:03}-{stamp:016x}.{}", self.shard, self.ext)
+    }
+
+    /// Makes every later name sort after a file stamped `stamp` (a file
+    /// from before a restart, if the clock went back since).
+    pub fn names_after(&self, stamp: u64) {
+        self.last_stamp.set(self.last_stamp.get().max(stamp));
+    }
+
+    fn next_stamp(&self) -> u64 {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let stamp = micros.max(self.last_stamp.get() + 1);
+        self.last_stamp.set(stamp);
+        stamp
+    }
+
     /// A new segment file, with its directory entry made durable before any
     /// record in it can be acknowledged.
     async fn create_segment(&self) -> Result<(Rc<str>, BufferedFile), SpoolError> {
-        let micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        let name: Rc<str> = format!("{:03}-{micros:016x}.{}", self.shard, self.ext).into();
+        let micros = self.next_stamp();
+        let name: Rc<str> = if self.seed == 0 {
+            format!("{:03}-{micros:016x}.{}", self.shard, self.ext).into()
+        } else {
+            format!(
+                "{:03}-{micros:016x}-{:08x}.{}",
+                self.shard, self.seed, self.ext
+            )
+            .into()
+        };
         let path = self.dir.join(&*name);
         let file = BufferedFile::create(&path).await?;
         let dir = glommio::io::Directory::open(&self.dir).await?;
@@ -261,11 +355,97 @@ impl SegmentWriter {
     }
 }
 
+/// A seed no peer can guess: std's `RandomState` keys come from the
+/// operating system's random source. Never 0 (that means unseeded).
+fn random_seed(shard: usize) -> u32 {
+    use std::hash::BuildHasher;
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let h = std::hash::RandomState::new().hash_one((shard, micros));
+    match (h ^ (h >> 32)) as u32 {
+        0 => 1,
+        seed => seed,
+    }
+}
+
+/// One appender's claim on its record's location (see
+/// `SegmentWriter::unclaimed`).
+struct Claim<'a> {
+    writer: &'a SegmentWriter,
+    batch: &'a Batch,
+    done: bool,
+}
+
+impl Claim<'_> {
+    fn take(&mut self) {
+        if self.done || self.batch.outcome.get() != Some(Outcome::Durable) {
+            return;
+        }
+        self.done = true;
+        if let Some((segment, _)) = self.batch.placed.borrow().as_ref() {
+            self.writer.claim(segment);
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.take();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use glommio::{LocalExecutorBuilder, Placement};
 
     use super::*;
+
+    /// Regression (issue 11, the leak fix): a segment must not look
+    /// removable while a message written to it has not been queued yet
+    /// (its appender woken but not run), even once it is no longer the
+    /// current segment; else deleting a finished segment right after a
+    /// rotation could take an acknowledged message with it.
+    #[test]
+    fn unclaimed_records_keep_their_segment_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let ex = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(64 << 10)
+            .make()
+            .unwrap();
+        let path = dir.path().to_owned();
+        ex.run(async move {
+            // A commit window, so that two records share one batch.
+            let w = Rc::new(SegmentWriter::new(
+                &path,
+                0,
+                false,
+                1 << 20,
+                Duration::from_millis(20),
+                true,
+            ));
+            let w2 = w.clone();
+            let first = glommio::spawn_local(async move {
+                let at = w2.append(b"h", &[b"one"]).await.unwrap();
+                // The flusher runs on at once; the other appender of the
+                // batch has not run yet.
+                let unclaimed = w2.unclaimed.borrow().get(&*at.segment).copied();
+                (at, unclaimed)
+            });
+            futures_lite::future::yield_now().await;
+            let second = w.append(b"h", &[b"two"]).await.unwrap();
+            let (at, unclaimed) = first.await;
+            assert_eq!(at.segment, second.segment);
+            // The second record counted until its appender took it: the
+            // segment was in use whether current or not.
+            assert_eq!(unclaimed, Some(1));
+            assert!(w.unclaimed.borrow().is_empty());
+            assert!(w.in_use(&at.segment), "current");
+            assert!(w.retire(&at.segment).await);
+            assert!(w.current_segment().is_none());
+            assert!(!w.in_use(&at.segment), "claimed, retired: free to go");
+        });
+    }
 
     /// Regression: while a batch was being written the open segment was
     /// taken out of the writer, so `current_segment()` said `None` and a

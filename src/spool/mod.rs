@@ -4,13 +4,20 @@
 //!
 //! * `ringmta.lock` — held with `flock` for the life of the process, so a
 //!   second instance on the same spool refuses to start.
-//! * `seg/SSS-TTTTTTTTTTTTTTTT.seg` — per-shard append-only segment files
-//!   ([`segment`] record format with crc32c). Each shard appends to its own
-//!   current segment; messages that finish while a write+`fdatasync` is in
-//!   flight are group-committed by the next one ([`commit`]).
+//! * `seg/SSS-TTTTTTTTTTTTTTTT-KKKKKKKK.seg` — per-shard append-only
+//!   segment files ([`segment`] record format with crc32c, seeded with K).
+//!   Each shard appends to its own current segment; messages that finish
+//!   while a write+`fdatasync` is in flight are group-committed by the next
+//!   one ([`commit`]). A segment goes once every message in it is finished.
+//! * `seg/SSS-TTTTTTTTTTTTTTTT.jrn` — journal files: queue changes of the
+//!   messages in `SSS-*.seg` segments (and, from a running shard, of its
+//!   messages). A shard replaces its journal files by one snapshot of its
+//!   queue as they grow ([`ShardSpool::compact_journal`]).
 //!
 //! At start ([`Spool::open`]) every segment is scanned and verified; a torn
-//! tail (a crash mid-write: never acknowledged) is reported and cut off.
+//! tail (a crash mid-write: never acknowledged) is reported and cut off,
+//! damage in the middle is reported and skipped (the records after it were
+//! acknowledged).
 //!
 //! This module must never acknowledge what it has not synced, and never
 //! panic on an I/O error: errors become [`SpoolError`]s, which the session
@@ -29,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use event_listener::Event;
 use thiserror::Error;
 
 use crate::smtp::{CommitResult, Message, TlsInfo};
@@ -100,6 +108,9 @@ pub struct Recovery {
     pub bytes: u64,
     /// Segments and journals whose tail was damaged (torn by a crash) and cut off.
     pub torn: usize,
+    /// Damaged regions in the middle of files, skipped (the intact records
+    /// after them are kept).
+    pub damaged: usize,
     /// Journal entries replayed.
     pub journal_ops: u64,
     /// Segments deleted because every message in them was finished.
@@ -196,9 +207,10 @@ pub fn read_queue(root: &Path) -> io::Result<Vec<QueuedMessage>> {
         };
         let start = e.location.offset as usize;
         let end = start + e.location.len as usize;
+        let keying = segment::Keying::of(&e.location.segment);
         let Some(r) = bytes
             .get(start..end)
-            .and_then(|rec| segment::scan(rec).records.first().copied())
+            .and_then(|rec| segment::scan(rec, keying).records.first().copied())
         else {
             continue;
         };
@@ -227,20 +239,35 @@ fn spool_files(root: &Path, ext: &str) -> io::Result<Vec<PathBuf>> {
         .filter(|p| p.extension().is_some_and(|x| x == ext))
         .collect();
     // Names are shard then creation time (hex, fixed width).
-    paths.sort_by_key(|p| {
+    paths.sort_by_cached_key(|p| {
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        (name.get(4..).map(str::to_owned), name)
+        let (time, _) = spool_order(&name);
+        (time.map(str::to_owned), name.clone())
     });
     Ok(paths)
 }
 
-/// Reads a spool file, cutting off a damaged tail (never acknowledged).
+/// Reads a spool file, cutting off a damaged tail (never acknowledged);
+/// damage in the middle is reported and left in place (the records after
+/// it were acknowledged, and are read past it).
 fn read_verified(path: &Path, rec: &mut Recovery, repair: bool) -> io::Result<Vec<u8>> {
     let mut bytes = fs::read(path)?;
-    let scan = segment::scan(&bytes);
+    let scan = segment::scan(&bytes, keying(path));
+    if repair {
+        for skip in &scan.skipped {
+            rec.damaged += 1;
+            tracing::error!(
+                file = %path.display(),
+                offset = skip.offset,
+                bytes = skip.len,
+                damage = ?skip.damage,
+                "damaged records in the middle of a spool file skipped; the records after them are kept"
+            );
+        }
+    }
     if let (Some(damage), true) = (scan.damage, repair) {
         rec.torn += 1;
         tracing::warn!(
@@ -256,6 +283,10 @@ fn read_verified(path: &Path, rec: &mut Recovery, repair: bool) -> io::Result<Ve
         bytes.truncate(scan.valid_len as usize);
     }
     Ok(bytes)
+}
+
+fn keying(path: &Path) -> segment::Keying {
+    segment::Keying::of(&path.file_name().unwrap_or_default().to_string_lossy())
 }
 
 /// A file the directory listing named, verified; `None` when a running
@@ -287,7 +318,7 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
             .map(|n| n.to_string_lossy())
             .unwrap_or_default()
             .into();
-        for r in segment::scan(&bytes).records {
+        for r in segment::scan(&bytes, keying(path)).records {
             let Ok(block) = std::str::from_utf8(r.header) else {
                 continue;
             };
@@ -317,7 +348,7 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
         let Some(bytes) = read_listed(path, &mut rec, repair)? else {
             continue;
         };
-        for r in segment::scan(&bytes).records {
+        for r in segment::scan(&bytes, keying(path)).records {
             if let Some(op) = std::str::from_utf8(r.header)
                 .ok()
                 .and_then(JournalOp::decode)
@@ -331,29 +362,44 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
 }
 
 /// [`rebuild`], then frees segments with nothing left to do and replaces
-/// the journals by one snapshot of the live state.
+/// the journals by snapshots of the live state: one per segment shard
+/// number (`SSS-TIME.jrn` holds the state of the messages in `SSS-*.seg`),
+/// so that each running shard owns the journal files about its messages,
+/// and compacts them alone ([`ShardSpool`]).
 fn recover(root: &Path) -> Result<(Recovery, QueueIndex), SpoolError> {
     let started = std::time::Instant::now();
     let segments = segment_paths(root)?;
     let journals = spool_files(root, "jrn")?;
-    let (mut rec, queue) = rebuild(root, true)?;
+    // A journal snapshot a crash left half-written: its journals are intact.
+    for tmp in spool_files(root, "tmp")? {
+        fs::remove_file(tmp)?;
+    }
+    let (mut rec, mut queue) = rebuild(root, true)?;
     // Segments with nothing left to deliver.
     let live: std::collections::HashSet<String> =
         queue.live_segments().map(|(s, _)| s.to_owned()).collect();
     for path in &segments {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        if name.is_some_and(|n| !live.contains(&n)) {
+        if let Some(name) = name.filter(|n| !live.contains(n)) {
             fs::remove_file(path)?;
+            queue.forget_segment(&name);
             rec.freed_segments += 1;
         }
     }
-    // One snapshot replaces every journal; it is durable before they go.
-    let snapshot = queue.snapshot();
-    if !snapshot.is_empty() {
-        let micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        let path = root.join("seg").join(format!("999-{micros:016x}.jrn"));
+    // The snapshots replace every journal; they are durable before they go.
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let shards: std::collections::BTreeSet<usize> =
+        queue.segment_names().filter_map(segment_shard).collect();
+    for shard in shards {
+        let snapshot = queue.snapshot_where(|s| segment_shard(s) == Some(shard));
+        if snapshot.is_empty() {
+            continue;
+        }
+        let path = root
+            .join("seg")
+            .join(format!("{shard:03}-{micros:016x}.jrn"));
         let mut buf = Vec::new();
         for op in &snapshot {
             segment::encode_record(&mut buf, segment::KIND_JOURNAL, op.encode().as_bytes(), &[]);
@@ -394,7 +440,40 @@ pub struct ShardSpool {
     writer: SegmentWriter,
     journal: SegmentWriter,
     queue: RefCell<QueueIndex>,
+    /// Segments left without live messages while they could not go yet
+    /// (still being appended to, or records in them not yet claimed):
+    /// removed by a later [`ShardSpool::reap`].
+    retired: RefCell<Vec<String>>,
+    /// Journal compaction: see [`ShardSpool::compact_journal`].
+    journal_state: JournalState,
+    fsync: bool,
 }
+
+/// What journal compaction keeps track of.
+struct JournalState {
+    /// Segment shard numbers whose journal files are this shard's: its
+    /// own, and those of the segments it adopted at start (recovery wrote
+    /// one snapshot per number). No other shard has messages there.
+    owned: std::collections::HashSet<usize>,
+    /// Bytes in this shard's journal files (snapshot included).
+    bytes: Cell<u64>,
+    /// Size of the last snapshot: the journal is compacted once it is
+    /// [`JOURNAL_GROWTH`] times that (and at least [`JOURNAL_COMPACT_MIN`]).
+    base: Cell<u64>,
+    /// Set while a snapshot is being taken: changes wait.
+    closed: Cell<bool>,
+    opened: Event,
+    /// Changes between their journal write and their queue update.
+    in_flight: Cell<usize>,
+    drained: Event,
+    compacting: Cell<bool>,
+}
+
+/// A journal smaller than this is never compacted.
+const JOURNAL_COMPACT_MIN: u64 = 16 << 10;
+/// A journal is compacted once it is this many times its last snapshot:
+/// the rewrite costs at most a third of the appends since the last one.
+const JOURNAL_GROWTH: u64 = 4;
 
 impl ShardSpool {
     pub fn new(
@@ -405,6 +484,36 @@ impl ShardSpool {
         queue: QueueIndex,
     ) -> ShardSpool {
         let dir = root.join("seg");
+        let mut owned: std::collections::HashSet<usize> =
+            queue.segment_names().filter_map(segment_shard).collect();
+        owned.insert(shard);
+        // The snapshots recovery wrote for them.
+        let journals = spool_files(root, "jrn").unwrap_or_default();
+        let base = journals
+            .iter()
+            .filter(|p| journal_owner(p).is_some_and(|s| owned.contains(&s)))
+            .filter_map(|p| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        let newest = journals
+            .iter()
+            .filter_map(|p| {
+                let name = p.file_name()?.to_str()?;
+                u64::from_str_radix(name.get(4..20)?, 16).ok()
+            })
+            .max()
+            .unwrap_or(0);
+        let journal = SegmentWriter::new(
+            &dir,
+            shard,
+            true,
+            opts.max_segment,
+            Duration::ZERO,
+            opts.fsync,
+        );
+        // Replay goes by name: this shard's journal files must come after
+        // the snapshots recovery wrote, whatever the clock says.
+        journal.names_after(newest);
         ShardSpool {
             shard,
             hostname,
@@ -417,16 +526,21 @@ impl ShardSpool {
                 opts.commit_window,
                 opts.fsync,
             ),
-            journal: SegmentWriter::new(
-                &dir,
-                shard,
-                true,
-                opts.max_segment,
-                Duration::ZERO,
-                opts.fsync,
-            ),
+            journal,
             dir,
             queue: RefCell::new(queue),
+            retired: RefCell::new(Vec::new()),
+            journal_state: JournalState {
+                owned,
+                bytes: Cell::new(base),
+                base: Cell::new(base),
+                closed: Cell::new(false),
+                opened: Event::new(),
+                in_flight: Cell::new(0),
+                drained: Event::new(),
+                compacting: Cell::new(false),
+            },
+            fsync: opts.fsync,
         }
     }
 
@@ -473,18 +587,154 @@ impl ShardSpool {
     /// Records a queue change durably, then applies it; frees the message's
     /// segment once nothing in it is left to do.
     pub async fn apply(&self, op: JournalOp) -> Result<Applied, SpoolError> {
+        let js = &self.journal_state;
+        while js.closed.get() {
+            let opened = js.opened.listen();
+            if js.closed.get() {
+                opened.await;
+            }
+        }
         if !self.queue.borrow().contains(op.id()) {
             return Ok(Applied::Unknown);
         }
-        self.journal.append(op.encode().as_bytes(), &[]).await?;
-        let applied = self.queue.borrow_mut().apply(&op);
+        let applied = {
+            let _flight = InFlight::enter(js);
+            let line = op.encode();
+            self.journal.append(line.as_bytes(), &[]).await?;
+            js.bytes
+                .set(js.bytes.get() + (segment::PREFIX + line.len()) as u64);
+            self.queue.borrow_mut().apply(&op)
+        };
         if let Applied::Finished {
             segment_empty: Some(segment),
         } = &applied
         {
             self.remove_segment(segment).await;
         }
+        self.reap().await;
+        let due = js.bytes.get() >= JOURNAL_COMPACT_MIN.max(JOURNAL_GROWTH * js.base.get());
+        if due && !js.compacting.get() {
+            if let Err(e) = self.compact_journal().await {
+                tracing::warn!(shard = self.shard, error = %e, "journal compaction failed; retrying later");
+            }
+        }
         Ok(applied)
+    }
+
+    /// Replaces this shard's journal files by a snapshot of its queue, so
+    /// the journal follows the queue instead of growing until a restart.
+    /// Changes wait while the snapshot is taken (until the ones in flight
+    /// are in the queue: the snapshot holds every journaled change); then
+    /// they go on into a new journal file that sorts after the snapshot.
+    /// The snapshot is written to a temporary file, synced, renamed and its
+    /// directory synced before the old files go, oldest first, each removal
+    /// synced: a crash at any point leaves the old files, or a suffix of
+    /// them, before the snapshot, and replaying that suffix, then the
+    /// snapshot, then the newer changes gives the same queue (a snapshot
+    /// sets every field that is not at its initial value).
+    pub async fn compact_journal(&self) -> Result<(), SpoolError> {
+        let js = &self.journal_state;
+        if js.compacting.replace(true) {
+            return Ok(());
+        }
+        let _done = Compacting(js);
+        js.closed.set(true);
+        while js.in_flight.get() > 0 {
+            let drained = js.drained.listen();
+            if js.in_flight.get() > 0 {
+                drained.await;
+            }
+        }
+        let ops = self.queue.borrow().snapshot();
+        let name = self.journal.reserve_name();
+        if let Some(current) = self.journal.current_segment() {
+            // Nothing is being appended: it closes, the next change starts
+            // a file named after the snapshot.
+            self.journal.retire(&current).await;
+        }
+        let snapshot_key = spool_order(&name);
+        let old: Vec<PathBuf> = spool_files(self.root(), "jrn")?
+            .into_iter()
+            .filter(|p| journal_owner(p).is_some_and(|s| js.owned.contains(&s)))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| spool_order(&n.to_string_lossy()) < snapshot_key)
+            })
+            .collect();
+        js.bytes.set(0);
+        js.closed.set(false);
+        js.opened.notify(usize::MAX);
+
+        let mut buf = Vec::new();
+        for op in &ops {
+            segment::encode_record(&mut buf, segment::KIND_JOURNAL, op.encode().as_bytes(), &[]);
+        }
+        if !buf.is_empty() {
+            let tmp = self.dir.join(format!("{name}.tmp"));
+            let file = glommio::io::BufferedFile::create(&tmp).await?;
+            let written = async {
+                write_all(&file, &buf, 0).await?;
+                if self.fsync {
+                    file.fdatasync().await?;
+                }
+                Ok::<(), glommio::GlommioError<()>>(())
+            }
+            .await;
+            let _ = file.close().await;
+            if let Err(e) = written {
+                let _ = glommio::io::remove(&tmp).await;
+                return Err(e.into());
+            }
+            glommio::io::rename(&tmp, self.dir.join(&name)).await?;
+            self.sync_dir().await?;
+        }
+        for path in &old {
+            glommio::io::remove(path).await?;
+            // One at a time: what a crash leaves is always the newest ones.
+            self.sync_dir().await?;
+        }
+        js.bytes.set(js.bytes.get() + buf.len() as u64);
+        js.base.set(buf.len() as u64);
+        tracing::info!(
+            shard = self.shard,
+            ops = ops.len(),
+            bytes = buf.len(),
+            replaced = old.len(),
+            "journal compacted"
+        );
+        Ok(())
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.parent().unwrap_or(&self.dir)
+    }
+
+    async fn sync_dir(&self) -> Result<(), SpoolError> {
+        if !self.fsync {
+            return Ok(());
+        }
+        let dir = glommio::io::Directory::open(&self.dir).await?;
+        let synced = dir.sync().await;
+        let _ = dir.close().await;
+        Ok(synced?)
+    }
+
+    /// Removes the segments that were left empty while they could not go
+    /// yet, once they can. Runs after every journaled change and on the
+    /// shard's maintenance timer, so a segment that was current when its
+    /// last message finished goes once it no longer is.
+    pub async fn reap(&self) {
+        if self.retired.borrow().is_empty() {
+            return;
+        }
+        let retired = std::mem::take(&mut *self.retired.borrow_mut());
+        for segment in retired {
+            // Live again (appended to after it was retired): it comes back
+            // here when that message finishes.
+            if !self.queue.borrow().segment_is_live(&segment) {
+                self.remove_segment(&segment).await;
+            }
+        }
     }
 
     /// One queued message's queue entry.
@@ -498,16 +748,40 @@ impl ShardSpool {
         self.queue.borrow().schedule(now)
     }
 
-    /// Deletes a segment with no live message left, unless it is still being
-    /// appended to. The journal already says every message in it is
-    /// finished; a crash before the removal is finished by recovery.
+    /// Deletes a segment with no live message left, with its finished
+    /// entries. The current segment is retired first (the next message
+    /// starts a new one); one still in use is kept in `retired` for
+    /// [`ShardSpool::reap`]. The journal already says every message in it
+    /// is finished; a crash before the removal is finished by recovery.
     async fn remove_segment(&self, segment: &str) {
-        if self.writer.current_segment().as_deref() == Some(segment) {
+        let busy = self.writer.in_use(segment)
+            && (!self.writer.retire(segment).await || self.writer.in_use(segment));
+        if busy {
+            let mut retired = self.retired.borrow_mut();
+            if !retired.iter().any(|s| s == segment) {
+                retired.push(segment.to_owned());
+            }
             return;
         }
-        match glommio::io::remove(self.dir.join(segment)).await {
+        // Retiring awaited: make sure nothing was stored into it meanwhile.
+        if self.queue.borrow().segment_is_live(segment) {
+            return;
+        }
+        match glommio::io::remove(self.dir.join(segment))
+            .await
+            .map_err(io::Error::from)
+        {
             Ok(()) => self.queue.borrow_mut().forget_segment(segment),
-            Err(e) => tracing::warn!(%segment, error = %e, "cannot remove finished segment"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.queue.borrow_mut().forget_segment(segment)
+            }
+            Err(e) => {
+                tracing::warn!(%segment, error = %e, "cannot remove finished segment; retrying later");
+                let mut retired = self.retired.borrow_mut();
+                if !retired.iter().any(|s| s == segment) {
+                    retired.push(segment.to_owned());
+                }
+            }
         }
     }
 
@@ -587,7 +861,7 @@ impl ShardSpool {
         let read = file.read_at(loc.offset, loc.len as usize).await;
         let _ = file.close().await;
         let bytes = read?;
-        let scan = segment::scan(&bytes);
+        let scan = segment::scan(&bytes, segment::Keying::of(&loc.segment));
         Ok(scan.records.first().map(|r| {
             (
                 String::from_utf8_lossy(r.header).into_owned(),
@@ -612,6 +886,48 @@ impl ShardSpool {
             n & 0xff_ffff
         )
     }
+}
+
+/// Counts a change between its journal write and its queue update.
+struct InFlight<'a>(&'a JournalState);
+
+impl<'a> InFlight<'a> {
+    fn enter(js: &'a JournalState) -> InFlight<'a> {
+        js.in_flight.set(js.in_flight.get() + 1);
+        InFlight(js)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let n = self.0.in_flight.get().saturating_sub(1);
+        self.0.in_flight.set(n);
+        if n == 0 {
+            self.0.drained.notify(usize::MAX);
+        }
+    }
+}
+
+/// Ends a journal compaction, also one cut short: changes go on.
+struct Compacting<'a>(&'a JournalState);
+
+impl Drop for Compacting<'_> {
+    fn drop(&mut self) {
+        self.0.compacting.set(false);
+        if self.0.closed.replace(false) {
+            self.0.opened.notify(usize::MAX);
+        }
+    }
+}
+
+/// The segment shard number a journal file is about (see [`recover`]).
+fn journal_owner(path: &Path) -> Option<usize> {
+    segment_shard(&path.file_name()?.to_string_lossy())
+}
+
+/// The replay order of spool files: creation time, then name.
+fn spool_order(name: &str) -> (Option<&str>, &str) {
+    (name.get(4..), name)
 }
 
 /// Largest single write; small batches go out in one.
