@@ -27,6 +27,11 @@ pub struct Config {
     pub backlog: i32,
     pub max_conns_per_shard: usize,
     pub max_conns_per_ip: u32,
+    /// Each shard's budget for message content in flight.
+    pub inflight: InflightLimits,
+    /// `--max-message-size` as given, when it was lowered to what one client
+    /// may hold on a shard (`None`: taken as given).
+    pub message_size_lowered_from: Option<u64>,
     pub shutdown_grace: Duration,
     pub spool: SpoolOptions,
     pub session: Arc<SessionConfig>,
@@ -46,6 +51,27 @@ pub struct Config {
     pub delivery: bool,
 }
 
+/// One shard's budget for message bodies being received (bytes of
+/// allocation), and the most one client address may hold of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InflightLimits {
+    pub per_shard: usize,
+    pub per_client: usize,
+}
+
+impl InflightLimits {
+    /// `--max-inflight-bytes` is for the whole server: each shard gets an
+    /// equal part, so the total holds on any core count; one address may
+    /// hold half of a shard's part, so another always finds room.
+    pub fn split(total: u64, shards: usize) -> Self {
+        let per_shard = usize::try_from(total / shards.max(1) as u64).unwrap_or(usize::MAX);
+        Self {
+            per_shard,
+            per_client: per_shard / 2,
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("--shards must be at least 1")]
@@ -60,6 +86,13 @@ pub enum ConfigError {
     BadRingDepth,
     #[error("--max-message-size must be at least 1 (SIZE 0 would advertise no limit)")]
     ZeroMessageSize,
+    #[error("--max-inflight-bytes {total} over {shards} shards leaves {per_client} bytes per client on a shard; at least {min} are needed (raise --max-inflight-bytes)")]
+    InflightTooSmall {
+        total: u64,
+        shards: usize,
+        per_client: usize,
+        min: usize,
+    },
     #[error("--dkim-key {0}: the same domain and selector twice")]
     DuplicateDkimKey(String),
     #[error("--tls-verify on needs --tls-policy require (opportunistic TLS falls back to plaintext, so a failed verification would only make delivery less private)")]
@@ -82,6 +115,21 @@ impl Config {
         if cli.max_message_size == 0 {
             return Err(ConfigError::ZeroMessageSize);
         }
+        let inflight = InflightLimits::split(cli.max_inflight_bytes, shards);
+        if inflight.per_client < crate::smtp::session::MIN_DATA_ROOM {
+            return Err(ConfigError::InflightTooSmall {
+                total: cli.max_inflight_bytes,
+                shards,
+                per_client: inflight.per_client,
+                min: crate::smtp::session::MIN_DATA_ROOM,
+            });
+        }
+        // A message larger than one client may hold on a shard could never
+        // be taken: better an honest SIZE (and 552 at once) than a 452 the
+        // sender retries for days.
+        let max_message_size = cli.max_message_size.min(inflight.per_client as u64);
+        let message_size_lowered_from =
+            (max_message_size < cli.max_message_size).then_some(cli.max_message_size);
         let mut local_domains = Vec::with_capacity(cli.local_domains.len());
         for d in &cli.local_domains {
             if !is_domain(d) {
@@ -121,10 +169,11 @@ impl Config {
         let session = SessionConfig {
             hostname: hostname.clone(),
             local_domains: local_domains.clone(),
-            max_message_size: cli.max_message_size,
+            max_message_size,
             max_recipients: cli.max_recipients,
             command_timeout: cli.command_timeout,
             data_timeout: cli.data_timeout,
+            max_data_time: cli.max_data_time,
             max_errors: cli.max_errors.max(1),
             bare_newline: cli.bare_newline,
             relay_networks: cli.relay_networks.clone(),
@@ -169,6 +218,8 @@ impl Config {
             backlog: cli.backlog,
             max_conns_per_shard: cli.max_conns_per_shard,
             max_conns_per_ip: cli.max_conns_per_ip,
+            inflight,
+            message_size_lowered_from,
             shutdown_grace: cli.shutdown_grace,
             relay,
             delivery: !cli.no_delivery,

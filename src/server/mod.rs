@@ -6,6 +6,7 @@
 //! the shutdown flag; each owns its listeners, its connections and its spool
 //! writer.
 
+pub mod budget;
 mod conn;
 pub mod dkim;
 mod limits;

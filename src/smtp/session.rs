@@ -15,6 +15,15 @@
 //! [`Session::handle_tls`] (the driver discards every byte that came after
 //! the STARTTLS line: RFC 3207 5, CVE-2011-0411); after the last AUTH
 //! response it emits [`Event::Auth`] and waits for [`Session::handle_auth`].
+//!
+//! Memory is bounded by what the driver allows: [`Session::handle_allowance`]
+//! says how much the message body may hold (the driver's share of the
+//! shard's budget) and [`Session::content_bytes`] what it holds. A DATA with
+//! no room is refused before its 354; a body that would outgrow its room is
+//! read to its end and refused (452 4.3.1). The content of one message may
+//! take at most `max_data_time` from its DATA or first BDAT, however it
+//! trickles in. Replies stop being produced once [`MAX_OUTPUT`] octets wait
+//! to be written, so a client that pipelines and never reads holds little.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +35,9 @@ use std::sync::LazyLock;
 
 use crate::smtp::auth::{self, AuthResult, Authenticated, Credentials, Exchange, Mechanism, Step};
 use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
-use crate::smtp::data::{BareNewline, BdatReceiver, DataReceiver, Progress, Verdict};
+use crate::smtp::data::{
+    grow_within, BareNewline, BdatReceiver, DataReceiver, Progress, Verdict,
+};
 use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt, TlsInfo};
 use crate::smtp::error::ParseError;
 use crate::smtp::parse::parse_command;
@@ -38,6 +49,16 @@ use crate::smtp::reply::{self, Reply};
 /// 3461, 8 + 106), ORCPT and NOTIFY (RFC 3461, 500 + 28), AUTH= (RFC 4954,
 /// 500). The longest legal line is the sum.
 pub const MAX_COMMAND_LINE: usize = 512 + 26 + 14 + 10 + 114 + 528 + 500;
+
+/// Input is left unconsumed once this many octets of replies wait to be
+/// written ([`Session::output_full`]): the driver writes them first, so a
+/// client that pipelines thousands of commands and never reads cannot make
+/// the output grow past it (an EHLO reply is ~25 times its command).
+pub const MAX_OUTPUT: usize = 16 << 10;
+
+/// A DATA is refused before its 354 unless the body may hold at least this
+/// much (or the SIZE the client declared, when larger).
+pub const MIN_DATA_ROOM: usize = 64 << 10;
 
 static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n"));
 
@@ -53,6 +74,9 @@ pub struct SessionConfig {
     pub command_timeout: Duration,
     /// RFC 5321 4.5.3.2.5/6: waiting for the next block of content.
     pub data_timeout: Duration,
+    /// The most the content of one message may take, from DATA (or the
+    /// first BDAT) to its end, however steadily it trickles in.
+    pub max_data_time: Duration,
     /// After this many error replies the session is closed with 421.
     pub max_errors: u32,
     /// What a bare CR or LF in DATA content means.
@@ -89,6 +113,7 @@ impl Default for SessionConfig {
             max_recipients: 1000,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            max_data_time: Duration::from_secs(600),
             max_errors: 20,
             bare_newline: BareNewline::Normalize,
             relay_networks: Vec::new(),
@@ -149,6 +174,10 @@ pub struct Session {
     rejections: Vec<PolicyRejection>,
     tls: Option<TlsInfo>,
     auth: Option<Authenticated>,
+    /// The most the message body may hold (capacity), from the driver.
+    allowance: usize,
+    /// The time of the input being handled.
+    now: Instant,
 }
 
 #[derive(Debug)]
@@ -202,6 +231,9 @@ struct Helo {
 struct Transaction {
     envelope: Envelope,
     body: Vec<u8>,
+    /// When the content must have ended (`max_data_time` after DATA or the
+    /// first BDAT); `None` before any content.
+    content_deadline: Option<Instant>,
 }
 
 impl Session {
@@ -231,6 +263,8 @@ impl Session {
             rejections: Vec::new(),
             tls: None,
             auth: None,
+            allowance: usize::MAX,
+            now,
         }
     }
 
@@ -247,6 +281,7 @@ impl Session {
     /// followed by newer ones. Stops early when a message is handed out as
     /// an event or the session closes.
     pub fn handle_input(&mut self, input: &[u8], now: Instant) -> usize {
+        self.now = now;
         let arena = std::mem::take(&mut self.arena);
         let mut pos = 0;
         loop {
@@ -255,17 +290,20 @@ impl Session {
                 State::Closed | State::Committing | State::StartTls | State::Authenticating => {
                     break
                 }
-                State::Data(tx, rx) => match rx.handle(rest, &mut tx.body) {
-                    Progress::NeedMore { consumed } => {
-                        pos += consumed;
-                        break;
+                State::Data(tx, rx) => {
+                    rx.set_allowance(self.allowance);
+                    match rx.handle(rest, &mut tx.body) {
+                        Progress::NeedMore { consumed } => {
+                            pos += consumed;
+                            break;
+                        }
+                        Progress::Done { consumed } => {
+                            pos += consumed;
+                            self.finish_data();
+                            continue;
+                        }
                     }
-                    Progress::Done { consumed } => {
-                        pos += consumed;
-                        self.finish_data();
-                        continue;
-                    }
-                },
+                }
                 State::Bdat { rx, target, .. } => {
                     let sink = match target {
                         ChunkTarget::Store { tx, .. } => Some(&mut tx.body),
@@ -284,6 +322,10 @@ impl Session {
                     }
                 }
                 State::Fresh | State::Ready | State::Mail(_) | State::Auth(_) => {
+                    if self.output_full() {
+                        // The driver writes first, then presents the rest.
+                        break;
+                    }
                     self.next_line(rest)
                 }
             };
@@ -313,6 +355,40 @@ impl Session {
             self.deadline = now + self.current_timeout();
         }
         pos
+    }
+
+    /// The most the message body may hold from now on, in bytes of
+    /// allocation: the driver's share of the shard's budget for content in
+    /// flight, told before each input. Unbounded until told.
+    pub fn handle_allowance(&mut self, bytes: usize) {
+        self.allowance = bytes;
+    }
+
+    /// Bytes of memory the open transaction's body holds (its allocation,
+    /// not its length), for the driver's budget.
+    pub fn content_bytes(&self) -> usize {
+        match &self.state {
+            State::Mail(tx)
+            | State::Data(tx, _)
+            | State::Bdat {
+                target: ChunkTarget::Store { tx, .. },
+                ..
+            }
+            | State::Bdat {
+                target:
+                    ChunkTarget::Discard {
+                        resume: Some(tx), ..
+                    },
+                ..
+            } => tx.body.capacity(),
+            _ => 0,
+        }
+    }
+
+    /// [`MAX_OUTPUT`] octets of replies wait: input is not consumed until
+    /// they are written ([`Session::clear_output`]).
+    pub fn output_full(&self) -> bool {
+        self.output.len() >= MAX_OUTPUT
     }
 
     /// The next event, if any.
@@ -408,14 +484,44 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Closed | State::Committing | State::StartTls | State::Authenticating => None,
-            _ => Some(self.deadline),
+            _ => Some(match self.content_deadline() {
+                Some(c) => c.min(self.deadline),
+                None => self.deadline,
+            }),
         }
     }
 
-    /// Called when the time from [`Session::poll_timeout`] passed.
+    /// Called when the time from [`Session::poll_timeout`] passed. Past the
+    /// content's time limit the transaction is dropped (nothing is stored)
+    /// and the session closed, as for any timeout.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.poll_timeout().is_some_and(|d| now >= d) {
+        if self.poll_timeout().is_none() {
+            return;
+        }
+        if self.content_deadline().is_some_and(|d| now >= d) {
+            self.close_with(DATA_TIME_EXCEEDED);
+        } else if now >= self.deadline {
             self.close_with(reply::TIMEOUT);
+        }
+    }
+
+    /// When the open transaction's content must have ended.
+    fn content_deadline(&self) -> Option<Instant> {
+        match &self.state {
+            State::Mail(tx)
+            | State::Data(tx, _)
+            | State::Bdat {
+                target: ChunkTarget::Store { tx, .. },
+                ..
+            }
+            | State::Bdat {
+                target:
+                    ChunkTarget::Discard {
+                        resume: Some(tx), ..
+                    },
+                ..
+            } => tx.content_deadline,
+            _ => None,
         }
     }
 
@@ -441,8 +547,9 @@ impl Session {
     }
 
     /// No transaction is open (and none is being committed).
-    /// The MAIL and RCPT commands refused by policy (relay denied, AUTH
-    /// required, sender not owned, unqualified address) since the last call.
+    /// The commands refused by policy (relay denied, AUTH required, sender
+    /// not owned, unqualified address; DATA and BDAT refused for want of
+    /// room in the shard's budget) since the last call.
     pub fn take_rejections(&mut self) -> Vec<PolicyRejection> {
         std::mem::take(&mut self.rejections)
     }
@@ -770,6 +877,7 @@ impl Session {
         self.state = State::Mail(Transaction {
             envelope,
             body: Vec::new(),
+            content_deadline: None,
         });
         self.reply(reply::SENDER_OK);
     }
@@ -868,7 +976,15 @@ impl Session {
                 self.state = State::Mail(tx);
                 self.error(reply::BAD_SEQUENCE_NEED_RCPT);
             }
-            State::Mail(tx) => {
+            State::Mail(tx) if self.allowance < self.data_room(&tx) => {
+                // No room for the body now: refused before the client sends
+                // it, and the transaction stays for a later DATA.
+                self.state = State::Mail(tx);
+                self.note_rejection(reply::BUDGET_EXCEEDED, "DATA".into());
+                self.reply(reply::BUDGET_EXCEEDED);
+            }
+            State::Mail(mut tx) => {
+                tx.content_deadline = Some(self.now + self.cfg.max_data_time);
                 self.state = State::Data(
                     tx,
                     DataReceiver::new(self.cfg.max_message_size, self.cfg.bare_newline),
@@ -887,6 +1003,16 @@ impl Session {
         }
     }
 
+    /// The room a DATA needs to be started: [`MIN_DATA_ROOM`], or the size
+    /// the client declared when larger, within the size limit.
+    fn data_room(&self, tx: &Transaction) -> usize {
+        let declared = tx.envelope.size.unwrap_or(0);
+        let room = declared
+            .min(self.cfg.max_message_size)
+            .max(MIN_DATA_ROOM as u64);
+        usize::try_from(room).unwrap_or(usize::MAX)
+    }
+
     fn finish_data(&mut self) {
         let State::Data(tx, rx) = self.take_state() else {
             return;
@@ -896,6 +1022,14 @@ impl Session {
             Verdict::TooBig => Some(reply::SIZE_EXCEEDED),
             Verdict::BareNewline => Some(reply::DATA_BARE_NEWLINE),
             Verdict::LineTooLong => Some(reply::DATA_LINE_TOO_LONG),
+            Verdict::OverBudget => {
+                // Our shortage, not the client's fault: not counted
+                // towards --max-errors.
+                self.state = State::Ready;
+                self.note_rejection(reply::BUDGET_EXCEEDED, "DATA (content)".into());
+                self.reply(reply::BUDGET_EXCEEDED);
+                return;
+            }
         };
         match refusal {
             Some(r) => {
@@ -928,8 +1062,26 @@ impl Session {
                 }
             }
             State::Mail(mut tx) => {
-                tx.envelope.chunked = true;
-                ChunkTarget::Store { tx, last }
+                let extra = usize::try_from(size).unwrap_or(usize::MAX);
+                // The chunk's room is taken now: a chunk is counted by what
+                // it will occupy before its bytes arrive.
+                if grow_within(
+                    &mut tx.body,
+                    extra,
+                    self.cfg.max_message_size,
+                    self.allowance,
+                ) {
+                    tx.envelope.chunked = true;
+                    tx.content_deadline
+                        .get_or_insert(self.now + self.cfg.max_data_time);
+                    ChunkTarget::Store { tx, last }
+                } else {
+                    self.note_rejection(reply::BUDGET_EXCEEDED, format!("BDAT {size}"));
+                    ChunkTarget::Discard {
+                        error: reply::BUDGET_EXCEEDED,
+                        resume: None,
+                    }
+                }
             }
             State::Fresh => ChunkTarget::Discard {
                 error: reply::BAD_SEQUENCE_HELO,
@@ -957,7 +1109,12 @@ impl Session {
                     Some(tx) => State::Mail(tx),
                     None => self.idle_state(),
                 };
-                self.error(error);
+                if error == reply::BUDGET_EXCEEDED {
+                    // Our shortage: not counted towards --max-errors.
+                    self.reply(error);
+                } else {
+                    self.error(error);
+                }
             }
             ChunkTarget::Store { tx, last: true } => self.hand_out(tx),
             ChunkTarget::Store { tx, last: false } => {
@@ -1021,6 +1178,11 @@ impl Session {
     }
 }
 
+const DATA_TIME_EXCEEDED: Reply = Reply::new(
+    421,
+    "4.4.2",
+    "Error: time limit for the message content exceeded, closing connection",
+);
 const READY_TO_START_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
 const TLS_ALREADY_ACTIVE: Reply = Reply::new(503, "5.5.1", "Error: TLS already active");
 const IN_TRANSACTION: Reply = Reply::new(
