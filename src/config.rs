@@ -174,6 +174,7 @@ impl Config {
             command_timeout: cli.command_timeout,
             data_timeout: cli.data_timeout,
             max_data_time: cli.max_data_time,
+            min_data_room: crate::smtp::session::MIN_DATA_ROOM,
             max_errors: cli.max_errors.max(1),
             bare_newline: cli.bare_newline,
             relay_networks: cli.relay_networks.clone(),

@@ -56,8 +56,8 @@ pub const MAX_COMMAND_LINE: usize = 512 + 26 + 14 + 10 + 114 + 528 + 500;
 /// the output grow past it (an EHLO reply is ~25 times its command).
 pub const MAX_OUTPUT: usize = 16 << 10;
 
-/// A DATA is refused before its 354 unless the body may hold at least this
-/// much (or the SIZE the client declared, when larger).
+/// The default of [`SessionConfig::min_data_room`]: no point starting a
+/// body with less room than a typical message needs.
 pub const MIN_DATA_ROOM: usize = 64 << 10;
 
 static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n"));
@@ -77,6 +77,9 @@ pub struct SessionConfig {
     /// The most the content of one message may take, from DATA (or the
     /// first BDAT) to its end, however steadily it trickles in.
     pub max_data_time: Duration,
+    /// A DATA is refused before its 354 unless the body may hold at least
+    /// this much (or the SIZE the client declared, when larger).
+    pub min_data_room: usize,
     /// After this many error replies the session is closed with 421.
     pub max_errors: u32,
     /// What a bare CR or LF in DATA content means.
@@ -114,6 +117,7 @@ impl Default for SessionConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             max_data_time: Duration::from_secs(600),
+            min_data_room: MIN_DATA_ROOM,
             max_errors: 20,
             bare_newline: BareNewline::Normalize,
             relay_networks: Vec::new(),
@@ -1003,13 +1007,13 @@ impl Session {
         }
     }
 
-    /// The room a DATA needs to be started: [`MIN_DATA_ROOM`], or the size
+    /// The room a DATA needs to be started: `min_data_room`, or the size
     /// the client declared when larger, within the size limit.
     fn data_room(&self, tx: &Transaction) -> usize {
         let declared = tx.envelope.size.unwrap_or(0);
         let room = declared
             .min(self.cfg.max_message_size)
-            .max(MIN_DATA_ROOM as u64);
+            .max(self.cfg.min_data_room as u64);
         usize::try_from(room).unwrap_or(usize::MAX)
     }
 
@@ -1269,6 +1273,19 @@ mod tests {
         input: &[u8],
         cuts: &[usize],
     ) -> (String, Vec<Message>) {
+        drive_with(cfg, peer, input, cuts, &|_| usize::MAX)
+    }
+
+    /// [`drive_from`], telling the session before each input the allowance
+    /// `allowance` computes (the driver's share of the shard's budget), and
+    /// checking that its body never holds more.
+    fn drive_with(
+        cfg: &Arc<SessionConfig>,
+        peer: &str,
+        input: &[u8],
+        cuts: &[usize],
+        allowance: &dyn Fn(&Session) -> usize,
+    ) -> (String, Vec<Message>) {
         let now = Instant::now();
         let conn = ConnInfo {
             peer: peer.parse().unwrap(),
@@ -1285,24 +1302,36 @@ mod tests {
             pending.extend_from_slice(&input[fed..end]);
             fed = end;
             loop {
-                let n = s.handle_input(&pending, now);
-                pending.drain(..n);
-                match s.poll_event() {
-                    Some(Event::Message(m)) => {
-                        msgs.push(m);
-                        s.handle_commit(CommitResult::Stored(format!("Q{}", msgs.len())), now);
+                loop {
+                    let room = allowance(&s);
+                    s.handle_allowance(room);
+                    let n = s.handle_input(&pending, now);
+                    pending.drain(..n);
+                    assert!(s.content_bytes() <= room, "{} > {room}", s.content_bytes());
+                    match s.poll_event() {
+                        Some(Event::Message(m)) => {
+                            msgs.push(m);
+                            s.handle_commit(CommitResult::Stored(format!("Q{}", msgs.len())), now);
+                        }
+                        Some(Event::StartTls) => {
+                            // The driver drops what was pipelined behind it.
+                            pending.clear();
+                            s.handle_tls(TLS, now);
+                        }
+                        Some(Event::Auth(c)) => s.handle_auth(check(&c), now),
+                        None => break,
                     }
-                    Some(Event::StartTls) => {
-                        // The driver drops what was pipelined behind it.
-                        pending.clear();
-                        s.handle_tls(TLS, now);
-                    }
-                    Some(Event::Auth(c)) => s.handle_auth(check(&c), now),
-                    None => break,
+                }
+                // At its output cap the session leaves input for after the
+                // write, as the driver does.
+                let more = s.output_full();
+                assert!(s.output().len() < MAX_OUTPUT + 1024);
+                out.extend_from_slice(s.output());
+                s.clear_output();
+                if !more || s.is_closed() {
+                    break;
                 }
             }
-            out.extend_from_slice(s.output());
-            s.clear_output();
             if s.is_closed() {
                 break;
             }
@@ -1721,5 +1750,230 @@ mod tests {
             format!("EHLO c\r\nAUTH PLAIN A{long}\r\nAUTH PLAIN\r\nAAAAAAAAAAAA{long}\r\nNOOP\r\n");
         let (out, _) = drive_from(&c, "127.0.0.1:1", too_long.as_bytes(), &[100, 5000]);
         assert_eq!(codes(&out), ["220", "250", "500", "334", "500", "250"]);
+    }
+
+    fn big_cfg() -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            max_message_size: 1 << 20,
+            ..(*cfg()).clone()
+        })
+    }
+
+    const TX: &[u8] = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\n";
+
+    /// Regression (issue 11, bodies held whole whatever the shard holds):
+    /// the shard fills up after the 354 and the body has no more room. It
+    /// is read to its end in discard mode (the smuggling sequences inside do
+    /// not end it), refused with one 452 4.3.1, and the session goes on:
+    /// the next transaction is accepted. Split at every byte boundary.
+    #[test]
+    fn body_over_allowance_is_discarded_then_452_in_sync() {
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"DATA\r\n");
+        for seq in crate::smtp::data::tests::SMUGGLING {
+            input.extend_from_slice(b"0123456789abcdefghij\r\n");
+            input.extend_from_slice(seq);
+            input.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\n");
+        }
+        input.extend_from_slice(b".\r\nMAIL FROM:<b@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nok\r\n.\r\n");
+        // Room for a DATA to start (50 bytes) but not for the first body.
+        let c = Arc::new(SessionConfig {
+            min_data_room: 50,
+            ..(*big_cfg()).clone()
+        });
+        let fills_up = |_: &Session| 60;
+        let want = ["220", "250", "250", "250", "354", "452", "250", "250", "354", "250"];
+        let (out, msgs) = drive_with(&c, PEER, &input, &[], &fills_up);
+        assert_eq!(codes(&out), want, "{out}");
+        assert!(out.contains("452 4.3.1 "), "{out}");
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].body, b"ok\r\n");
+        for cut in 1..input.len() {
+            let (o, m) = drive_with(&c, PEER, &input, &[cut], &fills_up);
+            assert_eq!(o, out, "split at {cut}");
+            assert_eq!(m.len(), 1);
+        }
+        let all: Vec<usize> = (1..input.len()).collect();
+        let (o, _) = drive_with(&c, PEER, &input, &all, &fills_up);
+        assert_eq!(o, out, "byte by byte");
+    }
+
+    /// A body larger than a steady allowance (70 KiB against 64 KiB) is
+    /// refused at its end, never held past the allowance.
+    #[test]
+    fn large_body_over_steady_allowance() {
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"DATA\r\n");
+        for _ in 0..1000 {
+            input.extend_from_slice(&[b'x'; 70]);
+            input.extend_from_slice(b"\r\n");
+        }
+        input.extend_from_slice(b".\r\nNOOP\r\n");
+        let room = |_: &Session| MIN_DATA_ROOM;
+        let want = ["220", "250", "250", "250", "354", "452", "250"];
+        for cuts in [vec![], vec![100, 5000, 66_000], (1..input.len()).collect()] {
+            let (out, msgs) = drive_with(&big_cfg(), PEER, &input, &cuts, &room);
+            assert_eq!(codes(&out), want, "{out}");
+            assert!(msgs.is_empty());
+        }
+        // With room for it, the same input is a message.
+        let (out, msgs) = drive_with(&big_cfg(), PEER, &input, &[], &|_| 1 << 20);
+        assert_eq!(codes(&out), ["220", "250", "250", "250", "354", "250", "250"]);
+        assert_eq!(msgs[0].body.len(), 72_000);
+    }
+
+    /// With no room for a body (or less than the SIZE declared), DATA is
+    /// refused before its 354; the transaction stays, and DATA works once
+    /// there is room.
+    #[test]
+    fn data_without_room_is_refused_before_354() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nRSET\r\nMAIL FROM:<a@example.org> SIZE=200000\r\nRCPT TO:<u@localhost>\r\nDATA\r\nRSET\r\n";
+        let (out, _) = drive_with(&big_cfg(), PEER, input, &[], &|_| MIN_DATA_ROOM - 1);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "452", "250", "250", "250", "452", "250"]
+        );
+        let declared = b"EHLO c\r\nMAIL FROM:<a@example.org> SIZE=200000\r\nRCPT TO:<u@localhost>\r\nDATA\r\nRSET\r\nMAIL FROM:<a@example.org> SIZE=100000\r\nRCPT TO:<u@localhost>\r\nDATA\r\n";
+        let (out, _) = drive_with(&big_cfg(), PEER, declared, &[], &|_| 150_000);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "452", "250", "250", "250", "354"]
+        );
+        // The transaction survives the refusal.
+        let retry = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nDATA\r\nx\r\n.\r\n";
+        let calls = std::cell::Cell::new(0);
+        let later = |_: &Session| {
+            calls.set(calls.get() + 1);
+            if calls.get() == 1 {
+                0
+            } else {
+                MIN_DATA_ROOM
+            }
+        };
+        let (out, msgs) = drive_with(&big_cfg(), PEER, retry, &[64], &later);
+        assert_eq!(codes(&out), ["220", "250", "250", "250", "452", "354", "250"], "{out}");
+        assert_eq!(msgs.len(), 1);
+    }
+
+    /// BDAT chunks are counted when announced: one that does not fit is
+    /// read, discarded, answered 452 4.3.1, and ends the transaction.
+    #[test]
+    fn bdat_over_allowance_is_read_and_refused() {
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"BDAT 40\r\n");
+        input.extend_from_slice(&[b'a'; 40]);
+        input.extend_from_slice(b"BDAT 30 LAST\r\n");
+        input.extend_from_slice(&[b'b'; 30]);
+        input.extend_from_slice(b"BDAT 3 LAST\r\nxyzMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nBDAT 3 LAST\r\nxyz");
+        let (out, msgs) = drive_every_split_with(&input, &|_| 64);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "250", "452", "503", "250", "250", "250"],
+            "{out}"
+        );
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].body, b"xyz");
+    }
+
+    fn drive_every_split_with(
+        input: &[u8],
+        allowance: &dyn Fn(&Session) -> usize,
+    ) -> (String, Vec<Message>) {
+        let (out, msgs) = drive_with(&big_cfg(), PEER, input, &[], allowance);
+        for cut in 1..input.len() {
+            let (o, m) = drive_with(&big_cfg(), PEER, input, &[cut], allowance);
+            assert_eq!((o, m.len()), (out.clone(), msgs.len()), "split at {cut}");
+        }
+        let all: Vec<usize> = (1..input.len()).collect();
+        let (o, _) = drive_with(&big_cfg(), PEER, input, &all, allowance);
+        assert_eq!(o, out, "byte by byte");
+        (out, msgs)
+    }
+
+    /// Regression (issue 11, trickling content kept a body forever): every
+    /// byte used to push the deadline back. Now the content of one message
+    /// may take `max_data_time` from its DATA, however steadily it comes:
+    /// 421 4.4.2, closed, nothing handed out.
+    #[test]
+    fn trickled_data_is_cut_off_at_max_data_time() {
+        let c = Arc::new(SessionConfig {
+            max_data_time: Duration::from_secs(10),
+            ..(*big_cfg()).clone()
+        });
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let t0 = Instant::now();
+        let mut s = Session::new(c.clone(), conn, t0);
+        s.handle_input(TX, t0);
+        s.handle_input(b"DATA\r\n", t0);
+        let mut t = t0;
+        for _ in 0..9 {
+            t += Duration::from_secs(1);
+            assert_eq!(s.handle_input(b"x", t), 1);
+            assert_eq!(s.poll_timeout(), Some(t0 + c.max_data_time));
+            s.handle_timeout(t);
+            assert!(!s.is_closed());
+        }
+        s.handle_timeout(t0 + c.max_data_time);
+        assert!(s.is_closed());
+        assert!(s.poll_event().is_none());
+        assert!(s.output().ends_with(
+            b"421 4.4.2 Error: time limit for the message content exceeded, closing connection\r\n"
+        ));
+        assert_eq!(s.content_bytes(), 0);
+    }
+
+    /// The same over BDAT: the limit runs from the first chunk across the
+    /// commands between chunks; a fresh transaction gets a fresh limit.
+    #[test]
+    fn trickled_bdat_is_cut_off_at_max_data_time() {
+        let c = Arc::new(SessionConfig {
+            max_data_time: Duration::from_secs(10),
+            ..(*big_cfg()).clone()
+        });
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let t0 = Instant::now();
+        let mut s = Session::new(c.clone(), conn, t0);
+        s.handle_input(TX, t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + c.command_timeout));
+        let mut t = t0;
+        for _ in 0..4 {
+            t += Duration::from_secs(2);
+            s.handle_input(b"BDAT 1\r\nx", t);
+            assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(2) + c.max_data_time));
+        }
+        s.handle_timeout(t0 + Duration::from_secs(12));
+        assert!(s.is_closed());
+        assert!(s.poll_event().is_none());
+        assert!(String::from_utf8_lossy(s.output()).ends_with("421 4.4.2 Error: time limit for the message content exceeded, closing connection\r\n"));
+    }
+
+    /// Regression (issue 11, output grew with pipelined input): a client
+    /// that pipelines thousands of EHLOs (a reply ~25 times its command)
+    /// and never reads gets at most MAX_OUTPUT octets queued at a time; the
+    /// rest of its input waits, and every command is still answered in
+    /// order once the output is written.
+    #[test]
+    fn pipelined_replies_are_capped() {
+        let input = b"EHLO c\r\n".repeat(5000);
+        let now = Instant::now();
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let mut s = Session::new(cfg(), conn, now);
+        let n = s.handle_input(&input, now);
+        assert!(n < input.len());
+        assert!(s.output_full());
+        assert!(s.output().len() < MAX_OUTPUT + 1024, "{}", s.output().len());
+        let (out, _) = drive(&cfg(), &input, &[]);
+        assert_eq!(codes(&out).len(), 5001);
+        let (out, _) = drive(&cfg(), &input, &[3000, 20_000]);
+        assert_eq!(codes(&out).len(), 5001);
     }
 }
