@@ -755,7 +755,8 @@ pub(crate) mod tests {
         let every: Vec<usize> = (1..input.len()).collect();
         for scanner in Scanner::available() {
             for policy in [BareNewline::Normalize, BareNewline::Reject] {
-                let (whole, _, _) = receive_with_allowance(&input, &[], policy, usize::MAX, scanner);
+                let (whole, _, _) =
+                    receive_with_allowance(&input, &[], policy, usize::MAX, scanner);
                 assert!(whole.len() > 400);
                 for allowance in [0, 1, 100, 399] {
                     let mut splits = vec![vec![], every.clone()];

@@ -35,9 +35,7 @@ use std::sync::LazyLock;
 
 use crate::smtp::auth::{self, AuthResult, Authenticated, Credentials, Exchange, Mechanism, Step};
 use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
-use crate::smtp::data::{
-    grow_within, BareNewline, BdatReceiver, DataReceiver, Progress, Verdict,
-};
+use crate::smtp::data::{grow_within, BareNewline, BdatReceiver, DataReceiver, Progress, Verdict};
 use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt, TlsInfo};
 use crate::smtp::error::ParseError;
 use crate::smtp::parse::parse_command;
@@ -1775,14 +1773,18 @@ mod tests {
             input.extend_from_slice(seq);
             input.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\n");
         }
-        input.extend_from_slice(b".\r\nMAIL FROM:<b@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nok\r\n.\r\n");
+        input.extend_from_slice(
+            b".\r\nMAIL FROM:<b@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nok\r\n.\r\n",
+        );
         // Room for a DATA to start (50 bytes) but not for the first body.
         let c = Arc::new(SessionConfig {
             min_data_room: 50,
             ..(*big_cfg()).clone()
         });
         let fills_up = |_: &Session| 60;
-        let want = ["220", "250", "250", "250", "354", "452", "250", "250", "354", "250"];
+        let want = [
+            "220", "250", "250", "250", "354", "452", "250", "250", "354", "250",
+        ];
         let (out, msgs) = drive_with(&c, PEER, &input, &[], &fills_up);
         assert_eq!(codes(&out), want, "{out}");
         assert!(out.contains("452 4.3.1 "), "{out}");
@@ -1818,7 +1820,10 @@ mod tests {
         }
         // With room for it, the same input is a message.
         let (out, msgs) = drive_with(&big_cfg(), PEER, &input, &[], &|_| 1 << 20);
-        assert_eq!(codes(&out), ["220", "250", "250", "250", "354", "250", "250"]);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "354", "250", "250"]
+        );
         assert_eq!(msgs[0].body.len(), 72_000);
     }
 
@@ -1851,7 +1856,11 @@ mod tests {
             }
         };
         let (out, msgs) = drive_with(&big_cfg(), PEER, retry, &[64], &later);
-        assert_eq!(codes(&out), ["220", "250", "250", "250", "452", "354", "250"], "{out}");
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "452", "354", "250"],
+            "{out}"
+        );
         assert_eq!(msgs.len(), 1);
     }
 
@@ -1945,12 +1954,17 @@ mod tests {
         for _ in 0..4 {
             t += Duration::from_secs(2);
             s.handle_input(b"BDAT 1\r\nx", t);
-            assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(2) + c.max_data_time));
+            assert_eq!(
+                s.poll_timeout(),
+                Some(t0 + Duration::from_secs(2) + c.max_data_time)
+            );
         }
         s.handle_timeout(t0 + Duration::from_secs(12));
         assert!(s.is_closed());
         assert!(s.poll_event().is_none());
-        assert!(String::from_utf8_lossy(s.output()).ends_with("421 4.4.2 Error: time limit for the message content exceeded, closing connection\r\n"));
+        assert!(String::from_utf8_lossy(s.output()).ends_with(
+            "421 4.4.2 Error: time limit for the message content exceeded, closing connection\r\n"
+        ));
     }
 
     /// Regression (issue 11, output grew with pipelined input): a client
