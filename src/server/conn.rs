@@ -143,6 +143,11 @@ where
     let mut told_to_stop = false;
     let mut charge = shard.budget.charge(peer.ip());
     loop {
+        // A client sending as fast as loopback allows always has input
+        // ready (and room for replies), so this loop need never wait: give
+        // the shard's other connections their turn once this task's time
+        // slice is used.
+        glommio::yield_if_needed().await;
         // Everything buffered, including input pipelined behind a message
         // that had to be committed first.
         loop {
@@ -219,10 +224,6 @@ where
             buf.shrink_if_empty();
         }
 
-        // A client sending as fast as loopback allows always has input
-        // ready, so its reads never wait: give the shard's other
-        // connections their turn once this task's time slice is used.
-        glommio::yield_if_needed().await;
         let stop = if told_to_stop {
             shard.grace_event.listen()
         } else {
