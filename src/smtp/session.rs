@@ -51,7 +51,7 @@ pub const MAX_COMMAND_LINE: usize = 512 + 26 + 14 + 10 + 114 + 528 + 500;
 /// Input is left unconsumed once this many octets of replies wait to be
 /// written ([`Session::output_full`]): the driver writes them first, so a
 /// client that pipelines thousands of commands and never reads cannot make
-/// the output grow past it (an EHLO reply is ~25 times its command).
+/// the output grow past it (an EHLO reply is ~20 times its command).
 pub const MAX_OUTPUT: usize = 16 << 10;
 
 /// The default of [`SessionConfig::min_data_room`]: no point starting a
@@ -369,22 +369,7 @@ impl Session {
     /// Bytes of memory the open transaction's body holds (its allocation,
     /// not its length), for the driver's budget.
     pub fn content_bytes(&self) -> usize {
-        match &self.state {
-            State::Mail(tx)
-            | State::Data(tx, _)
-            | State::Bdat {
-                target: ChunkTarget::Store { tx, .. },
-                ..
-            }
-            | State::Bdat {
-                target:
-                    ChunkTarget::Discard {
-                        resume: Some(tx), ..
-                    },
-                ..
-            } => tx.body.capacity(),
-            _ => 0,
-        }
+        self.transaction().map_or(0, |tx| tx.body.capacity())
     }
 
     /// [`MAX_OUTPUT`] octets of replies wait: input is not consumed until
@@ -509,6 +494,11 @@ impl Session {
 
     /// When the open transaction's content must have ended.
     fn content_deadline(&self) -> Option<Instant> {
+        self.transaction().and_then(|tx| tx.content_deadline)
+    }
+
+    /// The open transaction, whatever the phase.
+    fn transaction(&self) -> Option<&Transaction> {
         match &self.state {
             State::Mail(tx)
             | State::Data(tx, _)
@@ -522,7 +512,7 @@ impl Session {
                         resume: Some(tx), ..
                     },
                 ..
-            } => tx.content_deadline,
+            } => Some(tx),
             _ => None,
         }
     }
