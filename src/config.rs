@@ -93,6 +93,8 @@ pub enum ConfigError {
         per_client: usize,
         min: usize,
     },
+    #[error("--max-data-time must be more than 0 (it bounds the content of every message)")]
+    ZeroDataTime,
     #[error("--dkim-key {0}: the same domain and selector twice")]
     DuplicateDkimKey(String),
     #[error("--tls-verify on needs --tls-policy require (opportunistic TLS falls back to plaintext, so a failed verification would only make delivery less private)")]
@@ -114,6 +116,9 @@ impl Config {
         }
         if cli.max_message_size == 0 {
             return Err(ConfigError::ZeroMessageSize);
+        }
+        if cli.max_data_time.is_zero() {
+            return Err(ConfigError::ZeroDataTime);
         }
         let inflight = InflightLimits::split(cli.max_inflight_bytes, shards);
         if inflight.per_client < crate::smtp::session::MIN_DATA_ROOM {
@@ -297,4 +302,48 @@ fn system_hostname() -> Option<String> {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let name = std::str::from_utf8(&buf[..end]).ok()?;
     is_domain(name).then(|| name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["ringmta", "--hostname", "mx.test"];
+        argv.extend_from_slice(args);
+        Config::from_cli(&Cli::parse_from(argv))
+    }
+
+    #[test]
+    fn inflight_budget_is_split_between_shards_and_bounds_message_size() {
+        let c = config(&["--shards", "2"]).unwrap();
+        assert_eq!(
+            c.inflight,
+            InflightLimits {
+                per_shard: 100 << 20,
+                per_client: 50 << 20
+            }
+        );
+        // The default message size fits one client's share on 2 shards.
+        assert_eq!(c.session.max_message_size, 50 << 20);
+        assert_eq!(c.message_size_lowered_from, None);
+
+        // On 16 shards a client may hold 6.25 MiB: SIZE says so.
+        let c = config(&["--shards", "16"]).unwrap();
+        assert_eq!(c.inflight.per_client, 6400 << 10);
+        assert_eq!(c.session.max_message_size, 6400 << 10);
+        assert_eq!(c.submission_session.max_message_size, 6400 << 10);
+        assert_eq!(c.message_size_lowered_from, Some(50 << 20));
+
+        assert!(matches!(
+            config(&["--shards", "2", "--max-inflight-bytes", "200K"]),
+            Err(ConfigError::InflightTooSmall { .. })
+        ));
+        assert!(matches!(
+            config(&["--max-data-time", "0"]),
+            Err(ConfigError::ZeroDataTime)
+        ));
+    }
 }
