@@ -259,6 +259,16 @@ pub struct Cli {
           value_parser = parse_duration)]
     pub data_timeout: Duration,
 
+    /// The content of one message may take at most this long, from DATA (or the first BDAT) to its end, however it trickles in; then 421 4.4.2 and close.
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_MAX_DATA_TIME", default_value = "10m",
+          value_parser = parse_duration)]
+    pub max_data_time: Duration,
+
+    /// Memory for message bodies being received, for the whole server: split evenly between shards; one client address (IPv4, IPv6 /64) may hold half of a shard's share. DATA/BDAT beyond it get 452 4.3.1.
+    #[arg(long, value_name = "BYTES", env = "RINGMTA_MAX_INFLIGHT_BYTES", default_value = "200M",
+          value_parser = parse_size)]
+    pub max_inflight_bytes: u64,
+
     /// Concurrent connections per shard; more are answered 421 and closed.
     #[arg(
         long,

@@ -28,6 +28,11 @@ pub struct Config {
     pub backlog: i32,
     pub max_conns_per_shard: usize,
     pub max_conns_per_ip: u32,
+    /// Each shard's budget for message content in flight.
+    pub inflight: InflightLimits,
+    /// `--max-message-size` as given, when it was lowered to what one client
+    /// may hold on a shard (`None`: taken as given).
+    pub message_size_lowered_from: Option<u64>,
     pub shutdown_grace: Duration,
     pub spool: SpoolOptions,
     pub session: Arc<SessionConfig>,
@@ -62,6 +67,27 @@ pub struct Pools {
     pub maildir_threads: usize,
 }
 
+/// One shard's budget for message bodies being received (bytes of
+/// allocation), and the most one client address may hold of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InflightLimits {
+    pub per_shard: usize,
+    pub per_client: usize,
+}
+
+impl InflightLimits {
+    /// `--max-inflight-bytes` is for the whole server: each shard gets an
+    /// equal part, so the total holds on any core count; one address may
+    /// hold half of a shard's part, so another always finds room.
+    pub fn split(total: u64, shards: usize) -> Self {
+        let per_shard = usize::try_from(total / shards.max(1) as u64).unwrap_or(usize::MAX);
+        Self {
+            per_shard,
+            per_client: per_shard / 2,
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("--shards must be at least 1")]
@@ -76,6 +102,15 @@ pub enum ConfigError {
     BadRingDepth,
     #[error("--max-message-size must be at least 1 (SIZE 0 would advertise no limit)")]
     ZeroMessageSize,
+    #[error("--max-inflight-bytes {total} over {shards} shards leaves {per_client} bytes per client on a shard; at least {min} are needed (raise --max-inflight-bytes)")]
+    InflightTooSmall {
+        total: u64,
+        shards: usize,
+        per_client: usize,
+        min: usize,
+    },
+    #[error("--max-data-time must be more than 0 (it bounds the content of every message)")]
+    ZeroDataTime,
     #[error("--dkim-key {0}: the same domain and selector twice")]
     DuplicateDkimKey(String),
     #[error("--tls-verify on needs --tls-policy require (opportunistic TLS falls back to plaintext, so a failed verification would only make delivery less private)")]
@@ -108,6 +143,24 @@ impl Config {
         if cli.max_message_size == 0 {
             return Err(ConfigError::ZeroMessageSize);
         }
+        if cli.max_data_time.is_zero() {
+            return Err(ConfigError::ZeroDataTime);
+        }
+        let inflight = InflightLimits::split(cli.max_inflight_bytes, shards);
+        if inflight.per_client < crate::smtp::session::MIN_DATA_ROOM {
+            return Err(ConfigError::InflightTooSmall {
+                total: cli.max_inflight_bytes,
+                shards,
+                per_client: inflight.per_client,
+                min: crate::smtp::session::MIN_DATA_ROOM,
+            });
+        }
+        // A message larger than one client may hold on a shard could never
+        // be taken: better an honest SIZE (and 552 at once) than a 452 the
+        // sender retries for days.
+        let max_message_size = cli.max_message_size.min(inflight.per_client as u64);
+        let message_size_lowered_from =
+            (max_message_size < cli.max_message_size).then_some(cli.max_message_size);
         let mut local_domains = Vec::with_capacity(cli.local_domains.len());
         for d in &cli.local_domains {
             if !is_domain(d) {
@@ -154,10 +207,12 @@ impl Config {
         let session = SessionConfig {
             hostname: hostname.clone(),
             local_domains: local_domains.clone(),
-            max_message_size: cli.max_message_size,
+            max_message_size,
             max_recipients: cli.max_recipients,
             command_timeout: cli.command_timeout,
             data_timeout: cli.data_timeout,
+            max_data_time: cli.max_data_time,
+            min_data_room: crate::smtp::session::MIN_DATA_ROOM,
             max_errors: cli.max_errors.max(1),
             bare_newline: cli.bare_newline,
             relay_networks: cli.relay_networks.clone(),
@@ -217,6 +272,8 @@ impl Config {
             backlog: cli.backlog,
             max_conns_per_shard: cli.max_conns_per_shard,
             max_conns_per_ip: cli.max_conns_per_ip,
+            inflight,
+            message_size_lowered_from,
             shutdown_grace: cli.shutdown_grace,
             relay,
             delivery: !cli.no_delivery,
@@ -293,4 +350,48 @@ fn system_hostname() -> Option<String> {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let name = std::str::from_utf8(&buf[..end]).ok()?;
     is_domain(name).then(|| name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["ringmta", "--hostname", "mx.test"];
+        argv.extend_from_slice(args);
+        Config::from_cli(&Cli::parse_from(argv))
+    }
+
+    #[test]
+    fn inflight_budget_is_split_between_shards_and_bounds_message_size() {
+        let c = config(&["--shards", "2"]).unwrap();
+        assert_eq!(
+            c.inflight,
+            InflightLimits {
+                per_shard: 100 << 20,
+                per_client: 50 << 20
+            }
+        );
+        // The default message size fits one client's share on 2 shards.
+        assert_eq!(c.session.max_message_size, 50 << 20);
+        assert_eq!(c.message_size_lowered_from, None);
+
+        // On 16 shards a client may hold 6.25 MiB: SIZE says so.
+        let c = config(&["--shards", "16"]).unwrap();
+        assert_eq!(c.inflight.per_client, 6400 << 10);
+        assert_eq!(c.session.max_message_size, 6400 << 10);
+        assert_eq!(c.submission_session.max_message_size, 6400 << 10);
+        assert_eq!(c.message_size_lowered_from, Some(50 << 20));
+
+        assert!(matches!(
+            config(&["--shards", "2", "--max-inflight-bytes", "200K"]),
+            Err(ConfigError::InflightTooSmall { .. })
+        ));
+        assert!(matches!(
+            config(&["--max-data-time", "0"]),
+            Err(ConfigError::ZeroDataTime)
+        ));
+    }
 }

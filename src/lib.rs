@@ -13,6 +13,9 @@
 //! * [`server`] — the glommio glue and the only place with sockets: one shard
 //!   per core, each with its own SO_REUSEPORT listeners, connection tasks
 //!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
+//!   [`server::budget`] is a shard's budget for message bodies in flight,
+//!   with a fair share per client address; the driver tells each session
+//!   how far its body may grow.
 //!   The connection driver runs a session over plain TCP or rustls
 //!   (STARTTLS, implicit TLS); [`server::tls`] holds the certificate,
 //!   [`server::users`] the argon2 users, [`server::dkim`] the keys that

@@ -68,12 +68,24 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     if !(config.submission.is_empty() && config.smtps.is_empty()) && shared.auth.user_count() == 0 {
         tracing::warn!("submission is listening but no --users are configured: every AUTH fails");
     }
+    if let Some(given) = config.message_size_lowered_from {
+        tracing::warn!(
+            max_message_size = given,
+            lowered_to = config.session.max_message_size,
+            per_client = config.inflight.per_client,
+            shards = config.shards,
+            "--max-message-size lowered to what one client may hold on a shard \
+             (--max-inflight-bytes / shards / 2); raise --max-inflight-bytes to take larger messages"
+        );
+    }
     watch_signals(shared.clone()).context("cannot install signal handlers")?;
     tracing::info!(
         shards = config.shards,
         pin = config.pin,
         spool = %config.spool_dir.display(),
         hostname = %config.session.hostname,
+        inflight_per_shard = config.inflight.per_shard,
+        inflight_per_client = config.inflight.per_client,
         "starting"
     );
     server::run(&config, &spool, shared, |addrs| {

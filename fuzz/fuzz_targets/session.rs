@@ -44,6 +44,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&n, rest)) = rest.split_first() else {
         return;
     };
+    // The high bits of `n`: the body's allowance from the shard's budget
+    // (0: unbounded), small enough to hit the discard path.
+    let room = usize::from(n >> 4);
     let n = usize::from(n & 15).min(rest.len());
     let (gaps, input) = rest.split_at(n);
 
@@ -64,10 +67,12 @@ fuzz_target!(|data: &[u8]| {
         },
         starttls: flags & 32 != 0,
         plaintext_auth_on_loopback: flags & 64 != 0,
+        min_data_room: if room == 0 { 1 << 16 } else { 16 },
         ..SessionConfig::default()
     });
     let setup = Setup {
         cfg,
+        allowance: if room == 0 { usize::MAX } else { room * 40 },
         loopback: flags & 64 != 0,
         implicit_tls: flags & 128 != 0,
     };
@@ -91,6 +96,8 @@ fuzz_target!(|data: &[u8]| {
 
 struct Setup {
     cfg: Arc<SessionConfig>,
+    /// What the driver allows the body to hold.
+    allowance: usize,
     loopback: bool,
     implicit_tls: bool,
 }
@@ -144,8 +151,10 @@ fn run(setup: &Setup, input: &[u8], cuts: &[usize]) -> Transcript {
         pending.extend_from_slice(&input[fed..end]);
         fed = end;
         loop {
+            s.handle_allowance(setup.allowance);
             let n = s.handle_input(&pending, now);
             assert!(n <= pending.len());
+            assert!(s.content_bytes() <= setup.allowance, "body past its allowance");
             pending.drain(..n);
             t.consumed += n;
             let mut answered = false;
@@ -156,6 +165,7 @@ fn run(setup: &Setup, input: &[u8], cuts: &[usize]) -> Transcript {
                         assert!(!m.envelope.rcpts.is_empty(), "message without recipients");
                         assert!(m.envelope.rcpts.len() <= cfg.max_recipients);
                         assert!(m.body.len() as u64 <= cfg.max_message_size);
+                        assert!(m.body.capacity() <= setup.allowance);
                         t.events.push(format!("{m:?}"));
                         messages += 1;
                         let result = if messages % 3 == 0 {

@@ -13,9 +13,16 @@
 //!
 //! Every wait is bounded: reads by the session's deadline (command or data
 //! timeout), writes by the socket write timeout, handshakes by their own
-//! timeout, and shutdown interrupts a read. Memory is bounded: the session
-//! consumes content as it arrives, so the unconsumed tail of the buffer
-//! never exceeds one command line (or one 12288-octet AUTH line).
+//! timeout, and shutdown interrupts a read; the session's deadline also
+//! caps the whole content of a message (`--max-data-time`). Memory is
+//! bounded: the session consumes content as it arrives, so the unconsumed
+//! tail of the buffer never exceeds one command line (or one 12288-octet
+//! AUTH line); replies waiting to be written are capped (the session stops
+//! taking input until they are); and the message body lives within the
+//! shard's [`InflightBudget`](super::budget::InflightBudget): before each
+//! input the session is told how far its body may grow, after it the
+//! connection's charge is set to what the body holds (with the spool's copy
+//! while it is being stored).
 //! Password checks (argon2) and DKIM signing (hashing the message, an RSA
 //! signature) run on their own bounded pools ([`crate::blocking`]), never
 //! on the shard thread and never queued behind each other.
@@ -136,12 +143,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut told_to_stop = false;
+    let mut charge = shard.budget.charge(peer.ip());
     loop {
+        // A client sending as fast as loopback allows always has input
+        // ready (and room for replies), so this loop need never wait: give
+        // the shard's other connections their turn once this task's time
+        // slice is used.
+        glommio::yield_if_needed().await;
         // Everything buffered, including input pipelined behind a message
         // that had to be committed first.
         loop {
+            session.handle_allowance(charge.allowance());
             let n = session.handle_input(buf.pending(), Instant::now());
             buf.consume(n);
+            charge.set(session.content_bytes());
             for r in session.take_rejections() {
                 if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
                     tracing::info!(
@@ -158,10 +173,14 @@ where
             match session.poll_event() {
                 None => break,
                 Some(Event::Message(msg)) => {
+                    // Until it is on disk: the body, and the spool's copy
+                    // of it in the commit batch.
+                    charge.set(msg.body.capacity() + msg.body.len());
                     // Boxed (as below): rarely-taken branches with large
                     // futures must not size every idle session's task.
                     let result = Box::pin(store(shard, session, msg, peer)).await;
                     session.handle_commit(result, Instant::now());
+                    charge.set(session.content_bytes());
                 }
                 Some(Event::Auth(creds)) => {
                     let result = Box::pin(authenticate(shard, peer, creds)).await;
@@ -179,10 +198,16 @@ where
             }
         }
         if !session.output().is_empty() {
+            // The session stopped taking input at its output cap: once this
+            // is written, what is still buffered comes before any read.
+            let more = session.output_full();
             if stream.write_all(session.output()).await.is_err() || stream.flush().await.is_err() {
                 return Outcome::Closed;
             }
             session.clear_output();
+            if more {
+                continue;
+            }
         }
         if session.is_closed() {
             let _ = stream.close().await;

@@ -7,6 +7,7 @@
 //! ([`crate::blocking`]); each owns its listeners, its connections and its
 //! spool writer.
 
+pub mod budget;
 mod conn;
 pub mod dkim;
 mod limits;

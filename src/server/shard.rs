@@ -46,6 +46,8 @@ pub(crate) struct ShardState {
     pub relay: Option<Rc<crate::relay::Relay>>,
     /// Rate-limited log of commands refused by policy.
     pub reject_log: super::limits::RejectLog,
+    /// Memory for message bodies in flight on this shard.
+    pub budget: super::budget::InflightBudget,
     active: Cell<usize>,
     /// Set once the stop flag was seen; connections answer 421 when idle.
     pub stopping: Cell<bool>,
@@ -133,11 +135,13 @@ async fn serve(
     ))
     .detach();
     let grace = ctx.config.shutdown_grace;
+    let inflight = ctx.config.inflight;
     let state = Rc::new(ShardState {
         ctx,
         spool,
         relay,
         reject_log: Default::default(),
+        budget: super::budget::InflightBudget::new(inflight.per_shard, inflight.per_client),
         active: Cell::new(0),
         stopping: Cell::new(false),
         stop_event: Event::new(),

@@ -12,6 +12,11 @@
 //! as it is copied out, once, in long runs. Bytes that could begin the end
 //! marker are held back for the next input, never searched twice.
 //! `BdatReceiver` never looks at the bytes it carries.
+//!
+//! Memory: a body never grows past what it may hold ([`grow_within`]: the
+//! size limit and the caller's allowance from the shard's budget). Past
+//! either, the receiver keeps nothing but goes on scanning, so the session
+//! stays in step with the client and answers once, at the end.
 
 use std::sync::LazyLock;
 
@@ -61,6 +66,9 @@ pub enum Verdict {
     BareNewline,
     /// A line longer than [`MAX_TEXT_LINE`] octets.
     LineTooLong,
+    /// The body would have outgrown its allowance (the shard's budget for
+    /// content in flight); nothing was kept past that point.
+    OverBudget,
 }
 
 /// Receives DATA content up to `<CRLF>.<CRLF>`.
@@ -80,6 +88,9 @@ pub struct DataReceiver {
     /// Octets of unstuffed content so far, kept or not.
     size: u64,
     max_size: u64,
+    /// The most `body` may hold (its capacity); see [`Self::set_allowance`].
+    allowance: usize,
+    over_budget: bool,
     scanner: Scanner,
 }
 
@@ -95,8 +106,18 @@ impl DataReceiver {
             long_line: false,
             size: 0,
             max_size,
+            allowance: usize::MAX,
+            over_budget: false,
             scanner: Scanner::detect(),
         }
+    }
+
+    /// The most the body may hold from now on, in bytes of capacity (the
+    /// caller's share of the shard's budget). A body that would have to
+    /// grow past it is dropped and the rest of the content discarded
+    /// ([`Verdict::OverBudget`]); scanning goes on to the end marker.
+    pub fn set_allowance(&mut self, bytes: usize) {
+        self.allowance = bytes;
     }
 
     /// Feeds newly arrived bytes; unstuffed content is appended to `body`
@@ -156,6 +177,10 @@ impl DataReceiver {
             Verdict::BareNewline
         } else if self.long_line {
             Verdict::LineTooLong
+        } else if self.over_budget {
+            // Last: a message refused for what it is gets the permanent
+            // reply, not a "try again later" that would fail again.
+            Verdict::OverBudget
         } else {
             Verdict::Ok
         }
@@ -282,8 +307,48 @@ impl DataReceiver {
             }
             return;
         }
+        if self.over_budget {
+            return;
+        }
+        if !grow_within(body, bytes.len(), self.max_size, self.allowance) {
+            // Discard mode: what was kept goes back to the budget at once.
+            self.over_budget = true;
+            *body = Vec::new();
+            return;
+        }
         body.extend_from_slice(bytes);
     }
+}
+
+/// Smallest allocation a growing body starts with.
+const MIN_GROWTH: usize = 4 << 10;
+
+/// Makes room in `body` for `extra` more bytes without its capacity ever
+/// passing `allowance`; `false` (and `body` untouched) when it would have
+/// to. Grows by doubling, as `Vec` does, but never past `max_size` (the
+/// size limit: a 50 MiB limit must not mean a 64 MiB buffer) nor past
+/// `allowance`, so the capacity the budget counts is what was asked for.
+pub fn grow_within(body: &mut Vec<u8>, extra: usize, max_size: u64, allowance: usize) -> bool {
+    let Some(need) = body.len().checked_add(extra) else {
+        return false;
+    };
+    if need <= body.capacity() {
+        return true;
+    }
+    if need > allowance {
+        return false;
+    }
+    let max_size = usize::try_from(max_size).unwrap_or(usize::MAX);
+    let target = body
+        .capacity()
+        .saturating_mul(2)
+        .max(MIN_GROWTH)
+        .min(max_size)
+        .min(allowance)
+        .max(need);
+    // reserve_exact: the allocation is `target`, which is what is counted.
+    body.reserve_exact(target - body.len());
+    true
 }
 
 /// Longest run of content copied out in one piece: small enough to still
@@ -645,6 +710,97 @@ pub(crate) mod tests {
         assert_eq!(v, Verdict::TooBig);
         assert!(body.is_empty());
         assert_eq!(n, input.len());
+    }
+
+    /// Feeds `input` split at `cuts` to a receiver whose body may hold at
+    /// most `allowance` bytes, checking after every call that it never
+    /// does; returns the body, verdict and bytes consumed.
+    fn receive_with_allowance(
+        input: &[u8],
+        cuts: &[usize],
+        policy: BareNewline,
+        allowance: usize,
+        scanner: Scanner,
+    ) -> (Vec<u8>, Verdict, usize) {
+        let mut rx = DataReceiver::new(1 << 20, policy).with_scanner(scanner);
+        rx.set_allowance(allowance);
+        let mut body = Vec::new();
+        let run = drive(input, cuts, |input| {
+            let p = rx.handle(input, &mut body);
+            assert!(body.capacity() <= allowance, "capacity {}", body.capacity());
+            p
+        });
+        let consumed = run.consumed.expect("the end marker is found");
+        (body, rx.verdict(), consumed)
+    }
+
+    /// Regression (issue 11, bodies held whole whatever the shard holds): a
+    /// body that would outgrow its allowance keeps nothing more, yet the
+    /// receiver still ends exactly at the one `<CRLF>.<CRLF>` (smuggling
+    /// sequences and stuffed dots included), however the input is split,
+    /// so the session stays in step and answers once.
+    #[test]
+    fn over_budget_discards_and_stays_in_sync() {
+        let mut content = Vec::new();
+        for i in 0..40 {
+            content.extend_from_slice(format!("line {i:03}\r\n").as_bytes());
+        }
+        for seq in SMUGGLING {
+            content.extend_from_slice(seq);
+            content.extend_from_slice(b"..stuffed\r\n");
+        }
+        let mut input = content.clone();
+        input.extend_from_slice(b".\r\nMAIL FROM:<a@example.org>\r\n");
+        let end = input.len() - b"MAIL FROM:<a@example.org>\r\n".len();
+        let every: Vec<usize> = (1..input.len()).collect();
+        for scanner in Scanner::available() {
+            for policy in [BareNewline::Normalize, BareNewline::Reject] {
+                let (whole, _, _) =
+                    receive_with_allowance(&input, &[], policy, usize::MAX, scanner);
+                assert!(whole.len() > 400);
+                for allowance in [0, 1, 100, 399] {
+                    let mut splits = vec![vec![], every.clone()];
+                    splits.extend((1..input.len()).map(|c| vec![c]));
+                    for cuts in &splits {
+                        let (body, v, n) =
+                            receive_with_allowance(&input, cuts, policy, allowance, scanner);
+                        assert_eq!(n, end, "{policy:?} {allowance} {cuts:?}");
+                        assert!(body.is_empty());
+                        let want = match policy {
+                            // A permanent refusal wins over "try later".
+                            BareNewline::Reject => Verdict::BareNewline,
+                            BareNewline::Normalize => Verdict::OverBudget,
+                        };
+                        assert_eq!(v, want, "{policy:?} {allowance} {cuts:?}");
+                    }
+                }
+                // Room enough: the same body as without a budget.
+                let (body, _, n) =
+                    receive_with_allowance(&input, &every, policy, whole.len(), scanner);
+                assert_eq!((body, n), (whole, end));
+            }
+        }
+    }
+
+    /// Growth doubles but never past the size limit or the allowance, and
+    /// the capacity is exactly what was asked for.
+    #[test]
+    fn grow_within_bounds_capacity() {
+        let mut body = Vec::new();
+        assert!(grow_within(&mut body, 10, 1 << 20, 1 << 20));
+        assert_eq!(body.capacity(), MIN_GROWTH);
+        body.resize(MIN_GROWTH, b'x');
+        assert!(grow_within(&mut body, 1, 1 << 20, 1 << 20));
+        assert_eq!(body.capacity(), 2 * MIN_GROWTH);
+        body.resize(2 * MIN_GROWTH, b'x');
+        assert!(grow_within(&mut body, 1, 1 << 20, 3 * MIN_GROWTH));
+        assert_eq!(body.capacity(), 3 * MIN_GROWTH);
+        body.resize(3 * MIN_GROWTH, b'x');
+        assert!(!grow_within(&mut body, 1, 1 << 20, 3 * MIN_GROWTH));
+        assert_eq!(body.capacity(), 3 * MIN_GROWTH);
+        let mut body = vec![0; 5000];
+        assert!(grow_within(&mut body, 100, 5100, usize::MAX));
+        assert_eq!(body.capacity(), 5100);
     }
 
     #[test]

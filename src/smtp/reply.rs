@@ -167,6 +167,13 @@ pub const DATA_LINE_TOO_LONG: Reply = Reply::new(
     "Error: message line longer than 1000 octets (RFC 5321 4.5.3.1.6)",
 );
 pub const STORAGE_FULL: Reply = Reply::new(452, "4.3.1", "Error: insufficient system storage");
+/// The shard's budget for message content in flight has no room for this
+/// body now (RFC 3463 4.3.1: a temporary shortage; the client retries).
+pub const BUDGET_EXCEEDED: Reply = Reply::new(
+    452,
+    "4.3.1",
+    "Error: insufficient system resources, try again later",
+);
 pub const STORAGE_ERROR: Reply = Reply::new(451, "4.3.0", "Error: local error in processing");
 pub const SHUTTING_DOWN: Reply = Reply::new(
     421,

@@ -15,6 +15,15 @@
 //! [`Session::handle_tls`] (the driver discards every byte that came after
 //! the STARTTLS line: RFC 3207 5, CVE-2011-0411); after the last AUTH
 //! response it emits [`Event::Auth`] and waits for [`Session::handle_auth`].
+//!
+//! Memory is bounded by what the driver allows: [`Session::handle_allowance`]
+//! says how much the message body may hold (the driver's share of the
+//! shard's budget) and [`Session::content_bytes`] what it holds. A DATA with
+//! no room is refused before its 354; a body that would outgrow its room is
+//! read to its end and refused (452 4.3.1). The content of one message may
+//! take at most `max_data_time` from its DATA or first BDAT, however it
+//! trickles in. Replies stop being produced once [`MAX_OUTPUT`] octets wait
+//! to be written, so a client that pipelines and never reads holds little.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +37,7 @@ use crate::policy::recipient::{Locality, Recipients, Refusal};
 use crate::relay::Target;
 use crate::smtp::auth::{self, AuthResult, Authenticated, Credentials, Exchange, Mechanism, Step};
 use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
-use crate::smtp::data::{BareNewline, BdatReceiver, DataReceiver, Progress, Verdict};
+use crate::smtp::data::{grow_within, BareNewline, BdatReceiver, DataReceiver, Progress, Verdict};
 use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt, TlsInfo};
 use crate::smtp::error::ParseError;
 use crate::smtp::parse::parse_command;
@@ -40,6 +49,16 @@ use crate::smtp::reply::{self, Reply};
 /// 3461, 8 + 106), ORCPT and NOTIFY (RFC 3461, 500 + 28), AUTH= (RFC 4954,
 /// 500). The longest legal line is the sum.
 pub const MAX_COMMAND_LINE: usize = 512 + 26 + 14 + 10 + 114 + 528 + 500;
+
+/// Input is left unconsumed once this many octets of replies wait to be
+/// written ([`Session::output_full`]): the driver writes them first, so a
+/// client that pipelines thousands of commands and never reads cannot make
+/// the output grow past it (an EHLO reply is ~20 times its command).
+pub const MAX_OUTPUT: usize = 16 << 10;
+
+/// The default of [`SessionConfig::min_data_room`]: no point starting a
+/// body with less room than a typical message needs.
+pub const MIN_DATA_ROOM: usize = 64 << 10;
 
 static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n"));
 
@@ -55,6 +74,12 @@ pub struct SessionConfig {
     pub command_timeout: Duration,
     /// RFC 5321 4.5.3.2.5/6: waiting for the next block of content.
     pub data_timeout: Duration,
+    /// The most the content of one message may take, from DATA (or the
+    /// first BDAT) to its end, however steadily it trickles in.
+    pub max_data_time: Duration,
+    /// A DATA is refused before its 354 unless the body may hold at least
+    /// this much (or the SIZE the client declared, when larger).
+    pub min_data_room: usize,
     /// After this many error replies the session is closed with 421.
     pub max_errors: u32,
     /// What a bare CR or LF in DATA content means.
@@ -97,6 +122,8 @@ impl Default for SessionConfig {
             max_recipients: 1000,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            max_data_time: Duration::from_secs(600),
+            min_data_room: MIN_DATA_ROOM,
             max_errors: 20,
             bare_newline: BareNewline::Normalize,
             relay_networks: Vec::new(),
@@ -163,6 +190,10 @@ pub struct Session {
     rejections: Vec<PolicyRejection>,
     tls: Option<TlsInfo>,
     auth: Option<Authenticated>,
+    /// The most the message body may hold (capacity), from the driver.
+    allowance: usize,
+    /// The time of the input being handled.
+    now: Instant,
 }
 
 #[derive(Debug)]
@@ -216,6 +247,9 @@ struct Helo {
 struct Transaction {
     envelope: Envelope,
     body: Vec<u8>,
+    /// When the content must have ended (`max_data_time` after DATA or the
+    /// first BDAT); `None` before any content.
+    content_deadline: Option<Instant>,
 }
 
 impl Session {
@@ -245,6 +279,8 @@ impl Session {
             rejections: Vec::new(),
             tls: None,
             auth: None,
+            allowance: usize::MAX,
+            now,
         }
     }
 
@@ -261,6 +297,7 @@ impl Session {
     /// followed by newer ones. Stops early when a message is handed out as
     /// an event or the session closes.
     pub fn handle_input(&mut self, input: &[u8], now: Instant) -> usize {
+        self.now = now;
         let arena = std::mem::take(&mut self.arena);
         let mut pos = 0;
         loop {
@@ -269,17 +306,20 @@ impl Session {
                 State::Closed | State::Committing | State::StartTls | State::Authenticating => {
                     break
                 }
-                State::Data(tx, rx) => match rx.handle(rest, &mut tx.body) {
-                    Progress::NeedMore { consumed } => {
-                        pos += consumed;
-                        break;
+                State::Data(tx, rx) => {
+                    rx.set_allowance(self.allowance);
+                    match rx.handle(rest, &mut tx.body) {
+                        Progress::NeedMore { consumed } => {
+                            pos += consumed;
+                            break;
+                        }
+                        Progress::Done { consumed } => {
+                            pos += consumed;
+                            self.finish_data();
+                            continue;
+                        }
                     }
-                    Progress::Done { consumed } => {
-                        pos += consumed;
-                        self.finish_data();
-                        continue;
-                    }
-                },
+                }
                 State::Bdat { rx, target, .. } => {
                     let sink = match target {
                         ChunkTarget::Store { tx, .. } => Some(&mut tx.body),
@@ -298,6 +338,10 @@ impl Session {
                     }
                 }
                 State::Fresh | State::Ready | State::Mail(_) | State::Auth(_) => {
+                    if self.output_full() {
+                        // The driver writes first, then presents the rest.
+                        break;
+                    }
                     self.next_line(rest)
                 }
             };
@@ -327,6 +371,25 @@ impl Session {
             self.deadline = now + self.current_timeout();
         }
         pos
+    }
+
+    /// The most the message body may hold from now on, in bytes of
+    /// allocation: the driver's share of the shard's budget for content in
+    /// flight, told before each input. Unbounded until told.
+    pub fn handle_allowance(&mut self, bytes: usize) {
+        self.allowance = bytes;
+    }
+
+    /// Bytes of memory the open transaction's body holds (its allocation,
+    /// not its length), for the driver's budget.
+    pub fn content_bytes(&self) -> usize {
+        self.transaction().map_or(0, |tx| tx.body.capacity())
+    }
+
+    /// [`MAX_OUTPUT`] octets of replies wait: input is not consumed until
+    /// they are written ([`Session::clear_output`]).
+    pub fn output_full(&self) -> bool {
+        self.output.len() >= MAX_OUTPUT
     }
 
     /// The next event, if any.
@@ -426,14 +489,49 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Closed | State::Committing | State::StartTls | State::Authenticating => None,
-            _ => Some(self.deadline),
+            _ => Some(match self.content_deadline() {
+                Some(c) => c.min(self.deadline),
+                None => self.deadline,
+            }),
         }
     }
 
-    /// Called when the time from [`Session::poll_timeout`] passed.
+    /// Called when the time from [`Session::poll_timeout`] passed. Past the
+    /// content's time limit the transaction is dropped (nothing is stored)
+    /// and the session closed, as for any timeout.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.poll_timeout().is_some_and(|d| now >= d) {
+        if self.poll_timeout().is_none() {
+            return;
+        }
+        if self.content_deadline().is_some_and(|d| now >= d) {
+            self.close_with(DATA_TIME_EXCEEDED);
+        } else if now >= self.deadline {
             self.close_with(reply::TIMEOUT);
+        }
+    }
+
+    /// When the open transaction's content must have ended.
+    fn content_deadline(&self) -> Option<Instant> {
+        self.transaction().and_then(|tx| tx.content_deadline)
+    }
+
+    /// The open transaction, whatever the phase.
+    fn transaction(&self) -> Option<&Transaction> {
+        match &self.state {
+            State::Mail(tx)
+            | State::Data(tx, _)
+            | State::Bdat {
+                target: ChunkTarget::Store { tx, .. },
+                ..
+            }
+            | State::Bdat {
+                target:
+                    ChunkTarget::Discard {
+                        resume: Some(tx), ..
+                    },
+                ..
+            } => Some(tx),
+            _ => None,
         }
     }
 
@@ -459,8 +557,9 @@ impl Session {
     }
 
     /// No transaction is open (and none is being committed).
-    /// The MAIL and RCPT commands refused by policy (relay denied, AUTH
-    /// required, sender not owned, unqualified address) since the last call.
+    /// The commands refused by policy (relay denied, AUTH required, sender
+    /// not owned, unqualified address; DATA and BDAT refused for want of
+    /// room in the shard's budget) since the last call.
     pub fn take_rejections(&mut self) -> Vec<PolicyRejection> {
         std::mem::take(&mut self.rejections)
     }
@@ -788,6 +887,7 @@ impl Session {
         self.state = State::Mail(Transaction {
             envelope,
             body: Vec::new(),
+            content_deadline: None,
         });
         self.reply(reply::SENDER_OK);
     }
@@ -927,7 +1027,15 @@ impl Session {
                 self.state = State::Mail(tx);
                 self.error(reply::BAD_SEQUENCE_NEED_RCPT);
             }
-            State::Mail(tx) => {
+            State::Mail(tx) if self.allowance < self.data_room(&tx) => {
+                // No room for the body now: refused before the client sends
+                // it, and the transaction stays for a later DATA.
+                self.state = State::Mail(tx);
+                self.note_rejection(reply::BUDGET_EXCEEDED, "DATA".into());
+                self.reply(reply::BUDGET_EXCEEDED);
+            }
+            State::Mail(mut tx) => {
+                tx.content_deadline = Some(self.now + self.cfg.max_data_time);
                 self.state = State::Data(
                     tx,
                     DataReceiver::new(self.cfg.max_message_size, self.cfg.bare_newline),
@@ -946,6 +1054,16 @@ impl Session {
         }
     }
 
+    /// The room a DATA needs to be started: `min_data_room`, or the size
+    /// the client declared when larger, within the size limit.
+    fn data_room(&self, tx: &Transaction) -> usize {
+        let declared = tx.envelope.size.unwrap_or(0);
+        let room = declared
+            .min(self.cfg.max_message_size)
+            .max(self.cfg.min_data_room as u64);
+        usize::try_from(room).unwrap_or(usize::MAX)
+    }
+
     fn finish_data(&mut self) {
         let State::Data(tx, rx) = self.take_state() else {
             return;
@@ -955,6 +1073,14 @@ impl Session {
             Verdict::TooBig => Some(reply::SIZE_EXCEEDED),
             Verdict::BareNewline => Some(reply::DATA_BARE_NEWLINE),
             Verdict::LineTooLong => Some(reply::DATA_LINE_TOO_LONG),
+            Verdict::OverBudget => {
+                // Our shortage, not the client's fault: not counted
+                // towards --max-errors.
+                self.state = State::Ready;
+                self.note_rejection(reply::BUDGET_EXCEEDED, "DATA (content)".into());
+                self.reply(reply::BUDGET_EXCEEDED);
+                return;
+            }
         };
         match refusal {
             Some(r) => {
@@ -987,8 +1113,26 @@ impl Session {
                 }
             }
             State::Mail(mut tx) => {
-                tx.envelope.chunked = true;
-                ChunkTarget::Store { tx, last }
+                let extra = usize::try_from(size).unwrap_or(usize::MAX);
+                // The chunk's room is taken now: a chunk is counted by what
+                // it will occupy before its bytes arrive.
+                if grow_within(
+                    &mut tx.body,
+                    extra,
+                    self.cfg.max_message_size,
+                    self.allowance,
+                ) {
+                    tx.envelope.chunked = true;
+                    tx.content_deadline
+                        .get_or_insert(self.now + self.cfg.max_data_time);
+                    ChunkTarget::Store { tx, last }
+                } else {
+                    self.note_rejection(reply::BUDGET_EXCEEDED, format!("BDAT {size}"));
+                    ChunkTarget::Discard {
+                        error: reply::BUDGET_EXCEEDED,
+                        resume: None,
+                    }
+                }
             }
             State::Fresh => ChunkTarget::Discard {
                 error: reply::BAD_SEQUENCE_HELO,
@@ -1016,7 +1160,12 @@ impl Session {
                     Some(tx) => State::Mail(tx),
                     None => self.idle_state(),
                 };
-                self.error(error);
+                if error == reply::BUDGET_EXCEEDED {
+                    // Our shortage: not counted towards --max-errors.
+                    self.reply(error);
+                } else {
+                    self.error(error);
+                }
             }
             ChunkTarget::Store { tx, last: true } => self.hand_out(tx),
             ChunkTarget::Store { tx, last: false } => {
@@ -1085,6 +1234,11 @@ impl Session {
     }
 }
 
+const DATA_TIME_EXCEEDED: Reply = Reply::new(
+    421,
+    "4.4.2",
+    "Error: time limit for the message content exceeded, closing connection",
+);
 const READY_TO_START_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
 const TLS_ALREADY_ACTIVE: Reply = Reply::new(503, "5.5.1", "Error: TLS already active");
 const IN_TRANSACTION: Reply = Reply::new(
@@ -1196,6 +1350,19 @@ mod tests {
         input: &[u8],
         cuts: &[usize],
     ) -> (String, Vec<Message>) {
+        drive_with(cfg, peer, input, cuts, &|_| usize::MAX)
+    }
+
+    /// [`drive_from`], telling the session before each input the allowance
+    /// `allowance` computes (the driver's share of the shard's budget), and
+    /// checking that its body never holds more.
+    fn drive_with(
+        cfg: &Arc<SessionConfig>,
+        peer: &str,
+        input: &[u8],
+        cuts: &[usize],
+        allowance: &dyn Fn(&Session) -> usize,
+    ) -> (String, Vec<Message>) {
         let now = Instant::now();
         let conn = ConnInfo {
             peer: peer.parse().unwrap(),
@@ -1212,24 +1379,36 @@ mod tests {
             pending.extend_from_slice(&input[fed..end]);
             fed = end;
             loop {
-                let n = s.handle_input(&pending, now);
-                pending.drain(..n);
-                match s.poll_event() {
-                    Some(Event::Message(m)) => {
-                        msgs.push(m);
-                        s.handle_commit(CommitResult::Stored(format!("Q{}", msgs.len())), now);
+                loop {
+                    let room = allowance(&s);
+                    s.handle_allowance(room);
+                    let n = s.handle_input(&pending, now);
+                    pending.drain(..n);
+                    assert!(s.content_bytes() <= room, "{} > {room}", s.content_bytes());
+                    match s.poll_event() {
+                        Some(Event::Message(m)) => {
+                            msgs.push(m);
+                            s.handle_commit(CommitResult::Stored(format!("Q{}", msgs.len())), now);
+                        }
+                        Some(Event::StartTls) => {
+                            // The driver drops what was pipelined behind it.
+                            pending.clear();
+                            s.handle_tls(TLS, now);
+                        }
+                        Some(Event::Auth(c)) => s.handle_auth(check(&c), now),
+                        None => break,
                     }
-                    Some(Event::StartTls) => {
-                        // The driver drops what was pipelined behind it.
-                        pending.clear();
-                        s.handle_tls(TLS, now);
-                    }
-                    Some(Event::Auth(c)) => s.handle_auth(check(&c), now),
-                    None => break,
+                }
+                // At its output cap the session leaves input for after the
+                // write, as the driver does.
+                let more = s.output_full();
+                assert!(s.output().len() < MAX_OUTPUT + 1024);
+                out.extend_from_slice(s.output());
+                s.clear_output();
+                if !more || s.is_closed() {
+                    break;
                 }
             }
-            out.extend_from_slice(s.output());
-            s.clear_output();
             if s.is_closed() {
                 break;
             }
@@ -1797,5 +1976,246 @@ mod tests {
             format!("EHLO c\r\nAUTH PLAIN A{long}\r\nAUTH PLAIN\r\nAAAAAAAAAAAA{long}\r\nNOOP\r\n");
         let (out, _) = drive_from(&c, "127.0.0.1:1", too_long.as_bytes(), &[100, 5000]);
         assert_eq!(codes(&out), ["220", "250", "500", "334", "500", "250"]);
+    }
+
+    fn big_cfg() -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            max_message_size: 1 << 20,
+            ..(*cfg()).clone()
+        })
+    }
+
+    const TX: &[u8] = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\n";
+
+    /// Regression (issue 11, bodies held whole whatever the shard holds):
+    /// the shard fills up after the 354 and the body has no more room. It
+    /// is read to its end in discard mode (the smuggling sequences inside do
+    /// not end it), refused with one 452 4.3.1, and the session goes on:
+    /// the next transaction is accepted. Split at every byte boundary.
+    #[test]
+    fn body_over_allowance_is_discarded_then_452_in_sync() {
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"DATA\r\n");
+        for seq in crate::smtp::data::tests::SMUGGLING {
+            input.extend_from_slice(b"0123456789abcdefghij\r\n");
+            input.extend_from_slice(seq);
+            input.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\n");
+        }
+        input.extend_from_slice(
+            b".\r\nMAIL FROM:<b@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nok\r\n.\r\n",
+        );
+        // Room for a DATA to start (50 bytes) but not for the first body.
+        let c = Arc::new(SessionConfig {
+            min_data_room: 50,
+            ..(*big_cfg()).clone()
+        });
+        let fills_up = |_: &Session| 60;
+        let want = [
+            "220", "250", "250", "250", "354", "452", "250", "250", "354", "250",
+        ];
+        let (out, msgs) = drive_with(&c, PEER, &input, &[], &fills_up);
+        assert_eq!(codes(&out), want, "{out}");
+        assert!(out.contains("452 4.3.1 "), "{out}");
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].body, b"ok\r\n");
+        for cut in 1..input.len() {
+            let (o, m) = drive_with(&c, PEER, &input, &[cut], &fills_up);
+            assert_eq!(o, out, "split at {cut}");
+            assert_eq!(m.len(), 1);
+        }
+        let all: Vec<usize> = (1..input.len()).collect();
+        let (o, _) = drive_with(&c, PEER, &input, &all, &fills_up);
+        assert_eq!(o, out, "byte by byte");
+    }
+
+    /// A body larger than a steady allowance (70 KiB against 64 KiB) is
+    /// refused at its end, never held past the allowance.
+    #[test]
+    fn large_body_over_steady_allowance() {
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"DATA\r\n");
+        for _ in 0..1000 {
+            input.extend_from_slice(&[b'x'; 70]);
+            input.extend_from_slice(b"\r\n");
+        }
+        input.extend_from_slice(b".\r\nNOOP\r\n");
+        let room = |_: &Session| MIN_DATA_ROOM;
+        let want = ["220", "250", "250", "250", "354", "452", "250"];
+        for cuts in [vec![], vec![100, 5000, 66_000], (1..input.len()).collect()] {
+            let (out, msgs) = drive_with(&big_cfg(), PEER, &input, &cuts, &room);
+            assert_eq!(codes(&out), want, "{out}");
+            assert!(msgs.is_empty());
+        }
+        // With room for it, the same input is a message.
+        let (out, msgs) = drive_with(&big_cfg(), PEER, &input, &[], &|_| 1 << 20);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "354", "250", "250"]
+        );
+        assert_eq!(msgs[0].body.len(), 72_000);
+    }
+
+    /// With no room for a body (or less than the SIZE declared), DATA is
+    /// refused before its 354; the transaction stays, and DATA works once
+    /// there is room.
+    #[test]
+    fn data_without_room_is_refused_before_354() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nRSET\r\nMAIL FROM:<a@example.org> SIZE=200000\r\nRCPT TO:<u@localhost>\r\nDATA\r\nRSET\r\n";
+        let (out, _) = drive_with(&big_cfg(), PEER, input, &[], &|_| MIN_DATA_ROOM - 1);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "452", "250", "250", "250", "452", "250"]
+        );
+        let declared = b"EHLO c\r\nMAIL FROM:<a@example.org> SIZE=200000\r\nRCPT TO:<u@localhost>\r\nDATA\r\nRSET\r\nMAIL FROM:<a@example.org> SIZE=100000\r\nRCPT TO:<u@localhost>\r\nDATA\r\n";
+        let (out, _) = drive_with(&big_cfg(), PEER, declared, &[], &|_| 150_000);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "452", "250", "250", "250", "354"]
+        );
+        // The transaction survives the refusal.
+        let retry = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nDATA\r\nx\r\n.\r\n";
+        let calls = std::cell::Cell::new(0);
+        let later = |_: &Session| {
+            calls.set(calls.get() + 1);
+            if calls.get() == 1 {
+                0
+            } else {
+                MIN_DATA_ROOM
+            }
+        };
+        let (out, msgs) = drive_with(&big_cfg(), PEER, retry, &[64], &later);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "452", "354", "250"],
+            "{out}"
+        );
+        assert_eq!(msgs.len(), 1);
+    }
+
+    /// BDAT chunks are counted when announced: one that does not fit is
+    /// read, discarded, answered 452 4.3.1, and ends the transaction.
+    #[test]
+    fn bdat_over_allowance_is_read_and_refused() {
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"BDAT 40\r\n");
+        input.extend_from_slice(&[b'a'; 40]);
+        input.extend_from_slice(b"BDAT 30 LAST\r\n");
+        input.extend_from_slice(&[b'b'; 30]);
+        input.extend_from_slice(b"BDAT 3 LAST\r\nxyzMAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nBDAT 3 LAST\r\nxyz");
+        let (out, msgs) = drive_every_split_with(&input, &|_| 64);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "250", "452", "503", "250", "250", "250"],
+            "{out}"
+        );
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].body, b"xyz");
+    }
+
+    fn drive_every_split_with(
+        input: &[u8],
+        allowance: &dyn Fn(&Session) -> usize,
+    ) -> (String, Vec<Message>) {
+        let (out, msgs) = drive_with(&big_cfg(), PEER, input, &[], allowance);
+        for cut in 1..input.len() {
+            let (o, m) = drive_with(&big_cfg(), PEER, input, &[cut], allowance);
+            assert_eq!((o, m.len()), (out.clone(), msgs.len()), "split at {cut}");
+        }
+        let all: Vec<usize> = (1..input.len()).collect();
+        let (o, _) = drive_with(&big_cfg(), PEER, input, &all, allowance);
+        assert_eq!(o, out, "byte by byte");
+        (out, msgs)
+    }
+
+    /// Regression (issue 11, trickling content kept a body forever): every
+    /// byte used to push the deadline back. Now the content of one message
+    /// may take `max_data_time` from its DATA, however steadily it comes:
+    /// 421 4.4.2, closed, nothing handed out.
+    #[test]
+    fn trickled_data_is_cut_off_at_max_data_time() {
+        let c = Arc::new(SessionConfig {
+            max_data_time: Duration::from_secs(10),
+            ..(*big_cfg()).clone()
+        });
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let t0 = Instant::now();
+        let mut s = Session::new(c.clone(), conn, t0);
+        s.handle_input(TX, t0);
+        s.handle_input(b"DATA\r\n", t0);
+        let mut t = t0;
+        for _ in 0..9 {
+            t += Duration::from_secs(1);
+            assert_eq!(s.handle_input(b"x", t), 1);
+            assert_eq!(s.poll_timeout(), Some(t0 + c.max_data_time));
+            s.handle_timeout(t);
+            assert!(!s.is_closed());
+        }
+        s.handle_timeout(t0 + c.max_data_time);
+        assert!(s.is_closed());
+        assert!(s.poll_event().is_none());
+        assert!(s.output().ends_with(
+            b"421 4.4.2 Error: time limit for the message content exceeded, closing connection\r\n"
+        ));
+        assert_eq!(s.content_bytes(), 0);
+    }
+
+    /// The same over BDAT: the limit runs from the first chunk across the
+    /// commands between chunks; a fresh transaction gets a fresh limit.
+    #[test]
+    fn trickled_bdat_is_cut_off_at_max_data_time() {
+        let c = Arc::new(SessionConfig {
+            max_data_time: Duration::from_secs(10),
+            ..(*big_cfg()).clone()
+        });
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let t0 = Instant::now();
+        let mut s = Session::new(c.clone(), conn, t0);
+        s.handle_input(TX, t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + c.command_timeout));
+        let mut t = t0;
+        for _ in 0..4 {
+            t += Duration::from_secs(2);
+            s.handle_input(b"BDAT 1\r\nx", t);
+            assert_eq!(
+                s.poll_timeout(),
+                Some(t0 + Duration::from_secs(2) + c.max_data_time)
+            );
+        }
+        s.handle_timeout(t0 + Duration::from_secs(12));
+        assert!(s.is_closed());
+        assert!(s.poll_event().is_none());
+        assert!(String::from_utf8_lossy(s.output()).ends_with(
+            "421 4.4.2 Error: time limit for the message content exceeded, closing connection\r\n"
+        ));
+    }
+
+    /// Regression (issue 11, output grew with pipelined input): a client
+    /// that pipelines thousands of EHLOs (a reply ~25 times its command)
+    /// and never reads gets at most MAX_OUTPUT octets queued at a time; the
+    /// rest of its input waits, and every command is still answered in
+    /// order once the output is written.
+    #[test]
+    fn pipelined_replies_are_capped() {
+        let input = b"EHLO c\r\n".repeat(5000);
+        let now = Instant::now();
+        let conn = ConnInfo {
+            peer: PEER.parse().unwrap(),
+            tls: false,
+        };
+        let mut s = Session::new(cfg(), conn, now);
+        let n = s.handle_input(&input, now);
+        assert!(n < input.len());
+        assert!(s.output_full());
+        assert!(s.output().len() < MAX_OUTPUT + 1024, "{}", s.output().len());
+        let (out, _) = drive(&cfg(), &input, &[]);
+        assert_eq!(codes(&out).len(), 5001);
+        let (out, _) = drive(&cfg(), &input, &[3000, 20_000]);
+        assert_eq!(codes(&out).len(), 5001);
     }
 }

@@ -36,7 +36,8 @@ const LISTENING: &str = "ringmta listening ";
 #[derive(Debug, Clone)]
 pub struct ServerBuilder {
     args: Vec<String>,
-    shards: usize,
+    /// `None`: ringmta's default (one shard per core).
+    shards: Option<usize>,
     spool: Option<PathBuf>,
 }
 
@@ -56,7 +57,14 @@ impl ServerBuilder {
     }
 
     pub fn shards(mut self, n: usize) -> Self {
-        self.shards = n;
+        self.shards = Some(n);
+        self
+    }
+
+    /// No `--shards`: as many shards as ringmta picks by default (one per
+    /// core), for tests that must hold with the defaults on any machine.
+    pub fn default_shards(mut self) -> Self {
+        self.shards = None;
         self
     }
 
@@ -127,10 +135,11 @@ impl ServerBuilder {
         if !delivers {
             cmd.arg("--no-delivery");
         }
-        cmd.arg("--spool-dir")
-            .arg(&spool)
-            .args(["--shards", &self.shards.to_string()])
-            .args(&self.args);
+        cmd.arg("--spool-dir").arg(&spool);
+        if let Some(n) = self.shards {
+            cmd.args(["--shards", &n.to_string()]);
+        }
+        cmd.args(&self.args);
         // Flags come from the test alone, not from the developer's shell.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("RINGMTA_") {
@@ -272,7 +281,7 @@ impl Server {
     pub fn builder() -> ServerBuilder {
         ServerBuilder {
             args: Vec::new(),
-            shards: 1,
+            shards: Some(1),
             spool: None,
         }
     }
@@ -284,6 +293,21 @@ impl Server {
 
     pub fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("pid fits in pid_t")
+    }
+
+    /// The server's resident memory now and at its peak, in KiB (`VmRSS`
+    /// and `VmHWM` of `/proc/PID/status`).
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
     }
 
     /// Sends `sig` (e.g. `libc::SIGTERM`) to the server.
@@ -556,7 +580,23 @@ impl Client {
     }
 
     pub fn try_connect(addr: SocketAddr) -> io::Result<Client> {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        Client::with_stream(TcpStream::connect_timeout(&addr, IO_TIMEOUT)?)
+    }
+
+    /// Connects from `source` (any 127/8 address works on loopback), for
+    /// tests that need clients on different addresses.
+    pub fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Client {
+        let connect = || -> io::Result<Client> {
+            let domain = socket2::Domain::for_address(addr);
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(source, 0).into())?;
+            socket.connect_timeout(&addr.into(), IO_TIMEOUT)?;
+            Client::with_stream(socket.into())
+        };
+        connect().unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"))
+    }
+
+    fn with_stream(stream: TcpStream) -> io::Result<Client> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -774,6 +814,11 @@ impl Client {
             }
             Err(e) => Err(format!("expecting silence: {e}")),
         }
+    }
+
+    /// The socket, for tests that write raw content from another thread.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
     }
 
     /// Closes the write side: the server sees EOF.
