@@ -37,6 +37,9 @@
 //!   per recipient, by the origin shard only, through its spool.
 //! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
 //!   turned once into a validated [`config::Config`].
+//! * [`util`] — a leaf of small shared helpers: [`util::isolate`] (a task's
+//!   panic caught, not the shard's end) and [`util::supervise`] (a shard's
+//!   long-lived loop restarted with backoff after a panic).
 
 pub mod cli;
 pub mod config;
@@ -44,3 +47,4 @@ pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod util;

@@ -161,7 +161,7 @@ impl Relay {
     /// never is (a shard failed to start, or the stop came first), this
     /// shard delivers everything it takes in itself.
     pub async fn join_mesh(self: Rc<Self>, mesh: Mesh) {
-        let joined = crate::server::isolate(async {
+        let joined = crate::util::isolate(async {
             let stopped = async {
                 while !self.stopping.get() {
                     let l = self.stopped.listen();
@@ -184,10 +184,19 @@ impl Relay {
             };
             for (peer, rx) in receivers {
                 let me = self.clone();
+                let rx = Rc::new(rx);
+                // Supervised: without it a panic would silently stop work
+                // and done records from `peer`.
                 glommio::spawn_local(async move {
-                    while let Some(msg) = rx.recv().await {
-                        me.clone().receive(peer, msg);
-                    }
+                    crate::util::supervise("handoff receiver", || {
+                        let (me, rx) = (me.clone(), rx.clone());
+                        async move {
+                            while let Some(msg) = rx.recv().await {
+                                me.clone().receive(peer, msg);
+                            }
+                        }
+                    })
+                    .await;
                 })
                 .detach();
             }
@@ -220,7 +229,7 @@ impl Relay {
             Msg::Done(d) => {
                 glommio::spawn_local(async move {
                     let id = d.id.clone();
-                    let settled = crate::server::isolate(self.settle(&d.id, &d.rcpts, d.report));
+                    let settled = crate::util::isolate(self.settle(&d.id, &d.rcpts, d.report));
                     if let Err(what) = settled.await {
                         tracing::error!(%id, from, panic = %what, "settling handed-off work panicked");
                     }
@@ -368,7 +377,7 @@ impl Relay {
             let me = self.clone();
             glommio::spawn_local(async move {
                 let t = target.clone();
-                if let Err(what) = crate::server::isolate(me.clone().worker(t)).await {
+                if let Err(what) = crate::util::isolate(me.clone().worker(t)).await {
                     tracing::error!(%target, panic = %what, "delivery worker panicked");
                 }
                 me.worker_done(&target);

@@ -159,7 +159,14 @@ impl Link {
             queued: (0..peers).map(|_| Event::new()).collect(),
         });
         for peer in (0..peers).filter(|&p| p != link.me()) {
-            glommio::spawn_local(link.clone().send_done_loop(peer)).detach();
+            // Supervised: a panic here would silently stop every done
+            // record to `peer`, leaving its recipients in flight for good.
+            let link = link.clone();
+            glommio::spawn_local(async move {
+                crate::util::supervise("handoff done sender", || link.clone().send_done_loop(peer))
+                    .await;
+            })
+            .detach();
         }
         Ok((link, receivers.streams()))
     }
