@@ -116,6 +116,8 @@ pub enum Report {
     },
     /// Not attempted (its worker went away): schedule it again now.
     Returned,
+    /// Its worker panicked: try again after the first retry delay.
+    Crashed,
     /// The message could not be read (deleted, or compacted elsewhere in
     /// the meantime): try again a little later if it is still queued.
     Unreadable,

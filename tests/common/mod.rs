@@ -38,6 +38,7 @@ pub struct ServerBuilder {
     args: Vec<String>,
     shards: usize,
     spool: Option<PathBuf>,
+    envs: Vec<(String, String)>,
 }
 
 impl ServerBuilder {
@@ -52,6 +53,13 @@ impl ServerBuilder {
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable of the server process (after the
+    /// developer's `RINGMTA_*` variables were removed).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -137,6 +145,7 @@ impl ServerBuilder {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
@@ -274,6 +283,7 @@ impl Server {
             args: Vec::new(),
             shards: 1,
             spool: None,
+            envs: Vec::new(),
         }
     }
 
