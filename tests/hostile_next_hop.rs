@@ -168,7 +168,9 @@ fn serve(
             let verb = cmd.get(..4).unwrap_or("").to_ascii_uppercase();
             let reply: &[u8] = match verb.as_str() {
                 "EHLO" => b"250-hop.test\r\n250 8BITMIME\r\n",
-                "MAIL" if script == Script::MalformedFirst && n == 0 => b"hello, I am no SMTP server\r\n",
+                "MAIL" if script == Script::MalformedFirst && n == 0 => {
+                    b"hello, I am no SMTP server\r\n"
+                }
                 "RCPT" if script == Script::HostileRefusal => {
                     let mut r = HOSTILE_REFUSAL.to_vec();
                     r.extend(std::iter::repeat_n(b'y', 1500));
@@ -235,12 +237,16 @@ fn bdat_bare_cr_dot_is_not_smuggled_to_the_next_hop() {
     assert_eq!(r.code, 250, "{r}");
     c.expect("QUIT", 221);
 
-    wait_until("the message at the next hop", Duration::from_secs(20), || {
-        hop.log(|l| !l.messages.is_empty())
-    });
-    wait_until("the relay's queue to empty", Duration::from_secs(20), || {
-        relay.queued().is_empty()
-    });
+    wait_until(
+        "the message at the next hop",
+        Duration::from_secs(20),
+        || hop.log(|l| !l.messages.is_empty()),
+    );
+    wait_until(
+        "the relay's queue to empty",
+        Duration::from_secs(20),
+        || relay.queued().is_empty(),
+    );
     std::thread::sleep(Duration::from_millis(300));
     hop.log(|l| {
         let mails: Vec<&String> = l.commands.iter().filter(|c| c.starts_with("MAIL")).collect();
@@ -280,24 +286,38 @@ fn malformed_reply_closes_the_connection_and_defers_only_its_message() {
     // All three wait behind the first connection's greeting.
     hop.go.store(true, Ordering::SeqCst);
 
-    wait_until("three messages at the next hop", Duration::from_secs(30), || {
-        hop.log(|l| l.messages.len() == 3)
-    });
-    wait_until("the relay's queue to empty", Duration::from_secs(20), || {
-        relay.queued().is_empty()
-    });
+    wait_until(
+        "three messages at the next hop",
+        Duration::from_secs(30),
+        || hop.log(|l| l.messages.len() == 3),
+    );
+    wait_until(
+        "the relay's queue to empty",
+        Duration::from_secs(20),
+        || relay.queued().is_empty(),
+    );
     let log = relay.stderr();
     let deferred = log.lines().filter(|l| l.contains(": deferred")).count();
-    assert_eq!(deferred, 1, "only the message in flight is deferred:\n{log}");
+    assert_eq!(
+        deferred, 1,
+        "only the message in flight is deferred:\n{log}"
+    );
     assert!(log.contains("malformed reply"), "{log}");
     assert!(!log.contains("not ready"), "{log}");
     hop.log(|l| {
         assert!(l.dropped[0], "the relay closed the bad connection");
         assert!(l.connections >= 2, "the others went on a new connection");
-        let bodies: Vec<String> = l.messages.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect();
+        let bodies: Vec<String> = l
+            .messages
+            .iter()
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+            .collect();
         for n in 0..3 {
             assert_eq!(
-                bodies.iter().filter(|b| b.contains(&format!("body {n}\r\n"))).count(),
+                bodies
+                    .iter()
+                    .filter(|b| b.contains(&format!("body {n}\r\n")))
+                    .count(),
                 1,
                 "{bodies:?}"
             );
@@ -326,16 +346,20 @@ fn hostile_reply_text_is_sanitised_in_the_bounce() {
         .unwrap()
         .join("maildir/localhost/s/new");
     let mut bounce = Vec::new();
-    wait_until("the bounce in s@localhost's Maildir", Duration::from_secs(30), || {
-        let Ok(dir) = std::fs::read_dir(&new) else {
-            return false;
-        };
-        let Some(file) = dir.flatten().next() else {
-            return false;
-        };
-        bounce = std::fs::read(file.path()).unwrap();
-        true
-    });
+    wait_until(
+        "the bounce in s@localhost's Maildir",
+        Duration::from_secs(30),
+        || {
+            let Ok(dir) = std::fs::read_dir(&new) else {
+                return false;
+            };
+            let Some(file) = dir.flatten().next() else {
+                return false;
+            };
+            bounce = std::fs::read(file.path()).unwrap();
+            true
+        },
+    );
     let text = String::from_utf8_lossy(&bounce).into_owned();
     for (i, &b) in bounce.iter().enumerate() {
         assert!(
@@ -386,12 +410,16 @@ fn panicking_delivery_worker_releases_its_message_for_a_retry() {
         b"Subject: other\r\n\r\nafter the panic\r\n",
     );
     c.expect("QUIT", 221);
-    wait_until("both messages at the next hop", Duration::from_secs(30), || {
-        hop.log(|l| l.messages.len() == 2)
-    });
-    wait_until("the relay's queue to empty", Duration::from_secs(20), || {
-        relay.queued().is_empty()
-    });
+    wait_until(
+        "both messages at the next hop",
+        Duration::from_secs(30),
+        || hop.log(|l| l.messages.len() == 2),
+    );
+    wait_until(
+        "the relay's queue to empty",
+        Duration::from_secs(20),
+        || relay.queued().is_empty(),
+    );
 }
 
 /// Regression (issue 11): a long EHLO name made a 1529-octet `Received:`
@@ -416,13 +444,13 @@ fn long_ehlo_name_is_relayed_to_another_ringmta() {
     });
     let q = downstream.newest().unwrap();
     let content = q.content();
-    let header_end = content
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap();
+    let header_end = content.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     for line in content[..header_end].split(|&b| b == b'\n') {
         assert!(line.len() <= 999, "a header line of {} octets", line.len());
     }
     let text = String::from_utf8_lossy(content);
-    assert!(text.contains(&format!("Received: from {}...", &helo[..255])), "{text}");
+    assert!(
+        text.contains(&format!("Received: from {}...", &helo[..255])),
+        "{text}"
+    );
 }

@@ -854,12 +854,8 @@ impl ContentEncoder {
     fn fold(&mut self, out: &mut Vec<u8>) {
         let is_wsp = |b: &u8| *b == b' ' || *b == b'\t';
         let first_text = self.line.iter().position(|b| !is_wsp(b));
-        let at = first_text.and_then(|first| {
-            self.line
-                .iter()
-                .rposition(is_wsp)
-                .filter(|&p| p > first)
-        });
+        let at =
+            first_text.and_then(|first| self.line.iter().rposition(is_wsp).filter(|&p| p > first));
         match at {
             Some(p) => {
                 let rest = self.line.split_off(p);
@@ -1170,7 +1166,11 @@ mod tests {
         }
         assert!(wire.is_empty() || wire.ends_with(b"\r\n"));
         for line in wire.split(|&b| b == b'\n') {
-            assert!(line.len() <= MAX_LINE + 1, "a line of {} octets", line.len());
+            assert!(
+                line.len() <= MAX_LINE + 1,
+                "a line of {} octets",
+                line.len()
+            );
         }
         let mut all = b"\r\n".to_vec();
         all.extend_from_slice(wire);
@@ -1201,7 +1201,7 @@ mod tests {
                 || content[c.saturating_sub(2)..(c + 2).min(content.len())]
                     .iter()
                     .any(|&b| b == b'\r' || b == b'\n' || b == b' ')
-                || c % 97 == 0
+                || c.is_multiple_of(97)
         };
         for cut in (0..=content.len()).filter(|&c| near_eol(c)) {
             assert_eq!(encode_split(framing, content, &[cut]), whole, "cut {cut}");
@@ -1230,7 +1230,9 @@ mod tests {
         for seq in SMUGGLING {
             let mut content = b"Subject: a\r\n\r\nfirst".to_vec();
             content.extend_from_slice(seq);
-            content.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@example.net>\r\nDATA\r\nsmuggled\r\n");
+            content.extend_from_slice(
+                b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@example.net>\r\nDATA\r\nsmuggled\r\n",
+            );
             let wire = encode_every_split(Framing::Data, &content);
             assert_unambiguous(&wire);
             let text = String::from_utf8_lossy(&wire);
@@ -1313,7 +1315,7 @@ mod tests {
             assert!(lines.iter().all(|l| l.len() <= MAX_LINE + 1));
             // Continuations begin with a space; nothing is lost.
             let spaces = lines.iter().filter(|l| l.first() == Some(&b' ')).count();
-            assert!(spaces >= 2 + 3 + 1, "{spaces}");
+            assert!(spaces > 2 + 3, "{spaces}");
             let kept: Vec<u8> = wire
                 .iter()
                 .copied()
@@ -1350,7 +1352,9 @@ mod tests {
                 5 => b" ",
                 6 => b"\r\n\r\n",
                 7 => b"\t",
-                _ => b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                _ => {
+                    b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                }
             };
             out.extend_from_slice(piece);
         }
@@ -1398,7 +1402,11 @@ mod tests {
         }
         many.push_str("451 last\r\n");
         let t = reply(&many).text();
-        assert!(t.len() < TEXT_LINES * (MAX_KEPT_TEXT + 3) + 16, "{}", t.len());
+        assert!(
+            t.len() < TEXT_LINES * (MAX_KEPT_TEXT + 3) + 16,
+            "{}",
+            t.len()
+        );
         assert!(t.ends_with(" / ..."));
         assert!(t.bytes().all(|b| (0x20..0x7f).contains(&b)));
     }

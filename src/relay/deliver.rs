@@ -1401,7 +1401,8 @@ mod test_hooks {
         let Ok(rcpt) = std::env::var("RINGMTA_TEST_PANIC_RCPT") else {
             return;
         };
-        if loaded.job.rcpts.iter().any(|r| r.addr == rcpt) && !PANICKED.swap(true, Ordering::SeqCst) {
+        if loaded.job.rcpts.iter().any(|r| r.addr == rcpt) && !PANICKED.swap(true, Ordering::SeqCst)
+        {
             panic!("test hook: delivery to {rcpt} panics once");
         }
     }

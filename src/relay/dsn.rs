@@ -311,7 +311,10 @@ mod tests {
             SystemTime::UNIX_EPOCH,
         );
         for (i, &c) in b.iter().enumerate() {
-            assert!(matches!(c, b'\r' | b'\n' | b'\t' | 0x20..=0x7e), "octet {c:#x}");
+            assert!(
+                matches!(c, b'\r' | b'\n' | b'\t' | 0x20..=0x7e),
+                "octet {c:#x}"
+            );
             if c == b'\r' {
                 assert_eq!(b.get(i + 1), Some(&b'\n'), "bare CR at {i}");
             }

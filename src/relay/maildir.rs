@@ -92,7 +92,10 @@ pub async fn deliver(
 /// of that parent are all made. Returns the directories synced.
 async fn make_dirs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut synced = Vec::new();
-    if ["tmp", "new", "cur"].iter().all(|sub| dir.join(sub).is_dir()) {
+    if ["tmp", "new", "cur"]
+        .iter()
+        .all(|sub| dir.join(sub).is_dir())
+    {
         return Ok(synced);
     }
     // Missing ancestors, the outermost first.
@@ -176,9 +179,16 @@ mod tests {
         assert!(run(make_dirs(&dir)).unwrap().is_empty());
         // A mailbox missing only cur/ (made by another tool) gets it.
         std::fs::remove_dir(dir.join("cur")).unwrap();
-        assert_eq!(run(make_dirs(&dir)).unwrap(), [dir.clone()]);
+        assert_eq!(run(make_dirs(&dir)).unwrap(), std::slice::from_ref(&dir));
         // And delivery writes the file there, once.
-        run(deliver(&dir, None, "John@example.org", b"Subject: x\r\n\r\nx\r\n", "u1")).unwrap();
+        run(deliver(
+            &dir,
+            None,
+            "John@example.org",
+            b"Subject: x\r\n\r\nx\r\n",
+            "u1",
+        ))
+        .unwrap();
         run(deliver(&dir, None, "John@example.org", b"other", "u1")).unwrap();
         let got = std::fs::read(dir.join("new/u1")).unwrap();
         assert!(got.ends_with(b"Subject: x\r\n\r\nx\r\n"));

@@ -743,17 +743,22 @@ pub(crate) mod tests {
             let mut rx = BdatReceiver::with_lines(chunk.len() as u64, policy, lines);
             let cut = cut.min(chunk.len());
             let first = rx.handle(&chunk[..cut], Some(&mut body));
-            assert_eq!(first, if cut == chunk.len() {
-                Progress::Done { consumed: cut }
-            } else {
-                Progress::NeedMore { consumed: cut }
-            });
+            assert_eq!(
+                first,
+                if cut == chunk.len() {
+                    Progress::Done { consumed: cut }
+                } else {
+                    Progress::NeedMore { consumed: cut }
+                }
+            );
             if cut < chunk.len() {
                 let mut rest = chunk[cut..].to_vec();
                 rest.extend_from_slice(b"NEXT COMMAND\r\n");
                 assert_eq!(
                     rx.handle(&rest, Some(&mut body)),
-                    Progress::Done { consumed: chunk.len() - cut }
+                    Progress::Done {
+                        consumed: chunk.len() - cut
+                    }
                 );
             }
             lines = rx.lines();
@@ -801,7 +806,10 @@ pub(crate) mod tests {
         // Clean content is untouched, CRLF split between chunks included.
         let clean = b"a\r\nb\r\n\r\nc\r\n";
         for policy in [BareNewline::Normalize, BareNewline::Reject] {
-            assert_eq!(bdat_every_split(clean, policy), (clean.to_vec(), Verdict::Ok));
+            assert_eq!(
+                bdat_every_split(clean, policy),
+                (clean.to_vec(), Verdict::Ok)
+            );
         }
         // A CR at the very end of the last chunk has no LF.
         assert_eq!(

@@ -200,7 +200,11 @@ mod tests {
     /// `Received:` line, which a downstream ringmta refused.
     #[test]
     fn long_helo_keeps_trace_lines_short() {
-        for helo in ["h".repeat(1500), "\u{e9}".repeat(700), "short.example".into()] {
+        for helo in [
+            "h".repeat(1500),
+            "\u{e9}".repeat(700),
+            "short.example".into(),
+        ] {
             let env = Envelope {
                 peer: "[2001:db8::1]:25".parse().unwrap(),
                 helo: helo.clone(),

@@ -1321,7 +1321,8 @@ mod tests {
     #[test]
     fn bdat_bare_cr_is_refused_or_normalized() {
         let content: &[u8] = b"Subject: a\r\n\r\nfirst\r.\rMAIL FROM:<evil@example.org>\r\n";
-        let mut input = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\n".to_vec();
+        let mut input =
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\n".to_vec();
         input.extend_from_slice(format!("BDAT {} LAST\r\n", content.len()).as_bytes());
         input.extend_from_slice(content);
         input.extend_from_slice(b"NOOP\r\n");
@@ -1343,11 +1344,17 @@ mod tests {
         // last chunk is bare.
         let split = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nBDAT 3\r\nab\rBDAT 2 LAST\r\n\ncNOOP\r\n";
         let (out, msgs) = drive_every_split(&strict, split);
-        assert_eq!(codes(&out), ["220", "250", "250", "250", "250", "250", "250"]);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "250", "250", "250"]
+        );
         assert_eq!(msgs[0].body, b"ab\r\nc");
         let trailing = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nBDAT 3\r\nab\rBDAT 0 LAST\r\nNOOP\r\n";
         let (out, msgs) = drive_every_split(&strict, trailing);
-        assert_eq!(codes(&out), ["220", "250", "250", "250", "250", "550", "250"]);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "250", "550", "250"]
+        );
         assert!(msgs.is_empty());
     }
 
