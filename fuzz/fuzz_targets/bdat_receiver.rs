@@ -56,8 +56,8 @@ fuzz_target!(|data: &[u8]| {
 });
 
 /// Chunks end at `chunk_cuts` (then at the end); reads end at `read_cuts`
-/// (and at chunk ends). After each chunk, more input (the next command)
-/// follows in the same read, which the receiver must not take.
+/// (and at chunk ends). The read that ends a chunk also holds what follows
+/// it (the next command), which the receiver must not take.
 fn receive(
     payload: &[u8],
     chunk_cuts: &[usize],
@@ -72,8 +72,14 @@ fn receive(
         let mut pos = from;
         let reads = read_cuts.iter().copied().filter(|&c| c > from && c < end);
         for stop in reads.chain(std::iter::once(end)) {
+            if stop == pos && stop < end {
+                continue;
+            }
             let mut input = payload[pos..stop].to_vec();
-            input.extend_from_slice(b"BDAT 1 LAST\r\n");
+            if stop == end {
+                // What follows the chunk in the stream.
+                input.extend_from_slice(b"BDAT 1 LAST\r\n");
+            }
             match rx.handle(&input, Some(&mut body)) {
                 Progress::NeedMore { consumed } => {
                     assert_eq!(consumed, stop - pos);

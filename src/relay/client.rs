@@ -8,6 +8,12 @@
 //! write), SIZE, 8BITMIME/SMTPUTF8 rules, CHUNKING (`BDAT n LAST`) and DSN
 //! parameters. No sockets and no clock here: timeouts belong to the driver.
 //!
+//! The next hop may be hostile or read SMTP its own way. What goes to it is
+//! unambiguous ([`ContentEncoder`]: CRLF line ends only, every line-start
+//! dot stuffed, no line over 998 octets); what comes back is bounded and
+//! sanitised once, at the edge ([`ReplyParser`]): a reply that breaks the
+//! bounds is an error, and the connection must then be closed.
+//!
 //! STARTTLS (RFC 3207) per [`StartTls`]: when the EHLO reply offers it, the
 //! client sends `STARTTLS`; on `220` it stops and [`Client::wants_tls`] says
 //! the driver must run the handshake, after which

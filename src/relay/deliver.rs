@@ -5,7 +5,9 @@
 //! to it once the mesh is joined; the owner's workers deliver them next to
 //! its own, and their outcomes come back to be journaled here. Recipients
 //! stay in `in_flight` on the origin until their outcome is settled, so a
-//! message is never scheduled twice at once.
+//! message is never scheduled twice at once. A worker that panics gives
+//! back the work it held ([`Held`]): its recipients leave `in_flight` and
+//! are retried after the first retry delay.
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
