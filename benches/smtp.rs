@@ -166,7 +166,12 @@ fn content(c: &mut Criterion) {
             |b, chunk| {
                 b.iter(|| {
                     body.clear();
-                    let mut rx = BdatReceiver::new(chunk.len() as u64);
+                    // The default policy: bare CR/LF normalised.
+                    let mut rx = BdatReceiver::with_lines(
+                        chunk.len() as u64,
+                        BareNewline::Normalize,
+                        Default::default(),
+                    );
                     black_box(rx.handle(black_box(chunk), Some(&mut body)))
                 })
             },

@@ -21,7 +21,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(parse_command data_receiver session)
+    targets=(parse_command data_receiver session bdat_receiver reply_parser)
 fi
 sanitizer=${SANITIZER:-none}
 

@@ -51,6 +51,9 @@
 //!   queue is refused or waited for, with a bound. A leaf.
 //! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
 //!   turned once into a validated [`config::Config`].
+//! * [`util`] — a leaf of small shared helpers: [`util::isolate`] (a task's
+//!   panic caught, not the shard's end) and [`util::supervise`] (a shard's
+//!   long-lived loop restarted with backoff after a panic).
 
 pub mod blocking;
 pub mod cli;
@@ -60,3 +63,4 @@ pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod util;

@@ -171,12 +171,13 @@ last line\r\n";
 
 /// swaks cannot send BDAT: the raw client sends the message in three
 /// chunks (the middle one pipelined with the last), which ringmta stores
-/// as they are, never scanned or unstuffed.
+/// as they are, never unstuffed; only the bare LF becomes CRLF
+/// (`--bare-newline normalize`, as for DATA).
 #[test]
 fn bdat_message_raw_client() {
     let server = Server::start(&[]);
     let msg: &[u8] =
-        b"Subject: chunked\r\n\r\n.not stuffed in BDAT\r\nbare\nLF kept\r\n.\r\nend\r\n";
+        b"Subject: chunked\r\n\r\n.not stuffed in BDAT\r\nbare\nLF made CRLF\r\n.\r\nend\r\n";
     let (a, rest) = msg.split_at(20);
     let (b, c) = rest.split_at(17);
     let mut client = server.connect();
@@ -204,7 +205,10 @@ fn bdat_message_raw_client() {
     let q = server.message(&id);
     assert!(q.has_line("chunked"), "{:?}", q.lines);
     assert_received(&q, "client.example", "ESMTP", before, after);
-    assert_eq!(q.content(), msg);
+    assert_eq!(
+        q.content(),
+        b"Subject: chunked\r\n\r\n.not stuffed in BDAT\r\nbare\r\nLF made CRLF\r\n.\r\nend\r\n"
+    );
 }
 
 /// swaks cannot add BODY=8BITMIME: the raw client sends an 8-bit body with

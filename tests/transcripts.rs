@@ -82,6 +82,7 @@ transcripts!(
     dot_stuffing,
     eight_bit_content,
     bdat,
+    bdat_bare_newline_reject,
     bdat_pipelined,
     command_timeout,
     too_many_errors,

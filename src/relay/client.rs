@@ -8,6 +8,12 @@
 //! write), SIZE, 8BITMIME/SMTPUTF8 rules, CHUNKING (`BDAT n LAST`) and DSN
 //! parameters. No sockets and no clock here: timeouts belong to the driver.
 //!
+//! The next hop may be hostile or read SMTP its own way. What goes to it is
+//! unambiguous ([`ContentEncoder`]: CRLF line ends only, every line-start
+//! dot stuffed, no line over 998 octets); what comes back is bounded and
+//! sanitised once, at the edge ([`ReplyParser`]): a reply that breaks the
+//! bounds is an error, and the connection must then be closed.
+//!
 //! STARTTLS (RFC 3207) per [`StartTls`]: when the EHLO reply offers it, the
 //! client sends `STARTTLS`; on `220` it stops and [`Client::wants_tls`] says
 //! the driver must run the handshake, after which
@@ -19,7 +25,8 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub code: u16,
-    /// Every line's text after the code and separator.
+    /// Every line's text after the code and separator, made safe by the
+    /// parser: printable ASCII only, at most [`MAX_KEPT_TEXT`] octets each.
     pub lines: Vec<String>,
 }
 
@@ -28,30 +35,54 @@ impl Reply {
         self.code / 100
     }
 
-    /// The reply as one line for logs and DSNs: `550 5.1.1 No such user`.
+    /// The reply as one line for logs and DSNs: `550 5.1.1 No such user`;
+    /// the lines of a multi-line reply joined by ` / `, the first
+    /// [`TEXT_LINES`] of them only.
     pub fn text(&self) -> String {
-        format!("{} {}", self.code, self.lines.join(" / "))
+        let mut t = format!("{}", self.code);
+        for (i, line) in self.lines.iter().take(TEXT_LINES).enumerate() {
+            t.push_str(if i == 0 { " " } else { " / " });
+            t.push_str(line);
+        }
+        if self.lines.len() > TEXT_LINES {
+            t.push_str(" / ...");
+        }
+        t
     }
 }
 
 /// Splits server output into replies (RFC 5321 4.2.1: `ddd-text` lines until
-/// a `ddd text` line). Bounded: a reply over `MAX_REPLY` bytes is an error.
+/// a `ddd text` line). A line ends at LF (a CR before it is dropped).
+/// Bounded, so that a hostile next hop cannot make the client buffer
+/// without end or pass arbitrary octets on into logs and bounces: a line
+/// over [`MAX_REPLY_LINE`] octets or a reply over [`MAX_REPLY_LINES`] lines
+/// is an error (the connection is then closed), and the text kept of each
+/// line is sanitised ([`sanitize`]) and cut at [`MAX_KEPT_TEXT`] octets.
 #[derive(Debug, Default)]
 pub struct ReplyParser {
     lines: Vec<String>,
     code: Option<u16>,
-    size: usize,
 }
 
-/// Largest reply accepted (a peer cannot make us buffer without bound).
-pub const MAX_REPLY: usize = 64 << 10;
+/// Longest reply line accepted, CRLF included. RFC 5321 4.5.3.1.5 says 512;
+/// real servers exceed it now and then (long 5xx texts with URLs), so the
+/// line is taken up to Postfix's `line_length_limit` and its text cut.
+pub const MAX_REPLY_LINE: usize = 2048;
+/// Most lines in one reply (an EHLO reply has about 15).
+pub const MAX_REPLY_LINES: usize = 64;
+/// Octets of text kept per line (RFC 5321's reply line length).
+pub const MAX_KEPT_TEXT: usize = 512;
+/// Lines of a reply in [`Reply::text`].
+pub const TEXT_LINES: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReplyError {
     #[error("malformed reply line: {0:?}")]
     Malformed(String),
-    #[error("reply longer than {MAX_REPLY} bytes")]
-    TooLong,
+    #[error("reply line longer than {MAX_REPLY_LINE} octets")]
+    LineTooLong,
+    #[error("reply of more than {MAX_REPLY_LINES} lines")]
+    TooManyLines,
 }
 
 impl ReplyParser {
@@ -60,30 +91,31 @@ impl ReplyParser {
     pub fn feed(&mut self, input: &[u8]) -> Result<(usize, Option<Reply>), ReplyError> {
         let mut used = 0;
         while let Some(nl) = memchr::memchr(b'\n', &input[used..]) {
+            if nl + 1 > MAX_REPLY_LINE {
+                return Err(ReplyError::LineTooLong);
+            }
             let raw = &input[used..used + nl];
             used += nl + 1;
             let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-            self.size += line.len();
-            if self.size > MAX_REPLY {
-                return Err(ReplyError::TooLong);
-            }
-            let text = String::from_utf8_lossy(line);
-            let code = text
+            let code = line
                 .get(..3)
-                .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|c| c.parse::<u16>().ok())
+                .filter(|c| c.iter().all(u8::is_ascii_digit))
+                .map(|c| c.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0')))
                 .filter(|c| (200..600).contains(c))
-                .ok_or_else(|| ReplyError::Malformed(text.clone().into_owned()))?;
+                .ok_or_else(|| ReplyError::Malformed(sanitize(line, MAX_KEPT_TEXT)))?;
             if self.code.is_some_and(|c| c != code) {
-                return Err(ReplyError::Malformed(text.into_owned()));
+                return Err(ReplyError::Malformed(sanitize(line, MAX_KEPT_TEXT)));
+            }
+            if self.lines.len() >= MAX_REPLY_LINES {
+                return Err(ReplyError::TooManyLines);
             }
             self.code = Some(code);
-            let sep = text.as_bytes().get(3).copied();
-            self.lines.push(text.get(4..).unwrap_or("").to_owned());
+            let sep = line.get(3).copied();
+            self.lines
+                .push(sanitize(line.get(4..).unwrap_or(b""), MAX_KEPT_TEXT));
             match sep {
                 Some(b'-') => continue,
                 None | Some(b' ') => {
-                    self.size = 0;
                     self.code = None;
                     let reply = Reply {
                         code,
@@ -91,14 +123,36 @@ impl ReplyParser {
                     };
                     return Ok((used, Some(reply)));
                 }
-                Some(_) => return Err(ReplyError::Malformed(text.into_owned())),
+                Some(_) => return Err(ReplyError::Malformed(sanitize(line, MAX_KEPT_TEXT))),
             }
         }
-        if input.len() - used > MAX_REPLY {
-            return Err(ReplyError::TooLong);
+        if input.len() - used >= MAX_REPLY_LINE {
+            return Err(ReplyError::LineTooLong);
         }
         Ok((used, None))
     }
+}
+
+/// `text` as printable ASCII: a tab becomes a space, every other octet
+/// outside 0x20..=0x7e (CR, LF, NUL, 8-bit) becomes `\xNN`, and the result
+/// is cut at `max` octets (ending in `...` when cut). Safe to put in a log
+/// line, a header field or a bounce: nothing in it can end a line.
+pub fn sanitize(text: &[u8], max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for &b in text {
+        let before = out.len();
+        match b {
+            b'\t' => out.push(' '),
+            0x20..=0x7e => out.push(char::from(b)),
+            _ => out.push_str(&format!("\\x{b:02X}")),
+        }
+        if out.len() > max {
+            out.truncate(before.min(max.saturating_sub(3)));
+            out.push_str("...");
+            break;
+        }
+    }
+    out
 }
 
 /// What the server said it supports, from the EHLO reply.
@@ -509,7 +563,7 @@ impl Client {
                         let body = self
                             .job
                             .as_ref()
-                            .map(|j| dot_stuff(&j.body))
+                            .map(|j| ContentEncoder::encode_all(Framing::Data, &j.body))
                             .unwrap_or_default();
                         self.out.extend_from_slice(&body);
                         self.out.extend_from_slice(b".\r\n");
@@ -561,9 +615,10 @@ impl Client {
     fn send_content_command(&mut self) {
         if self.features.chunking {
             let Some(job) = &self.job else { return };
-            let head = format!("BDAT {} LAST\r\n", job.body.len());
+            let body = ContentEncoder::encode_all(Framing::Bdat, &job.body);
+            let head = format!("BDAT {} LAST\r\n", body.len());
             self.out.extend_from_slice(head.as_bytes());
-            self.out.extend_from_slice(&job.body);
+            self.out.extend_from_slice(&body);
             self.pending.push_back(Phase::DataDone);
             self.phase = Phase::DataDone;
         } else {
@@ -670,23 +725,181 @@ fn outcome_of(r: &Reply) -> RcptOutcome {
     }
 }
 
-/// RFC 5321 4.5.2: a line that starts with '.' gets one more.
-pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 64);
-    let mut from = 0;
-    if body.first() == Some(&b'.') {
-        out.push(b'.');
+/// Longest line the client sends, without its CRLF and counting a
+/// stuffing dot: 998 (RFC 5322 2.1.1; RFC 5321 4.5.3.1.6's 1000 with CRLF).
+pub const MAX_LINE: usize = 998;
+
+/// How content is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// After DATA: a dot is stuffed in front of every line that starts with
+    /// one (RFC 5321 4.5.2); the caller sends `.<CRLF>` after the content.
+    Data,
+    /// In a BDAT chunk: counted, nothing stuffed.
+    Bdat,
+}
+
+/// Turns stored content into what goes on the wire, so that the next hop
+/// can read it only one way, whatever it does with bare line ends:
+///
+/// * every line end is CRLF: a bare CR, a bare LF and CRLF each become
+///   one CRLF (content stored before bare line ends were normalised, or
+///   from a BDAT, may hold them);
+/// * under [`Framing::Data`] a dot is stuffed after every line break, so
+///   the only `<CRLF>.<CRLF>` sent is the end of the content;
+/// * no line is longer than [`MAX_LINE`] octets: a longer header line is
+///   folded (RFC 5322 2.2.3) before its last space or tab that fits, which
+///   unfolds to the same field; one without whitespace, and a long body
+///   line, get `<CRLF><SPACE>` inserted, as Postfix's
+///   `smtp_line_length_limit` does (the space keeps a continuation from
+///   looking like a MIME boundary, a header or a dot line);
+/// * the content ends with CRLF.
+///
+/// Sans-IO and incremental: [`ContentEncoder::encode`] may be given the
+/// content in pieces split anywhere (a CR and its LF in two pieces
+/// included); [`ContentEncoder::finish`] ends it. Memory: one header line
+/// (at most [`MAX_LINE`] octets) is held to find where to fold it.
+#[derive(Debug, Clone)]
+pub struct ContentEncoder {
+    framing: Framing,
+    /// The last octet was a CR, already written as a line end: an LF right
+    /// after it belongs to it.
+    after_cr: bool,
+    /// No empty line yet: lines are header lines, folded at whitespace.
+    header: bool,
+    /// The current header line, held until it ends.
+    line: Vec<u8>,
+    /// Octets of the current body line on the wire so far (a stuffing
+    /// dot included).
+    body_len: usize,
+}
+
+impl ContentEncoder {
+    pub fn new(framing: Framing) -> Self {
+        Self {
+            framing,
+            after_cr: false,
+            header: true,
+            line: Vec::new(),
+            body_len: 0,
+        }
     }
-    for i in memchr::memmem::find_iter(body, b"\n.") {
-        out.extend_from_slice(&body[from..=i]);
-        out.push(b'.');
-        from = i + 1;
+
+    /// The whole of `content`, encoded.
+    pub fn encode_all(framing: Framing, content: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(content.len() + content.len() / 64 + 2);
+        let mut enc = ContentEncoder::new(framing);
+        enc.encode(content, &mut out);
+        enc.finish(&mut out);
+        out
     }
-    out.extend_from_slice(&body[from..]);
-    if !out.ends_with(b"\r\n") && !out.is_empty() {
+
+    /// Encodes the next piece of content onto `out`.
+    pub fn encode(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        while !input.is_empty() {
+            if std::mem::take(&mut self.after_cr) && input[0] == b'\n' {
+                input = &input[1..];
+                continue;
+            }
+            let eol = memchr::memchr2(b'\r', b'\n', input);
+            let run = &input[..eol.unwrap_or(input.len())];
+            if self.header {
+                self.header_run(run, out);
+            } else {
+                self.body_run(run, out);
+            }
+            let Some(at) = eol else { break };
+            self.end_line(out);
+            self.after_cr = input[at] == b'\r';
+            input = &input[at + 1..];
+        }
+    }
+
+    /// Ends the content: an unfinished last line gets its CRLF.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if (self.header && !self.line.is_empty()) || (!self.header && self.body_len > 0) {
+            self.end_line(out);
+        }
+    }
+
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        if self.header {
+            if self.line.is_empty() {
+                // The empty line: the body follows.
+                self.header = false;
+            } else {
+                self.write_header_line(out);
+            }
+        }
+        self.body_len = 0;
         out.extend_from_slice(b"\r\n");
     }
-    out
+
+    fn header_run(&mut self, run: &[u8], out: &mut Vec<u8>) {
+        for &b in run {
+            if self.wire_len() >= MAX_LINE {
+                self.fold(out);
+            }
+            self.line.push(b);
+        }
+    }
+
+    /// Writes the held header line without its CRLF and forgets it.
+    fn write_header_line(&mut self, out: &mut Vec<u8>) {
+        if self.stuffed() {
+            out.push(b'.');
+        }
+        out.extend_from_slice(&self.line);
+        self.line.clear();
+    }
+
+    /// The held header line is as long as a line may be and goes on: it
+    /// is cut before its last whitespace (that has something else before
+    /// it), which begins the continuation; else after its last octet, with
+    /// a space to begin the continuation.
+    fn fold(&mut self, out: &mut Vec<u8>) {
+        let is_wsp = |b: &u8| *b == b' ' || *b == b'\t';
+        let first_text = self.line.iter().position(|b| !is_wsp(b));
+        let at =
+            first_text.and_then(|first| self.line.iter().rposition(is_wsp).filter(|&p| p > first));
+        match at {
+            Some(p) => {
+                let rest = self.line.split_off(p);
+                self.write_header_line(out);
+                self.line = rest;
+            }
+            None => {
+                self.write_header_line(out);
+                self.line.push(b' ');
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn stuffed(&self) -> bool {
+        self.framing == Framing::Data && self.line.first() == Some(&b'.')
+    }
+
+    fn wire_len(&self) -> usize {
+        self.line.len() + usize::from(self.stuffed())
+    }
+
+    fn body_run(&mut self, mut run: &[u8], out: &mut Vec<u8>) {
+        while !run.is_empty() {
+            if self.body_len >= MAX_LINE {
+                out.extend_from_slice(b"\r\n ");
+                self.body_len = 1;
+            }
+            if self.body_len == 0 && self.framing == Framing::Data && run[0] == b'.' {
+                out.push(b'.');
+                self.body_len = 1;
+            }
+            let take = run.len().min(MAX_LINE - self.body_len);
+            out.extend_from_slice(&run[..take]);
+            self.body_len += take;
+            run = &run[take..];
+        }
+    }
 }
 
 #[cfg(test)]
@@ -934,9 +1147,304 @@ mod tests {
         assert_eq!(c.poll_transmit(), None);
     }
 
+    fn data(content: &[u8]) -> Vec<u8> {
+        ContentEncoder::encode_all(Framing::Data, content)
+    }
+
     #[test]
     fn dot_stuffing() {
-        assert_eq!(dot_stuff(b".a\r\nb\r\n..c\r\n"), b"..a\r\nb\r\n...c\r\n");
-        assert_eq!(dot_stuff(b""), b"");
+        assert_eq!(data(b".a\r\nb\r\n..c\r\n"), b"..a\r\nb\r\n...c\r\n");
+        assert_eq!(data(b"a\r\n\r\n.\r\n"), b"a\r\n\r\n..\r\n");
+        assert_eq!(data(b""), b"");
+    }
+
+    /// Checks what the next hop receives after DATA: only CRLF line ends,
+    /// no line over 1000 octets with its CRLF, and `<CRLF>.<CRLF>` nowhere
+    /// but at the very end once `.<CRLF>` is added.
+    fn assert_unambiguous(wire: &[u8]) {
+        for (i, &b) in wire.iter().enumerate() {
+            if b == b'\r' {
+                assert_eq!(wire.get(i + 1), Some(&b'\n'), "bare CR at {i}");
+            }
+            if b == b'\n' {
+                assert!(i > 0 && wire[i - 1] == b'\r', "bare LF at {i}");
+            }
+        }
+        assert!(wire.is_empty() || wire.ends_with(b"\r\n"));
+        for line in wire.split(|&b| b == b'\n') {
+            assert!(
+                line.len() <= MAX_LINE + 1,
+                "a line of {} octets",
+                line.len()
+            );
+        }
+        let mut all = b"\r\n".to_vec();
+        all.extend_from_slice(wire);
+        all.extend_from_slice(b".\r\n");
+        let ends: Vec<usize> = memchr::memmem::find_iter(&all, b"\r\n.\r\n").collect();
+        assert_eq!(ends, [all.len() - 5], "an end of data inside the content");
+    }
+
+    /// Encodes `content` split at `cuts`.
+    fn encode_split(framing: Framing, content: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut enc = ContentEncoder::new(framing);
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &c in cuts.iter().chain(std::iter::once(&content.len())) {
+            enc.encode(&content[from..c], &mut out);
+            from = c;
+        }
+        enc.finish(&mut out);
+        out
+    }
+
+    /// The same output whole, split at every point (long content: every
+    /// point near a line end), at pairs of points and byte by byte.
+    fn encode_every_split(framing: Framing, content: &[u8]) -> Vec<u8> {
+        let whole = encode_split(framing, content, &[]);
+        let near_eol = |c: usize| {
+            content.len() < 400
+                || content[c.saturating_sub(2)..(c + 2).min(content.len())]
+                    .iter()
+                    .any(|&b| b == b'\r' || b == b'\n' || b == b' ')
+                || c.is_multiple_of(97)
+        };
+        for cut in (0..=content.len()).filter(|&c| near_eol(c)) {
+            assert_eq!(encode_split(framing, content, &[cut]), whole, "cut {cut}");
+            if content.len() < 400 {
+                for cut2 in (cut..=content.len()).step_by(7) {
+                    assert_eq!(encode_split(framing, content, &[cut, cut2]), whole);
+                }
+            }
+        }
+        let all: Vec<usize> = (1..content.len()).collect();
+        assert_eq!(encode_split(framing, content, &all), whole, "byte by byte");
+        whole
+    }
+
+    const SMUGGLING: [&[u8]; 6] = [
+        b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r",
+    ];
+
+    /// Regression (issue 11): a BDAT body holding `\r.\rMAIL FROM:...` was
+    /// relayed unchanged inside DATA, where a next hop that takes a bare CR
+    /// as a line end reads the end of the message and a second
+    /// transaction. Every look-alike of the end of data now goes out as a
+    /// CRLF line with its dot stuffed.
+    #[test]
+    fn bare_cr_dot_in_content_cannot_end_data_downstream() {
+        for seq in SMUGGLING {
+            let mut content = b"Subject: a\r\n\r\nfirst".to_vec();
+            content.extend_from_slice(seq);
+            content.extend_from_slice(
+                b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@example.net>\r\nDATA\r\nsmuggled\r\n",
+            );
+            let wire = encode_every_split(Framing::Data, &content);
+            assert_unambiguous(&wire);
+            let text = String::from_utf8_lossy(&wire);
+            assert!(
+                text.contains("first\r\n..\r\nMAIL FROM:<evil@example.org>\r\n"),
+                "{seq:?}: {text:?}"
+            );
+            // Under BDAT nothing is stuffed, but line ends are CRLF too.
+            let bdat = encode_every_split(Framing::Bdat, &content);
+            assert!(String::from_utf8_lossy(&bdat).contains("first\r\n.\r\nMAIL FROM:"));
+            assert!(!bdat.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n'));
+        }
+    }
+
+    #[test]
+    fn bare_line_ends_become_crlf_even_split_between_cr_and_lf() {
+        let wire = encode_every_split(Framing::Data, b"a\rb\nc\r\n\r\r\nd\n\re");
+        assert_eq!(wire, b"a\r\nb\r\nc\r\n\r\n\r\nd\r\n\r\ne\r\n");
+        assert_eq!(encode_every_split(Framing::Bdat, b"x\r"), b"x\r\n");
+    }
+
+    /// Clean content (CRLF, short lines) goes out exactly as before:
+    /// stuffed after DATA, unchanged in BDAT.
+    #[test]
+    fn clean_content_is_unchanged_but_for_stuffing() {
+        let content = b"Subject: x\r\nTo: <a@b>\r\n\r\n.dot\r\n..two\r\nplain\r\n";
+        assert_eq!(encode_every_split(Framing::Bdat, content), content);
+        assert_eq!(
+            encode_every_split(Framing::Data, content),
+            b"Subject: x\r\nTo: <a@b>\r\n\r\n..dot\r\n...two\r\nplain\r\n"
+        );
+    }
+
+    /// Unfolds a header section (RFC 5322 2.2.3): CRLF before WSP removed.
+    fn unfold(h: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < h.len() {
+            if h[i..].starts_with(b"\r\n") && matches!(h.get(i + 2), Some(b' ' | b'\t')) {
+                i += 2;
+                continue;
+            }
+            out.push(h[i]);
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn long_header_line_is_folded_at_whitespace() {
+        let mut value = Vec::new();
+        for n in 0..200 {
+            value.extend_from_slice(format!(" <recipient{n}@example.net>,").as_bytes());
+        }
+        let mut content = b"To:".to_vec();
+        content.extend_from_slice(&value);
+        content.extend_from_slice(b"\r\nSubject: x\r\n\r\nbody\r\n");
+        let wire = encode_every_split(Framing::Data, &content);
+        assert_unambiguous(&wire);
+        assert!(wire.split(|&b| b == b'\n').count() > 6, "folded");
+        // Folding at existing whitespace loses nothing.
+        assert_eq!(unfold(&wire), content);
+    }
+
+    #[test]
+    fn long_lines_without_whitespace_are_split_with_crlf_space() {
+        let mut content = b"X-Long: ".to_vec();
+        content.extend(std::iter::repeat_n(b'h', 2500));
+        content.extend_from_slice(b"\r\n\r\n");
+        content.extend(std::iter::repeat_n(b'b', 3000));
+        content.extend_from_slice(b"\r\n.");
+        content.extend(std::iter::repeat_n(b'd', 997));
+        content.extend_from_slice(b"\r\n");
+        for framing in [Framing::Data, Framing::Bdat] {
+            let wire = encode_every_split(framing, &content);
+            if framing == Framing::Data {
+                assert_unambiguous(&wire);
+            }
+            let lines: Vec<&[u8]> = wire.split(|&b| b == b'\n').collect();
+            assert!(lines.iter().all(|l| l.len() <= MAX_LINE + 1));
+            // Continuations begin with a space; nothing is lost.
+            let spaces = lines.iter().filter(|l| l.first() == Some(&b' ')).count();
+            assert!(spaces > 2 + 3, "{spaces}");
+            let kept: Vec<u8> = wire
+                .iter()
+                .copied()
+                .filter(|&b| b != b'\r' && b != b'\n' && b != b' ' && b != b'.')
+                .collect();
+            let want: Vec<u8> = content
+                .iter()
+                .copied()
+                .filter(|&b| b != b'\r' && b != b'\n' && b != b' ' && b != b'.')
+                .collect();
+            assert_eq!(kept, want);
+        }
+        // A stuffed line of 998 octets would be 999 on the wire: split.
+        let mut dotted = b"\r\n.".to_vec();
+        dotted.extend(std::iter::repeat_n(b'd', 997));
+        let wire = data(&dotted);
+        assert_unambiguous(&wire);
+    }
+
+    /// Deterministic noise full of the octets that matter.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let piece: &[u8] = match x % 23 {
+                0 => b"\r",
+                1 => b"\n",
+                2 => b"\r\n",
+                3 => b".",
+                4 => b"\r\n.\r\n",
+                5 => b" ",
+                6 => b"\r\n\r\n",
+                7 => b"\t",
+                _ => {
+                    b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                }
+            };
+            out.extend_from_slice(piece);
+        }
+        out
+    }
+
+    #[test]
+    fn any_content_goes_out_unambiguous_whatever_the_split() {
+        for seed in 0..40u64 {
+            let content = noise(seed * 7919 + 1, 300 + (seed as usize * 97) % 2500);
+            let wire = encode_split(Framing::Data, &content, &[]);
+            assert_unambiguous(&wire);
+            for cut in (0..content.len()).step_by(31) {
+                assert_eq!(encode_split(Framing::Data, &content, &[cut]), wire);
+            }
+        }
+    }
+
+    #[test]
+    fn bdat_chunk_size_counts_the_encoded_content() {
+        let mut c = Client::new("relay.test");
+        c.handle_reply(reply("220 x\r\n"));
+        sent(&mut c);
+        c.handle_reply(reply("250-x\r\n250-PIPELINING\r\n250 CHUNKING\r\n"));
+        c.start(job(1, b"a\r.\rb")).unwrap();
+        sent(&mut c);
+        c.handle_reply(reply("250 ok\r\n"));
+        c.handle_reply(reply("250 ok\r\n"));
+        assert_eq!(sent(&mut c), "BDAT 9 LAST\r\na\r\n.\r\nb\r\n");
+    }
+
+    /// Regression (issue 11): a next hop's reply text went into logs and
+    /// bounces unsanitised (bare CR, 8-bit, any length).
+    #[test]
+    fn reply_text_is_sanitised_and_capped() {
+        let r = reply("550-5.1.1 bad\rMAIL FROM:<x>\x01\r\n550 caf\u{e9}\tend\r\n");
+        assert_eq!(r.lines[0], "5.1.1 bad\\x0DMAIL FROM:<x>\\x01");
+        assert_eq!(r.lines[1], "caf\\xC3\\xA9 end");
+        let long = format!("550 {}\r\n", "y".repeat(1500));
+        let r = reply(&long);
+        assert!(r.lines[0].len() <= MAX_KEPT_TEXT && r.lines[0].ends_with("..."));
+        let mut many = String::new();
+        for _ in 0..10 {
+            many.push_str(&format!("451-{}\r\n", "z".repeat(400)));
+        }
+        many.push_str("451 last\r\n");
+        let t = reply(&many).text();
+        assert!(
+            t.len() < TEXT_LINES * (MAX_KEPT_TEXT + 3) + 16,
+            "{}",
+            t.len()
+        );
+        assert!(t.ends_with(" / ..."));
+        assert!(t.bytes().all(|b| (0x20..0x7f).contains(&b)));
+    }
+
+    /// Regression (issue 11): how much reply a next hop can make the client
+    /// hold is bounded per line and per reply.
+    #[test]
+    fn reply_parser_bounds_lines_and_replies() {
+        let mut long = format!("250 {}", "x".repeat(MAX_REPLY_LINE - 6)).into_bytes();
+        long.extend_from_slice(b"\r\n");
+        assert_eq!(long.len(), MAX_REPLY_LINE);
+        assert!(ReplyParser::default().feed(&long).unwrap().1.is_some());
+        long.insert(5, b'x');
+        assert_eq!(
+            ReplyParser::default().feed(&long),
+            Err(ReplyError::LineTooLong)
+        );
+        // Without its LF yet: refused as soon as it cannot fit.
+        assert_eq!(
+            ReplyParser::default().feed(&vec![b'2'; MAX_REPLY_LINE]),
+            Err(ReplyError::LineTooLong)
+        );
+        assert_eq!(
+            ReplyParser::default().feed(&vec![b'2'; MAX_REPLY_LINE - 1]),
+            Ok((0, None))
+        );
+        let mut p = ReplyParser::default();
+        let line = b"250-x\r\n".repeat(MAX_REPLY_LINES + 1);
+        assert_eq!(p.feed(&line), Err(ReplyError::TooManyLines));
+        let mut ok = b"250-x\r\n".repeat(MAX_REPLY_LINES - 1);
+        ok.extend_from_slice(b"250 x\r\n");
+        let (_, r) = ReplyParser::default().feed(&ok).unwrap();
+        assert_eq!(r.unwrap().lines.len(), MAX_REPLY_LINES);
     }
 }

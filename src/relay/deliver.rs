@@ -5,7 +5,9 @@
 //! to it once the mesh is joined; the owner's workers deliver them next to
 //! its own, and their outcomes come back to be journaled here. Recipients
 //! stay in `in_flight` on the origin until their outcome is settled, so a
-//! message is never scheduled twice at once.
+//! message is never scheduled twice at once. A worker that panics gives
+//! back the work it held ([`Held`]): its recipients leave `in_flight` and
+//! are retried after the first retry delay.
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
@@ -48,6 +50,26 @@ struct Work {
     origin: Option<Origin>,
 }
 
+impl Work {
+    /// A copy of what identifies the work, for [`Held`].
+    fn key(&self) -> Work {
+        Work {
+            id: self.id.clone(),
+            rcpts: self.rcpts.clone(),
+            origin: self.origin.as_ref().map(|o| Origin {
+                peer: o.peer,
+                location: o.location.clone(),
+            }),
+        }
+    }
+}
+
+/// The work one delivery worker has taken and not yet reported. If the
+/// worker panics, this is what must leave `in_flight` (else the message
+/// is never scheduled again until a restart).
+#[derive(Default)]
+struct Held(RefCell<Option<Work>>);
+
 /// Where handed-off work came from.
 #[derive(Debug)]
 struct Origin {
@@ -56,6 +78,9 @@ struct Origin {
     location: Location,
 }
 
+/// How long before work whose worker panicked is tried again, when there
+/// is no retry schedule to take the first delay from.
+const PANIC_RETRY: u64 = 60;
 /// How long before a message that could not be read is tried again.
 const UNREADABLE_RETRY: u64 = 10;
 /// How long before recipients whose bounce could not be stored (disk
@@ -166,7 +191,7 @@ impl Relay {
     /// never is (a shard failed to start, or the stop came first), this
     /// shard delivers everything it takes in itself.
     pub async fn join_mesh(self: Rc<Self>, mesh: Mesh) {
-        let joined = crate::server::isolate(async {
+        let joined = crate::util::isolate(async {
             let stopped = async {
                 while !self.stopping.get() {
                     let l = self.stopped.listen();
@@ -189,10 +214,19 @@ impl Relay {
             };
             for (peer, rx) in receivers {
                 let me = self.clone();
+                let rx = Rc::new(rx);
+                // Supervised: without it a panic would silently stop work
+                // and done records from `peer`.
                 glommio::spawn_local(async move {
-                    while let Some(msg) = rx.recv().await {
-                        me.clone().receive(peer, msg);
-                    }
+                    crate::util::supervise("handoff receiver", || {
+                        let (me, rx) = (me.clone(), rx.clone());
+                        async move {
+                            while let Some(msg) = rx.recv().await {
+                                me.clone().receive(peer, msg);
+                            }
+                        }
+                    })
+                    .await;
                 })
                 .detach();
             }
@@ -225,7 +259,7 @@ impl Relay {
             Msg::Done(d) => {
                 glommio::spawn_local(async move {
                     let id = d.id.clone();
-                    let settled = crate::server::isolate(self.settle(&d.id, &d.rcpts, d.report));
+                    let settled = crate::util::isolate(self.settle(&d.id, &d.rcpts, d.report));
                     if let Err(what) = settled.await {
                         tracing::error!(%id, from, panic = %what, "settling handed-off work panicked");
                     }
@@ -373,13 +407,64 @@ impl Relay {
             let me = self.clone();
             glommio::spawn_local(async move {
                 let t = target.clone();
-                if let Err(what) = crate::server::isolate(me.clone().worker(t)).await {
+                let held = Held::default();
+                if let Err(what) = crate::util::isolate(me.clone().worker(t, &held)).await {
                     tracing::error!(%target, panic = %what, "delivery worker panicked");
+                    // Its work would stay in flight (never scheduled again)
+                    // until a restart.
+                    if let Some(work) = held.0.take() {
+                        me.retry_after_panic(work);
+                    }
                 }
                 me.worker_done(&target);
             })
             .detach();
         }
+    }
+
+    /// The next work for `target`, noted in `held` until it is reported.
+    fn take_work(&self, target: &Target, held: &Held) -> Option<Work> {
+        let work = self.next_work(target)?;
+        *held.0.borrow_mut() = Some(work.key());
+        Some(work)
+    }
+
+    /// [`Relay::report`], for a worker: the work is no longer held once
+    /// the report is made (settled, when the message is in this spool).
+    async fn finish(&self, held: &Held, work: &Work, report: Report) {
+        self.report(work, report).await;
+        held.0.borrow_mut().take();
+    }
+
+    /// A worker panicked holding `work`: it leaves `in_flight` and is tried
+    /// again after the first retry delay (not at once: the same message
+    /// may well make the worker panic again).
+    fn retry_after_panic(&self, work: Work) {
+        match work.origin {
+            None => self.retry_later(&work.id, &work.rcpts),
+            Some(o) => self.send_done(
+                o.peer,
+                Done {
+                    id: work.id,
+                    rcpts: work.rcpts,
+                    report: Report::Crashed,
+                },
+            ),
+        }
+    }
+
+    /// Releases the recipients and schedules the message after the first
+    /// retry delay, without journaling anything.
+    fn retry_later(&self, id: &QueueId, rcpts: &[usize]) {
+        self.release(id, rcpts);
+        let delay = self
+            .cfg
+            .retry_schedule
+            .first()
+            .map_or(PANIC_RETRY, |d| d.as_secs().max(1));
+        let at = unix_now() + delay;
+        self.timers.borrow_mut().push(Reverse((at, id.clone())));
+        self.wake.notify(1);
     }
 
     fn next_work(&self, target: &Target) -> Option<Work> {
@@ -474,6 +559,7 @@ impl Relay {
                 self.release(id, rcpts);
                 self.enqueue(id.clone());
             }
+            Report::Crashed => self.retry_later(id, rcpts),
             Report::Unreadable => {
                 self.release(id, rcpts);
                 if id.with_str(|id| self.spool.entry(id)).is_some() {
@@ -484,21 +570,23 @@ impl Relay {
         }
     }
 
-    async fn worker(self: Rc<Self>, target: Target) {
+    async fn worker(self: Rc<Self>, target: Target, held: &Held) {
         match &target {
             Target::Maildir(root) => {
-                while let Some(work) = self.next_work(&target) {
-                    self.deliver_local(root, work).await;
+                while let Some(work) = self.take_work(&target, held) {
+                    self.deliver_local(root, work, held).await;
                 }
             }
-            Target::Smtp { .. } | Target::Mx { .. } => self.smtp_worker(&target).await,
+            Target::Smtp { .. } | Target::Mx { .. } => self.smtp_worker(&target, held).await,
         }
     }
 
-    async fn deliver_local(&self, root: &std::path::Path, work: Work) {
+    async fn deliver_local(&self, root: &std::path::Path, work: Work, held: &Held) {
         let Some(loaded) = self.load(&work).await else {
-            return self.report(&work, Report::Unreadable).await;
+            return self.finish(held, &work, Report::Unreadable).await;
         };
+        #[cfg(debug_assertions)]
+        test_hooks::maybe_panic(&loaded);
         let id = work.id.to_string();
         let mut outcomes = Vec::with_capacity(loaded.job.rcpts.len());
         let first_local = self.cfg.local_domains.first().map(String::as_str);
@@ -537,11 +625,11 @@ impl Relay {
             outcomes,
             remote: None,
         };
-        self.report(&work, report).await;
+        self.finish(held, &work, report).await;
     }
 
-    async fn smtp_worker(&self, target: &Target) {
-        'connections: while let Some(first) = self.next_work(target) {
+    async fn smtp_worker(&self, target: &Target, held: &Held) {
+        'connections: while let Some(first) = self.take_work(target, held) {
             let hosts = match target {
                 Target::Smtp { host, .. } => self.resolver.host(host).await,
                 Target::Mx { domain, .. } => self.resolver.resolve(domain).await,
@@ -554,12 +642,12 @@ impl Relay {
             let hosts = match hosts {
                 Resolution::Hosts(h) => h,
                 Resolution::Permanent(why) => {
-                    self.fail_work(first, &format!("550 5.1.2 {why}"), true)
+                    self.fail_work(first, &format!("550 5.1.2 {why}"), true, held)
                         .await;
                     continue;
                 }
                 Resolution::Temporary(why) => {
-                    self.fail_work(first, &format!("451 4.4.3 {why}"), false)
+                    self.fail_work(first, &format!("451 4.4.3 {why}"), false, held)
                         .await;
                     continue;
                 }
@@ -579,8 +667,8 @@ impl Relay {
                 let mut work = Some(first);
                 while let Some(w) = work.take() {
                     let Some(loaded) = self.load(&w).await else {
-                        self.report(&w, Report::Unreadable).await;
-                        work = self.next_work(target);
+                        self.finish(held, &w, Report::Unreadable).await;
+                        work = self.take_work(target, held);
                         continue;
                     };
                     if let Some(reason) = self.too_many_hops(&loaded) {
@@ -594,10 +682,12 @@ impl Relay {
                             outcomes,
                             remote: None,
                         };
-                        self.report(&w, report).await;
-                        work = self.next_work(target);
+                        self.finish(held, &w, report).await;
+                        work = self.take_work(target, held);
                         continue;
                     }
+                    #[cfg(debug_assertions)]
+                    test_hooks::maybe_panic(&loaded);
                     let n = loaded.job.rcpts.len();
                     let outcomes = match conn.send(&mut client, loaded.job.clone()).await {
                         Ok(o) => o,
@@ -611,11 +701,11 @@ impl Relay {
                         outcomes,
                         remote: Some(name.clone()),
                     };
-                    self.report(&w, report).await;
+                    self.finish(held, &w, report).await;
                     if broken || self.stopping.get() {
                         continue 'connections;
                     }
-                    work = self.next_work(target);
+                    work = self.take_work(target, held);
                 }
                 client.quit();
                 let _ = conn.until_closed(&mut client).await;
@@ -623,7 +713,7 @@ impl Relay {
             }
             // Every host failed.
             let reply = format!("451 {} {}", last_error.status, last_error.text);
-            self.fail_work(first, &reply, false).await;
+            self.fail_work(first, &reply, false, held).await;
         }
     }
 
@@ -700,7 +790,7 @@ impl Relay {
     }
 
     /// Every recipient of `work` gets the same outcome (no connection).
-    async fn fail_work(&self, work: Work, reply: &str, permanent: bool) {
+    async fn fail_work(&self, work: Work, reply: &str, permanent: bool, held: &Held) {
         let outcomes = work
             .rcpts
             .iter()
@@ -716,7 +806,7 @@ impl Relay {
             outcomes,
             remote: None,
         };
-        self.report(&work, report).await;
+        self.finish(held, &work, report).await;
     }
 
     /// Reads the message back, with what delivery needs: from this shard's
@@ -1220,10 +1310,19 @@ impl Conn {
         let (timeout, timed_out) = self.timeouts.reply(client);
         let deadline = Instant::now() + timeout;
         loop {
-            let (used, reply) = self
-                .parser
-                .feed(&self.buf[..self.len])
-                .map_err(|e| e.to_string())?;
+            let (used, reply) = match self.parser.feed(&self.buf[..self.len]) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    // Not SMTP, or not in step with what was sent: nothing
+                    // more on this connection can be trusted. It is closed
+                    // and only the message in flight is deferred (left
+                    // open, every message queued behind it was deferred
+                    // as "not ready").
+                    let why = format!("malformed reply: {e}");
+                    client.handle_close(&why);
+                    return Err(why);
+                }
+            };
             self.buf.copy_within(used..self.len, 0);
             self.len -= used;
             if let Some(r) = reply {
@@ -1296,5 +1395,27 @@ impl Conn {
         }
         let _ = self.stream.close().await;
         Ok(())
+    }
+}
+
+/// A way to make a delivery worker panic, for the end-to-end test of panic
+/// recovery. Debug builds only (the test binary), and read from the
+/// process environment: no peer can reach it.
+#[cfg(debug_assertions)]
+mod test_hooks {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static PANICKED: AtomicBool = AtomicBool::new(false);
+
+    /// Panics once per process when the message is for the recipient that
+    /// `RINGMTA_TEST_PANIC_RCPT` names.
+    pub(super) fn maybe_panic(loaded: &super::Loaded) {
+        let Ok(rcpt) = std::env::var("RINGMTA_TEST_PANIC_RCPT") else {
+            return;
+        };
+        if loaded.job.rcpts.iter().any(|r| r.addr == rcpt) && !PANICKED.swap(true, Ordering::SeqCst)
+        {
+            panic!("test hook: delivery to {rcpt} panics once");
+        }
     }
 }

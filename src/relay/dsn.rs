@@ -13,10 +13,22 @@
 //! a header larger than the limit is cut after the last whole field that
 //! fits. A bounce must never carry someone's message back in bulk: on the
 //! relay port the sender it goes to can be forged.
+//!
+//! A diagnostic is whatever the next hop said: it is never put in a report
+//! as it came. [`diagnostic_lines`] makes it printable ASCII (no CR or LF
+//! can end a line early) and caps it at [`DIAGNOSTIC_LINES`] lines of at
+//! most [`DIAGNOSTIC_LINE`] octets, folded in the report.
 
 use std::time::SystemTime;
 
+use super::client::sanitize;
 use crate::smtp::envelope::rfc5322_date;
+
+/// Octets of one line of a diagnostic in a report.
+pub const DIAGNOSTIC_LINE: usize = 512;
+/// Lines of a diagnostic in a report (a multi-line reply's lines are
+/// joined by ` / `).
+pub const DIAGNOSTIC_LINES: usize = 4;
 
 /// One recipient in a report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +103,24 @@ fn status_of(diagnostic: &str, action: Action) -> String {
         .map_or_else(|| generic.to_owned(), str::to_owned)
 }
 
+/// `diagnostic` made safe for a report: printable ASCII only, split where
+/// a multi-line reply's lines were joined, at most [`DIAGNOSTIC_LINES`]
+/// lines of at most [`DIAGNOSTIC_LINE`] octets (`...` marks a cut).
+pub fn diagnostic_lines(diagnostic: &str) -> Vec<String> {
+    let mut lines: Vec<String> = diagnostic
+        .split(" / ")
+        .take(DIAGNOSTIC_LINES)
+        .map(|l| sanitize(l.as_bytes(), DIAGNOSTIC_LINE))
+        .collect();
+    if diagnostic.split(" / ").nth(DIAGNOSTIC_LINES).is_some() {
+        if let Some(last) = lines.last_mut() {
+            last.truncate(DIAGNOSTIC_LINE - 4);
+            last.push_str(" ...");
+        }
+    }
+    lines
+}
+
 /// Builds the report (headers and a multipart/report body) on `original`
 /// for `rcpts`.
 pub fn build(
@@ -141,7 +171,11 @@ pub fn build(
         "This is the mail system at host {hostname}.\r\n\r\n{what}\r\n\r\n"
     ));
     for r in rcpts {
-        m.push_str(&format!("<{}>: {}\r\n", r.addr, r.diagnostic));
+        m.push_str(&format!("<{}>:", r.addr));
+        for line in diagnostic_lines(&r.diagnostic) {
+            m.push_str(&format!("\r\n    {line}"));
+        }
+        m.push_str("\r\n");
     }
     let returned = Returned::of(original);
     if returned.cut {
@@ -178,11 +212,17 @@ pub fn build(
             Action::Failed => m.push_str("Action: failed\r\n"),
             Action::Delayed { .. } => m.push_str("Action: delayed\r\n"),
         }
-        m.push_str(&format!("Status: {}\r\n", status_of(&r.diagnostic, action)));
+        let status = status_of(&r.diagnostic, action);
+        m.push_str(&format!("Status: {status}\r\n"));
         if let Some(remote) = &r.remote {
             m.push_str(&format!("Remote-MTA: dns; {remote}\r\n"));
         }
-        m.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", r.diagnostic));
+        // Folded (RFC 5322 2.2.3): one continuation line per reply line.
+        m.push_str("Diagnostic-Code: smtp;");
+        for line in diagnostic_lines(&r.diagnostic) {
+            m.push_str(&format!("\r\n {line}"));
+        }
+        m.push_str("\r\n");
         if let Action::Delayed { retry_until } = action {
             m.push_str(&format!(
                 "Will-Retry-Until: {}\r\n",
@@ -323,6 +363,44 @@ mod tests {
         assert!(!s.contains("secret body"), "RET=HDRS returns headers only");
         assert!(!s.contains("Will-Retry-Until"));
         assert!(s.ends_with("--Q1/mx.test--\r\n"));
+    }
+
+    /// Regression (issue 11): the next hop's reply text went into bounces
+    /// unsanitised: a bare CR, 8-bit octets, any length.
+    #[test]
+    fn hostile_diagnostic_is_sanitised_and_capped() {
+        let mut hostile = "550 5.1.1 bad\r.\rMAIL FROM:<x@example.org>\u{0}caf\u{e9}".to_owned();
+        hostile.push_str(&"y".repeat(3000));
+        for n in 0..20 {
+            hostile.push_str(&format!(" / line {n}\r\n"));
+        }
+        let b = build(
+            "mx.test",
+            &original(b"Subject: hi\r\n\r\nbody\r\n"),
+            Action::Failed,
+            &[rcpt(&hostile)],
+            SystemTime::UNIX_EPOCH,
+        );
+        for (i, &c) in b.iter().enumerate() {
+            assert!(
+                matches!(c, b'\r' | b'\n' | b'\t' | 0x20..=0x7e),
+                "octet {c:#x}"
+            );
+            if c == b'\r' {
+                assert_eq!(b.get(i + 1), Some(&b'\n'), "bare CR at {i}");
+            }
+            if c == b'\n' {
+                assert_eq!(b[i - 1], b'\r', "bare LF at {i}");
+            }
+        }
+        let s = String::from_utf8(b).unwrap();
+        for line in s.split("\r\n") {
+            assert!(line.len() <= DIAGNOSTIC_LINE + 8, "{} octets", line.len());
+        }
+        assert!(s.contains("Diagnostic-Code: smtp;\r\n 550 5.1.1 bad\\x0D.\\x0DMAIL FROM:<x@example.org>\\x00caf\\xC3\\xA9yyy"), "{s}");
+        assert!(s.contains("Status: 5.1.1\r\n"));
+        assert!(s.contains(" line 2\\x0D\\x0A ...\r\n"), "{s}");
+        assert!(!s.contains("line 3"));
     }
 
     #[test]

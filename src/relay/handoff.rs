@@ -116,6 +116,8 @@ pub enum Report {
     },
     /// Not attempted (its worker went away): schedule it again now.
     Returned,
+    /// Its worker panicked: try again after the first retry delay.
+    Crashed,
     /// The message could not be read (deleted, or compacted elsewhere in
     /// the meantime): try again a little later if it is still queued.
     Unreadable,
@@ -159,7 +161,14 @@ impl Link {
             queued: (0..peers).map(|_| Event::new()).collect(),
         });
         for peer in (0..peers).filter(|&p| p != link.me()) {
-            glommio::spawn_local(link.clone().send_done_loop(peer)).detach();
+            // Supervised: a panic here would silently stop every done
+            // record to `peer`, leaving its recipients in flight for good.
+            let link = link.clone();
+            glommio::spawn_local(async move {
+                crate::util::supervise("handoff done sender", || link.clone().send_done_loop(peer))
+                    .await;
+            })
+            .detach();
         }
         Ok((link, receivers.streams()))
     }

@@ -30,7 +30,6 @@ use crate::spool::Spool;
 
 pub use limits::IpLimiter;
 pub use listener::ListenerKind;
-pub(crate) use shard::isolate;
 
 #[derive(Debug, Error)]
 pub enum ServerError {

@@ -123,17 +123,27 @@ async fn serve(
             ctx.shared.maildir_pool.clone(),
         )
     });
+    // The shard's long-lived loops are supervised: a panic in one is logged
+    // and the loop started again, instead of silently ending the shard's
+    // delivery or compaction.
     if let Some(relay) = &relay {
-        glommio::spawn_local(relay.clone().run()).detach();
+        let relay = relay.clone();
+        glommio::spawn_local(async move {
+            crate::util::supervise("relay scheduler", || relay.clone().run()).await;
+        })
+        .detach();
     }
     if let (Some(relay), Some(mesh)) = (&relay, ctx.mesh.take()) {
         glommio::spawn_local(relay.clone().join_mesh(mesh)).detach();
     }
-    glommio::spawn_local(maintain_spool(
-        spool.clone(),
-        ctx.config.spool.compact_below,
-    ))
-    .detach();
+    {
+        let (spool, below) = (spool.clone(), ctx.config.spool.compact_below);
+        glommio::spawn_local(async move {
+            crate::util::supervise("spool maintenance", || maintain_spool(spool.clone(), below))
+                .await;
+        })
+        .detach();
+    }
     let grace = ctx.config.shutdown_grace;
     let inflight = ctx.config.inflight;
     let state = Rc::new(ShardState {
@@ -275,7 +285,7 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     state.active.set(state.active.get() + 1);
     let state = state.clone();
     glommio::spawn_local(async move {
-        if let Err(what) = isolate(conn::serve(&state, stream, peer, kind)).await {
+        if let Err(what) = crate::util::isolate(conn::serve(&state, stream, peer, kind)).await {
             tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
         }
         drop(slot);
@@ -283,21 +293,6 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
         state.conn_closed.notify(usize::MAX);
     })
     .detach();
-}
-
-/// Runs one connection's future with panics caught: glommio lets a panic in
-/// a task take its executor (the whole shard) down. Returns the panic text.
-pub(crate) async fn isolate(fut: impl std::future::Future<Output = ()>) -> Result<(), String> {
-    std::panic::AssertUnwindSafe(fut)
-        .catch_unwind()
-        .await
-        .map_err(|panic| {
-            panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic".into())
-        })
 }
 
 /// Answers `r` and closes, without counting the connection. On an
@@ -315,42 +310,4 @@ fn refuse(mut stream: TcpStream, kind: ListenerKind, r: Reply) {
         let _ = stream.close().await;
     })
     .detach();
-}
-
-#[cfg(test)]
-mod tests {
-    use std::cell::Cell;
-    use std::rc::Rc;
-
-    use super::*;
-
-    /// Regression guard for "a panic in one connection kills the shard": a
-    /// panicking connection future is contained, and the executor keeps
-    /// running other tasks.
-    #[test]
-    fn panicking_connection_leaves_shard_running() {
-        let ex = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(64 << 10)
-            .make()
-            .expect("executor");
-        let survived = ex.run(async {
-            let ran = Rc::new(Cell::new(false));
-            let bad = glommio::spawn_local(isolate(async {
-                glommio::yield_if_needed().await;
-                panic!("peer-triggered bug");
-            }))
-            .detach();
-            let r2 = ran.clone();
-            let good = glommio::spawn_local(async move {
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                r2.set(true);
-            })
-            .detach();
-            let caught = bad.await;
-            good.await;
-            (caught, ran.get())
-        });
-        assert_eq!(survived.0, Some(Err("peer-triggered bug".to_string())));
-        assert!(survived.1);
-    }
 }

@@ -11,7 +11,11 @@
 //! per-line work happens only where a mask asks for it. Content is unstuffed
 //! as it is copied out, once, in long runs. Bytes that could begin the end
 //! marker are held back for the next input, never searched twice.
-//! `BdatReceiver` never looks at the bytes it carries.
+//! `BdatReceiver` counts the octets of a chunk and applies the same
+//! bare-newline policy to them ([`BdatLines`], carried from chunk to chunk,
+//! so a CR at the end of one chunk pairs with an LF at the start of the
+//! next): stored BDAT content, like DATA content, holds only CRLF pairs
+//! unless it is refused. BDAT has no dots to unstuff and no end marker.
 //!
 //! Memory: a body never grows past what it may hold ([`grow_within`]: the
 //! size limit and the caller's allowance from the shard's budget). Past
@@ -455,15 +459,56 @@ fn held_back(input: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-/// Receives one BDAT chunk of a known size; never scans it.
+/// Receives one BDAT chunk of a known size.
 #[derive(Debug)]
 pub struct BdatReceiver {
     remaining: u64,
+    policy: BareNewline,
+    lines: BdatLines,
+}
+
+/// The line ends of one message's BDAT content so far, carried from chunk
+/// to chunk (a chunk, like a read, may end between a CR and its LF).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BdatLines {
+    /// The last octet of content was a CR (under [`BareNewline::Normalize`]
+    /// already stored as CRLF): an LF next completes it.
+    after_cr: bool,
+    /// A CR not followed by LF, or an LF not preceded by CR, was seen.
+    bare: bool,
+}
+
+impl BdatLines {
+    /// Judges the content once its last chunk was read: a CR at its very
+    /// end has no LF.
+    pub fn verdict(self, policy: BareNewline) -> Verdict {
+        if policy == BareNewline::Reject && (self.bare || self.after_cr) {
+            Verdict::BareNewline
+        } else {
+            Verdict::Ok
+        }
+    }
 }
 
 impl BdatReceiver {
+    /// A chunk to be read but not kept (or checked).
     pub fn new(size: u64) -> Self {
-        Self { remaining: size }
+        Self::with_lines(size, BareNewline::Reject, BdatLines::default())
+    }
+
+    /// A chunk of a message whose earlier chunks left `lines`; bare CR and
+    /// LF are handled as `policy` says.
+    pub fn with_lines(size: u64, policy: BareNewline, lines: BdatLines) -> Self {
+        Self {
+            remaining: size,
+            policy,
+            lines,
+        }
+    }
+
+    /// The line-end state to carry to the next chunk of the message.
+    pub fn lines(&self) -> BdatLines {
+        self.lines
     }
 
     /// Takes up to the rest of the chunk from `input`, appending it to `sink`
@@ -473,13 +518,55 @@ impl BdatReceiver {
             .len()
             .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         if let Some(sink) = sink {
-            sink.extend_from_slice(&input[..n]);
+            self.store(&input[..n], sink);
         }
         self.remaining -= n as u64;
         if self.remaining == 0 {
             Progress::Done { consumed: n }
         } else {
             Progress::NeedMore { consumed: n }
+        }
+    }
+
+    /// Appends `content` to `sink`; under `Normalize` each bare CR or LF
+    /// is stored as CRLF (a CR at once, so that nothing is held back: an
+    /// LF right after it, in this call or the next, is then dropped).
+    fn store(&mut self, content: &[u8], sink: &mut Vec<u8>) {
+        let normalize = self.policy == BareNewline::Normalize;
+        if !normalize {
+            sink.extend_from_slice(content);
+        }
+        let mut copy_from = 0;
+        let mut i = 0;
+        while i < content.len() {
+            if std::mem::take(&mut self.lines.after_cr) {
+                if content[i] == b'\n' {
+                    if normalize {
+                        copy_from = i + 1;
+                    }
+                    i += 1;
+                    continue;
+                }
+                self.lines.bare = true;
+            }
+            let Some(off) = memchr::memchr2(b'\r', b'\n', &content[i..]) else {
+                break;
+            };
+            let at = i + off;
+            if content[at] == b'\r' {
+                self.lines.after_cr = true;
+            } else {
+                self.lines.bare = true;
+            }
+            if normalize {
+                sink.extend_from_slice(&content[copy_from..at]);
+                sink.extend_from_slice(b"\r\n");
+                copy_from = at + 1;
+            }
+            i = at + 1;
+        }
+        if normalize {
+            sink.extend_from_slice(&content[copy_from..]);
         }
     }
 }
@@ -801,6 +888,98 @@ pub(crate) mod tests {
         let mut body = vec![0; 5000];
         assert!(grow_within(&mut body, 100, 5100, usize::MAX));
         assert_eq!(body.capacity(), 5100);
+    }
+
+    /// Feeds `chunks` (each split at `cut` as a read may split it) to BDAT
+    /// receivers as the session does, carrying the line-end state.
+    fn bdat_receive(chunks: &[&[u8]], cut: usize, policy: BareNewline) -> (Vec<u8>, Verdict) {
+        let mut lines = BdatLines::default();
+        let mut body = Vec::new();
+        for chunk in chunks {
+            let mut rx = BdatReceiver::with_lines(chunk.len() as u64, policy, lines);
+            let cut = cut.min(chunk.len());
+            let first = rx.handle(&chunk[..cut], Some(&mut body));
+            assert_eq!(
+                first,
+                if cut == chunk.len() {
+                    Progress::Done { consumed: cut }
+                } else {
+                    Progress::NeedMore { consumed: cut }
+                }
+            );
+            if cut < chunk.len() {
+                let mut rest = chunk[cut..].to_vec();
+                rest.extend_from_slice(b"NEXT COMMAND\r\n");
+                assert_eq!(
+                    rx.handle(&rest, Some(&mut body)),
+                    Progress::Done {
+                        consumed: chunk.len() - cut
+                    }
+                );
+            }
+            lines = rx.lines();
+        }
+        (body, lines.verdict(policy))
+    }
+
+    /// Every way of cutting `content` into two chunks, each read in two
+    /// pieces at every point: the same result as one whole chunk.
+    fn bdat_every_split(content: &[u8], policy: BareNewline) -> (Vec<u8>, Verdict) {
+        let whole = bdat_receive(&[content], content.len(), policy);
+        for at in 0..=content.len() {
+            let (a, b) = content.split_at(at);
+            for cut in 0..=content.len() {
+                assert_eq!(
+                    bdat_receive(&[a, b], cut, policy),
+                    whole,
+                    "chunks split at {at}, reads at {cut}"
+                );
+            }
+        }
+        whole
+    }
+
+    /// Regression (issue 11): BDAT content was never checked for bare CR
+    /// or LF, so `\r.\rMAIL FROM:...` was stored and relayed unchanged.
+    /// Now it is stored as CRLF lines, or refused under `Reject`, however
+    /// the chunks and reads split it (a CR at the end of one chunk and its
+    /// LF at the start of the next are one CRLF).
+    #[test]
+    fn bdat_bare_line_ends_follow_the_policy_across_chunks() {
+        for seq in SMUGGLING {
+            let input = smuggling_input(seq);
+            let (body, v) = bdat_every_split(&input, BareNewline::Normalize);
+            assert_eq!(v, Verdict::Ok);
+            assert!(body.ends_with(b"\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<v@localhost>\r\nDATA\r\nsmuggled\r\n.\r\n"), "{seq:?}: {:?}", String::from_utf8_lossy(&body));
+            let crs = body.iter().filter(|&&b| b == b'\r').count();
+            let lfs = body.iter().filter(|&&b| b == b'\n').count();
+            assert_eq!(crs, lfs, "only CRLF pairs stored");
+            assert!(!body.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n'));
+            let (body, v) = bdat_every_split(&input, BareNewline::Reject);
+            assert_eq!(v, Verdict::BareNewline, "{seq:?}");
+            assert_eq!(body, input, "kept as sent until refused");
+        }
+        // Clean content is untouched, CRLF split between chunks included.
+        let clean = b"a\r\nb\r\n\r\nc\r\n";
+        for policy in [BareNewline::Normalize, BareNewline::Reject] {
+            assert_eq!(
+                bdat_every_split(clean, policy),
+                (clean.to_vec(), Verdict::Ok)
+            );
+        }
+        // A CR at the very end of the last chunk has no LF.
+        assert_eq!(
+            bdat_every_split(b"a\r", BareNewline::Reject).1,
+            Verdict::BareNewline
+        );
+        assert_eq!(
+            bdat_every_split(b"a\r", BareNewline::Normalize),
+            (b"a\r\n".to_vec(), Verdict::Ok)
+        );
+        assert_eq!(
+            bdat_every_split(b"\n\r\r\n\n", BareNewline::Normalize).0,
+            b"\r\n\r\n\r\n\r\n"
+        );
     }
 
     #[test]

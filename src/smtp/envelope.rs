@@ -93,7 +93,10 @@ impl Envelope {
     ) -> String {
         let mut h = String::with_capacity(200);
         h.push_str("Received: from ");
-        h.push_str(&self.helo);
+        h.push_str(shown_helo(&self.helo));
+        if self.helo.len() > MAX_HELO_SHOWN {
+            h.push_str("...");
+        }
         h.push_str(" ([");
         h.push_str(&self.peer.ip().to_canonical().to_string());
         h.push_str("])\r\n\tby ");
@@ -119,6 +122,22 @@ impl Envelope {
         h.push_str("\r\n");
         h
     }
+}
+
+/// Octets of the client's EHLO/HELO name shown in the trace header (a
+/// domain name has at most 255). A longer one is cut and marked `...`:
+/// each line of the header stays far below RFC 5322's 998 octets, which a
+/// 1500-octet EHLO name once broke (the next hop refused the message).
+pub const MAX_HELO_SHOWN: usize = 255;
+
+/// The part of `helo` the trace header shows: at most [`MAX_HELO_SHOWN`]
+/// octets, cut at a character boundary.
+fn shown_helo(helo: &str) -> &str {
+    let mut end = helo.len().min(MAX_HELO_SHOWN);
+    while !helo.is_char_boundary(end) {
+        end -= 1;
+    }
+    &helo[..end]
 }
 
 /// RFC 5322 3.3 date-time in UTC, e.g. `Mon, 23 Nov 2026 10:54:20 +0000`.
@@ -175,6 +194,54 @@ mod tests {
         assert_eq!(rfc5322_date(t), "Mon, 23 Nov 2026 10:54:20 +0000");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    /// Regression (issue 11): a long EHLO name made a 1529-octet
+    /// `Received:` line, which a downstream ringmta refused.
+    #[test]
+    fn long_helo_keeps_trace_lines_short() {
+        for helo in [
+            "h".repeat(1500),
+            "\u{e9}".repeat(700),
+            "short.example".into(),
+        ] {
+            let env = Envelope {
+                peer: "[2001:db8::1]:25".parse().unwrap(),
+                helo: helo.clone(),
+                protocol: Protocol {
+                    esmtp: true,
+                    tls: false,
+                    auth: false,
+                    utf8: true,
+                },
+                mail_from: None,
+                size: None,
+                body: None,
+                smtputf8: false,
+                ret: None,
+                envid: None,
+                rcpts: vec![Rcpt {
+                    addr: format!("{}@{}", "l".repeat(64), "d".repeat(250)),
+                    notify: None,
+                    orcpt: None,
+                }],
+                chunked: false,
+            };
+            let tls = TlsInfo {
+                version: "TLS1.3",
+                cipher: "TLS_AES_256_GCM_SHA384",
+            };
+            let h = env.trace_header(&"m".repeat(253), "0123456789ABCDEF", Some(&tls), UNIX_EPOCH);
+            assert!(h.ends_with("\r\n"));
+            for line in h.split("\r\n") {
+                assert!(line.len() <= 998, "a line of {} octets", line.len());
+            }
+            if helo.len() > MAX_HELO_SHOWN {
+                assert!(h.contains("... ([2001:db8::1])"), "{h}");
+            } else {
+                assert!(h.starts_with("Received: from short.example ([2001:db8::1])\r\n"));
+            }
+        }
     }
 
     #[test]

@@ -37,7 +37,9 @@ use crate::policy::recipient::{Locality, Recipients, Refusal};
 use crate::relay::Target;
 use crate::smtp::auth::{self, AuthResult, Authenticated, Credentials, Exchange, Mechanism, Step};
 use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
-use crate::smtp::data::{grow_within, BareNewline, BdatReceiver, DataReceiver, Progress, Verdict};
+use crate::smtp::data::{
+    grow_within, BareNewline, BdatLines, BdatReceiver, DataReceiver, Progress, Verdict,
+};
 use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt, TlsInfo};
 use crate::smtp::error::ParseError;
 use crate::smtp::parse::parse_command;
@@ -250,6 +252,8 @@ struct Transaction {
     /// When the content must have ended (`max_data_time` after DATA or the
     /// first BDAT); `None` before any content.
     content_deadline: Option<Instant>,
+    /// Line ends of the BDAT chunks so far (a CR may end one chunk).
+    bdat_lines: BdatLines,
 }
 
 impl Session {
@@ -888,6 +892,7 @@ impl Session {
             envelope,
             body: Vec::new(),
             content_deadline: None,
+            bdat_lines: BdatLines::default(),
         });
         self.reply(reply::SENDER_OK);
     }
@@ -1143,16 +1148,36 @@ impl Session {
                 resume: None,
             },
         };
-        self.state = State::Bdat {
-            rx: BdatReceiver::new(size),
-            size,
-            target,
+        let rx = match &target {
+            ChunkTarget::Store { tx, .. } => {
+                BdatReceiver::with_lines(size, self.cfg.bare_newline, tx.bdat_lines)
+            }
+            ChunkTarget::Discard { .. } => BdatReceiver::new(size),
         };
+        self.state = State::Bdat { rx, size, target };
     }
 
     fn finish_chunk(&mut self) {
-        let State::Bdat { size, target, .. } = self.take_state() else {
+        let State::Bdat { rx, size, target } = self.take_state() else {
             return;
+        };
+        let target = match target {
+            ChunkTarget::Store { mut tx, last } => {
+                tx.bdat_lines = rx.lines();
+                // Under `Normalize` a bare CR or LF is stored as CRLF, so a
+                // chunk can take up to twice the room it announced: the
+                // size limit is checked again on what was stored (the
+                // driver counts the allocation after every input).
+                if tx.body.len() as u64 > self.cfg.max_message_size {
+                    ChunkTarget::Discard {
+                        error: reply::SIZE_EXCEEDED,
+                        resume: None,
+                    }
+                } else {
+                    ChunkTarget::Store { tx, last }
+                }
+            }
+            discard => discard,
         };
         match target {
             ChunkTarget::Discard { error, resume } => {
@@ -1167,7 +1192,15 @@ impl Session {
                     self.error(error);
                 }
             }
-            ChunkTarget::Store { tx, last: true } => self.hand_out(tx),
+            ChunkTarget::Store { tx, last: true } => {
+                // The same 550 5.6.0 as for DATA, after the last chunk.
+                if tx.bdat_lines.verdict(self.cfg.bare_newline) == Verdict::BareNewline {
+                    self.state = State::Ready;
+                    self.error(reply::DATA_BARE_NEWLINE);
+                } else {
+                    self.hand_out(tx);
+                }
+            }
             ChunkTarget::Store { tx, last: false } => {
                 self.state = State::Mail(tx);
                 reply::write_line(
@@ -1673,6 +1706,51 @@ mod tests {
             &[],
         );
         assert_eq!(codes(&out), ["220", "250", "500", "500", "221"]);
+    }
+
+    /// Regression (issue 11): a BDAT body holding `\r.\rMAIL FROM:...`
+    /// was stored (and relayed) unchanged. Under `--bare-newline reject`
+    /// it is refused with one 550 5.6.0 after the last chunk, the session
+    /// in step; by default it is stored as CRLF lines, also when a CR ends
+    /// one chunk and its LF begins the next.
+    #[test]
+    fn bdat_bare_cr_is_refused_or_normalized() {
+        let content: &[u8] = b"Subject: a\r\n\r\nfirst\r.\rMAIL FROM:<evil@example.org>\r\n";
+        let mut input =
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\n".to_vec();
+        input.extend_from_slice(format!("BDAT {} LAST\r\n", content.len()).as_bytes());
+        input.extend_from_slice(content);
+        input.extend_from_slice(b"NOOP\r\n");
+        let strict = Arc::new(SessionConfig {
+            bare_newline: BareNewline::Reject,
+            ..(*cfg()).clone()
+        });
+        let (out, msgs) = drive_every_split(&strict, &input);
+        assert_eq!(codes(&out), ["220", "250", "250", "250", "550", "250"]);
+        assert!(out.contains("550 5.6.0"), "{out}");
+        assert!(msgs.is_empty());
+        let (out, msgs) = drive_every_split(&cfg(), &input);
+        assert_eq!(codes(&out), ["220", "250", "250", "250", "250", "250"]);
+        assert_eq!(
+            msgs[0].body,
+            b"Subject: a\r\n\r\nfirst\r\n.\r\nMAIL FROM:<evil@example.org>\r\n"
+        );
+        // A CRLF split between two chunks is one line end; a CR ending the
+        // last chunk is bare.
+        let split = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nBDAT 3\r\nab\rBDAT 2 LAST\r\n\ncNOOP\r\n";
+        let (out, msgs) = drive_every_split(&strict, split);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "250", "250", "250"]
+        );
+        assert_eq!(msgs[0].body, b"ab\r\nc");
+        let trailing = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nBDAT 3\r\nab\rBDAT 0 LAST\r\nNOOP\r\n";
+        let (out, msgs) = drive_every_split(&strict, trailing);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "250", "550", "250"]
+        );
+        assert!(msgs.is_empty());
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub struct ServerBuilder {
     /// `None`: ringmta's default (one shard per core).
     shards: Option<usize>,
     spool: Option<PathBuf>,
+    envs: Vec<(String, String)>,
 }
 
 impl ServerBuilder {
@@ -53,6 +54,13 @@ impl ServerBuilder {
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable of the server process (after the
+    /// developer's `RINGMTA_*` variables were removed).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -146,6 +154,7 @@ impl ServerBuilder {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
@@ -283,6 +292,7 @@ impl Server {
             args: Vec::new(),
             shards: Some(1),
             spool: None,
+            envs: Vec::new(),
         }
     }
 
