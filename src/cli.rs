@@ -231,12 +231,12 @@ pub struct Cli {
           value_parser = parse_size)]
     pub io_memory: u64,
 
-    /// io_uring submission queue depth per ring.
+    /// io_uring submission queue depth per ring. Deep rings also size the kernel's table of pending polls: with 128, 10,000 idle connections made poll lookups half the shard's CPU.
     #[arg(
         long,
         value_name = "N",
         env = "RINGMTA_RING_DEPTH",
-        default_value_t = 128
+        default_value_t = 4096
     )]
     pub ring_depth: usize,
 

@@ -159,6 +159,13 @@ def rss_kib(pid):
     return out
 
 
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_ringmta(tmp, extra):
     cmd = [RINGMTA, "--smtp", "127.0.0.1:0", "--submission", "none",
            "--smtps", "127.0.0.1:0", "--spool-dir", os.path.join(tmp, "spool"),
@@ -216,7 +223,9 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ringmta-slowloris-")
     proc, smtp, smtps = start_ringmta(tmp, args.flags)
     try:
+        c0 = cpu_s(proc.pid)
         base = loadgen(smtp, args.seconds, tmp, "baseline")
+        cpu_base = cpu_s(proc.pid) - c0
         rss_base = rss_kib(proc.pid)
         att = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attacker",
                                 "--conns", str(args.conns), "--interval", str(args.interval),
@@ -224,7 +233,9 @@ def main():
                                stdout=subprocess.PIPE, text=True)
         ready = json.loads(att.stdout.readline())
         rss_attack_start = rss_kib(proc.pid)
+        c0, a0 = cpu_s(proc.pid), cpu_s(att.pid)
         under = loadgen(smtp, args.seconds, tmp, "attack")
+        cpu_under, cpu_att = cpu_s(proc.pid) - c0, cpu_s(att.pid) - a0
         rss_attack = rss_kib(proc.pid)
         att.send_signal(signal.SIGTERM)
         seen = json.loads(att.stdout.readline())
@@ -258,6 +269,9 @@ def main():
         f"{rss_attack_start['VmRSS'] / 1024:.0f} MiB with the attack's connections open, "
         f"{rss_attack['VmRSS'] / 1024:.0f} MiB after the second run; peak (VmHWM) "
         f"{rss_attack['VmHWM'] / 1024:.0f} MiB.", "",
+        f"CPU seconds during each {args.seconds} s run: ringmta {cpu_base:.1f} without the attack, "
+        f"{cpu_under:.1f} under it; the attacker process {cpu_att:.1f} (on the same 2 cores: "
+        "what it takes is not available to ringmta or the load generator).", "",
         f"Attack: {ready['open']} connections open when the second run started; over the run "
         f"{seen['opened']} opened, {seen['closed_by_server']} closed by the server, "
         f"{seen['refused_421']} refused with 421, {seen['connect_failed']} connects failed, "
