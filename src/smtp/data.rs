@@ -289,9 +289,9 @@ impl DataReceiver {
             self.emit(b"\r\n", body);
             let crlf = seg[at] == b'\r' && seg.get(at + 1) == Some(&b'\n');
             self.bare |= !crlf;
-            let eol = if crlf { 2 } else { 1 };
-            self.end_line(at - i + eol);
-            i = at + eol;
+            // The line is measured as stored: a bare CR or LF became CRLF.
+            self.end_line(at - i + 2);
+            i = at + if crlf { 2 } else { 1 };
             self.line_start = true;
         }
     }
@@ -762,6 +762,28 @@ pub(crate) mod tests {
     /// Regression: the stuffing dot does not count towards the 1000 octets
     /// (RFC 5321 4.5.3.1.6), whether the line starts the content or not,
     /// on the fast and on the normalising path.
+    /// Regression (found by the data_receiver fuzz target): under
+    /// `Normalize` a line ending in a bare CR or LF was measured with a
+    /// one-octet line end, though it is stored with CRLF, so a stored line
+    /// of 1001 octets passed as 1000.
+    #[test]
+    fn normalized_bare_line_end_counts_as_crlf_in_line_length() {
+        for end in [&b"\r"[..], b"\n"] {
+            for (content, want) in [(998, Verdict::Ok), (999, Verdict::LineTooLong)] {
+                let mut input = vec![b'x'; content];
+                input.extend_from_slice(end);
+                input.extend_from_slice(b"y\r\n.\r\n");
+                let mut rx = DataReceiver::new(1 << 20, BareNewline::Normalize);
+                let mut body = Vec::new();
+                assert!(matches!(
+                    rx.handle(&input, &mut body),
+                    Progress::Done { .. }
+                ));
+                assert_eq!(rx.verdict(), want, "{content} + {end:?}");
+            }
+        }
+    }
+
     #[test]
     fn stuffing_dot_not_counted_in_line_length() {
         for prefix in [&b""[..], b"a\r\n", b"a\n"] {

@@ -167,9 +167,9 @@ impl DataReceiver {
             self.emit(b"\r\n", body);
             let crlf = seg[at] == b'\r' && seg.get(at + 1) == Some(&b'\n');
             self.bare |= !crlf;
-            let eol = if crlf { 2 } else { 1 };
-            self.end_line(at - i + eol);
-            i = at + eol;
+            // Measured as stored: a bare CR or LF became CRLF.
+            self.end_line(at - i + 2);
+            i = at + if crlf { 2 } else { 1 };
             self.line_start = true;
         }
     }
