@@ -178,10 +178,13 @@ impl Model {
                 1
             };
             m.bare |= term_len == 1;
-            m.long |= text_end + term_len - i > MAX_TEXT_LINE;
             let text = &content[i..text_end];
-            m.body
-                .extend_from_slice(text.strip_prefix(b".").unwrap_or(text));
+            let stored = text.strip_prefix(b".").unwrap_or(text);
+            // A line is measured as stored: without its stuffing dot, and
+            // with CRLF as its end (a bare CR or LF becomes one).
+            let eol = if term_len == 0 { 0 } else { 2 };
+            m.long |= stored.len() + eol > MAX_TEXT_LINE;
+            m.body.extend_from_slice(stored);
             let term = &content[text_end..text_end + term_len];
             if policy == BareNewline::Normalize && term_len > 0 {
                 m.body.extend_from_slice(b"\r\n");
