@@ -50,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
         cuts.push(at);
     }
     let whole = run(flags, content, server, &[]);
-    assert_eq!(whole, run(flags, content, server, &cuts), "split at {cuts:?}");
+    assert_eq!(
+        whole,
+        run(flags, content, server, &cuts),
+        "split at {cuts:?}"
+    );
     if server.len() <= 2048 {
         let every: Vec<usize> = (1..server.len()).collect();
         assert_eq!(whole, run(flags, content, server, &every), "byte by byte");
@@ -162,6 +166,10 @@ fn check_sent(sent: &[u8]) {
         }
     }
     for line in sent.split(|&b| b == b'\n') {
-        assert!(line.len() <= 999, "a line of {} octets sent", line.len() + 1);
+        assert!(
+            line.len() <= 999,
+            "a line of {} octets sent",
+            line.len() + 1
+        );
     }
 }

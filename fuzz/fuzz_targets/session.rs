@@ -154,7 +154,10 @@ fn run(setup: &Setup, input: &[u8], cuts: &[usize]) -> Transcript {
             s.handle_allowance(setup.allowance);
             let n = s.handle_input(&pending, now);
             assert!(n <= pending.len());
-            assert!(s.content_bytes() <= setup.allowance, "body past its allowance");
+            assert!(
+                s.content_bytes() <= setup.allowance,
+                "body past its allowance"
+            );
             pending.drain(..n);
             t.consumed += n;
             let mut answered = false;

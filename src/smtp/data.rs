@@ -465,6 +465,26 @@ pub struct BdatReceiver {
     remaining: u64,
     policy: BareNewline,
     lines: BdatLines,
+    /// The message's size limit and the most its body may hold; only
+    /// [`BareNewline::Normalize`] can store more than the chunk's
+    /// announced size (a bare CR or LF becomes two octets), so only then
+    /// are they consulted.
+    max_size: u64,
+    allowance: usize,
+    /// The body's size with this chunk's content so far, counted on past
+    /// an overflow (so that a body over both limits is `Size` however the
+    /// chunk was read); set at the first content.
+    size: Option<u64>,
+    overflow: Option<Overflow>,
+}
+
+/// Why a chunk's content stopped being stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The body passed the message size limit.
+    Size,
+    /// The body would have passed the memory it may hold.
+    Budget,
 }
 
 /// The line ends of one message's BDAT content so far, carried from chunk
@@ -503,7 +523,32 @@ impl BdatReceiver {
             remaining: size,
             policy,
             lines,
+            max_size: u64::MAX,
+            allowance: usize::MAX,
+            size: None,
+            overflow: None,
         }
+    }
+
+    /// Bounds what the message body may reach: `max_size` octets, and a
+    /// capacity of `allowance` (see [`Self::set_allowance`]). Past either,
+    /// the rest of the chunk is read but not stored, the body is dropped
+    /// and [`Self::overflow`] says why.
+    pub fn limited(mut self, max_size: u64, allowance: usize) -> Self {
+        self.max_size = max_size;
+        self.allowance = allowance;
+        self
+    }
+
+    /// The most the body may hold from now on (the driver's share of the
+    /// shard's budget, as for [`DataReceiver::set_allowance`]).
+    pub fn set_allowance(&mut self, bytes: usize) {
+        self.allowance = bytes;
+    }
+
+    /// Whether (and why) content stopped being stored.
+    pub fn overflow(&self) -> Option<Overflow> {
+        self.overflow
     }
 
     /// The line-end state to carry to the next chunk of the message.
@@ -534,6 +579,7 @@ impl BdatReceiver {
     fn store(&mut self, content: &[u8], sink: &mut Vec<u8>) {
         let normalize = self.policy == BareNewline::Normalize;
         if !normalize {
+            // The chunk's announced size was reserved before it was read.
             sink.extend_from_slice(content);
         }
         let mut copy_from = 0;
@@ -559,15 +605,43 @@ impl BdatReceiver {
                 self.lines.bare = true;
             }
             if normalize {
-                sink.extend_from_slice(&content[copy_from..at]);
-                sink.extend_from_slice(b"\r\n");
+                self.put(&content[copy_from..at], sink);
+                self.put(b"\r\n", sink);
                 copy_from = at + 1;
             }
             i = at + 1;
         }
         if normalize {
-            sink.extend_from_slice(&content[copy_from..]);
+            self.put(&content[copy_from..], sink);
         }
+    }
+
+    /// Appends normalized content within the size limit and the allowance;
+    /// past either, nothing more is kept and what was kept is released.
+    /// Past the allowance the size is still counted: a chunk that also
+    /// passes the size limit ends as [`Overflow::Size`].
+    fn put(&mut self, bytes: &[u8], sink: &mut Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        let size = self.size.get_or_insert(sink.len() as u64);
+        *size += bytes.len() as u64;
+        if *size > self.max_size {
+            if self.overflow != Some(Overflow::Size) {
+                self.overflow = Some(Overflow::Size);
+                *sink = Vec::new();
+            }
+            return;
+        }
+        if self.overflow.is_some() {
+            return;
+        }
+        if !grow_within(sink, bytes.len(), self.max_size, self.allowance) {
+            self.overflow = Some(Overflow::Budget);
+            *sink = Vec::new();
+            return;
+        }
+        sink.extend_from_slice(bytes);
     }
 }
 

@@ -38,7 +38,7 @@ use crate::relay::Target;
 use crate::smtp::auth::{self, AuthResult, Authenticated, Credentials, Exchange, Mechanism, Step};
 use crate::smtp::command::{Command, Domain, MailCommand, RcptCommand, Recipient};
 use crate::smtp::data::{
-    grow_within, BareNewline, BdatLines, BdatReceiver, DataReceiver, Progress, Verdict,
+    grow_within, BareNewline, BdatLines, BdatReceiver, DataReceiver, Overflow, Progress, Verdict,
 };
 use crate::smtp::envelope::{Envelope, Message, Protocol, Rcpt, TlsInfo};
 use crate::smtp::error::ParseError;
@@ -325,6 +325,7 @@ impl Session {
                     }
                 }
                 State::Bdat { rx, target, .. } => {
+                    rx.set_allowance(self.allowance);
                     let sink = match target {
                         ChunkTarget::Store { tx, .. } => Some(&mut tx.body),
                         ChunkTarget::Discard { .. } => None,
@@ -1151,6 +1152,7 @@ impl Session {
         let rx = match &target {
             ChunkTarget::Store { tx, .. } => {
                 BdatReceiver::with_lines(size, self.cfg.bare_newline, tx.bdat_lines)
+                    .limited(self.cfg.max_message_size, self.allowance)
             }
             ChunkTarget::Discard { .. } => BdatReceiver::new(size),
         };
@@ -1165,16 +1167,22 @@ impl Session {
             ChunkTarget::Store { mut tx, last } => {
                 tx.bdat_lines = rx.lines();
                 // Under `Normalize` a bare CR or LF is stored as CRLF, so a
-                // chunk can take up to twice the room it announced: the
-                // size limit is checked again on what was stored (the
-                // driver counts the allocation after every input).
-                if tx.body.len() as u64 > self.cfg.max_message_size {
-                    ChunkTarget::Discard {
+                // chunk can need more room than it announced: what did not
+                // fit (the size limit, or the memory the body may hold)
+                // ends the transaction, as a refused chunk does.
+                match rx.overflow() {
+                    Some(Overflow::Size) => ChunkTarget::Discard {
                         error: reply::SIZE_EXCEEDED,
                         resume: None,
+                    },
+                    Some(Overflow::Budget) => {
+                        self.note_rejection(reply::BUDGET_EXCEEDED, format!("BDAT {size}"));
+                        ChunkTarget::Discard {
+                            error: reply::BUDGET_EXCEEDED,
+                            resume: None,
+                        }
                     }
-                } else {
-                    ChunkTarget::Store { tx, last }
+                    None => ChunkTarget::Store { tx, last },
                 }
             }
             discard => discard,
@@ -2188,6 +2196,47 @@ mod tests {
         );
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].body, b"xyz");
+    }
+
+    /// Regression (fuzz target `session`, input
+    /// `fuzz/regressions/session-bdat-normalize-past-allowance`): under
+    /// `--bare-newline normalize` a chunk of bare CRs is stored as CRLFs,
+    /// twice the room it announced, and the body passed its allowance. Now
+    /// what does not fit ends the transaction: 452 4.3.1 past the
+    /// allowance, 552 past the size limit, the chunk read to its end and
+    /// the session in sync.
+    #[test]
+    fn bdat_normalize_past_allowance() {
+        let normalize = |max_message_size| {
+            Arc::new(SessionConfig {
+                max_message_size,
+                bare_newline: BareNewline::Normalize,
+                ..(*cfg()).clone()
+            })
+        };
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"BDAT 3000 LAST\r\n");
+        input.extend_from_slice(&[b'\r'; 3000]);
+        input.extend_from_slice(
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nBDAT 3 LAST\r\nx\ry",
+        );
+        for (cfg, room, refusal) in [
+            (normalize(1 << 20), 4096, "452"),
+            (normalize(5000), 1 << 20, "552"),
+        ] {
+            let (out, msgs) = drive_with(&cfg, PEER, &input, &[], &|_| room);
+            assert_eq!(
+                codes(&out),
+                ["220", "250", "250", "250", refusal, "250", "250", "250"],
+                "{out}"
+            );
+            assert_eq!(msgs.len(), 1);
+            assert_eq!(msgs[0].body, b"x\r\ny");
+            for cut in (1..input.len()).step_by(7) {
+                let (o, m) = drive_with(&cfg, PEER, &input, &[cut], &|_| room);
+                assert_eq!((o, m.len()), (out.clone(), 1), "split at {cut}");
+            }
+        }
     }
 
     fn drive_every_split_with(
