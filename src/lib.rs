@@ -58,6 +58,7 @@
 pub mod blocking;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod policy;
 pub mod relay;
 pub mod server;
