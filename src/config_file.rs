@@ -55,9 +55,16 @@ pub const RELOADABLE: &[&str] = &[
     "max-conns-per-dest",
     "max-hops",
     "tls-policy",
-    // The files themselves are re-read on every SIGHUP; these change the
-    // list of keys.
+    // Listeners' limits, for the connections that follow.
+    "max-conns-per-ip",
+    // The files themselves are re-read on every SIGHUP; these name them.
     "dkim-key",
+    "tls-cert",
+    "tls-key",
+    "tls-handshake-timeout",
+    "users",
+    "sender-login-map",
+    "auth-failure-delay",
 ];
 
 /// The largest file read (a configuration, not a data set).
