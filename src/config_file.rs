@@ -326,8 +326,11 @@ fn check_values(arg: &clap::Arg, key: &str, values: &[String]) -> Result<(), Str
     if let Some(d) = arg.get_value_delimiter() {
         one = one.value_delimiter(d);
     }
-    let argv = std::iter::once(OsString::from("check"))
-        .chain(values.iter().map(|v| OsString::from(format!("--{key}={v}"))));
+    let argv = std::iter::once(OsString::from("check")).chain(
+        values
+            .iter()
+            .map(|v| OsString::from(format!("--{key}={v}"))),
+    );
     clap::Command::new("check")
         .arg(one)
         .try_get_matches_from(argv)
@@ -341,8 +344,7 @@ fn is_switch(arg: &clap::Arg) -> bool {
 
 /// A number stays a number, anything else is a quoted string.
 fn toml_scalar(v: &str) -> String {
-    if v.parse::<i64>().is_ok() || (v.parse::<f64>().is_ok_and(f64::is_finite) && v.contains('.'))
-    {
+    if v.parse::<i64>().is_ok() || (v.parse::<f64>().is_ok_and(f64::is_finite) && v.contains('.')) {
         v.to_owned()
     } else {
         toml::Value::String(v.to_owned()).to_string()
@@ -448,7 +450,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_a_suggestion() {
-        let e = load_with("max-recipient = 7\n", &[]).unwrap_err().to_string();
+        let e = load_with("max-recipient = 7\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"max-recipient\""), "{e}");
         assert!(e.contains("did you mean \"max-recipients\""), "{e}");
         let e = load_with("config = \"x\"\n", &[]).unwrap_err().to_string();

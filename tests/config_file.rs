@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::CommandFactory;
 
-use common::{peer_program, run_peer, Server, IO_TIMEOUT};
+use common::{peer_program, run_peer, Client, Server, IO_TIMEOUT};
 use ringmta::cli::Cli;
 use ringmta::config_file::META_FLAGS;
 
@@ -197,7 +197,10 @@ fn every_flag_is_a_config_key() {
     assert!(stale.is_empty(), "SAMPLES for no flag: {stale:?}");
 
     let dir = tempfile::tempdir().unwrap();
-    let text: String = SAMPLES.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+    let text: String = SAMPLES
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
     let file = write_config(dir.path(), &text);
     let defaults = check_config(&[], &[]);
     let got = check_config(&["--config", file.to_str().unwrap()], &[]);
@@ -447,7 +450,11 @@ fn sighup_reloads_under_load_without_dropping_sessions() {
     }
     after.expect("RCPT TO:<four@localhost>", 452);
     after.expect("RSET", 250);
-    after.send_message("a@example.org", &["x@new.test"], b"Subject: new\r\n\r\nnew\r\n");
+    after.send_message(
+        "a@example.org",
+        &["x@new.test"],
+        b"Subject: new\r\n\r\nnew\r\n",
+    );
     after.send_message(
         "a@example.org",
         &["y@routed.test"],
@@ -482,11 +489,19 @@ fn sighup_reloads_under_load_without_dropping_sessions() {
         ("max-recipients = 1\nmax-data-time = 0\n", "max-data-time"),
         ("max-recipients = 1\nmax-recipent = 2\n", "max-recipent"),
     ] {
-        let seen = server.stderr().matches("configuration NOT reloaded").count();
+        let seen = server
+            .stderr()
+            .matches("configuration NOT reloaded")
+            .count();
         write_config(dir.path(), bad);
         server.signal(libc::SIGHUP);
         let deadline = Instant::now() + IO_TIMEOUT;
-        while server.stderr().matches("configuration NOT reloaded").count() == seen {
+        while server
+            .stderr()
+            .matches("configuration NOT reloaded")
+            .count()
+            == seen
+        {
             assert!(Instant::now() < deadline, "{bad}: {}", server.stderr());
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -526,4 +541,166 @@ fn sighup_reloads_under_load_without_dropping_sessions() {
 
 fn count(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// Every key listed as reloadable is taken by a SIGHUP (the log names
+/// exactly the keys that changed, none is refused as restart-only), and
+/// those a client can see act at once for new connections: SIZE, AUTH
+/// offered on plaintext loopback, a user from a new users file, the
+/// per-IP connection limit, and the new DKIM key list.
+#[test]
+fn sighup_applies_every_reloadable_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(dir.path(), "max-recipients = 5\n");
+    let server = Server::builder()
+        .args(["--config", file.to_str().unwrap()])
+        .start();
+    let submission = server.submission.expect("submission listener");
+
+    // Before: default SIZE, no AUTH without TLS, 3 connections at once.
+    let mut c = server.connect();
+    let ehlo = c.hello("before.example").to_string();
+    assert!(ehlo.contains("SIZE 52428800"), "{ehlo}");
+    let mut sub = Client::connect(submission);
+    let ehlo = sub.hello("before.example").to_string();
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    let mut third = server.connect();
+    third.hello("third.example");
+    drop((c, sub, third));
+
+    // Files the new settings name.
+    let tls_dir = server.spool_dir().join("tls");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(tls_dir.join("cert.pem"), &cert).unwrap();
+    std::fs::copy(tls_dir.join("key.pem"), &key).unwrap();
+    let ringmta = Path::new(env!("CARGO_BIN_EXE_ringmta"));
+    let out = common::run_peer_with_input(
+        ringmta,
+        &["passwd", "carol"],
+        b"s3cret\n",
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "passwd: {}", out.stderr);
+    let users = dir.path().join("users");
+    std::fs::write(&users, &out.stdout).unwrap();
+    let senders = dir.path().join("senders");
+    std::fs::write(&senders, "@example.net carol\n").unwrap();
+    let dkim = dir.path().join("dkim.pem");
+    let out = run_peer(
+        ringmta,
+        &[
+            "dkim-keygen",
+            "--domain",
+            "example.net",
+            "--selector",
+            "s1",
+            "--algorithm",
+            "ed25519",
+            "--out",
+            dkim.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "dkim-keygen: {}", out.stderr);
+
+    let values: &[(&str, String)] = &[
+        ("relay-network", r#"["10.0.0.0/8"]"#.into()),
+        ("local-domain", r#"["localhost", "example.net"]"#.into()),
+        ("route", r#"["example.com=smtp:127.0.0.1:9"]"#.into()),
+        ("max-message-size", r#""1M""#.into()),
+        ("max-recipients", "3".into()),
+        ("max-errors", "7".into()),
+        ("command-timeout", r#""4m""#.into()),
+        ("data-timeout", r#""2m""#.into()),
+        ("max-data-time", r#""9m""#.into()),
+        ("bare-newline", r#""reject""#.into()),
+        ("allow-plaintext-auth-on-loopback", "true".into()),
+        ("add-sender-header", "true".into()),
+        ("dkim-from-mismatch", r#""unsigned""#.into()),
+        ("max-conns-per-shard", "1000".into()),
+        ("max-conns-per-ip", "2".into()),
+        ("relay-host", r#""127.0.0.1:9""#.into()),
+        ("outbound-port", "2525".into()),
+        ("connect-timeout", r#""20s""#.into()),
+        ("relay-timeout", r#""4m""#.into()),
+        ("relay-banner-timeout", r#""4m""#.into()),
+        ("relay-data-timeout", r#""2m""#.into()),
+        ("relay-final-timeout", r#""8m""#.into()),
+        ("retry-schedule", r#""2m,10m""#.into()),
+        ("max-queue-age", r#""3d""#.into()),
+        ("delay-warning", r#""4h""#.into()),
+        ("bounce-size-limit", r#""100K""#.into()),
+        ("max-conns-per-dest", "4".into()),
+        ("max-hops", "30".into()),
+        ("tls-policy", r#""require""#.into()),
+        (
+            "dkim-key",
+            format!("[\"example.net:s1:{}\"]", dkim.display()),
+        ),
+        ("tls-cert", format!("{:?}", cert.to_str().unwrap())),
+        ("tls-key", format!("{:?}", key.to_str().unwrap())),
+        ("tls-handshake-timeout", r#""20s""#.into()),
+        ("users", format!("{:?}", users.to_str().unwrap())),
+        (
+            "sender-login-map",
+            format!("{:?}", senders.to_str().unwrap()),
+        ),
+        ("auth-failure-delay", r#""2s""#.into()),
+    ];
+    let mut listed: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
+    listed.sort_unstable();
+    let mut reloadable = ringmta::config_file::RELOADABLE.to_vec();
+    reloadable.sort_unstable();
+    reloadable.dedup();
+    assert_eq!(
+        listed, reloadable,
+        "this test must change every reloadable key"
+    );
+    let text: String = values.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+    write_config(dir.path(), &text);
+    server.signal(libc::SIGHUP);
+    assert!(
+        server.wait_for_log("SIGHUP: configuration reloaded", IO_TIMEOUT),
+        "{}",
+        server.stderr()
+    );
+    let log = server.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("SIGHUP: configuration reloaded"))
+        .unwrap();
+    let mut changed: Vec<&str> = line
+        .split("changed=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_default()
+        .split(',')
+        .collect();
+    changed.sort_unstable();
+    assert_eq!(changed, reloadable, "{line}");
+    assert!(!log.contains("needs a restart"), "{log}");
+    assert!(
+        server.wait_for_log("SIGHUP: DKIM keys reloaded keys=1", IO_TIMEOUT),
+        "{}",
+        server.stderr()
+    );
+
+    // After: SIZE, AUTH on plaintext loopback with the new user, two
+    // connections per address.
+    let mut c = server.connect();
+    let ehlo = c.hello("after.example").to_string();
+    assert!(ehlo.contains("SIZE 1048576"), "{ehlo}");
+    let mut sub = Client::connect(submission);
+    let ehlo = sub.hello("after.example").to_string();
+    assert!(ehlo.contains("AUTH"), "{ehlo}");
+    let plain = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        b"\0carol\0s3cret",
+    );
+    sub.expect(&format!("AUTH PLAIN {plain}"), 235);
+    let mut third = server.connect();
+    let r = third.reply();
+    assert!(r.to_string().starts_with("421"), "{r}");
+    sub.expect("QUIT", 221);
+    c.expect("QUIT", 221);
 }

@@ -143,7 +143,10 @@ fn systemd_unit_check_rejects_a_bad_unit() {
         .collect::<Vec<_>>()
         .join("\n");
     let result = std::panic::catch_unwind(|| check_unit(&weak));
-    assert!(result.is_err(), "a unit without its Protect*/Private* options passed");
+    assert!(
+        result.is_err(),
+        "a unit without its Protect*/Private* options passed"
+    );
 }
 
 fn has_cargo_deb(cargo: &str) -> bool {
@@ -210,13 +213,19 @@ fn deb_package_has_binary_unit_config_and_spool() {
     entry("./usr/lib/tmpfiles.d/ringmta.conf");
 
     let control = work.path().join("control");
-    ok(Command::new(&dpkg_deb).arg("--control").arg(&deb).arg(&control));
+    ok(Command::new(&dpkg_deb)
+        .arg("--control")
+        .arg(&deb)
+        .arg(&control));
     let read = |name: &str| std::fs::read_to_string(control.join(name)).unwrap_or_default();
     assert_eq!(read("conffiles").trim(), "/etc/ringmta/ringmta.toml");
     let fields = ok(Command::new(&dpkg_deb).arg("--field").arg(&deb));
     assert!(fields.contains("Package: ringmta"), "{fields}");
     assert!(fields.contains("Section: mail"), "{fields}");
-    let depends = fields.lines().find(|l| l.starts_with("Depends:")).unwrap_or("");
+    let depends = fields
+        .lines()
+        .find(|l| l.starts_with("Depends:"))
+        .unwrap_or("");
     assert!(depends.contains("adduser"), "{fields}");
     let postinst = read("postinst");
     assert!(
@@ -234,8 +243,12 @@ fn deb_package_has_binary_unit_config_and_spool() {
 
     // What the package installs is what deploy/ holds, and it works.
     let files = work.path().join("files");
-    ok(Command::new(&dpkg_deb).arg("--extract").arg(&deb).arg(&files));
-    let unit = std::fs::read_to_string(files.join("usr/lib/systemd/system/ringmta.service")).unwrap();
+    ok(Command::new(&dpkg_deb)
+        .arg("--extract")
+        .arg(&deb)
+        .arg(&files));
+    let unit =
+        std::fs::read_to_string(files.join("usr/lib/systemd/system/ringmta.service")).unwrap();
     assert_eq!(
         unit,
         std::fs::read_to_string(root().join("deploy/ringmta.service")).unwrap()

@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use event_listener::Event;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
 use futures_rustls::TlsConnector;
-use arc_swap::ArcSwap;
 use glommio::net::TcpStream;
 use rustls::pki_types::ServerName;
 
@@ -335,7 +335,10 @@ impl Relay {
                         RcptState::Delivered | RcptState::Bounced => false,
                     };
                     if due && !in_flight.contains(&(id.clone(), i)) {
-                        by_target.entry(self.cfg().target(addr)).or_default().push(i);
+                        by_target
+                            .entry(self.cfg().target(addr))
+                            .or_default()
+                            .push(i);
                     }
                 }
             }
