@@ -19,6 +19,14 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Subcommand>,
 
+    /// TOML file of settings: each key a long flag name (`max-message-size = "50M"`, repeatable flags as arrays, switches as true/false); flags and RINGMTA_* variables override it; re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", env = "RINGMTA_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Check the settings (flags, environment, --config file), print them as TOML with where each came from, and exit (0: valid). Reads no file they name.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Relay/MX listener address (repeatable).
     #[arg(
         long = "smtp",

@@ -49,8 +49,12 @@
 //!   shards hand off, one per kind (password checks, DKIM signing, Maildir
 //!   file operations), so a flood of one never queues the others; a full
 //!   queue is refused or waited for, with a bound. A leaf.
-//! * [`cli`] / [`config`] — every knob as a flag (and `RINGMTA_*` variable),
-//!   turned once into a validated [`config::Config`].
+//! * [`cli`] / [`config_file`] / [`config`] — every knob as a flag (and
+//!   `RINGMTA_*` variable, and key of the `--config` TOML file, merged under
+//!   them by [`config_file::load`]), turned into a validated
+//!   [`config::Config`] at start and again on SIGHUP, when
+//!   [`server::Shared::apply`] swaps in what may change
+//!   ([`config_file::RELOADABLE`]).
 //! * [`util`] — a leaf of small shared helpers: [`util::isolate`] (a task's
 //!   panic caught, not the shard's end) and [`util::supervise`] (a shard's
 //!   long-lived loop restarted with backoff after a panic).
@@ -58,6 +62,7 @@
 pub mod blocking;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod policy;
 pub mod relay;
 pub mod server;

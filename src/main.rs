@@ -1,28 +1,41 @@
 //! `ringmta`: parse the flags, open the spool, start the shards, and wait
 //! for a signal.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
 
 use ringmta::cli::{Cli, QueueAction, Subcommand};
 use ringmta::config::Config;
+use ringmta::config_file::{self, Effective, FileError};
 use ringmta::server::{self, Shared};
 use ringmta::spool::Spool;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let loaded = match config_file::load(&argv) {
+        Ok(l) => l,
+        Err(FileError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("ringmta: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = &loaded.cli;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if cli.check_config {
+        return check_config(&loaded);
+    }
     let result = match &cli.command {
         Some(Subcommand::Queue { spool_dir, action }) => queue(spool_dir, action),
         Some(Subcommand::Passwd { user }) => passwd(user),
@@ -33,7 +46,7 @@ fn main() -> ExitCode {
             bits,
             out,
         }) => dkim_keygen(domain, selector, *algorithm, *bits, out),
-        None => serve(&cli),
+        None => serve(cli, Reload::new(argv, &loaded)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,7 +57,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(cli: &Cli) -> anyhow::Result<()> {
+/// `--check-config`: the settings in force as TOML on stdout, once they
+/// validate; what is wrong on stderr otherwise.
+fn check_config(loaded: &config_file::Loaded) -> ExitCode {
+    if let Err(e) = Config::from_cli(&loaded.cli) {
+        eprintln!("ringmta: invalid configuration: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut out = std::io::stdout().lock();
+    let file = loaded
+        .file
+        .as_ref()
+        .map_or_else(|| "none".to_owned(), |p| p.display().to_string());
+    let _ = writeln!(out, "# ringmta --check-config: valid (config file: {file})");
+    let _ = out.write_all(loaded.effective.to_toml().as_bytes());
+    ExitCode::SUCCESS
+}
+
+fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
     let config = Config::from_cli(cli).context("invalid configuration")?;
     raise_fd_limit();
     let spool = Spool::open(&config.spool_dir)
@@ -78,7 +108,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
              (--max-inflight-bytes / shards / 2); raise --max-inflight-bytes to take larger messages"
         );
     }
-    watch_signals(shared.clone()).context("cannot install signal handlers")?;
+    watch_signals(shared.clone(), reload).context("cannot install signal handlers")?;
     tracing::info!(
         shards = config.shards,
         pin = config.pin,
@@ -102,18 +132,84 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT: graceful stop (a second one exits at once). SIGHUP: reload
-/// the TLS certificate, the users file, the sender login map, the DKIM keys
-/// and the local recipients (new handshakes, logins, messages and RCPTs see
-/// them; open sessions are not otherwise touched).
-fn watch_signals(shared: Arc<Shared>) -> std::io::Result<()> {
+/// What a SIGHUP needs to read the settings again: the command line (the
+/// environment is the process's own) and the settings now in force.
+struct Reload {
+    argv: Vec<OsString>,
+    current: Effective,
+    /// Whether there is a file to re-read at all.
+    file: bool,
+}
+
+impl Reload {
+    fn new(argv: Vec<OsString>, loaded: &config_file::Loaded) -> Reload {
+        Reload {
+            argv,
+            current: loaded.effective.clone(),
+            file: loaded.file.is_some(),
+        }
+    }
+
+    /// Re-reads the flags, environment and file. If they do not load or
+    /// validate, nothing changes. Otherwise the reloadable keys take their
+    /// new values and a changed restart-only key is logged and kept.
+    fn settings(&mut self, shared: &Shared) {
+        if !self.file {
+            return;
+        }
+        let new = match config_file::load(&self.argv) {
+            Ok(new) => new,
+            Err(e) => {
+                let error = e.to_string();
+                tracing::error!(error = %error.trim_end(), "SIGHUP: configuration NOT reloaded; keeping the old one");
+                return;
+            }
+        };
+        let mut changed = Vec::new();
+        for key in self.current.changed(&new.effective) {
+            if config_file::RELOADABLE.contains(&key) {
+                changed.push(key.to_owned());
+            } else {
+                tracing::warn!(
+                    key,
+                    "SIGHUP: this key changed but needs a restart; keeping its old value"
+                );
+            }
+        }
+        let next = self.current.reloadable_from(&new.effective);
+        let config = config_file::cli_from(&next)
+            .map_err(anyhow::Error::from)
+            .and_then(|cli| Ok(Config::from_cli(&cli)?))
+            .and_then(|config| Ok(shared.apply(&config)?));
+        match config {
+            Ok(()) => {
+                tracing::info!(changed = %changed.join(","), "SIGHUP: configuration reloaded");
+                self.current = next;
+            }
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}").trim_end(),
+                "SIGHUP: configuration NOT reloaded; keeping the old one"
+            ),
+        }
+    }
+}
+
+/// SIGTERM/SIGINT: graceful stop (a second one exits at once). SIGHUP: read
+/// the settings again (the `--config` file, see [`Reload::settings`]), then
+/// reload the TLS certificate, the users file, the sender login map, the
+/// DKIM keys and the local recipients (new connections, handshakes,
+/// logins, messages and RCPTs see them; open sessions keep what they had).
+fn watch_signals(shared: Arc<Shared>, mut reload: Reload) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 match sig {
-                    SIGHUP => shared.reload(),
+                    SIGHUP => {
+                        reload.settings(&shared);
+                        shared.reload();
+                    }
                     _ if shared.stop_requested() => {
                         eprintln!("ringmta: second stop signal, exiting now");
                         std::process::exit(1);

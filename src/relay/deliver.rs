@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use event_listener::Event;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
 use futures_rustls::TlsConnector;
@@ -105,7 +106,8 @@ struct Loaded {
 }
 
 pub struct Relay {
-    cfg: Arc<RelayConfig>,
+    /// Process-wide, replaced on SIGHUP: read afresh by each use.
+    cfg: Arc<ArcSwap<RelayConfig>>,
     hostname: String,
     spool: Rc<ShardSpool>,
     resolver: Resolver,
@@ -128,15 +130,21 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The delivery settings in force now (a SIGHUP may replace them
+    /// between two uses; each use sees one whole version).
+    fn cfg(&self) -> Arc<RelayConfig> {
+        self.cfg.load_full()
+    }
+
     pub fn new(
-        cfg: Arc<RelayConfig>,
+        cfg: Arc<ArcSwap<RelayConfig>>,
         hostname: String,
         spool: Rc<ShardSpool>,
         resolver: Resolver,
         maildir_pool: Arc<crate::blocking::BlockingPool>,
     ) -> Rc<Relay> {
         let relay = Rc::new(Relay {
-            tls: tls::connector(cfg.tls_verify),
+            tls: tls::connector(cfg.load().tls_verify),
             // invariant: 3 significant figures is within hdrhistogram's range.
             latency: RefCell::new(hdrhistogram::Histogram::new(3).expect("3 significant figures")),
             cfg,
@@ -276,8 +284,8 @@ impl Relay {
             self.dispatch();
             let next_timer = self.timers.borrow().peek().map(|Reverse((t, _))| *t);
             let wait = match next_timer {
-                Some(t) => Duration::from_secs(t.saturating_sub(unix_now())).min(self.cfg.tick),
-                None => self.cfg.tick,
+                Some(t) => Duration::from_secs(t.saturating_sub(unix_now())).min(self.cfg().tick),
+                None => self.cfg().tick,
             };
             if self.ready.borrow().is_empty() {
                 woken.or(glommio::timer::sleep(wait)).await;
@@ -327,7 +335,10 @@ impl Relay {
                         RcptState::Delivered | RcptState::Bounced => false,
                     };
                     if due && !in_flight.contains(&(id.clone(), i)) {
-                        by_target.entry(self.cfg.target(addr)).or_default().push(i);
+                        by_target
+                            .entry(self.cfg().target(addr))
+                            .or_default()
+                            .push(i);
                     }
                 }
             }
@@ -397,7 +408,7 @@ impl Relay {
             let mut dests = self.dests.borrow_mut();
             let q = dests.entry(target.clone()).or_default();
             q.jobs.push_back(work);
-            let spawn = q.workers < self.cfg.max_conns_per_dest.max(1);
+            let spawn = q.workers < self.cfg().max_conns_per_dest.max(1);
             if spawn {
                 q.workers += 1;
             }
@@ -458,7 +469,7 @@ impl Relay {
     fn retry_later(&self, id: &QueueId, rcpts: &[usize]) {
         self.release(id, rcpts);
         let delay = self
-            .cfg
+            .cfg()
             .retry_schedule
             .first()
             .map_or(PANIC_RETRY, |d| d.as_secs().max(1));
@@ -589,7 +600,8 @@ impl Relay {
         test_hooks::maybe_panic(&loaded);
         let id = work.id.to_string();
         let mut outcomes = Vec::with_capacity(loaded.job.rcpts.len());
-        let first_local = self.cfg.local_domains.first().map(String::as_str);
+        let cfg = self.cfg();
+        let first_local = cfg.local_domains.first().map(String::as_str);
         for (k, r) in loaded.job.rcpts.iter().enumerate() {
             // A bare <postmaster> queued before the session qualified it.
             let addr = policy::recipient::qualify_postmaster(&r.addr, first_local);
@@ -721,7 +733,7 @@ impl Relay {
     /// says. Under `opportunistic`, a failed handshake (after which the
     /// connection is unusable) is followed by a plaintext connection.
     async fn open(&self, name: &str, ip: IpAddr, port: u16) -> Result<(Conn, Client), HostError> {
-        let mode = match self.cfg.tls_policy {
+        let mode = match self.cfg().tls_policy {
             TlsPolicy::Opportunistic => StartTls::Opportunistic,
             TlsPolicy::Require => StartTls::Required,
         };
@@ -743,16 +755,16 @@ impl Relay {
     ) -> Result<(Conn, Client), HostError> {
         let at = format!("{name}[{ip}]:{port}");
         let addr = SocketAddr::new(ip, port);
-        let mut conn = Conn::connect(addr, self.cfg.connect_timeout, Timeouts::of(&self.cfg))
+        let mut conn = Conn::connect(addr, self.cfg().connect_timeout, Timeouts::of(&self.cfg()))
             .await
             .map_err(|e| HostError::new("4.4.1", format!("{at}: {e}")))?;
-        let mut client = Client::new(&self.cfg.helo_name).with_starttls(mode);
+        let mut client = Client::new(&self.cfg().helo_name).with_starttls(mode);
         let greet_err = |e: String| HostError::new("4.4.1", format!("{at}: {e}"));
         conn.until_idle(&mut client).await.map_err(greet_err)?;
         if client.wants_tls() {
             let server_name = tls::server_name(name, ip);
             conn = conn
-                .starttls(&self.tls, server_name, self.cfg.tls_handshake_timeout)
+                .starttls(&self.tls, server_name, self.cfg().tls_handshake_timeout)
                 .await
                 .map_err(|e| HostError {
                     status: "4.7.5",
@@ -781,10 +793,10 @@ impl Relay {
             .split(|&b| b == b'\n')
             .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
             .count();
-        (hops > self.cfg.max_hops).then(|| {
+        (hops > self.cfg().max_hops).then(|| {
             format!(
                 "554 5.4.6 mail loop: {hops} Received headers (limit {})",
-                self.cfg.max_hops
+                self.cfg().max_hops
             )
         })
     }
@@ -934,11 +946,11 @@ impl Relay {
                 }
                 RcptOutcome::Deferred(why) => {
                     let seed = hash(&id) ^ rcpt as u64;
-                    match self.cfg.next_retry(age, seed) {
+                    match self.cfg().next_retry(age, seed) {
                         Some(delay) => {
-                            let until = self.cfg.retry_at(entry.arrival, now, delay);
+                            let until = self.cfg().retry_at(entry.arrival, now, delay);
                             tracing::info!(%id, rcpt = %addr, reason = %why, retry_in = ?Duration::from_secs(until - now), "deferred");
-                            if self.cfg.delay_warning_due(entry.arrival, now, before) {
+                            if self.cfg().delay_warning_due(entry.arrival, now, before) {
                                 delayed.push((k, why));
                             }
                             retry_at = Some(retry_at.map_or(until, |t: u64| t.min(until)));
@@ -958,7 +970,7 @@ impl Relay {
         }
         if !delayed.is_empty() {
             let retry_until =
-                UNIX_EPOCH + Duration::from_secs(entry.arrival) + self.cfg.max_queue_age;
+                UNIX_EPOCH + Duration::from_secs(entry.arrival) + self.cfg().max_queue_age;
             let action = dsn::Action::Delayed { retry_until };
             // A warning that cannot be stored is not retried: it only
             // informs, and the recipient's bounce (if it comes) will.
@@ -1039,7 +1051,7 @@ impl Relay {
             arrival: UNIX_EPOCH + Duration::from_secs(loaded.arrival),
             content: &loaded.job.body,
             ret_full: loaded.ret_full,
-            limit: self.cfg.bounce_size_limit,
+            limit: self.cfg().bounce_size_limit,
         };
         let body = dsn::build(
             &self.hostname,

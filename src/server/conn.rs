@@ -69,11 +69,14 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     kind: ListenerKind,
 ) {
-    let config = &shard.ctx.config;
+    // The policy in force when the connection starts is its policy to the
+    // end, whatever a SIGHUP does meanwhile.
+    let live = shard.ctx.shared.live.load();
     let cfg = match kind {
-        ListenerKind::Smtp => config.session.clone(),
-        ListenerKind::Submission | ListenerKind::Smtps => config.submission_session.clone(),
+        ListenerKind::Smtp => live.session.clone(),
+        ListenerKind::Submission | ListenerKind::Smtps => live.submission_session.clone(),
     };
+    drop(live);
     let _ = stream.set_write_timeout(Some(cfg.command_timeout));
     let conn = ConnInfo { peer, tls: false };
     let mut buf = InputBuffer::new();
@@ -297,13 +300,13 @@ async fn store(
     mut msg: Message,
     peer: SocketAddr,
 ) -> CommitResult {
-    let config = &shard.ctx.config;
     let added = match session.authenticated() {
         Some(who) => {
+            let live = shard.ctx.shared.live.load_full();
             let date = rfc5322_date(SystemTime::now());
-            let message_id = new_message_id(shard.ctx.id, &config.session.hostname);
-            let me = own_address(who, &config.session.local_domains);
-            let sender = me.as_deref().filter(|_| config.add_sender_header);
+            let message_id = new_message_id(shard.ctx.id, &live.session.hostname);
+            let me = own_address(who, &live.session.local_domains);
+            let sender = me.as_deref().filter(|_| live.add_sender_header);
             let completion = Completion {
                 date: &date,
                 message_id: &message_id,
@@ -355,7 +358,7 @@ async fn dkim_sign(
         dkim::Plan::Sign(signers) => signers,
         dkim::Plan::Unsigned => return Ok(added),
         dkim::Plan::Mismatch(what) => {
-            return match shard.ctx.config.dkim_from_mismatch {
+            return match shard.ctx.shared.live.load().dkim_from_mismatch {
                 FromMismatch::Reject => Err(CommitResult::Refused {
                     reply: submit::FROM_NOT_OWNED,
                     what: format!("DATA (From: {what})"),

@@ -296,7 +296,8 @@ pub fn sign_all(signers: &[Arc<Signer>], parts: &[&[u8]]) -> Result<Vec<u8>, Dki
 
 /// The keys in force, swapped whole on reload.
 pub struct DkimStore {
-    specs: Vec<KeySpec>,
+    /// Replaced (with the signers) by a SIGHUP that changes `--dkim-key`.
+    specs: ArcSwap<Vec<KeySpec>>,
     /// One per spec, in the same order.
     signers: ArcSwap<Vec<Arc<Signer>>>,
 }
@@ -325,7 +326,7 @@ impl DkimStore {
             );
         }
         Ok(DkimStore {
-            specs,
+            specs: ArcSwap::from_pointee(specs),
             signers: ArcSwap::from_pointee(signers),
         })
     }
@@ -334,9 +335,9 @@ impl DkimStore {
     /// old version; its error is returned (the others are reloaded).
     pub fn reload(&self) -> Vec<DkimError> {
         let old = self.signers.load();
+        let specs = self.specs.load();
         let mut errors = Vec::new();
-        let signers = self
-            .specs
+        let signers = specs
             .iter()
             .zip(old.iter())
             .map(|(spec, old)| match Signer::load(spec) {
@@ -351,13 +352,32 @@ impl DkimStore {
         errors
     }
 
+    /// A new list of keys (SIGHUP): all load, or nothing changes and the
+    /// first error is returned.
+    pub fn replace(&self, specs: Vec<KeySpec>) -> Result<usize, DkimError> {
+        let signers = specs
+            .iter()
+            .map(|s| Signer::load(s).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = signers.len();
+        // The signal thread is the only writer: no reload runs in between.
+        self.signers.store(Arc::new(signers));
+        self.specs.store(Arc::new(specs));
+        Ok(n)
+    }
+
+    /// The keys configured.
+    pub fn specs(&self) -> Arc<Vec<KeySpec>> {
+        self.specs.load_full()
+    }
+
     /// How many keys are configured.
     pub fn len(&self) -> usize {
-        self.specs.len()
+        self.specs.load().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.specs.is_empty()
+        self.specs.load().is_empty()
     }
 
     /// The keys in force.

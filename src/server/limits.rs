@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,8 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
 
 #[derive(Debug)]
 pub struct IpLimiter {
-    max: u32,
+    /// Replaced on SIGHUP; counts only while it is not 0.
+    max: AtomicU32,
     counts: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
 
@@ -46,21 +48,28 @@ impl IpLimiter {
     /// `max == 0` means no limit.
     pub fn new(max: u32) -> Self {
         Self {
-            max,
+            max: AtomicU32::new(max),
             counts: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// A new limit (SIGHUP) for the connections that follow; those open
+    /// stay. Connections accepted while there was no limit are not counted.
+    pub fn set_max(&self, max: u32) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// A slot for one more connection from `ip`'s [`client_key`], or
     /// `None` at the limit.
     pub fn acquire(&self, ip: IpAddr) -> Option<IpSlot> {
         let ip = client_key(ip);
-        if self.max == 0 {
+        let max = self.max.load(Ordering::Relaxed);
+        if max == 0 {
             return Some(IpSlot { ip, counts: None });
         }
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = counts.entry(ip).or_insert(0);
-        if *n >= self.max {
+        if *n >= max {
             return None;
         }
         *n += 1;

@@ -22,10 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use thiserror::Error;
 
 use crate::blocking::BlockingPool;
 use crate::config::Config;
+use crate::policy::recipient::Recipients;
+use crate::relay::RelayConfig;
+use crate::smtp::SessionConfig;
 use crate::spool::Spool;
 
 pub use limits::IpLimiter;
@@ -64,12 +68,17 @@ pub enum ServerError {
 
 /// Process-wide state: the stop flag the signal handler sets, the per-IP
 /// connection counts, what SIGHUP reloads (certificate, users, DKIM keys,
-/// local recipients), and the blocking pools, one per kind of work so that
-/// none waits behind another.
+/// local recipients, and the settings in [`Live`] and the delivery
+/// settings), and the blocking pools, one per kind of work so that none
+/// waits behind another.
 #[derive(Debug)]
 pub struct Shared {
     pub stop: AtomicBool,
     pub ip_limiter: IpLimiter,
+    /// The settings each new connection takes; replaced on SIGHUP.
+    pub live: ArcSwap<Live>,
+    /// The delivery settings, read by each delivery step; replaced on SIGHUP.
+    pub relay: Arc<ArcSwap<RelayConfig>>,
     pub tls: tls::TlsStore,
     pub auth: users::AuthStore,
     pub dkim: dkim::DkimStore,
@@ -80,6 +89,39 @@ pub struct Shared {
     pub dkim_pool: BlockingPool,
     /// Maildir directory operations and renames.
     pub maildir_pool: Arc<BlockingPool>,
+}
+
+/// What a connection takes when it starts, as one version: a SIGHUP
+/// replaces the whole of it, and sessions already open keep theirs.
+#[derive(Debug)]
+pub struct Live {
+    /// The session policy of the relay/MX listeners.
+    pub session: Arc<SessionConfig>,
+    /// The session policy of the submission and smtps listeners.
+    pub submission_session: Arc<SessionConfig>,
+    pub add_sender_header: bool,
+    pub dkim_from_mismatch: dkim::FromMismatch,
+    pub max_conns_per_shard: usize,
+}
+
+impl Live {
+    /// `config`'s settings, with `recipients` (the one table every session
+    /// shares, which the SIGHUP reload of the file fills) in both policies.
+    fn new(config: &Config, recipients: &Recipients) -> Live {
+        let with = |s: &SessionConfig| {
+            Arc::new(SessionConfig {
+                recipients: recipients.clone(),
+                ..s.clone()
+            })
+        };
+        Live {
+            session: with(&config.session),
+            submission_session: with(&config.submission_session),
+            add_sender_header: config.add_sender_header,
+            dkim_from_mismatch: config.dkim_from_mismatch,
+            max_conns_per_shard: config.max_conns_per_shard,
+        }
+    }
 }
 
 /// Queued password checks per auth thread: beyond them a login gets 454
@@ -93,16 +135,19 @@ impl Shared {
     /// Loads (or generates) the certificate, reads the users file, the
     /// DKIM keys and the local recipients.
     pub fn new(config: &Config) -> Result<Arc<Shared>, ServerError> {
+        let recipients = recipients::RecipientsStore::load(
+            config.local_recipients.clone(),
+            config.session.recipients.clone(),
+        )?;
         Ok(Arc::new(Shared {
             stop: AtomicBool::new(false),
             ip_limiter: IpLimiter::new(config.max_conns_per_ip),
+            live: ArcSwap::from_pointee(Live::new(config, recipients.handle())),
+            relay: Arc::new(ArcSwap::new(config.relay.clone())),
             tls: tls::TlsStore::load(config.tls.clone())?,
             auth: users::AuthStore::load(config.auth.clone())?,
             dkim: dkim::DkimStore::load(config.dkim_keys.clone())?,
-            recipients: recipients::RecipientsStore::load(
-                config.local_recipients.clone(),
-                config.session.recipients.clone(),
-            )?,
+            recipients,
             auth_pool: BlockingPool::new(
                 "auth",
                 config.pools.auth_threads,
@@ -124,6 +169,25 @@ impl Shared {
                 .map_err(ServerError::Thread)?,
             ),
         }))
+    }
+
+    /// SIGHUP, with the configuration file re-read: puts `config`'s
+    /// reloadable settings in force for new connections and the next
+    /// delivery steps. The caller keeps every restart-only setting as it
+    /// was in `config`. New DKIM keys are loaded first: if one does not
+    /// load, nothing changes. The files the settings name are read by
+    /// [`Shared::reload`], which should follow.
+    pub fn apply(&self, config: &Config) -> Result<(), ServerError> {
+        if *self.dkim.specs() != config.dkim_keys {
+            self.dkim.replace(config.dkim_keys.clone())?;
+        }
+        self.tls.set_settings(config.tls.clone());
+        self.auth.set_settings(config.auth.clone());
+        self.ip_limiter.set_max(config.max_conns_per_ip);
+        self.live
+            .store(Arc::new(Live::new(config, self.recipients.handle())));
+        self.relay.store(config.relay.clone());
+        Ok(())
     }
 
     /// SIGHUP: re-reads the certificate, the users file, the sender login

@@ -39,6 +39,11 @@ impl RecipientsStore {
         Ok(store)
     }
 
+    /// The table every session config shares (disabled without a file).
+    pub fn handle(&self) -> &Recipients {
+        &self.recipients
+    }
+
     /// Re-reads the file; `None` when none is configured, else the number
     /// of entries now in force or why the old ones stay.
     pub fn reload(&self) -> Option<Result<usize, RecipientsError>> {

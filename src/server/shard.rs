@@ -116,7 +116,7 @@ async fn serve(
     ));
     let relay = ctx.resolver.clone().map(|resolver| {
         crate::relay::Relay::new(
-            ctx.config.relay.clone(),
+            ctx.shared.relay.clone(),
             ctx.config.session.hostname.clone(),
             spool.clone(),
             resolver,
@@ -273,7 +273,7 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
         Err(_) => return, // already gone
     };
     let _ = stream.set_nodelay(true);
-    if state.active.get() >= state.ctx.config.max_conns_per_shard {
+    if state.active.get() >= state.ctx.shared.live.load().max_conns_per_shard {
         refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     }

@@ -72,10 +72,11 @@ pub enum TlsError {
 /// The live server configuration, swapped on reload.
 #[derive(Debug)]
 pub struct TlsStore {
-    settings: TlsSettings,
+    /// Replaced by a SIGHUP that changes the files or the timeout.
+    settings: ArcSwap<TlsSettings>,
     current: ArcSwap<ServerConfig>,
     /// The certificate and key files in use.
-    paths: (PathBuf, PathBuf),
+    paths: ArcSwap<(PathBuf, PathBuf)>,
 }
 
 impl TlsStore {
@@ -88,16 +89,28 @@ impl TlsStore {
         let config = server_config(&paths.0, &paths.1)?;
         tracing::info!(cert = %paths.0.display(), generated = settings.files.is_none(), "TLS certificate loaded");
         Ok(TlsStore {
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             current: ArcSwap::from_pointee(config),
-            paths,
+            paths: ArcSwap::from_pointee(paths),
         })
+    }
+
+    /// New settings (SIGHUP): the handshake timeout applies at once, the
+    /// files at the next [`TlsStore::reload`].
+    pub fn set_settings(&self, settings: TlsSettings) {
+        self.settings.store(Arc::new(settings));
     }
 
     /// Re-reads the certificate and key files; on error the old ones stay.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.paths.0, &self.paths.1)?;
+        let settings = self.settings.load();
+        let paths = match &settings.files {
+            Some((cert, key)) => (cert.clone(), key.clone()),
+            None => ensure_generated(&settings.generated_dir, &settings.hostname)?,
+        };
+        let config = server_config(&paths.0, &paths.1)?;
         self.current.store(Arc::new(config));
+        self.paths.store(Arc::new(paths));
         Ok(())
     }
 
@@ -108,12 +121,12 @@ impl TlsStore {
     }
 
     pub fn handshake_timeout(&self) -> Duration {
-        self.settings.handshake_timeout
+        self.settings.load().handshake_timeout
     }
 
     /// The certificate file in use.
-    pub fn cert_path(&self) -> &Path {
-        &self.paths.0
+    pub fn cert_path(&self) -> PathBuf {
+        self.paths.load().0.clone()
     }
 }
 

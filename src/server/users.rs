@@ -65,7 +65,8 @@ pub enum UsersError {
 /// The users and sender map in force, and the login throttle.
 #[derive(Debug)]
 pub struct AuthStore {
-    settings: AuthSettings,
+    /// Replaced by a SIGHUP (the throttle keeps the limits it started with).
+    settings: ArcSwap<AuthSettings>,
     users: ArcSwap<HashMap<String, String>>,
     senders: ArcSwap<SenderMap>,
     throttle: AuthThrottle,
@@ -92,20 +93,27 @@ impl AuthStore {
             max_clients: MAX_TRACKED_CLIENTS,
         });
         Ok(AuthStore {
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             users: ArcSwap::from_pointee(users),
             senders: ArcSwap::from_pointee(senders),
             throttle,
         })
     }
 
+    /// New settings (SIGHUP): the files are read at the next
+    /// [`AuthStore::reload`]; the throttle's limits do not change.
+    pub fn set_settings(&self, settings: AuthSettings) {
+        self.settings.store(Arc::new(settings));
+    }
+
     /// Re-reads both files; returns the number of users now in force.
     pub fn reload(&self) -> Result<usize, UsersError> {
-        let users = match &self.settings.users {
+        let settings = self.settings.load();
+        let users = match &settings.users {
             Some(p) => read_users(p)?,
             None => HashMap::new(),
         };
-        let senders = match &self.settings.sender_login_map {
+        let senders = match &settings.sender_login_map {
             Some(p) => read_sender_map(p)?,
             None => SenderMap::default(),
         };
@@ -132,7 +140,7 @@ impl AuthStore {
         if login.contains('@') {
             rules.push(SendAs::Address(login.to_owned()));
         } else {
-            for d in &self.settings.local_domains {
+            for d in &self.settings.load().local_domains {
                 rules.push(SendAs::Address(format!("{login}@{d}")));
             }
         }
@@ -146,7 +154,7 @@ impl AuthStore {
     }
 
     pub fn failure_delay(&self) -> Duration {
-        self.settings.failure_delay
+        self.settings.load().failure_delay
     }
 }
 
