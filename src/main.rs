@@ -11,18 +11,15 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
 
-use ringmta::cli::{Cli, QueueAction, Subcommand};
+use ringmta::cli::{Cli, LogFormat, QueueAction, Subcommand};
 use ringmta::config::Config;
 use ringmta::server::{self, Shared};
 use ringmta::spool::Spool;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Flushes the log lines still queued when main returns.
+    let _log = init_log(&cli);
     let result = match &cli.command {
         Some(Subcommand::Queue { spool_dir, action }) => queue(spool_dir, action),
         Some(Subcommand::Passwd { user }) => passwd(user),
@@ -42,6 +39,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Lines queued for stderr before the writer thread drops new ones: a
+/// stalled log reader (a full pipe, a stuck journald) must not stall mail.
+const LOG_QUEUE_LINES: usize = 1 << 16;
+
+/// Logs go to stderr through a writer thread, so no shard ever blocks on a
+/// write to it; past [`LOG_QUEUE_LINES`] waiting lines, new ones are dropped
+/// (mail before logs). `--log-format json` writes one JSON object per line
+/// with the event's fields at the top level.
+fn init_log(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("ringmta-log")
+        .finish(std::io::stderr());
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match cli.log_format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+    guard
 }
 
 fn serve(cli: &Cli) -> anyhow::Result<()> {
