@@ -23,7 +23,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use glommio::{LocalExecutorBuilder, Placement};
 
 use ringmta::relay::client::{RcptOutcome, Reply};
-use ringmta::relay::handoff::{Done, Handoff, Link, Mesh, Msg, Report};
+use ringmta::relay::handoff::{Attempt, Done, Handoff, Link, Mesh, Msg, Report};
 use ringmta::relay::Target;
 use ringmta::spool::queue::Location;
 
@@ -155,6 +155,7 @@ async fn owner(mesh: Mesh, finished: Arc<AtomicBool>) {
                 report: Report::Outcomes {
                     outcomes: vec![RcptOutcome::Delivered(reply.clone())],
                     remote: Some("127.0.0.2".into()),
+                    attempt: Attempt::default(),
                 },
             },
         );

@@ -458,6 +458,24 @@ pub struct Cli {
         default_value = "info"
     )]
     pub log: String,
+
+    /// Log line format: `text` (key=value pairs) or `json` (one JSON object
+    /// per line). Event lines carry the same field names in both (see the
+    /// README's "Event log").
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        env = "RINGMTA_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, clap::Subcommand)]

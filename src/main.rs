@@ -11,7 +11,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
 
-use ringmta::cli::{Cli, QueueAction, Subcommand};
+use ringmta::cli::{Cli, LogFormat, QueueAction, Subcommand};
 use ringmta::config::Config;
 use ringmta::config_file::{self, Effective, FileError};
 use ringmta::server::{self, Shared};
@@ -28,11 +28,8 @@ fn main() -> ExitCode {
         }
     };
     let cli = &loaded.cli;
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Flushes the log lines still queued when main returns.
+    let _log = init_log(cli);
     if cli.check_config {
         return check_config(&loaded);
     }
@@ -72,6 +69,38 @@ fn check_config(loaded: &config_file::Loaded) -> ExitCode {
     let _ = writeln!(out, "# ringmta --check-config: valid (config file: {file})");
     let _ = out.write_all(loaded.effective.to_toml().as_bytes());
     ExitCode::SUCCESS
+}
+
+/// Lines queued for stderr before the writer thread drops new ones: a
+/// stalled log reader (a full pipe, a stuck journald) must not stall mail.
+const LOG_QUEUE_LINES: usize = 1 << 16;
+
+/// Logs go to stderr through a writer thread, so no shard ever blocks on a
+/// write to it; past [`LOG_QUEUE_LINES`] waiting lines, new ones are dropped
+/// (mail before logs). `--log-format json` writes one JSON object per line
+/// with the event's fields at the top level.
+fn init_log(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("ringmta-log")
+        .finish(std::io::stderr());
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match cli.log_format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+    guard
 }
 
 fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {

@@ -94,6 +94,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("relay-data-timeout", r#""2m""#),
     ("relay-final-timeout", r#""8m""#),
     ("log", r#""ringmta=debug""#),
+    ("log-format", r#""json""#),
 ];
 
 /// Every long flag of the server (not of subcommands), as clap knows them.

@@ -29,7 +29,7 @@ use rustls::pki_types::ServerName;
 use super::client::{
     Awaiting, Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls,
 };
-use super::handoff::{self, Done, Handoff, Link, Mesh, Msg, RcptIndexes, Report};
+use super::handoff::{self, Attempt, Done, Handoff, Link, Mesh, Msg, RcptIndexes, Report};
 use super::maildir;
 use super::mx::{Resolution, Resolver};
 use super::tls::{self, TlsPolicy};
@@ -562,8 +562,12 @@ impl Relay {
     /// On the origin: journals what became of the work.
     async fn settle(&self, id: &QueueId, rcpts: &[usize], report: Report) {
         match report {
-            Report::Outcomes { outcomes, remote } => {
-                self.apply_outcomes(id, rcpts, outcomes, remote.as_deref())
+            Report::Outcomes {
+                outcomes,
+                remote,
+                attempt,
+            } => {
+                self.apply_outcomes(id, rcpts, outcomes, remote.as_deref(), &attempt)
                     .await
             }
             Report::Returned => {
@@ -593,6 +597,7 @@ impl Relay {
     }
 
     async fn deliver_local(&self, root: &std::path::Path, work: Work, held: &Held) {
+        let taken = Instant::now();
         let Some(loaded) = self.load(&work).await else {
             return self.finish(held, &work, Report::Unreadable).await;
         };
@@ -636,12 +641,17 @@ impl Relay {
         let report = Report::Outcomes {
             outcomes,
             remote: None,
+            attempt: Attempt {
+                relay: Some("maildir".into()),
+                delays: [queued_ms(&loaded), 0, 0, ms(taken.elapsed())],
+            },
         };
         self.finish(held, &work, report).await;
     }
 
     async fn smtp_worker(&self, target: &Target, held: &Held) {
         'connections: while let Some(first) = self.take_work(target, held) {
+            let taken = Instant::now();
             let hosts = match target {
                 Target::Smtp { host, .. } => self.resolver.host(host).await,
                 Target::Mx { domain, .. } => self.resolver.resolve(domain).await,
@@ -651,15 +661,19 @@ impl Relay {
                 Target::Smtp { port, .. } | Target::Mx { port, .. } => *port,
                 Target::Maildir(_) => return,
             };
+            let resolved = Instant::now();
+            let resolving = ms(resolved - taken);
             let hosts = match hosts {
                 Resolution::Hosts(h) => h,
                 Resolution::Permanent(why) => {
-                    self.fail_work(first, &format!("550 5.1.2 {why}"), true, held)
+                    let why = format!("550 5.1.2 {why}");
+                    self.fail_work(first, &why, true, [resolving, 0], held)
                         .await;
                     continue;
                 }
                 Resolution::Temporary(why) => {
-                    self.fail_work(first, &format!("451 4.4.3 {why}"), false, held)
+                    let why = format!("451 4.4.3 {why}");
+                    self.fail_work(first, &why, false, [resolving, 0], held)
                         .await;
                     continue;
                 }
@@ -667,6 +681,7 @@ impl Relay {
             // Try each host in order until one greets us (RFC 5321 5.1).
             let mut last_error = HostError::new("4.4.1", "no host to try".into());
             for (name, ip) in &hosts {
+                let opening = Instant::now();
                 let (mut conn, mut client) = match self.open(name, *ip, port).await {
                     Ok(c) => c,
                     Err(e) => {
@@ -675,6 +690,10 @@ impl Relay {
                         continue;
                     }
                 };
+                let relay = format!("{name}[{ip}]:{port}");
+                // The first message pays for finding and opening the
+                // connection; the next ones on it for nothing but their own.
+                let mut setup = [resolving, ms(opening.elapsed())];
                 // Connected and greeted: carry as many messages as are queued.
                 let mut work = Some(first);
                 while let Some(w) = work.take() {
@@ -693,6 +712,7 @@ impl Relay {
                         let report = Report::Outcomes {
                             outcomes,
                             remote: None,
+                            attempt: Attempt::default(),
                         };
                         self.finish(held, &w, report).await;
                         work = self.take_work(target, held);
@@ -701,6 +721,7 @@ impl Relay {
                     #[cfg(debug_assertions)]
                     test_hooks::maybe_panic(&loaded);
                     let n = loaded.job.rcpts.len();
+                    let sending = Instant::now();
                     let outcomes = match conn.send(&mut client, loaded.job.clone()).await {
                         Ok(o) => o,
                         Err(e) => (0..n)
@@ -709,9 +730,14 @@ impl Relay {
                     };
                     let broken = client.is_closed();
                     self.observe(&loaded, &outcomes);
+                    let [b, c] = std::mem::take(&mut setup);
                     let report = Report::Outcomes {
                         outcomes,
                         remote: Some(name.clone()),
+                        attempt: Attempt {
+                            relay: Some(relay.clone()),
+                            delays: [queued_ms(&loaded), b, c, ms(sending.elapsed())],
+                        },
                     };
                     self.finish(held, &w, report).await;
                     if broken || self.stopping.get() {
@@ -725,7 +751,9 @@ impl Relay {
             }
             // Every host failed.
             let reply = format!("451 {} {}", last_error.status, last_error.text);
-            self.fail_work(first, &reply, false, held).await;
+            let trying = ms(resolved.elapsed());
+            self.fail_work(first, &reply, false, [resolving, trying], held)
+                .await;
         }
     }
 
@@ -801,8 +829,17 @@ impl Relay {
         })
     }
 
-    /// Every recipient of `work` gets the same outcome (no connection).
-    async fn fail_work(&self, work: Work, reply: &str, permanent: bool, held: &Held) {
+    /// Every recipient of `work` gets the same outcome (no connection);
+    /// `[b, c]` are the time spent finding the destination and trying its
+    /// hosts.
+    async fn fail_work(
+        &self,
+        work: Work,
+        reply: &str,
+        permanent: bool,
+        [b, c]: [u64; 2],
+        held: &Held,
+    ) {
         let outcomes = work
             .rcpts
             .iter()
@@ -814,9 +851,14 @@ impl Relay {
                 }
             })
             .collect();
+        // The queue time is the origin's to know (the message was not read).
         let report = Report::Outcomes {
             outcomes,
             remote: None,
+            attempt: Attempt {
+                relay: None,
+                delays: [0, b, c, 0],
+            },
         };
         self.finish(held, &work, report).await;
     }
@@ -910,6 +952,7 @@ impl Relay {
         rcpts: &[usize],
         outcomes: Vec<RcptOutcome>,
         remote: Option<&str>,
+        attempt: &Attempt,
     ) {
         let Some(entry) = id.with_str(|id| self.spool.entry(id)) else {
             // Deleted from the queue while it was being delivered.
@@ -922,6 +965,7 @@ impl Relay {
         };
         let now = unix_now();
         let age = Duration::from_secs(now.saturating_sub(entry.arrival));
+        let log = OutcomeLog::new(&work.id, attempt, entry.arrival);
         let mut failed = Vec::new();
         let mut delayed = Vec::new();
         let mut retry_at: Option<u64> = None;
@@ -936,11 +980,11 @@ impl Relay {
             let id = work.id.to_string();
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
-                    tracing::info!(%id, rcpt = %addr, reply = %r.text(), "delivered");
+                    log.write("delivered", addr, &r.text(), None);
                     JournalOp::Delivered { id, rcpt }
                 }
                 RcptOutcome::Failed(why) => {
-                    tracing::info!(%id, rcpt = %addr, reason = %why, "bounced");
+                    log.write("bounced", addr, &why, None);
                     failed.push((k, why));
                     JournalOp::Bounced { id, rcpt }
                 }
@@ -949,7 +993,7 @@ impl Relay {
                     match self.cfg().next_retry(age, seed) {
                         Some(delay) => {
                             let until = self.cfg().retry_at(entry.arrival, now, delay);
-                            tracing::info!(%id, rcpt = %addr, reason = %why, retry_in = ?Duration::from_secs(until - now), "deferred");
+                            log.write("deferred", addr, &why, Some(until - now));
                             if self.cfg().delay_warning_due(entry.arrival, now, before) {
                                 delayed.push((k, why));
                             }
@@ -959,7 +1003,7 @@ impl Relay {
                         None => {
                             let why =
                                 format!("{why} (gave up after {}s in the queue)", age.as_secs());
-                            tracing::info!(%id, rcpt = %addr, reason = %why, "bounced");
+                            log.write("expired", addr, &why, None);
                             failed.push((k, why));
                             JournalOp::Bounced { id, rcpt }
                         }
@@ -1091,7 +1135,15 @@ impl Relay {
                     dsn::Action::Failed => "bounce",
                     dsn::Action::Delayed { .. } => "delay warning",
                 };
-                tracing::info!(id = %work.id, report = %id, to = %sender, "{kind} queued");
+                tracing::info!(
+                    target: "ringmta::event",
+                    event = "dsn",
+                    queue_id = %work.id,
+                    dsn_id = %id,
+                    to = %sender,
+                    kind,
+                    "{kind} queued"
+                );
                 self.enqueue(id);
                 true
             }
@@ -1101,6 +1153,73 @@ impl Relay {
             }
         }
     }
+}
+
+/// The delivered, deferred, bounced and expired lines of one attempt's
+/// outcomes (the README's "Event log").
+struct OutcomeLog<'a> {
+    queue_id: &'a QueueId,
+    relay: &'a str,
+    delays: String,
+    /// Seconds since arrival, with milliseconds.
+    delay: String,
+}
+
+impl<'a> OutcomeLog<'a> {
+    fn new(queue_id: &'a QueueId, attempt: &'a Attempt, arrival: u64) -> Self {
+        let total = unix_now_ms().saturating_sub(arrival.saturating_mul(1000));
+        let [a, b, c, d] = attempt.delays;
+        // Work that failed before its message was read has no queue time of
+        // its own: it is what the total leaves.
+        let a = if a == 0 {
+            total.saturating_sub(b + c + d)
+        } else {
+            a
+        };
+        let secs = |ms: u64| format!("{}.{:03}", ms / 1000, ms % 1000);
+        OutcomeLog {
+            queue_id,
+            relay: attempt.relay.as_deref().unwrap_or("none"),
+            delays: format!("{}/{}/{}/{}", secs(a), secs(b), secs(c), secs(d)),
+            delay: secs(total),
+        }
+    }
+
+    /// `reply` is the next hop's reply (or our reason); `retry_in` the
+    /// seconds until the next attempt of a deferred recipient.
+    fn write(&self, event: &'static str, to: &str, reply: &str, retry_in: Option<u64>) {
+        tracing::info!(
+            target: "ringmta::event",
+            event,
+            queue_id = %self.queue_id,
+            to,
+            relay = self.relay,
+            delay = %self.delay,
+            delays = %self.delays,
+            reply,
+            retry_in,
+            "{event}"
+        );
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds from the message's arrival until now.
+fn queued_ms(loaded: &Loaded) -> u64 {
+    let arrival = loaded
+        .arrival_ms
+        .unwrap_or(loaded.arrival.saturating_mul(1000));
+    unix_now_ms().saturating_sub(arrival)
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(ms)
+        .unwrap_or(0)
 }
 
 /// Whether a queue or set sized for a crowd (the whole recovered queue at

@@ -109,10 +109,12 @@ impl From<Vec<usize>> for RcptIndexes {
 /// The end of one piece of work, on whichever shard it ran.
 #[derive(Debug)]
 pub enum Report {
-    /// One outcome per recipient, in order; `remote` names the server.
+    /// One outcome per recipient, in order; `remote` names the server,
+    /// `attempt` says where and how long (for the event log).
     Outcomes {
         outcomes: Vec<RcptOutcome>,
         remote: Option<String>,
+        attempt: Attempt,
     },
     /// Not attempted (its worker went away): schedule it again now.
     Returned,
@@ -121,6 +123,21 @@ pub enum Report {
     /// The message could not be read (deleted, or compacted elsewhere in
     /// the meantime): try again a little later if it is still queued.
     Unreadable,
+}
+
+/// Where one delivery attempt went and how long its parts took: the
+/// `relay` and `delays` of the event log's delivered, deferred, bounced and
+/// expired lines.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
+    /// `host[ip]:port`, `maildir`, or `None` when no server was reached.
+    pub relay: Option<String>,
+    /// Milliseconds, as Postfix's `delays=a/b/c/d`: (a) in the queue, from
+    /// arrival until a worker took the message; (b) finding the
+    /// destination (DNS); (c) connection set-up (TCP, greeting, EHLO,
+    /// STARTTLS; 0 on a reused connection); (d) transmission (MAIL FROM to
+    /// the reply to the content; for a Maildir, writing and syncing).
+    pub delays: [u64; 4],
 }
 
 /// The owner of `target` among `peers` shards, or `None` for a destination

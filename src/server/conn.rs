@@ -69,6 +69,77 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     kind: ListenerKind,
 ) {
+    let mut log = ConnLog::new(shard.ctx.id, peer, kind);
+    serve_logged(shard, stream, peer, kind, &mut log).await;
+}
+
+/// The `connect` and `disconnect` events of one connection (the README's
+/// "Event log"): `disconnect` is written when this is dropped, so it comes
+/// however the connection ended, a panic included.
+struct ConnLog {
+    shard: usize,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    start: Instant,
+    /// What the session had negotiated when it ended.
+    tls: Option<crate::smtp::TlsInfo>,
+    user: Option<String>,
+    messages: u32,
+}
+
+impl ConnLog {
+    fn new(shard: usize, peer: SocketAddr, kind: ListenerKind) -> Self {
+        tracing::info!(
+            target: "ringmta::event",
+            event = "connect",
+            shard,
+            %peer,
+            listener = kind.name(),
+            "connect"
+        );
+        ConnLog {
+            shard,
+            peer,
+            kind,
+            start: Instant::now(),
+            tls: None,
+            user: None,
+            messages: 0,
+        }
+    }
+
+    /// Takes what the session negotiated, for the `disconnect` line.
+    fn note(&mut self, session: &Session) {
+        self.tls = session.tls().copied();
+        self.user = session.authenticated().map(|a| a.login.clone());
+    }
+}
+
+impl Drop for ConnLog {
+    fn drop(&mut self) {
+        let tls = self.tls.map(|t| format!("{} {}", t.version, t.cipher));
+        tracing::info!(
+            target: "ringmta::event",
+            event = "disconnect",
+            shard = self.shard,
+            peer = %self.peer,
+            listener = self.kind.name(),
+            tls = tls.as_deref().unwrap_or("none"),
+            user = self.user.as_deref().unwrap_or("-"),
+            messages = self.messages,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            "disconnect"
+        );
+    }
+}
+
+async fn serve_logged(
+    shard: &ShardState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    log: &mut ConnLog,
+) {
     // The policy in force when the connection starts is its policy to the
     // end, whatever a SIGHUP does meanwhile.
     let live = shard.ctx.shared.live.load();
@@ -84,13 +155,15 @@ pub(crate) async fn serve(
         // Boxed: the TLS states (rustls' connection, the handshake) are
         // large, and an idle plaintext session should not carry their room
         // in its future (this is what keeps an idle session near 8 KiB).
-        Box::pin(serve_implicit_tls(shard, stream, peer, cfg, conn, buf)).await;
+        Box::pin(serve_implicit_tls(shard, stream, peer, cfg, conn, buf, log)).await;
         return;
     }
     let mut stream = stream;
     let mut session = Session::new(cfg, conn, Instant::now());
-    if let Outcome::StartTls = drive(shard, &mut stream, &mut session, &mut buf, peer).await {
-        Box::pin(serve_after_starttls(shard, stream, peer, session, buf)).await;
+    let outcome = drive(shard, &mut stream, &mut session, &mut buf, peer, log).await;
+    log.note(&session);
+    if let Outcome::StartTls = outcome {
+        Box::pin(serve_after_starttls(shard, stream, peer, session, buf, log)).await;
     }
 }
 
@@ -101,13 +174,15 @@ async fn serve_implicit_tls(
     cfg: std::sync::Arc<crate::smtp::SessionConfig>,
     conn: ConnInfo,
     mut buf: InputBuffer,
+    log: &mut ConnLog,
 ) {
     let Some(mut tls) = handshake(shard, stream, peer).await else {
         return;
     };
     let info = tls::info(tls.get_ref().1);
     let mut session = Session::new(cfg, conn, Instant::now()).with_tls(info);
-    drive(shard, &mut tls, &mut session, &mut buf, peer).await;
+    drive(shard, &mut tls, &mut session, &mut buf, peer, log).await;
+    log.note(&session);
 }
 
 async fn serve_after_starttls(
@@ -116,6 +191,7 @@ async fn serve_after_starttls(
     peer: SocketAddr,
     mut session: Session,
     mut buf: InputBuffer,
+    log: &mut ConnLog,
 ) {
     // RFC 3207 5: whatever the client sent after STARTTLS, before the
     // handshake, is discarded unread.
@@ -127,7 +203,9 @@ async fn serve_after_starttls(
         return;
     };
     session.handle_tls(tls::info(tls.get_ref().1), Instant::now());
-    if let Outcome::StartTls = drive(shard, &mut tls, &mut session, &mut buf, peer).await {
+    let outcome = drive(shard, &mut tls, &mut session, &mut buf, peer, log).await;
+    log.note(&session);
+    if let Outcome::StartTls = outcome {
         // invariant: the session refuses STARTTLS under TLS (503), so it
         // never asks again; close rather than loop.
         tracing::error!(%peer, "STARTTLS requested twice; closing");
@@ -141,6 +219,7 @@ async fn drive<S>(
     session: &mut Session,
     buf: &mut InputBuffer,
     peer: SocketAddr,
+    log: &mut ConnLog,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -163,6 +242,8 @@ where
             for r in session.take_rejections() {
                 if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
                     tracing::info!(
+                        target: "ringmta::event",
+                        event = "refused",
                         %peer,
                         user = r.user.as_deref().unwrap_or("-"),
                         command = %r.command,
@@ -182,6 +263,9 @@ where
                     // Boxed (as below): rarely-taken branches with large
                     // futures must not size every idle session's task.
                     let result = Box::pin(store(shard, session, msg, peer)).await;
+                    if let CommitResult::Stored(_) = &result {
+                        log.messages += 1;
+                    }
                     session.handle_commit(result, Instant::now());
                     charge.set(session.content_bytes());
                 }
@@ -320,8 +404,10 @@ async fn store(
         }
         None => Vec::new(),
     };
+    let accepted = Accepted::of(&msg, added.len(), session);
     match shard.spool.store_with(msg, session.tls(), &added).await {
         Ok(id) => {
+            accepted.log(shard.ctx.id, &id, peer);
             if let Some(relay) = &shard.relay {
                 relay.enqueue(id.clone());
             }
@@ -331,6 +417,51 @@ async fn store(
             tracing::warn!(%peer, error = %e, "message not stored");
             e.commit_result()
         }
+    }
+}
+
+/// What the `accepted` event says of a message, taken before the spool
+/// takes the message.
+struct Accepted {
+    from: String,
+    nrcpt: usize,
+    size: usize,
+    proto: &'static str,
+    helo: String,
+    tls: Option<String>,
+    user: Option<String>,
+}
+
+impl Accepted {
+    fn of(msg: &Message, added: usize, session: &Session) -> Accepted {
+        let env = &msg.envelope;
+        Accepted {
+            from: env.mail_from.clone().unwrap_or_default(),
+            nrcpt: env.rcpts.len(),
+            size: msg.body.len() + added,
+            proto: env.protocol.name(),
+            helo: env.helo.clone(),
+            tls: session.tls().map(|t| format!("{} {}", t.version, t.cipher)),
+            user: session.authenticated().map(|a| a.login.clone()),
+        }
+    }
+
+    fn log(&self, shard: usize, queue_id: &str, peer: SocketAddr) {
+        tracing::info!(
+            target: "ringmta::event",
+            event = "accepted",
+            shard,
+            queue_id,
+            %peer,
+            helo = %self.helo,
+            from = %self.from,
+            nrcpt = self.nrcpt,
+            size = self.size,
+            proto = self.proto,
+            tls = self.tls.as_deref().unwrap_or("none"),
+            user = self.user.as_deref().unwrap_or("-"),
+            "accepted"
+        );
     }
 }
 
