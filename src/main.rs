@@ -79,6 +79,11 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         );
     }
     watch_signals(shared.clone()).context("cannot install signal handlers")?;
+    // Bound before the shards start: a taken port is a startup error.
+    let admin = match config.admin {
+        Some(addr) => Some(ringmta::admin::start(addr, ringmta::admin::Router::standard())?),
+        None => None,
+    };
     tracing::info!(
         shards = config.shards,
         pin = config.pin,
@@ -92,6 +97,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         // One machine-readable line on stdout per listener: tests and
         // scripts that bind port 0 read the real port from it.
         let mut out = std::io::stdout().lock();
+        if let Some(a) = admin {
+            let _ = writeln!(out, "ringmta listening admin {a}");
+            tracing::info!(addr = %a, kind = "admin", "listening");
+        }
         for (kind, a) in addrs {
             let _ = writeln!(out, "ringmta listening {} {a}", kind.name());
             tracing::info!(addr = %a, kind = kind.name(), "listening");

@@ -125,6 +125,7 @@ pub struct Relay {
     link: RefCell<Option<Rc<Link>>>,
     /// Accept-to-delivery latency of delivered recipients, milliseconds.
     latency: RefCell<hdrhistogram::Histogram<u64>>,
+    metrics: Arc<crate::metrics::ShardMetrics>,
 }
 
 impl Relay {
@@ -139,6 +140,7 @@ impl Relay {
             tls: tls::connector(cfg.tls_verify),
             // invariant: 3 significant figures is within hdrhistogram's range.
             latency: RefCell::new(hdrhistogram::Histogram::new(3).expect("3 significant figures")),
+            metrics: crate::metrics::shard(spool.shard()),
             cfg,
             hostname,
             spool,
@@ -186,6 +188,34 @@ impl Relay {
         }
     }
 
+    /// Recipients waiting in this shard's queue and the age in seconds of
+    /// the oldest, per destination (bounded by
+    /// [`crate::metrics::destination_label`]). Walks the whole queue: for
+    /// the metrics, every few seconds, not per message.
+    pub fn census(&self) -> HashMap<String, (i64, i64)> {
+        let now = unix_now();
+        let mut labels: HashMap<String, String> = HashMap::new();
+        let mut out: HashMap<String, (i64, i64)> = HashMap::new();
+        self.spool.for_each_waiting(|arrival, addr| {
+            let domain = addr.rsplit_once('@').map_or(addr, |(_, d)| d);
+            let label = match labels.get(domain) {
+                Some(l) => l,
+                None => {
+                    let l = crate::metrics::destination_label(&self.cfg.target(addr).to_string());
+                    labels.entry(domain.to_owned()).or_insert(l)
+                }
+            };
+            let age = now.saturating_sub(arrival) as i64;
+            match out.get_mut(label.as_str()) {
+                Some(slot) => *slot = (slot.0 + 1, slot.1.max(age)),
+                None => {
+                    out.insert(label.clone(), (1, age));
+                }
+            }
+        });
+        out
+    }
+
     /// Joins the handoff mesh (every shard must), then accepts work and
     /// done records from the other shards. Until it is joined, and if it
     /// never is (a shard failed to start, or the stop came first), this
@@ -215,13 +245,15 @@ impl Relay {
             for (peer, rx) in receivers {
                 let me = self.clone();
                 let rx = Rc::new(rx);
+                let taken = link.clone();
                 // Supervised: without it a panic would silently stop work
                 // and done records from `peer`.
                 glommio::spawn_local(async move {
                     crate::util::supervise("handoff receiver", || {
-                        let (me, rx) = (me.clone(), rx.clone());
+                        let (me, rx, taken) = (me.clone(), rx.clone(), taken.clone());
                         async move {
                             while let Some(msg) = rx.recv().await {
+                                taken.taken_from(peer);
                                 me.clone().receive(peer, msg);
                             }
                         }
@@ -382,7 +414,9 @@ impl Relay {
             rcpts: work.rcpts.clone(),
             target: target.clone(),
         };
-        if link.try_hand(owner, h) {
+        let handed = link.try_hand(owner, h);
+        self.metrics.handoff(handed);
+        if handed {
             tracing::debug!(id = %work.id, %target, owner, "handed off");
             None
         } else {
@@ -879,7 +913,9 @@ impl Relay {
         let mut h = self.latency.borrow_mut();
         for o in outcomes {
             if let RcptOutcome::Delivered(_) = o {
-                h.saturating_record(now_ms.saturating_sub(at));
+                let ms = now_ms.saturating_sub(at);
+                h.saturating_record(ms);
+                self.metrics.delivery_latency.observe(ms as f64 / 1000.0);
             }
         }
     }
@@ -914,6 +950,12 @@ impl Relay {
         let mut delayed = Vec::new();
         let mut retry_at: Option<u64> = None;
         let mut ops = Vec::with_capacity(outcomes.len());
+        // Every recipient of one work item goes to one destination.
+        let destination = rcpts
+            .first()
+            .and_then(|&i| entry.rcpts.get(i))
+            .map(|(addr, _)| crate::metrics::destination_label(&self.cfg.target(addr).to_string()));
+        let mut counts = [0u64; 3];
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&rcpt) = rcpts.get(k) else {
                 continue;
@@ -924,10 +966,12 @@ impl Relay {
             let id = work.id.to_string();
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
+                    counts[0] += 1;
                     tracing::info!(%id, rcpt = %addr, reply = %r.text(), "delivered");
                     JournalOp::Delivered { id, rcpt }
                 }
                 RcptOutcome::Failed(why) => {
+                    counts[2] += 1;
                     tracing::info!(%id, rcpt = %addr, reason = %why, "bounced");
                     failed.push((k, why));
                     JournalOp::Bounced { id, rcpt }
@@ -936,6 +980,7 @@ impl Relay {
                     let seed = hash(&id) ^ rcpt as u64;
                     match self.cfg.next_retry(age, seed) {
                         Some(delay) => {
+                            counts[1] += 1;
                             let until = self.cfg.retry_at(entry.arrival, now, delay);
                             tracing::info!(%id, rcpt = %addr, reason = %why, retry_in = ?Duration::from_secs(until - now), "deferred");
                             if self.cfg.delay_warning_due(entry.arrival, now, before) {
@@ -945,6 +990,7 @@ impl Relay {
                             JournalOp::Deferred { id, rcpt, until }
                         }
                         None => {
+                            counts[2] += 1;
                             let why =
                                 format!("{why} (gave up after {}s in the queue)", age.as_secs());
                             tracing::info!(%id, rcpt = %addr, reason = %why, "bounced");
@@ -955,6 +1001,12 @@ impl Relay {
                 }
             };
             ops.push(op);
+        }
+        if let Some(dest) = &destination {
+            use crate::metrics::Delivery;
+            self.metrics.deliveries(dest, Delivery::Delivered, counts[0]);
+            self.metrics.deliveries(dest, Delivery::Deferred, counts[1]);
+            self.metrics.deliveries(dest, Delivery::Bounced, counts[2]);
         }
         if !delayed.is_empty() {
             let retry_until =

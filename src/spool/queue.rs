@@ -454,6 +454,18 @@ impl QueueIndex {
         (due, later)
     }
 
+    /// Calls `f(arrival, address)` for every recipient still to be
+    /// delivered (no copies).
+    pub fn for_each_waiting(&self, mut f: impl FnMut(u64, &str)) {
+        for e in &self.slots {
+            for (addr, state) in e.rcpts.iter() {
+                if !state.finished() {
+                    f(e.arrival, addr);
+                }
+            }
+        }
+    }
+
     /// Recipients still to be delivered, by domain.
     pub fn count_by_domain(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
