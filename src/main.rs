@@ -97,13 +97,14 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         // One machine-readable line on stdout per listener: tests and
         // scripts that bind port 0 read the real port from it.
         let mut out = std::io::stdout().lock();
-        if let Some(a) = admin {
-            let _ = writeln!(out, "ringmta listening admin {a}");
-            tracing::info!(addr = %a, kind = "admin", "listening");
-        }
         for (kind, a) in addrs {
             let _ = writeln!(out, "ringmta listening {} {a}", kind.name());
             tracing::info!(addr = %a, kind = kind.name(), "listening");
+        }
+        // Last, so the first line stays the SMTP listener's.
+        if let Some(a) = admin {
+            let _ = writeln!(out, "ringmta listening admin {a}");
+            tracing::info!(addr = %a, kind = "admin", "listening");
         }
         let _ = out.flush();
     })?;

@@ -106,6 +106,8 @@ fn full_disk_answers_452_and_recovers() {
             "none",
             "--smtps",
             "none",
+            "--admin",
+            "none",
             "--log",
             "error",
             "--spool-dir",
