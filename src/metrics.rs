@@ -452,7 +452,7 @@ fn sync_buckets() -> Family<ShardFile, Histogram> {
 
 impl Metrics {
     fn new() -> Metrics {
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Registry::with_prefix("ringmta"),
             conns_accepted: Family::default(),
             conns_refused: Family::default(),
@@ -484,7 +484,6 @@ impl Metrics {
             destinations: Mutex::new(HashSet::new()),
             shards: Mutex::new(Vec::new()),
         };
-        let mut m = m;
         let r = &mut m.registry;
         // Counters are registered without `_total`: the encoder adds it.
         r.register(

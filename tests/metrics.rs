@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{peer_program, run_peer, Server};
+use common::{http_get, metric, peer_program, run_peer, Client, Server};
 
 const MESSAGES: usize = 300;
 const SESSIONS: usize = 10;
@@ -136,16 +136,80 @@ fn prometheus_scrapes_exact_counts() {
     dashboard_names_exist(&text);
 }
 
-/// The text of `GET path` from `addr` (HTTP/1.1, one request).
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect to admin");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read answer");
-    let (head, body) = out.split_once("\r\n\r\n").expect("HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    body.to_owned()
+/// Connection limits, TLS handshakes and AUTH are counted as they
+/// happen, read straight from `/metrics`.
+#[test]
+fn refusals_handshakes_and_logins_are_counted() {
+    let server = Server::builder()
+        .shards(1)
+        .args(["--max-conns-per-ip", "1", "--allow-plaintext-auth-on-loopback"])
+        .start();
+    let admin = server.admin.expect("admin listener");
+    let mut c = Client::connect(server.submission.expect("submission"));
+    c.hello("client.example");
+    // No users: every login fails ("\0alice\0wrong").
+    c.expect("AUTH PLAIN AGFsaWNlAHdyb25n", 535);
+    // A second connection from this address is one too many.
+    let mut second = Client::connect(server.addr);
+    let r = second.reply();
+    assert!(r.is("421 4.7.0 Error: too many connections, closing transmission channel"), "{r}");
+    c.expect("QUIT", 221);
+    c.expect_closed();
+    second.expect_closed();
+    wait_until(admin, |t| metric(t, "ringmta_connections_open", &[]) == 0.0);
+    // Plaintext to the implicit-TLS port: the handshake fails.
+    let mut tls = TcpStream::connect(server.smtps.expect("smtps")).unwrap();
+    tls.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tls.write_all(b"EHLO client.example\r\n").unwrap();
+    let _ = tls.read_to_end(&mut Vec::new());
+    let text = wait_until(admin, |t| {
+        metric(t, "ringmta_tls_handshakes_total", &["result=\"failed\""]) > 0.0
+    });
+    let count = |name, labels: &[&str]| metric(&text, name, labels);
+    assert_eq!(count("ringmta_tls_handshakes_total", &["result=\"failed\""]), 1.0);
+    assert_eq!(count("ringmta_tls_handshakes_total", &["result=\"ok\""]), 0.0);
+    assert_eq!(count("ringmta_auth_attempts_total", &["result=\"failure\""]), 1.0);
+    assert_eq!(count("ringmta_auth_attempts_total", &["result=\"success\""]), 0.0);
+    assert_eq!(
+        count("ringmta_connections_refused_total", &["reason=\"ip_limit\""]),
+        1.0
+    );
+    assert_eq!(
+        count("ringmta_connections_accepted_total", &["listener=\"smtp\""]),
+        1.0
+    );
+    assert_eq!(
+        count("ringmta_connections_accepted_total", &["listener=\"smtps\""]),
+        1.0
+    );
+    assert_eq!(count("ringmta_sessions_total", &["listener=\"submission\""]), 1.0);
+    // The session on smtps never started; the refused one had none.
+    assert_eq!(count("ringmta_sessions_total", &[]), 1.0);
+    assert_eq!(
+        count(
+            "ringmta_smtp_replies_total",
+            &["class=\"5xx\"", "code=\"535\"", "enhanced=\"5.7.8\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        count("ringmta_smtp_replies_total", &["code=\"421\"", "enhanced=\"4.7.0\""]),
+        1.0
+    );
+    assert_eq!(count("ringmta_smtp_replies_total", &["code=\"220\""]), 1.0);
+}
+
+/// Polls `/metrics` (bounded) until `done` holds; returns that text.
+fn wait_until(admin: SocketAddr, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http_get(admin, "/metrics");
+        if done(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "metrics never got there:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn promtool_check(promtool: &Path, text: &str) -> (bool, String) {

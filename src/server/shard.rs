@@ -309,13 +309,13 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     let _ = stream.set_nodelay(true);
     if state.active.get() >= state.ctx.config.max_conns_per_shard {
         metrics.refused(Refused::ShardLimit);
-        refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
+        refuse(state, stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     }
     let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
         tracing::info!(%peer, "per-IP connection limit reached");
         metrics.refused(Refused::IpLimit);
-        refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
+        refuse(state, stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     };
     state.active.set(state.active.get() + 1);
@@ -336,10 +336,11 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
 /// Answers `r` and closes, without counting the connection. On an
 /// implicit-TLS listener the client expects a handshake, not a plaintext
 /// reply: the connection is just closed.
-fn refuse(mut stream: TcpStream, kind: ListenerKind, r: Reply) {
+fn refuse(state: &ShardState, mut stream: TcpStream, kind: ListenerKind, r: Reply) {
     if kind == ListenerKind::Smtps {
         return;
     }
+    state.replies.count(r.code, r.status);
     glommio::spawn_local(async move {
         let mut out = Vec::with_capacity(96);
         r.write_to(&mut out);
