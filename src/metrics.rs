@@ -21,6 +21,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -325,34 +326,31 @@ impl ShardMetrics {
 #[derive(Debug)]
 pub struct ReplyCounters {
     shard: String,
-    seen: RefCell<HashMap<(u16, u32), Counter>>,
+    /// Keyed by code << 32 | packed enhanced code.
+    seen: RefCell<HashMap<u64, Counter, BuildHasherDefault<KeyHasher>>>,
 }
 
 impl ReplyCounters {
     pub fn new(shard: usize) -> ReplyCounters {
         ReplyCounters {
             shard: shard.to_string(),
-            seen: RefCell::new(HashMap::new()),
+            seen: RefCell::new(HashMap::default()),
         }
     }
 
     /// One reply with `code` and, if it has one, the enhanced status code.
     pub fn count(&self, code: u16, enhanced: Option<&str>) {
         let packed = enhanced.map_or(Some(0), pack_enhanced);
-        let key = (code, packed.unwrap_or(u32::MAX));
-        if let Some(c) = self.seen.borrow().get(&key) {
+        let key = |p: u32| u64::from(code) << 32 | u64::from(p);
+        if let Some(c) = self.seen.borrow().get(&key(packed.unwrap_or(u32::MAX))) {
             c.inc();
             return;
         }
         let mut seen = self.seen.borrow_mut();
         let over = seen.len() >= MAX_REPLY_SERIES;
-        let key = if over || packed.is_none() {
-            (code, u32::MAX)
-        } else {
-            key
-        };
-        let counter = seen.entry(key).or_insert_with(|| {
-            let enhanced = match (key.1, enhanced) {
+        let packed = packed.filter(|_| !over).unwrap_or(u32::MAX);
+        let counter = seen.entry(key(packed)).or_insert_with(|| {
+            let enhanced = match (packed, enhanced) {
                 (u32::MAX, _) => "other".to_owned(),
                 (_, Some(e)) => e.to_owned(),
                 (_, None) => "none".to_owned(),
@@ -365,6 +363,27 @@ impl ReplyCounters {
             })
         });
         counter.inc();
+    }
+}
+
+/// A multiplicative hash of the one `u64` a reply key is: SipHash would
+/// cost more than the rest of the count.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
     }
 }
 
