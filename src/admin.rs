@@ -28,7 +28,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum AdminError {
-    #[error("cannot listen on {addr} for --admin: {source} (choose another address, or --admin none)")]
+    #[error(
+        "cannot listen on {addr} for --admin: {source} (choose another address, or --admin none)"
+    )]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot start the admin thread: {0}")]
     Thread(io::Error),
@@ -282,7 +284,10 @@ mod tests {
     #[test]
     fn request_lines() {
         let r = parse_head(b"GET /metrics HTTP/1.1\r\nHost: x").unwrap();
-        assert_eq!((r.method.as_str(), r.path.as_str(), r.query), ("GET", "/metrics", None));
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), r.query),
+            ("GET", "/metrics", None)
+        );
         let r = parse_head(b"GET /q?x=1 HTTP/1.0").unwrap();
         assert_eq!(r.query.as_deref(), Some("x=1"));
         for bad in [

@@ -81,7 +81,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     watch_signals(shared.clone()).context("cannot install signal handlers")?;
     // Bound before the shards start: a taken port is a startup error.
     let admin = match config.admin {
-        Some(addr) => Some(ringmta::admin::start(addr, ringmta::admin::Router::standard())?),
+        Some(addr) => Some(ringmta::admin::start(
+            addr,
+            ringmta::admin::Router::standard(),
+        )?),
         None => None,
     };
     tracing::info!(

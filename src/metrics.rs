@@ -383,7 +383,9 @@ impl std::hash::Hasher for KeyHasher {
     }
 
     fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+        self.0 = (self.0 ^ v)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
     }
 }
 
@@ -708,10 +710,12 @@ mod tests {
         a.accepted(0);
         a.commit(false, 3, Some(0.002));
         let text = encode();
-        assert!(text.contains("ringmta_messages_accepted_total{shard=\"900\"} 1\n"), "{text}");
-        assert!(text.contains(
-            "ringmta_connections_accepted_total{shard=\"900\",listener=\"smtp\"} 1\n"
-        ));
+        assert!(
+            text.contains("ringmta_messages_accepted_total{shard=\"900\"} 1\n"),
+            "{text}"
+        );
+        assert!(text
+            .contains("ringmta_connections_accepted_total{shard=\"900\",listener=\"smtp\"} 1\n"));
         assert!(text.contains("ringmta_spool_commit_messages_count{shard=\"900\"} 1\n"));
     }
 
@@ -748,6 +752,9 @@ mod tests {
             let _ = destination_label(&format!("mx:test-{i}.example:25"));
         }
         assert_eq!(destination_label("mx:never-seen.example:25"), "other");
-        assert_eq!(destination_label("mx:test-0.example:25"), "mx:test-0.example:25");
+        assert_eq!(
+            destination_label("mx:test-0.example:25"),
+            "mx:test-0.example:25"
+        );
     }
 }

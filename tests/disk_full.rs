@@ -172,7 +172,10 @@ fn full_disk_answers_452_and_recovers() {
     );
     assert_eq!(count("ringmta_messages_accepted_total", &[]), acked.len());
     assert_eq!(
-        count("ringmta_smtp_replies_total", &["code=\"452\"", "enhanced=\"4.3.1\""]),
+        count(
+            "ringmta_smtp_replies_total",
+            &["code=\"452\"", "enhanced=\"4.3.1\""]
+        ),
         refused
     );
 

@@ -42,7 +42,12 @@ fn prometheus_scrapes_exact_counts() {
     // smarthost where nothing listens (deferred, stays queued).
     let server = Server::builder()
         .shards(2)
-        .args(["--relay-host", "127.0.0.1:9", "--relay-network", "127.0.0.0/8"])
+        .args([
+            "--relay-host",
+            "127.0.0.1:9",
+            "--relay-network",
+            "127.0.0.0/8",
+        ])
         .args(["--retry-schedule", "1h"])
         .start();
     let admin = server.admin.expect("admin listener");
@@ -142,7 +147,11 @@ fn prometheus_scrapes_exact_counts() {
 fn refusals_handshakes_and_logins_are_counted() {
     let server = Server::builder()
         .shards(1)
-        .args(["--max-conns-per-ip", "1", "--allow-plaintext-auth-on-loopback"])
+        .args([
+            "--max-conns-per-ip",
+            "1",
+            "--allow-plaintext-auth-on-loopback",
+        ])
         .start();
     let admin = server.admin.expect("admin listener");
     let mut c = Client::connect(server.submission.expect("submission"));
@@ -152,7 +161,10 @@ fn refusals_handshakes_and_logins_are_counted() {
     // A second connection from this address is one too many.
     let mut second = Client::connect(server.addr);
     let r = second.reply();
-    assert!(r.is("421 4.7.0 Error: too many connections, closing transmission channel"), "{r}");
+    assert!(
+        r.is("421 4.7.0 Error: too many connections, closing transmission channel"),
+        "{r}"
+    );
     c.expect("QUIT", 221);
     c.expect_closed();
     second.expect_closed();
@@ -166,12 +178,27 @@ fn refusals_handshakes_and_logins_are_counted() {
         metric(t, "ringmta_tls_handshakes_total", &["result=\"failed\""]) > 0.0
     });
     let count = |name, labels: &[&str]| metric(&text, name, labels);
-    assert_eq!(count("ringmta_tls_handshakes_total", &["result=\"failed\""]), 1.0);
-    assert_eq!(count("ringmta_tls_handshakes_total", &["result=\"ok\""]), 0.0);
-    assert_eq!(count("ringmta_auth_attempts_total", &["result=\"failure\""]), 1.0);
-    assert_eq!(count("ringmta_auth_attempts_total", &["result=\"success\""]), 0.0);
     assert_eq!(
-        count("ringmta_connections_refused_total", &["reason=\"ip_limit\""]),
+        count("ringmta_tls_handshakes_total", &["result=\"failed\""]),
+        1.0
+    );
+    assert_eq!(
+        count("ringmta_tls_handshakes_total", &["result=\"ok\""]),
+        0.0
+    );
+    assert_eq!(
+        count("ringmta_auth_attempts_total", &["result=\"failure\""]),
+        1.0
+    );
+    assert_eq!(
+        count("ringmta_auth_attempts_total", &["result=\"success\""]),
+        0.0
+    );
+    assert_eq!(
+        count(
+            "ringmta_connections_refused_total",
+            &["reason=\"ip_limit\""]
+        ),
         1.0
     );
     assert_eq!(
@@ -179,10 +206,16 @@ fn refusals_handshakes_and_logins_are_counted() {
         1.0
     );
     assert_eq!(
-        count("ringmta_connections_accepted_total", &["listener=\"smtps\""]),
+        count(
+            "ringmta_connections_accepted_total",
+            &["listener=\"smtps\""]
+        ),
         1.0
     );
-    assert_eq!(count("ringmta_sessions_total", &["listener=\"submission\""]), 1.0);
+    assert_eq!(
+        count("ringmta_sessions_total", &["listener=\"submission\""]),
+        1.0
+    );
     // The session on smtps never started; the refused one had none.
     assert_eq!(count("ringmta_sessions_total", &[]), 1.0);
     assert_eq!(
@@ -193,7 +226,10 @@ fn refusals_handshakes_and_logins_are_counted() {
         1.0
     );
     assert_eq!(
-        count("ringmta_smtp_replies_total", &["code=\"421\"", "enhanced=\"4.7.0\""]),
+        count(
+            "ringmta_smtp_replies_total",
+            &["code=\"421\"", "enhanced=\"4.7.0\""]
+        ),
         1.0
     );
     assert_eq!(count("ringmta_smtp_replies_total", &["code=\"220\""]), 1.0);
@@ -207,7 +243,10 @@ fn wait_until(admin: SocketAddr, done: impl Fn(&str) -> bool) -> String {
         if done(&text) {
             return text;
         }
-        assert!(Instant::now() < deadline, "metrics never got there:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "metrics never got there:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -258,7 +297,10 @@ fn dashboard_names_exist(text: &str) {
         }
         rest = &tail[end..];
     }
-    assert!(used.len() >= 10, "the dashboard uses too few metrics: {used:?}");
+    assert!(
+        used.len() >= 10,
+        "the dashboard uses too few metrics: {used:?}"
+    );
     for name in used {
         let base = ["_bucket", "_sum", "_count"]
             .iter()
@@ -300,7 +342,10 @@ impl Prometheus {
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new(bin)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -314,7 +359,11 @@ impl Prometheus {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while p.try_query("up").is_none() {
-            assert!(Instant::now() < deadline, "prometheus did not start: {}", p.log());
+            assert!(
+                Instant::now() < deadline,
+                "prometheus did not start: {}",
+                p.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         p

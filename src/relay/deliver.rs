@@ -1004,7 +1004,8 @@ impl Relay {
         }
         if let Some(dest) = &destination {
             use crate::metrics::Delivery;
-            self.metrics.deliveries(dest, Delivery::Delivered, counts[0]);
+            self.metrics
+                .deliveries(dest, Delivery::Delivered, counts[0]);
             self.metrics.deliveries(dest, Delivery::Deferred, counts[1]);
             self.metrics.deliveries(dest, Delivery::Bounced, counts[2]);
         }

@@ -47,7 +47,11 @@ impl ListenerKind {
 #[cfg(test)]
 #[test]
 fn metric_names_match() {
-    for k in [ListenerKind::Smtp, ListenerKind::Submission, ListenerKind::Smtps] {
+    for k in [
+        ListenerKind::Smtp,
+        ListenerKind::Submission,
+        ListenerKind::Smtps,
+    ] {
         assert_eq!(crate::metrics::LISTENERS[k.metrics_index()], k.name());
     }
 }

@@ -247,7 +247,9 @@ mod tests {
         BUDGET_EXCEEDED.write_to(&mut out);
         write_line(&mut out, 250, Some("2.0.0"), "", true);
         let mut seen = Vec::new();
-        for_each_final(&out, |code, status| seen.push((code, status.map(str::to_owned))));
+        for_each_final(&out, |code, status| {
+            seen.push((code, status.map(str::to_owned)))
+        });
         let want: Vec<(u16, Option<String>)> = vec![
             (220, None),
             (250, None),
