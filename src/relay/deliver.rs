@@ -81,6 +81,8 @@ struct Origin {
 /// How long before work whose worker panicked is tried again, when there
 /// is no retry schedule to take the first delay from.
 const PANIC_RETRY: u64 = 60;
+/// Messages the queue census looks at between yields.
+const CENSUS_SLICE: usize = 4096;
 /// How long before a message that could not be read is tried again.
 const UNREADABLE_RETRY: u64 = 10;
 /// How long before recipients whose bounce could not be stored (disk
@@ -190,30 +192,47 @@ impl Relay {
 
     /// Recipients waiting in this shard's queue and the age in seconds of
     /// the oldest, per destination (bounded by
-    /// [`crate::metrics::destination_label`]). Walks the whole queue: for
-    /// the metrics, every few seconds, not per message.
-    pub fn census(&self) -> HashMap<String, (i64, i64)> {
+    /// [`crate::metrics::destination_label`]). Walks the whole queue, for
+    /// the metrics every few seconds, in slices with a yield between them,
+    /// so a large queue does not hold up the shard's connections.
+    pub async fn census(&self) -> HashMap<String, (i64, i64)> {
         let now = unix_now();
         let mut labels: HashMap<String, String> = HashMap::new();
         let mut out: HashMap<String, (i64, i64)> = HashMap::new();
-        self.spool.for_each_waiting(|arrival, addr| {
-            let domain = addr.rsplit_once('@').map_or(addr, |(_, d)| d);
-            let label = match labels.get(domain) {
-                Some(l) => l,
-                None => {
-                    let l = crate::metrics::destination_label(&self.cfg.target(addr).to_string());
-                    labels.entry(domain.to_owned()).or_insert(l)
-                }
-            };
-            let age = now.saturating_sub(arrival) as i64;
-            match out.get_mut(label.as_str()) {
-                Some(slot) => *slot = (slot.0 + 1, slot.1.max(age)),
-                None => {
-                    out.insert(label.clone(), (1, age));
-                }
-            }
-        });
+        let mut from = Some(0);
+        while let Some(at) = from {
+            from = self.census_slice(at, now, &mut labels, &mut out);
+            glommio::yield_if_needed().await;
+        }
         out
+    }
+
+    fn census_slice(
+        &self,
+        from: usize,
+        now: u64,
+        labels: &mut HashMap<String, String>,
+        out: &mut HashMap<String, (i64, i64)>,
+    ) -> Option<usize> {
+        self.spool
+            .for_each_waiting(from, CENSUS_SLICE, |arrival, addr| {
+                let domain = addr.rsplit_once('@').map_or(addr, |(_, d)| d);
+                let label = match labels.get(domain) {
+                    Some(l) => l,
+                    None => {
+                        let l =
+                            crate::metrics::destination_label(&self.cfg.target(addr).to_string());
+                        labels.entry(domain.to_owned()).or_insert(l)
+                    }
+                };
+                let age = now.saturating_sub(arrival) as i64;
+                match out.get_mut(label.as_str()) {
+                    Some(slot) => *slot = (slot.0 + 1, slot.1.max(age)),
+                    None => {
+                        out.insert(label.clone(), (1, age));
+                    }
+                }
+            })
     }
 
     /// Joins the handoff mesh (every shard must), then accepts work and

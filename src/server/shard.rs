@@ -250,7 +250,7 @@ async fn publish_queue(state: Rc<ShardState>) {
         let m = &state.metrics;
         m.queue_messages.set(state.spool.len() as i64);
         if let Some(relay) = &state.relay {
-            m.queue_census(&relay.census(), &mut last);
+            m.queue_census(&relay.census().await, &mut last);
         }
         glommio::timer::sleep(QUEUE_CENSUS_EVERY).await;
     }

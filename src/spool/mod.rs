@@ -837,8 +837,13 @@ impl ShardSpool {
     }
 
     /// [`QueueIndex::for_each_waiting`] on this shard's queue.
-    pub fn for_each_waiting(&self, f: impl FnMut(u64, &str)) {
-        self.queue.borrow().for_each_waiting(f)
+    pub fn for_each_waiting(
+        &self,
+        from: usize,
+        max: usize,
+        f: impl FnMut(u64, &str),
+    ) -> Option<usize> {
+        self.queue.borrow().for_each_waiting(from, max, f)
     }
 
     pub fn count_by_domain(&self) -> std::collections::BTreeMap<String, usize> {

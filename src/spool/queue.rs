@@ -455,15 +455,24 @@ impl QueueIndex {
     }
 
     /// Calls `f(arrival, address)` for every recipient still to be
-    /// delivered (no copies).
-    pub fn for_each_waiting(&self, mut f: impl FnMut(u64, &str)) {
-        for e in &self.slots {
+    /// delivered (no copies) of up to `max` messages from position `from`;
+    /// returns where to go on, or `None` at the end. Positions move as
+    /// messages leave, so a walk in several calls is approximate.
+    pub fn for_each_waiting(
+        &self,
+        from: usize,
+        max: usize,
+        mut f: impl FnMut(u64, &str),
+    ) -> Option<usize> {
+        let end = from.saturating_add(max).min(self.slots.len());
+        for e in self.slots.get(from..end).unwrap_or_default() {
             for (addr, state) in e.rcpts.iter() {
                 if !state.finished() {
                     f(e.arrival, addr);
                 }
             }
         }
+        (end < self.slots.len()).then_some(end)
     }
 
     /// Recipients still to be delivered, by domain.
