@@ -780,6 +780,37 @@ mod tests {
     }
 
     #[test]
+    fn waiting_recipients_are_walked_in_slices() {
+        let mut q = QueueIndex::default();
+        for i in 0..5 {
+            q.insert(entry(
+                &format!("m{i}"),
+                "s1",
+                &["a@x.example", "b@y.example"],
+            ));
+        }
+        let done = JournalOp::Delivered {
+            id: "m2".into(),
+            rcpt: 1,
+        };
+        assert_eq!(q.apply(&done), Applied::Changed);
+        let mut seen = Vec::new();
+        let mut from = Some(0);
+        let mut calls = 0;
+        while let Some(at) = from {
+            from = q.for_each_waiting(at, 2, |_, addr| seen.push(addr.to_owned()));
+            calls += 1;
+        }
+        assert_eq!(calls, 3);
+        assert_eq!(seen.len(), 9, "{seen:?}");
+        assert_eq!(seen.iter().filter(|a| *a == "b@y.example").count(), 4);
+        assert_eq!(
+            q.for_each_waiting(7, 2, |_, _| panic!("past the end")),
+            None
+        );
+    }
+
+    #[test]
     fn a_message_finishes_when_every_recipient_has() {
         let mut q = QueueIndex::default();
         q.insert(entry("m1", "s1", &["a@x.example", "b@y.example"]));
