@@ -12,6 +12,10 @@
 //!   for `<CRLF>.<CRLF>` in the same buffer, `memmem_copy` that search plus
 //!   copying the content out: the floors `data_receiver` (which also checks
 //!   line ends and lengths and unstuffs) is measured against.
+//! * `metrics/per_message`: what the connection driver adds for the metrics
+//!   to one message on its own connection: the counters it bumps (accepted,
+//!   session, open, bytes, message, recipients) and the scan and count of the
+//!   replies it writes (greeting, EHLO, MAIL, RCPT, DATA, end of data, QUIT).
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -25,7 +29,7 @@ use ringmta::smtp::data::{BareNewline, BdatReceiver, DataReceiver, Progress};
 use ringmta::smtp::parse::parse_command;
 use ringmta::smtp::{ConnInfo, Session, SessionConfig};
 
-criterion_group!(benches, pipeline, content);
+criterion_group!(benches, pipeline, content, metrics);
 criterion_main!(benches);
 
 const RCPTS: usize = 50;
@@ -84,6 +88,38 @@ fn pipeline(c: &mut Criterion) {
                 black_box(parsed.is_ok());
             }
             arena.reset();
+        })
+    });
+    g.finish();
+}
+
+fn metrics(c: &mut Criterion) {
+    use ringmta::metrics::{self, ReplyCounters};
+    use ringmta::smtp::reply::for_each_final;
+    let m = metrics::shard(0);
+    let replies = ReplyCounters::new(0);
+    let batches: [&[u8]; 5] = [
+        b"220 mx.test ESMTP ringmta\r\n",
+        b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250-8BITMIME\r\n\
+          250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 DSN\r\n",
+        b"250 2.1.0 Sender ok\r\n250 2.1.5 Recipient ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n",
+        b"250 2.0.0 Ok: queued as 0123456789abcdef\r\n",
+        b"221 2.0.0 Bye\r\n",
+    ];
+    let mut g = c.benchmark_group("metrics");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("per_message", |b| {
+        b.iter(|| {
+            m.accepted(0);
+            m.conns_open.inc();
+            m.session(0);
+            for out in batches {
+                for_each_final(black_box(out), |code, status| replies.count(code, status));
+                m.received_bytes.inc_by(black_box(40));
+            }
+            m.messages.inc();
+            m.recipients.inc_by(1);
+            m.conns_open.dec();
         })
     });
     g.finish();

@@ -47,6 +47,11 @@ pub struct Cli {
           default_value = "127.0.0.1:2465", value_parser = parse_listen)]
     pub smtps: Vec<Listen>,
 
+    /// Admin HTTP listener: Prometheus metrics at /metrics (`none`: off).
+    #[arg(long, value_name = "ADDR", env = "RINGMTA_ADMIN", default_value = "127.0.0.1:9525",
+          value_parser = parse_listen)]
+    pub admin: Listen,
+
     /// TLS certificate chain (PEM) [default: a self-signed one generated into <spool-dir>/tls/].
     #[arg(
         long,

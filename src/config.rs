@@ -57,6 +57,8 @@ pub struct Config {
     pub relay: Arc<RelayConfig>,
     /// Run the delivery engine (off: accept and queue only).
     pub delivery: bool,
+    /// The admin HTTP listener (`--admin`; `None`: off).
+    pub admin: Option<SocketAddr>,
 }
 
 /// Sizes of the blocking pools ([`crate::blocking`]), at least 1 each.
@@ -277,6 +279,7 @@ impl Config {
             shutdown_grace: cli.shutdown_grace,
             relay,
             delivery: !cli.no_delivery,
+            admin: cli.admin.0,
             spool: SpoolOptions {
                 max_segment: cli.max_segment_size.max(1 << 20),
                 compact_below: cli.compact_below.clamp(0.0, 1.0),

@@ -55,14 +55,23 @@
 //!   [`config::Config`] at start and again on SIGHUP, when
 //!   [`server::Shared::apply`] swaps in what may change
 //!   ([`config_file::RELOADABLE`]).
+//! * [`metrics`] — a leaf every module may use and that uses none: the
+//!   Prometheus registry and its metric names (a contract: README
+//!   "Metrics"), and the handles each shard resolves once so that counting
+//!   is an atomic add, no lock, no allocation.
+//! * [`admin`] — the admin HTTP listener (`--admin`) on threads of its own,
+//!   outside the shards: a path → handler router serving `/metrics`;
+//!   bounded requests, timeouts, a cap on clients.
 //! * [`util`] — a leaf of small shared helpers: [`util::isolate`] (a task's
 //!   panic caught, not the shard's end) and [`util::supervise`] (a shard's
 //!   long-lived loop restarted with backoff after a panic).
 
+pub mod admin;
 pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod config_file;
+pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod server;

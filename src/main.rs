@@ -138,6 +138,14 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         );
     }
     watch_signals(shared.clone(), reload).context("cannot install signal handlers")?;
+    // Bound before the shards start: a taken port is a startup error.
+    let admin = match config.admin {
+        Some(addr) => Some(ringmta::admin::start(
+            addr,
+            ringmta::admin::Router::standard(),
+        )?),
+        None => None,
+    };
     tracing::info!(
         shards = config.shards,
         pin = config.pin,
@@ -154,6 +162,11 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         for (kind, a) in addrs {
             let _ = writeln!(out, "ringmta listening {} {a}", kind.name());
             tracing::info!(addr = %a, kind = kind.name(), "listening");
+        }
+        // Last, so the first line stays the SMTP listener's.
+        if let Some(a) = admin {
+            let _ = writeln!(out, "ringmta listening admin {a}");
+            tracing::info!(addr = %a, kind = "admin", "listening");
         }
         let _ = out.flush();
     })?;

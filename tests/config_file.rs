@@ -95,6 +95,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("relay-final-timeout", r#""8m""#),
     ("log", r#""ringmta=debug""#),
     ("log-format", r#""json""#),
+    ("admin", r#""127.0.0.1:9999""#),
 ];
 
 /// Every long flag of the server (not of subcommands), as clap knows them.

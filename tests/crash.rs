@@ -32,7 +32,7 @@ fn start(spool: &Path) -> (Server, u16) {
             "mx.test",
         ])
         .args(["--max-conns-per-ip", "0", "--log", "warn"])
-        .args(["--submission", "none", "--smtps", "none"])
+        .args(["--submission", "none", "--smtps", "none", "--admin", "none"])
         .args(["--relay-host", "127.0.0.1:9", "--retry-schedule", "1s"])
         .arg("--maildir")
         .arg(spool.join("maildir"))

@@ -1,6 +1,9 @@
 //! A full spool filesystem: new messages get 452 4.3.1, nothing acknowledged
 //! is lost, the server stays up, and service resumes when space returns.
 //! Uses a small tmpfs the test mounts itself (needs root, as CI has).
+//! The refusals are counted in `ringmta_refusals_total{reason="disk_full"}`.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -106,6 +109,8 @@ fn full_disk_answers_452_and_recovers() {
             "none",
             "--smtps",
             "none",
+            "--admin",
+            "127.0.0.1:0",
             "--log",
             "error",
             "--spool-dir",
@@ -114,12 +119,17 @@ fn full_disk_answers_452_and_recovers() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut line, mut admin) = (String::new(), String::new());
+    out.read_line(&mut line).unwrap();
+    out.read_line(&mut admin).unwrap();
     let _server = Server(child);
     let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    let admin: std::net::SocketAddr = admin
+        .trim()
+        .strip_prefix("ringmta listening admin ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin line: {admin:?}"));
 
     let mut c = Client::connect(port);
     let mut acked = Vec::new();
@@ -154,6 +164,20 @@ fn full_disk_answers_452_and_recovers() {
     let r = c.message(1000);
     assert!(r.starts_with("250 "), "after space returned: {r}");
     acked.push(1000);
+    let text = common::http_get(admin, "/metrics");
+    let count = |name, labels: &[&str]| common::metric(&text, name, labels) as usize;
+    assert_eq!(
+        count("ringmta_refusals_total", &["reason=\"disk_full\""]),
+        refused
+    );
+    assert_eq!(count("ringmta_messages_accepted_total", &[]), acked.len());
+    assert_eq!(
+        count(
+            "ringmta_smtp_replies_total",
+            &["code=\"452\"", "enhanced=\"4.3.1\""]
+        ),
+        refused
+    );
 
     let queued = ringmta::spool::read_queue(&root.path().join("spool")).unwrap();
     let mut tokens: Vec<usize> = queued

@@ -1,6 +1,7 @@
 //! The README's first command, as a new user runs it: the binary with no
 //! flags at all, in an empty working directory, on the embedded defaults
-//! (relative `./var/spool` and `./var/maildir`, fixed ports 2525/2587/2465).
+//! (relative `./var/spool` and `./var/maildir`, fixed ports 2525/2587/2465,
+//! and the admin listener on 9525).
 //!
 //! Regression: a relative `--spool-dir` (the default) made every spool write
 //! fail with EBADF, so every message got `451 4.3.0` while every other test,

@@ -258,4 +258,11 @@ fn over_budget_body_gets_452_after_its_end_and_session_stays_usable() {
     for id in [id_a, id_b, id_a2, id_b2, id_c] {
         assert!(ids.contains(&id), "{id} not queued");
     }
+    // The three 452s (content, DATA, BDAT) are counted as such.
+    let metrics = common::http_get(server.admin.expect("admin listener"), "/metrics");
+    let budget = ["reason=\"memory_budget\""];
+    assert_eq!(
+        common::metric(&metrics, "ringmta_refusals_total", &budget),
+        3.0
+    );
 }

@@ -135,6 +135,9 @@ class Ringmta:
              "--tls-cert", self.cert[0], "--tls-key", self.cert[1]]
             + (["--relay-host", f"127.0.0.1:{self.relay_to}", "--relay-network", "127.0.0.0/8"]
                if self.relay_to else ["--no-delivery"])
+            # The admin listener stays on (the default), on a free port so
+            # that runs side by side do not fight over 9525.
+            + ([] if "--admin" in self.extra else ["--admin", "127.0.0.1:0"])
             + self.extra,
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()

@@ -37,7 +37,7 @@ def main():
     proc = subprocess.Popen(
         [BIN, "--smtp", "127.0.0.1:0", "--spool-dir", spool, "--hostname", "mx.test",
          "--max-conns-per-ip", "0", "--log", "warn", "--submission", "none", "--smtps", "none",
-         "--no-delivery"],
+         "--admin", "none", "--no-delivery"],
         stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -66,7 +66,8 @@ def cpu_s(pid):
 def start_ringmta(tmp, extra):
     cmd = [RINGMTA, "--smtp", "127.0.0.1:0", "--submission", "none",
            "--smtps", "127.0.0.1:0", "--spool-dir", os.path.join(tmp, "spool"),
-           "--maildir", os.path.join(tmp, "maildir"), "--hostname", "mx.test"] + extra
+           "--maildir", os.path.join(tmp, "maildir"), "--hostname", "mx.test",
+           "--admin", "none"] + extra
     log = open(os.path.join(tmp, "ringmta.log"), "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     ports = {}

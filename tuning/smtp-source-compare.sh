@@ -34,7 +34,7 @@ for shards in 1 2; do
   for pin in no yes; do
     spool="$WORK/spool-$shards-$pin"
     flags=(--smtp 127.0.0.1:0 --spool-dir "$spool" --shards "$shards" --hostname mx.test
-           --max-conns-per-ip 0 --log warn --submission none --smtps none --no-delivery)
+           --max-conns-per-ip 0 --log warn --submission none --smtps none --admin none --no-delivery)
     [ "$pin" = yes ] && flags+=(--pin)
     "$BIN" "${flags[@]}" > "$WORK/out" &
     pid=$!

@@ -82,6 +82,8 @@ struct Origin {
 /// How long before work whose worker panicked is tried again, when there
 /// is no retry schedule to take the first delay from.
 const PANIC_RETRY: u64 = 60;
+/// Messages the queue census looks at between yields.
+const CENSUS_SLICE: usize = 4096;
 /// How long before a message that could not be read is tried again.
 const UNREADABLE_RETRY: u64 = 10;
 /// How long before recipients whose bounce could not be stored (disk
@@ -127,6 +129,7 @@ pub struct Relay {
     link: RefCell<Option<Rc<Link>>>,
     /// Accept-to-delivery latency of delivered recipients, milliseconds.
     latency: RefCell<hdrhistogram::Histogram<u64>>,
+    metrics: Arc<crate::metrics::ShardMetrics>,
 }
 
 impl Relay {
@@ -147,6 +150,7 @@ impl Relay {
             tls: tls::connector(cfg.load().tls_verify),
             // invariant: 3 significant figures is within hdrhistogram's range.
             latency: RefCell::new(hdrhistogram::Histogram::new(3).expect("3 significant figures")),
+            metrics: crate::metrics::shard(spool.shard()),
             cfg,
             hostname,
             spool,
@@ -194,6 +198,51 @@ impl Relay {
         }
     }
 
+    /// Recipients waiting in this shard's queue and the age in seconds of
+    /// the oldest, per destination (bounded by
+    /// [`crate::metrics::destination_label`]). Walks the whole queue, for
+    /// the metrics every few seconds, in slices with a yield between them,
+    /// so a large queue does not hold up the shard's connections.
+    pub async fn census(&self) -> HashMap<String, (i64, i64)> {
+        let now = unix_now();
+        let mut labels: HashMap<String, String> = HashMap::new();
+        let mut out: HashMap<String, (i64, i64)> = HashMap::new();
+        let mut from = Some(0);
+        while let Some(at) = from {
+            from = self.census_slice(at, now, &mut labels, &mut out);
+            glommio::yield_if_needed().await;
+        }
+        out
+    }
+
+    fn census_slice(
+        &self,
+        from: usize,
+        now: u64,
+        labels: &mut HashMap<String, String>,
+        out: &mut HashMap<String, (i64, i64)>,
+    ) -> Option<usize> {
+        self.spool
+            .for_each_waiting(from, CENSUS_SLICE, |arrival, addr| {
+                let domain = addr.rsplit_once('@').map_or(addr, |(_, d)| d);
+                let label = match labels.get(domain) {
+                    Some(l) => l,
+                    None => {
+                        let l =
+                            crate::metrics::destination_label(&self.cfg().target(addr).to_string());
+                        labels.entry(domain.to_owned()).or_insert(l)
+                    }
+                };
+                let age = now.saturating_sub(arrival) as i64;
+                match out.get_mut(label.as_str()) {
+                    Some(slot) => *slot = (slot.0 + 1, slot.1.max(age)),
+                    None => {
+                        out.insert(label.clone(), (1, age));
+                    }
+                }
+            })
+    }
+
     /// Joins the handoff mesh (every shard must), then accepts work and
     /// done records from the other shards. Until it is joined, and if it
     /// never is (a shard failed to start, or the stop came first), this
@@ -223,13 +272,15 @@ impl Relay {
             for (peer, rx) in receivers {
                 let me = self.clone();
                 let rx = Rc::new(rx);
+                let taken = link.clone();
                 // Supervised: without it a panic would silently stop work
                 // and done records from `peer`.
                 glommio::spawn_local(async move {
                     crate::util::supervise("handoff receiver", || {
-                        let (me, rx) = (me.clone(), rx.clone());
+                        let (me, rx, taken) = (me.clone(), rx.clone(), taken.clone());
                         async move {
                             while let Some(msg) = rx.recv().await {
+                                taken.taken_from(peer);
                                 me.clone().receive(peer, msg);
                             }
                         }
@@ -393,7 +444,9 @@ impl Relay {
             rcpts: work.rcpts.clone(),
             target: target.clone(),
         };
-        if link.try_hand(owner, h) {
+        let handed = link.try_hand(owner, h);
+        self.metrics.handoff(handed);
+        if handed {
             tracing::debug!(id = %work.id, %target, owner, "handed off");
             None
         } else {
@@ -933,7 +986,9 @@ impl Relay {
         let mut h = self.latency.borrow_mut();
         for o in outcomes {
             if let RcptOutcome::Delivered(_) = o {
-                h.saturating_record(now_ms.saturating_sub(at));
+                let ms = now_ms.saturating_sub(at);
+                h.saturating_record(ms);
+                self.metrics.delivery_latency.observe(ms as f64 / 1000.0);
             }
         }
     }
@@ -970,6 +1025,12 @@ impl Relay {
         let mut delayed = Vec::new();
         let mut retry_at: Option<u64> = None;
         let mut ops = Vec::with_capacity(outcomes.len());
+        // Every recipient of one work item goes to one destination.
+        let destination = rcpts
+            .first()
+            .and_then(|&i| entry.rcpts.get(i))
+            .map(|(addr, _)| crate::metrics::destination_label(&self.cfg().target(addr).to_string()));
+        let mut counts = [0u64; 3];
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&rcpt) = rcpts.get(k) else {
                 continue;
@@ -980,10 +1041,12 @@ impl Relay {
             let id = work.id.to_string();
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
+                    counts[0] += 1;
                     log.write("delivered", addr, &r.text(), None);
                     JournalOp::Delivered { id, rcpt }
                 }
                 RcptOutcome::Failed(why) => {
+                    counts[2] += 1;
                     log.write("bounced", addr, &why, None);
                     failed.push((k, why));
                     JournalOp::Bounced { id, rcpt }
@@ -992,6 +1055,7 @@ impl Relay {
                     let seed = hash(&id) ^ rcpt as u64;
                     match self.cfg().next_retry(age, seed) {
                         Some(delay) => {
+                            counts[1] += 1;
                             let until = self.cfg().retry_at(entry.arrival, now, delay);
                             log.write("deferred", addr, &why, Some(until - now));
                             if self.cfg().delay_warning_due(entry.arrival, now, before) {
@@ -1001,6 +1065,7 @@ impl Relay {
                             JournalOp::Deferred { id, rcpt, until }
                         }
                         None => {
+                            counts[2] += 1;
                             let why =
                                 format!("{why} (gave up after {}s in the queue)", age.as_secs());
                             log.write("expired", addr, &why, None);
@@ -1011,6 +1076,13 @@ impl Relay {
                 }
             };
             ops.push(op);
+        }
+        if let Some(dest) = &destination {
+            use crate::metrics::Delivery;
+            self.metrics
+                .deliveries(dest, Delivery::Delivered, counts[0]);
+            self.metrics.deliveries(dest, Delivery::Deferred, counts[1]);
+            self.metrics.deliveries(dest, Delivery::Bounced, counts[2]);
         }
         if !delayed.is_empty() {
             let retry_until =

@@ -162,6 +162,11 @@ pub struct Link {
     /// Done records per peer, waiting for their sender task.
     outbox: Vec<RefCell<VecDeque<Msg>>>,
     queued: Vec<Event>,
+    /// `ringmta_handoff_queued{from=me,to=peer}` per peer: sent, not yet
+    /// taken by the peer (it lowers the gauge when it takes one).
+    in_channel: Vec<prometheus_client::metrics::gauge::Gauge>,
+    /// The same gauges of the channels from each peer to this shard.
+    from_peer: Vec<prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Link {
@@ -172,7 +177,14 @@ impl Link {
     ) -> Result<(Rc<Link>, Vec<(usize, ConnectedReceiver<Msg>)>), String> {
         let (senders, mut receivers) = mesh.join().await.map_err(|e| e.to_string())?;
         let peers = senders.nr_consumers();
+        let me = senders.peer_id();
         let link = Rc::new(Link {
+            in_channel: (0..peers)
+                .map(|to| crate::metrics::ShardMetrics::handoff_queued(me, to))
+                .collect(),
+            from_peer: (0..peers)
+                .map(|from| crate::metrics::ShardMetrics::handoff_queued(from, me))
+                .collect(),
             senders,
             outbox: (0..peers).map(|_| RefCell::default()).collect(),
             queued: (0..peers).map(|_| Event::new()).collect(),
@@ -205,7 +217,20 @@ impl Link {
         if peer == self.me() || peer >= self.peers() {
             return false;
         }
-        self.senders.try_send_to(peer, Msg::Work(work)).is_ok()
+        // Counted first: the peer may take it off before we could count.
+        self.in_channel[peer].inc();
+        let handed = self.senders.try_send_to(peer, Msg::Work(work)).is_ok();
+        if !handed {
+            self.in_channel[peer].dec();
+        }
+        handed
+    }
+
+    /// A message from `peer` was taken off its channel.
+    pub fn taken_from(&self, peer: usize) {
+        if let Some(g) = self.from_peer.get(peer) {
+            g.dec();
+        }
     }
 
     /// Queues a done record for `peer`; it is sent as soon as there is room.
@@ -227,7 +252,11 @@ impl Link {
                 listener.await;
                 continue;
             };
+            // Counted before the send: the peer may take it off the
+            // channel before this task runs again.
+            self.in_channel[peer].inc();
             if self.senders.send_to(peer, msg).await.is_err() {
+                self.in_channel[peer].dec();
                 // The peer is gone (shutting down): its work is redone from
                 // its queue after the restart.
                 tracing::debug!(peer, "done record not delivered: shard gone");

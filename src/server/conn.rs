@@ -39,6 +39,7 @@ use super::dkim::FromMismatch;
 use super::limits::AuthRefusal;
 use super::shard::ShardState;
 use super::{dkim, tls, users, ListenerKind};
+use crate::metrics::{self, Handshake, Shortage};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
 use crate::smtp::envelope::rfc5322_date;
 use crate::smtp::submit::{self, Completion};
@@ -160,6 +161,7 @@ async fn serve_logged(
     }
     let mut stream = stream;
     let mut session = Session::new(cfg, conn, Instant::now());
+    shard.metrics.session(kind.metrics_index());
     let outcome = drive(shard, &mut stream, &mut session, &mut buf, peer, log).await;
     log.note(&session);
     if let Outcome::StartTls = outcome {
@@ -181,6 +183,7 @@ async fn serve_implicit_tls(
     };
     let info = tls::info(tls.get_ref().1);
     let mut session = Session::new(cfg, conn, Instant::now()).with_tls(info);
+    shard.metrics.session(ListenerKind::Smtps.metrics_index());
     drive(shard, &mut tls, &mut session, &mut buf, peer, log).await;
     log.note(&session);
 }
@@ -240,6 +243,9 @@ where
             buf.consume(n);
             charge.set(session.content_bytes());
             for r in session.take_rejections() {
+                if r.reply == crate::smtp::reply::BUDGET_EXCEEDED {
+                    shard.metrics.shortage(Shortage::MemoryBudget);
+                }
                 if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
                     tracing::info!(
                         target: "ringmta::event",
@@ -274,6 +280,7 @@ where
                     session.handle_auth(result, Instant::now());
                 }
                 Some(Event::StartTls) => {
+                    count_replies(shard, session.output());
                     if stream.write_all(session.output()).await.is_err()
                         || stream.flush().await.is_err()
                     {
@@ -288,6 +295,7 @@ where
             // The session stopped taking input at its output cap: once this
             // is written, what is still buffered comes before any read.
             let more = session.output_full();
+            count_replies(shard, session.output());
             if stream.write_all(session.output()).await.is_err() || stream.flush().await.is_err() {
                 return Outcome::Closed;
             }
@@ -337,11 +345,21 @@ where
                 // never acknowledged).
                 return Outcome::Closed;
             }
-            Wake::Read(Ok(n)) => buf.filled(n),
+            Wake::Read(Ok(n)) => {
+                shard.metrics.received_bytes.inc_by(n as u64);
+                buf.filled(n);
+            }
             Wake::Timeout => session.handle_timeout(Instant::now()),
             Wake::Stop => {}
         }
     }
+}
+
+/// Counts the replies about to be written (their final lines).
+fn count_replies(shard: &ShardState, output: &[u8]) {
+    crate::smtp::reply::for_each_final(output, |code, status| {
+        shard.replies.count(code, status);
+    });
 }
 
 /// The TLS handshake, bounded by `--tls-handshake-timeout`; `None` (and the
@@ -361,12 +379,17 @@ async fn handshake(
         })
         .await;
     match result {
-        Some(Ok(s)) => Some(s),
+        Some(Ok(s)) => {
+            shard.metrics.handshake(Handshake::Ok);
+            Some(s)
+        }
         Some(Err(e)) => {
+            shard.metrics.handshake(Handshake::Failed);
             tracing::info!(%peer, error = %e, "TLS handshake failed");
             None
         }
         None => {
+            shard.metrics.handshake(Handshake::TimedOut);
             tracing::info!(%peer, timeout = ?limit, "TLS handshake timed out");
             None
         }
@@ -405,17 +428,24 @@ async fn store(
         None => Vec::new(),
     };
     let accepted = Accepted::of(&msg, added.len(), session);
+    let rcpts = msg.envelope.rcpts.len() as u64;
     match shard.spool.store_with(msg, session.tls(), &added).await {
         Ok(id) => {
             accepted.log(shard.ctx.id, &id, peer);
             if let Some(relay) = &shard.relay {
                 relay.enqueue(id.clone());
             }
+            shard.metrics.messages.inc();
+            shard.metrics.recipients.inc_by(rcpts);
             CommitResult::Stored(id)
         }
         Err(e) => {
             tracing::warn!(%peer, error = %e, "message not stored");
-            e.commit_result()
+            let result = e.commit_result();
+            if let CommitResult::NoSpace = result {
+                shard.metrics.shortage(Shortage::DiskFull);
+            }
+            result
         }
     }
 }
@@ -540,6 +570,7 @@ async fn authenticate(shard: &ShardState, peer: SocketAddr, creds: Credentials) 
     let attempt = match store.throttle().reserve(peer.ip(), Instant::now()) {
         Ok(a) => a,
         Err(refusal) => {
+            shard.metrics.auth(metrics::Auth::Refused);
             if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
                 tracing::warn!(%peer, user = ?creds.username, ?refusal, held_back,
                     "AUTH refused before the password check");
@@ -557,6 +588,7 @@ async fn authenticate(shard: &ShardState, peer: SocketAddr, creds: Credentials) 
     let check = move || users::verify(hash.as_deref(), &password);
     match shard.ctx.shared.auth_pool.try_run(check).await {
         Ok(true) => {
+            shard.metrics.auth(metrics::Auth::Success);
             attempt.succeeded();
             tracing::info!(%peer, user = ?username, "authenticated");
             let send_as = store.send_as(&username);
@@ -568,11 +600,13 @@ async fn authenticate(shard: &ShardState, peer: SocketAddr, creds: Credentials) 
         Ok(false) => {}
         Err(e) => {
             // Not the client's failure: its reservation is given back.
+            shard.metrics.auth(metrics::Auth::TempFail);
             attempt.succeeded();
             tracing::warn!(%peer, user = ?username, error = %e, "AUTH not checked (454)");
             return AuthResult::TempFail;
         }
     }
+    shard.metrics.auth(metrics::Auth::Failure);
     tracing::warn!(%peer, user = ?username, "authentication failed");
     let delay = store.failure_delay();
     if !delay.is_zero() {

@@ -33,6 +33,27 @@ impl ListenerKind {
             ListenerKind::Smtps => "smtps",
         }
     }
+
+    /// Its position in [`crate::metrics::LISTENERS`] (the same names).
+    pub fn metrics_index(self) -> usize {
+        match self {
+            ListenerKind::Smtp => 0,
+            ListenerKind::Submission => 1,
+            ListenerKind::Smtps => 2,
+        }
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn metric_names_match() {
+    for k in [
+        ListenerKind::Smtp,
+        ListenerKind::Submission,
+        ListenerKind::Smtps,
+    ] {
+        assert_eq!(crate::metrics::LISTENERS[k.metrics_index()], k.name());
+    }
 }
 
 #[derive(Debug, Error)]

@@ -21,6 +21,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use super::{conn, ListenerKind, ServerError, Shared};
 use crate::config::Config;
+use crate::metrics::Refused;
 use crate::smtp::reply::{self, Reply};
 use crate::spool::ShardSpool;
 
@@ -48,6 +49,10 @@ pub(crate) struct ShardState {
     pub reject_log: super::limits::RejectLog,
     /// Memory for message bodies in flight on this shard.
     pub budget: super::budget::InflightBudget,
+    /// This shard's metric handles (counting is an atomic add).
+    pub metrics: Arc<crate::metrics::ShardMetrics>,
+    /// Replies sent, by code and enhanced code.
+    pub replies: crate::metrics::ReplyCounters,
     active: Cell<usize>,
     /// Set once the stop flag was seen; connections answer 421 when idle.
     pub stopping: Cell<bool>,
@@ -60,6 +65,8 @@ pub(crate) struct ShardState {
 
 /// How often a shard looks for segments to compact.
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
+/// How often a shard publishes its queue metrics.
+const QUEUE_CENSUS_EVERY: Duration = Duration::from_secs(5);
 /// How often a shard looks at the process-wide stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// After the grace period, how long forced 421s may take to be written.
@@ -146,12 +153,15 @@ async fn serve(
     }
     let grace = ctx.config.shutdown_grace;
     let inflight = ctx.config.inflight;
+    let id = ctx.id;
     let state = Rc::new(ShardState {
         ctx,
         spool,
         relay,
         reject_log: Default::default(),
         budget: super::budget::InflightBudget::new(inflight.per_shard, inflight.per_client),
+        metrics: crate::metrics::shard(id),
+        replies: crate::metrics::ReplyCounters::new(id),
         active: Cell::new(0),
         stopping: Cell::new(false),
         stop_event: Event::new(),
@@ -159,6 +169,13 @@ async fn serve(
         grace_event: Event::new(),
         conn_closed: Event::new(),
     });
+    {
+        let state = state.clone();
+        glommio::spawn_local(async move {
+            crate::util::supervise("queue metrics", || publish_queue(state.clone())).await;
+        })
+        .detach();
+    }
     let accept_tasks: Vec<_> = listeners
         .into_iter()
         .map(|(kind, l)| {
@@ -224,6 +241,21 @@ async fn maintain_spool(spool: Rc<ShardSpool>, below: f64) {
     }
 }
 
+/// Every so often, publishes the queue's size (and, with delivery on, the
+/// recipients waiting per destination and the oldest's age): the admin
+/// thread cannot look into a shard, so the shard tells.
+async fn publish_queue(state: Rc<ShardState>) {
+    let mut last = std::collections::HashSet::new();
+    loop {
+        let m = &state.metrics;
+        m.queue_messages.set(state.spool.len() as i64);
+        if let Some(relay) = &state.relay {
+            m.queue_census(&relay.census().await, &mut last);
+        }
+        glommio::timer::sleep(QUEUE_CENSUS_EVERY).await;
+    }
+}
+
 /// Waits until no connection is open, or `limit` passed (then `false`).
 async fn wait_for_conns(state: &ShardState, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -268,21 +300,26 @@ async fn accept_loop(state: Rc<ShardState>, listener: TcpListener, kind: Listene
 }
 
 fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
+    let metrics = &state.metrics;
+    metrics.accepted(kind.metrics_index());
     let peer = match stream.peer_addr() {
         Ok(p) => p,
         Err(_) => return, // already gone
     };
     let _ = stream.set_nodelay(true);
     if state.active.get() >= state.ctx.shared.live.load().max_conns_per_shard {
-        refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
+        metrics.refused(Refused::ShardLimit);
+        refuse(state, stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     }
     let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
         tracing::info!(%peer, "per-IP connection limit reached");
-        refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
+        metrics.refused(Refused::IpLimit);
+        refuse(state, stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     };
     state.active.set(state.active.get() + 1);
+    metrics.conns_open.inc();
     let state = state.clone();
     glommio::spawn_local(async move {
         if let Err(what) = crate::util::isolate(conn::serve(&state, stream, peer, kind)).await {
@@ -290,6 +327,7 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
         }
         drop(slot);
         state.active.set(state.active.get() - 1);
+        state.metrics.conns_open.dec();
         state.conn_closed.notify(usize::MAX);
     })
     .detach();
@@ -298,10 +336,11 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
 /// Answers `r` and closes, without counting the connection. On an
 /// implicit-TLS listener the client expects a handshake, not a plaintext
 /// reply: the connection is just closed.
-fn refuse(mut stream: TcpStream, kind: ListenerKind, r: Reply) {
+fn refuse(state: &ShardState, mut stream: TcpStream, kind: ListenerKind, r: Reply) {
     if kind == ListenerKind::Smtps {
         return;
     }
+    state.replies.count(r.code, r.status);
     glommio::spawn_local(async move {
         let mut out = Vec::with_capacity(96);
         r.write_to(&mut out);

@@ -65,6 +65,33 @@ where
     }
 }
 
+/// Calls `f` with the code and enhanced status code (RFC 3463, when the
+/// line has one) of every complete reply in `out`: of each reply's last
+/// line (`code SP`), so a multi-line reply counts once. For counting what
+/// was sent; lines that are not replies are skipped.
+pub fn for_each_final(out: &[u8], mut f: impl FnMut(u16, Option<&str>)) {
+    for line in out.split(|&b| b == b'\n') {
+        let [a, b, c, b' ', rest @ ..] = line else {
+            continue;
+        };
+        if !(a.is_ascii_digit() && b.is_ascii_digit() && c.is_ascii_digit()) {
+            continue;
+        }
+        let code = u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0');
+        let word = rest
+            .split(|&b| b == b' ' || b == b'\r')
+            .next()
+            .unwrap_or_default();
+        let enhanced = (word.len() >= 5
+            && matches!(word[0], b'2' | b'4' | b'5')
+            && word[1] == b'.'
+            && word.iter().all(|&b| b.is_ascii_digit() || b == b'.'))
+        .then(|| std::str::from_utf8(word).ok())
+        .flatten();
+        f(code, enhanced);
+    }
+}
+
 fn push_code(out: &mut Vec<u8>, code: u16) {
     // invariant: reply codes are three digits, 200..=599 (RFC 5321 4.2).
     debug_assert!((200..600).contains(&code));
@@ -209,5 +236,27 @@ mod tests {
         let mut out = Vec::new();
         write_multiline(&mut out, 250, None, ["mx.example", "PIPELINING", "SIZE 10"]);
         assert_eq!(out, b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+    }
+
+    #[test]
+    fn final_lines_are_counted_once_with_their_status() {
+        let mut out = Vec::new();
+        write_line(&mut out, 220, None, "mx.test ESMTP", true);
+        write_multiline(&mut out, 250, None, ["mx.test", "PIPELINING", "SIZE 10"]);
+        RCPT_OK.write_to(&mut out);
+        BUDGET_EXCEEDED.write_to(&mut out);
+        write_line(&mut out, 250, Some("2.0.0"), "", true);
+        let mut seen = Vec::new();
+        for_each_final(&out, |code, status| {
+            seen.push((code, status.map(str::to_owned)))
+        });
+        let want: Vec<(u16, Option<String>)> = vec![
+            (220, None),
+            (250, None),
+            (250, Some("2.1.5".into())),
+            (452, Some("4.3.1".into())),
+            (250, Some("2.0.0".into())),
+        ];
+        assert_eq!(seen, want);
     }
 }

@@ -81,6 +81,9 @@ pub struct SegmentWriter {
     /// files replay in the order they were made.
     last_stamp: Cell<u64>,
     stats: Cell<CommitStats>,
+    /// How long the last batch's fdatasync took, for the metrics.
+    last_sync: Cell<Option<Duration>>,
+    metrics: std::sync::Arc<crate::metrics::ShardMetrics>,
 }
 
 impl SegmentWriter {
@@ -113,6 +116,8 @@ impl SegmentWriter {
             unclaimed: RefCell::new(HashMap::new()),
             last_stamp: Cell::new(0),
             stats: Cell::new(CommitStats::default()),
+            last_sync: Cell::new(None),
+            metrics: crate::metrics::shard(shard),
         }
     }
 
@@ -239,6 +244,11 @@ impl SegmentWriter {
                 s.batches += 1;
                 s.records += batch.records.get();
                 self.stats.set(s);
+                self.metrics.commit(
+                    self.kind == segment::KIND_JOURNAL,
+                    batch.records.get(),
+                    self.last_sync.take().map(|d| d.as_secs_f64()),
+                );
                 Outcome::Durable
             }
             Err(SpoolError::NoSpace(e)) => {
@@ -284,7 +294,9 @@ impl SegmentWriter {
         let result = async {
             super::write_all(&seg.file, buf, at).await?;
             if self.fsync {
+                let started = std::time::Instant::now();
                 seg.file.fdatasync().await?;
+                self.last_sync.set(Some(started.elapsed()));
             }
             Ok::<(), glommio::GlommioError<()>>(())
         }

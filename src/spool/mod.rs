@@ -831,6 +831,21 @@ impl ShardSpool {
         self.queue.borrow().list()
     }
 
+    /// The shard this spool belongs to.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// [`QueueIndex::for_each_waiting`] on this shard's queue.
+    pub fn for_each_waiting(
+        &self,
+        from: usize,
+        max: usize,
+        f: impl FnMut(u64, &str),
+    ) -> Option<usize> {
+        self.queue.borrow().for_each_waiting(from, max, f)
+    }
+
     pub fn count_by_domain(&self) -> std::collections::BTreeMap<String, usize> {
         self.queue.borrow().count_by_domain()
     }

@@ -454,6 +454,27 @@ impl QueueIndex {
         (due, later)
     }
 
+    /// Calls `f(arrival, address)` for every recipient still to be
+    /// delivered (no copies) of up to `max` messages from position `from`;
+    /// returns where to go on, or `None` at the end. Positions move as
+    /// messages leave, so a walk in several calls is approximate.
+    pub fn for_each_waiting(
+        &self,
+        from: usize,
+        max: usize,
+        mut f: impl FnMut(u64, &str),
+    ) -> Option<usize> {
+        let end = from.saturating_add(max).min(self.slots.len());
+        for e in self.slots.get(from..end).unwrap_or_default() {
+            for (addr, state) in e.rcpts.iter() {
+                if !state.finished() {
+                    f(e.arrival, addr);
+                }
+            }
+        }
+        (end < self.slots.len()).then_some(end)
+    }
+
     /// Recipients still to be delivered, by domain.
     pub fn count_by_domain(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
@@ -756,6 +777,37 @@ mod tests {
         }
         assert_eq!(JournalOp::decode("delivered x1"), None);
         assert_eq!(JournalOp::decode("frobnicate x1"), None);
+    }
+
+    #[test]
+    fn waiting_recipients_are_walked_in_slices() {
+        let mut q = QueueIndex::default();
+        for i in 0..5 {
+            q.insert(entry(
+                &format!("m{i}"),
+                "s1",
+                &["a@x.example", "b@y.example"],
+            ));
+        }
+        let done = JournalOp::Delivered {
+            id: "m2".into(),
+            rcpt: 1,
+        };
+        assert_eq!(q.apply(&done), Applied::Changed);
+        let mut seen = Vec::new();
+        let mut from = Some(0);
+        let mut calls = 0;
+        while let Some(at) = from {
+            from = q.for_each_waiting(at, 2, |_, addr| seen.push(addr.to_owned()));
+            calls += 1;
+        }
+        assert_eq!(calls, 3);
+        assert_eq!(seen.len(), 9, "{seen:?}");
+        assert_eq!(seen.iter().filter(|a| *a == "b@y.example").count(), 4);
+        assert_eq!(
+            q.for_each_waiting(7, 2, |_, _| panic!("past the end")),
+            None
+        );
     }
 
     #[test]

@@ -122,11 +122,16 @@ impl ServerBuilder {
         };
         let want_submission = kind_enabled("--submission");
         let want_smtps = kind_enabled("--smtps");
+        let want_admin = kind_enabled("--admin");
         if !has("--submission") {
             cmd.args(["--submission", "127.0.0.1:0"]);
         }
         if !has("--smtps") {
             cmd.args(["--smtps", "127.0.0.1:0"]);
+        }
+        // The admin listener too (metrics at /metrics); its line comes last.
+        if !has("--admin") {
+            cmd.args(["--admin", "127.0.0.1:0"]);
         }
         // Outbound delivery stays on this machine: local mail goes into the
         // test's directory, everything else to a smarthost on loopback
@@ -186,11 +191,12 @@ impl ServerBuilder {
                 reason,
             }
         };
-        let (mut smtp, mut submission, mut smtps) = (None, None, None);
+        let (mut smtp, mut submission, mut smtps, mut admin) = (None, None, None, None);
         loop {
             let complete = smtp.is_some()
                 && (submission.is_some() || !want_submission)
-                && (smtps.is_some() || !want_smtps);
+                && (smtps.is_some() || !want_smtps)
+                && (admin.is_some() || !want_admin);
             if let (true, Some(addr)) = (complete, smtp) {
                 return Ok(Server {
                     child,
@@ -198,6 +204,7 @@ impl ServerBuilder {
                     port: addr.port(),
                     submission,
                     smtps,
+                    admin,
                     spool,
                     stderr_path,
                     _dir: dir,
@@ -213,6 +220,7 @@ impl ServerBuilder {
                         Some((k, _)) if k == "smtp" => &mut smtp,
                         Some((k, _)) if k == "submission" => &mut submission,
                         Some((k, _)) if k == "smtps" => &mut smtps,
+                        Some((k, _)) if k == "admin" => &mut admin,
                         _ => {
                             return Err(failure(
                                 &mut child,
@@ -280,6 +288,8 @@ pub struct Server {
     pub submission: Option<SocketAddr>,
     /// The implicit-TLS listener (`None` under `--smtps none`).
     pub smtps: Option<SocketAddr>,
+    /// The admin HTTP listener (`None` under `--admin none`).
+    pub admin: Option<SocketAddr>,
     spool: PathBuf,
     stderr_path: PathBuf,
     // Last: the directory outlives nothing above that points into it.
@@ -969,4 +979,37 @@ pub fn run_peer_with_input(
         stdout: String::from_utf8_lossy(&fs::read(&out_path).unwrap_or_default()).into_owned(),
         stderr: String::from_utf8_lossy(&fs::read(&err_path).unwrap_or_default()).into_owned(),
     }
+}
+
+/// The body of `GET path` from an HTTP server at `addr` (the admin
+/// listener); panics unless the answer is 200.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the admin listener");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    body.to_owned()
+}
+
+/// The sum of the samples of metric `name` in the Prometheus text `text`
+/// that carry every one of `labels` (`key="value"` each).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (series, value) = rest.rsplit_once(' ')?;
+            if !(series.is_empty() || series.starts_with('{')) {
+                return None; // a longer name
+            }
+            labels
+                .iter()
+                .all(|want| series.contains(want))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
