@@ -37,6 +37,7 @@ use glommio::net::TcpStream;
 
 use super::dkim::FromMismatch;
 use super::limits::AuthRefusal;
+use super::proxy::Prefixed;
 use super::shard::ShardState;
 use super::{dkim, tls, users, ListenerKind};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
@@ -63,11 +64,16 @@ enum Outcome {
     StartTls,
 }
 
+/// Serves one connection from `peer` (the client: for a load balancer's
+/// connection, the address its PROXY header named). `initial` is what the
+/// client sent that was already read (after a PROXY header): the first
+/// commands, or on an implicit-TLS listener the first handshake octets.
 pub(crate) async fn serve(
     shard: &ShardState,
     stream: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
+    initial: Vec<u8>,
 ) {
     let config = &shard.ctx.config;
     let cfg = match kind {
@@ -76,14 +82,17 @@ pub(crate) async fn serve(
     };
     let _ = stream.set_write_timeout(Some(cfg.command_timeout));
     let conn = ConnInfo { peer, tls: false };
-    let mut buf = InputBuffer::new();
     if kind == ListenerKind::Smtps {
         // Boxed: the TLS states (rustls' connection, the handshake) are
         // large, and an idle plaintext session should not carry their room
         // in its future (this is what keeps an idle session near 8 KiB).
+        let stream = Prefixed::new(stream, initial);
+        let buf = InputBuffer::new(&[]);
         Box::pin(serve_implicit_tls(shard, stream, peer, cfg, conn, buf)).await;
         return;
     }
+    let mut buf = InputBuffer::new(&initial);
+    drop(initial);
     let mut stream = stream;
     let mut session = Session::new(cfg, conn, Instant::now());
     if let Outcome::StartTls = drive(shard, &mut stream, &mut session, &mut buf, peer).await {
@@ -93,7 +102,7 @@ pub(crate) async fn serve(
 
 async fn serve_implicit_tls(
     shard: &ShardState,
-    stream: TcpStream,
+    stream: Prefixed<TcpStream>,
     peer: SocketAddr,
     cfg: std::sync::Arc<crate::smtp::SessionConfig>,
     conn: ConnInfo,
@@ -259,11 +268,10 @@ where
 
 /// The TLS handshake, bounded by `--tls-handshake-timeout`; `None` (and the
 /// connection dropped) when it fails or takes too long.
-async fn handshake(
-    shard: &ShardState,
-    stream: TcpStream,
-    peer: SocketAddr,
-) -> Option<TlsStream<TcpStream>> {
+async fn handshake<S>(shard: &ShardState, stream: S, peer: SocketAddr) -> Option<TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let store = &shard.ctx.shared.tls;
     let limit = store.handshake_timeout();
     let accept = store.acceptor().accept(stream);
@@ -480,11 +488,14 @@ struct InputBuffer {
 }
 
 impl InputBuffer {
-    fn new() -> Self {
+    /// A buffer holding `initial` (input already read).
+    fn new(initial: &[u8]) -> Self {
+        let mut buf = vec![0; INITIAL_BUFFER.max(initial.len())];
+        buf[..initial.len()].copy_from_slice(initial);
         Self {
-            buf: vec![0; INITIAL_BUFFER],
+            buf,
             start: 0,
-            end: 0,
+            end: initial.len(),
             grow: false,
         }
     }

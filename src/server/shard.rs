@@ -7,6 +7,7 @@
 //! rest and returns.
 
 use std::cell::Cell;
+use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -19,7 +20,7 @@ use futures_lite::{AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
-use super::{conn, ListenerKind, ServerError, Shared};
+use super::{conn, proxy, ListenerKind, ServerError, Shared};
 use crate::config::Config;
 use crate::smtp::reply::{self, Reply};
 use crate::spool::ShardSpool;
@@ -277,15 +278,31 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
         refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     }
-    let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
-        tracing::info!(%peer, "per-IP connection limit reached");
-        refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
-        return;
+    // A load balancer's connections are counted per client once its PROXY
+    // header named the client: its own address must not use up one
+    // client's share.
+    let behind_proxy = proxy::is_trusted(&state.ctx.config.proxy_protocol_from, peer.ip());
+    let slot = if behind_proxy {
+        None
+    } else {
+        let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
+            tracing::info!(%peer, "per-IP connection limit reached");
+            refuse(stream, kind, reply::TOO_MANY_CONNECTIONS);
+            return;
+        };
+        Some(slot)
     };
     state.active.set(state.active.get() + 1);
     let state = state.clone();
     glommio::spawn_local(async move {
-        if let Err(what) = crate::util::isolate(conn::serve(&state, stream, peer, kind)).await {
+        let served = async {
+            if behind_proxy {
+                serve_proxied(&state, stream, peer, kind).await;
+            } else {
+                conn::serve(&state, stream, peer, kind, Vec::new()).await;
+            }
+        };
+        if let Err(what) = crate::util::isolate(served).await {
             tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
         }
         drop(slot);
@@ -295,19 +312,53 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     .detach();
 }
 
+/// A connection from `--proxy-protocol-from`: its PROXY header first (no
+/// header, no session), then the per-IP limit for the client it names,
+/// then the session as that client's.
+async fn serve_proxied(state: &ShardState, mut stream: TcpStream, proxy: SocketAddr, kind: ListenerKind) {
+    let limit = state.ctx.config.proxy_protocol_timeout;
+    let header = match proxy::read_header(&mut stream, proxy, limit).await {
+        Ok(h) => h,
+        // A balancer's plain TCP health check: connect, close.
+        Err(proxy::HeaderError::Closed) => return,
+        Err(e) => {
+            if let Some(held_back) = state.reject_log.admit(Instant::now()) {
+                tracing::info!(%proxy, error = %e, held_back, "connection dropped: no valid PROXY header");
+            }
+            return;
+        }
+    };
+    let peer = header.client;
+    if header.proxied {
+        tracing::debug!(%peer, %proxy, "PROXY header read");
+    }
+    let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
+        tracing::info!(%peer, %proxy, "per-IP connection limit reached");
+        refuse_now(stream, kind, reply::TOO_MANY_CONNECTIONS).await;
+        return;
+    };
+    conn::serve(state, stream, peer, kind, header.rest).await;
+    drop(slot);
+}
+
 /// Answers `r` and closes, without counting the connection. On an
 /// implicit-TLS listener the client expects a handshake, not a plaintext
 /// reply: the connection is just closed.
-fn refuse(mut stream: TcpStream, kind: ListenerKind, r: Reply) {
+fn refuse(stream: TcpStream, kind: ListenerKind, r: Reply) {
     if kind == ListenerKind::Smtps {
         return;
     }
-    glommio::spawn_local(async move {
-        let mut out = Vec::with_capacity(96);
-        r.write_to(&mut out);
-        let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
-        let _ = stream.write_all(&out).await;
-        let _ = stream.close().await;
-    })
-    .detach();
+    glommio::spawn_local(refuse_now(stream, kind, r)).detach();
+}
+
+/// [`refuse`], in the calling task.
+async fn refuse_now(mut stream: TcpStream, kind: ListenerKind, r: Reply) {
+    if kind == ListenerKind::Smtps {
+        return;
+    }
+    let mut out = Vec::with_capacity(96);
+    r.write_to(&mut out);
+    let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
 }
