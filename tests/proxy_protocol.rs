@@ -45,12 +45,14 @@ fn free_port() -> u16 {
 
 /// HAProxy in front of one ringmta: frontend `v2` (send-proxy-v2, with a
 /// CRC32C TLV) and `v1` (send-proxy) to its relay port, `smtps`
-/// (send-proxy-v2) to its implicit-TLS port. Killed on drop, panic or not.
+/// and `submission` (send-proxy-v2) to its implicit-TLS and submission
+/// ports. Killed on drop, panic or not.
 struct Haproxy {
     child: Child,
     v2: SocketAddr,
     v1: SocketAddr,
     smtps: SocketAddr,
+    submission: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -59,8 +61,9 @@ impl Haproxy {
     fn start(server: &Server) -> Option<Haproxy> {
         let bin = peer_program(HAPROXY, "haproxy")?;
         let dir = tempfile::tempdir().unwrap();
-        let [v2, v1, smtps] = [free_port(), free_port(), free_port()]
+        let [v2, v1, smtps, submission] = [free_port(), free_port(), free_port(), free_port()]
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+        let server_submission = server.submission.expect("submission listener");
         let smtp = server.addr;
         let server_smtps = server.smtps.expect("smtps listener");
         let cfg = format!(
@@ -71,7 +74,9 @@ impl Haproxy {
              frontend v1\n    bind {v1}\n    default_backend b_v1\n\
              backend b_v1\n    server s1 {smtp} send-proxy\n\
              frontend smtps\n    bind {smtps}\n    default_backend b_smtps\n\
-             backend b_smtps\n    server s1 {server_smtps} send-proxy-v2\n"
+             backend b_smtps\n    server s1 {server_smtps} send-proxy-v2\n\
+             frontend submission\n    bind {submission}\n    default_backend b_submission\n\
+             backend b_submission\n    server s1 {server_submission} send-proxy-v2\n"
         );
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
@@ -90,12 +95,13 @@ impl Haproxy {
             v2,
             v1,
             smtps,
+            submission,
             _dir: dir,
         };
         // Up once every frontend accepts (such a probe reaches ringmta as
         // a header and an immediate close: nothing to answer).
         let deadline = Instant::now() + IO_TIMEOUT;
-        for addr in [v2, v1, smtps] {
+        for addr in [v2, v1, smtps, submission] {
             while TcpStream::connect_timeout(&addr, IO_TIMEOUT).is_err() {
                 if let Ok(Some(status)) = h.child.try_wait() {
                     panic!("haproxy exited: {status}: {}", h.log());
@@ -219,6 +225,49 @@ fn per_ip_limit_counts_the_client_behind_haproxy() {
         std::thread::sleep(Duration::from_millis(50));
     }
     second.expect("NOOP", 250);
+}
+
+/// The AUTH throttle counts the client behind HAProxy: one client's
+/// failures get it 421, another client behind the same proxy still gets its
+/// password checked. (127.0.0.5 is loopback, so plaintext AUTH is offered
+/// under --allow-plaintext-auth-on-loopback: the header's address decides
+/// that too.)
+#[test]
+fn auth_throttle_counts_the_client_behind_haproxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::run_peer_with_input(
+        Path::new(env!("CARGO_BIN_EXE_ringmta")),
+        &["passwd", "alice"],
+        b"secret\n",
+        IO_TIMEOUT * 3,
+    );
+    assert!(out.status.success(), "passwd: {}", out.stderr);
+    let users = dir.path().join("users");
+    std::fs::write(&users, &out.stdout).unwrap();
+    let server = server(&[
+        "--users",
+        users.to_str().unwrap(),
+        "--allow-plaintext-auth-on-loopback",
+        "--auth-failure-delay",
+        "0",
+        "--max-auth-failures",
+        "2",
+    ]);
+    let Some(haproxy) = Haproxy::start(&server) else {
+        return;
+    };
+    // "\0alice\0wrong" and "\0alice\0secret".
+    const WRONG: &str = "AUTH PLAIN AGFsaWNlAHdyb25n";
+    const RIGHT: &str = "AUTH PLAIN AGFsaWNlAHNlY3JldA==";
+    let mut c = Client::connect_from(haproxy.submission, ip(CLIENT));
+    c.hello("client.test");
+    c.expect(WRONG, 535);
+    c.expect(WRONG, 535);
+    c.expect(RIGHT, 421);
+    let mut other = Client::connect_from(haproxy.submission, ip(OTHER_CLIENT));
+    other.hello("other.test");
+    other.expect(WRONG, 535);
+    other.expect(RIGHT, 235);
 }
 
 /// An address outside `--proxy-protocol-from` gets the normal session: its
