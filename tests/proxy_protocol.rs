@@ -152,7 +152,8 @@ fn relay_policy_and_received_use_the_address_behind_haproxy() {
         );
         let q = server.message(&id);
         assert!(
-            q.received().starts_with("Received: from client.test ([127.0.0.5])"),
+            q.received()
+                .starts_with("Received: from client.test ([127.0.0.5])"),
             "{front}: {}",
             q.received()
         );
@@ -172,8 +173,18 @@ fn relay_policy_and_received_use_the_address_behind_haproxy() {
         run_peer(
             &swaks,
             &[
-                "--server", "127.0.0.1", "--port", &port, "--local-interface", from,
-                "--from", "a@example.org", "--to", "c@remote.example", "--helo", "swaks.test",
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--local-interface",
+                from,
+                "--from",
+                "a@example.org",
+                "--to",
+                "c@remote.example",
+                "--helo",
+                "swaks.test",
             ],
             IO_TIMEOUT * 3,
         )
@@ -184,7 +195,12 @@ fn relay_policy_and_received_use_the_address_behind_haproxy() {
     assert!(!refused.status.success(), "{}", refused.stdout);
     assert!(refused.stdout.contains("<** 550"), "{}", refused.stdout);
     let q = server.newest().expect("swaks' message");
-    assert!(q.received().starts_with("Received: from swaks.test ([127.0.0.5])"), "{}", q.received());
+    assert!(
+        q.received()
+            .starts_with("Received: from swaks.test ([127.0.0.5])"),
+        "{}",
+        q.received()
+    );
 }
 
 /// `--max-conns-per-ip 2`: the third connection of one client behind
@@ -272,10 +288,18 @@ fn auth_throttle_counts_the_client_behind_haproxy() {
 
 /// An address outside `--proxy-protocol-from` gets the normal session: its
 /// `PROXY` line is an unknown command, and the address it names buys
-/// nothing.
+/// nothing. (The networks come from `RINGMTA_PROXY_PROTOCOL_FROM` here,
+/// comma-separated.)
 #[test]
 fn untrusted_peer_sending_a_proxy_line_gets_a_normal_session() {
-    let server = server(&["--relay-network", "192.0.2.7/32"]);
+    let server = Server::builder()
+        .env("RINGMTA_PROXY_PROTOCOL_FROM", "2001:db8::/32,127.0.0.1/32")
+        .args(["--relay-network", "192.0.2.7/32"])
+        .start();
+    // The variable took effect: 127.0.0.1 must send a header.
+    let mut trusted = Client::connect(server.addr);
+    trusted.send(b"EHLO x\r\n");
+    trusted.expect_closed();
     let mut c = Client::connect_from(server.addr, ip("127.0.0.2"));
     c.greeting();
     let r = c.cmd("PROXY TCP4 192.0.2.7 127.0.0.1 40000 25");
@@ -309,7 +333,14 @@ fn trusted_peer_without_a_valid_header_is_dropped() {
 
     let mut c = Client::connect(server.addr);
     c.expect_closed();
-    assert!(server.wait_for_log("no valid PROXY header", IO_TIMEOUT));
+    assert!(server.wait_for_log("no complete PROXY header within", IO_TIMEOUT));
+
+    let mut c = Client::connect(server.addr);
+    c.send(b"PROXY TCP4 192.0.2.7");
+    c.shutdown_write();
+    c.expect_closed();
+    assert!(server.wait_for_log("closed inside a PROXY header", IO_TIMEOUT));
+    assert!(server.stderr().contains("no valid PROXY header"));
 
     // Header and EHLO in one write: the EHLO is not lost.
     let mut c = Client::connect(server.addr);
@@ -324,7 +355,12 @@ fn trusted_peer_without_a_valid_header_is_dropped() {
 
     // A version 2 header for an IPv6 client, one octet per write.
     let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
-    header.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    header.extend_from_slice(
+        &"2001:db8::7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
     header.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
     header.extend_from_slice(&[0x9c, 0x40, 0x00, 0x19]);
     let mut c = Client::connect(server.addr);
@@ -376,8 +412,17 @@ fn implicit_tls_after_a_proxy_header() {
     let run = run_peer(
         &swaks,
         &[
-            "--server", "127.0.0.1", "--port", &port, "--tlsc", "--local-interface", CLIENT,
-            "--quit-after", "EHLO", "--helo", "swaks.test",
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--tlsc",
+            "--local-interface",
+            CLIENT,
+            "--quit-after",
+            "EHLO",
+            "--helo",
+            "swaks.test",
         ],
         IO_TIMEOUT * 3,
     );
@@ -395,7 +440,10 @@ fn deploy_haproxy_cfg_is_valid() {
     let out = run_peer(&bin, &["-c", "-f", cfg.to_str().unwrap()], IO_TIMEOUT);
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
     let text = std::fs::read_to_string(&cfg).unwrap();
-    assert!(text.contains("send-proxy-v2"), "the example must send PROXY v2");
+    assert!(
+        text.contains("send-proxy-v2"),
+        "the example must send PROXY v2"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -497,7 +545,12 @@ impl TlsClient {
                 if line.starts_with(prefix.as_bytes()) {
                     return;
                 }
-                assert_eq!(line.get(3), Some(&b'-'), "{:?}", String::from_utf8_lossy(&line));
+                assert_eq!(
+                    line.get(3),
+                    Some(&b'-'),
+                    "{:?}",
+                    String::from_utf8_lossy(&line)
+                );
             }
             let mut chunk = [0u8; 4096];
             let n = self.stream.read(&mut chunk).expect("read over TLS");

@@ -47,8 +47,11 @@ pub(crate) struct Header {
 pub(crate) enum HeaderError {
     #[error(transparent)]
     Invalid(#[from] ProxyError),
-    #[error("closed before a complete PROXY header")]
+    /// Closed before sending anything: a balancer's TCP health check.
+    #[error("closed without a PROXY header")]
     Closed,
+    #[error("closed inside a PROXY header")]
+    Truncated,
     #[error("no complete PROXY header within {0:?}")]
     TimedOut(Duration),
     #[error("read failed: {0}")]
@@ -87,7 +90,8 @@ where
                 return Err(HeaderError::Invalid(ProxyError::TooLong));
             };
             match stream.read(spare).await? {
-                0 => return Err(HeaderError::Closed),
+                0 if have == 0 => return Err(HeaderError::Closed),
+                0 => return Err(HeaderError::Truncated),
                 n => have += n,
             }
         }

@@ -297,7 +297,9 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     glommio::spawn_local(async move {
         let served = async {
             if behind_proxy {
-                serve_proxied(&state, stream, peer, kind).await;
+                // Boxed: the header's state must not size the task of
+                // every connection that has none.
+                Box::pin(serve_proxied(&state, stream, peer, kind)).await;
             } else {
                 conn::serve(&state, stream, peer, kind, Vec::new()).await;
             }
@@ -315,7 +317,12 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
 /// A connection from `--proxy-protocol-from`: its PROXY header first (no
 /// header, no session), then the per-IP limit for the client it names,
 /// then the session as that client's.
-async fn serve_proxied(state: &ShardState, mut stream: TcpStream, proxy: SocketAddr, kind: ListenerKind) {
+async fn serve_proxied(
+    state: &ShardState,
+    mut stream: TcpStream,
+    proxy: SocketAddr,
+    kind: ListenerKind,
+) {
     let limit = state.ctx.config.proxy_protocol_timeout;
     let header = match proxy::read_header(&mut stream, proxy, limit).await {
         Ok(h) => h,

@@ -120,7 +120,11 @@ fn v1_fields(line: &[u8]) -> Result<Header, ProxyError> {
         "TCP4" => false,
         "TCP6" => true,
         "UNKNOWN" => return Ok(Header::Local),
-        _ => return Err(ProxyError::Unsupported("version 1 protocol not TCP4, TCP6 or UNKNOWN")),
+        _ => {
+            return Err(ProxyError::Unsupported(
+                "version 1 protocol not TCP4, TCP6 or UNKNOWN",
+            ))
+        }
     };
     let mut next = || fields.next().ok_or(ProxyError::Malformed("missing field"));
     let (src, dst, sport, dport) = (next()?, next()?, next()?, next()?);
@@ -160,7 +164,9 @@ fn parse_v2(input: &[u8]) -> Result<Parsed, ProxyError> {
     };
     let (version, command) = (fixed[12] >> 4, fixed[12] & 0x0f);
     if version != 2 {
-        return Err(ProxyError::Unsupported("version 2 signature with another version"));
+        return Err(ProxyError::Unsupported(
+            "version 2 signature with another version",
+        ));
     }
     let block_len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
     if block_len > MAX_V2_BLOCK {
@@ -169,7 +175,11 @@ fn parse_v2(input: &[u8]) -> Result<Parsed, ProxyError> {
     let local = match command {
         0 => true,
         1 => false,
-        _ => return Err(ProxyError::Unsupported("version 2 command not LOCAL or PROXY")),
+        _ => {
+            return Err(ProxyError::Unsupported(
+                "version 2 command not LOCAL or PROXY",
+            ))
+        }
     };
     let len = V2_FIXED + block_len;
     let Some(block) = input.get(V2_FIXED..len) else {
@@ -215,7 +225,11 @@ fn parse_v2(input: &[u8]) -> Result<Parsed, ProxyError> {
         }
         // A Unix socket stream: no IP address to use.
         0x31 => Header::Local,
-        _ => return Err(ProxyError::Unsupported("version 2 family/transport not TCP")),
+        _ => {
+            return Err(ProxyError::Unsupported(
+                "version 2 family/transport not TCP",
+            ))
+        }
     };
     Ok(Parsed::Done { header, len })
 }
@@ -445,7 +459,11 @@ mod tests {
 
     #[test]
     fn v2_block_length_is_capped_before_it_is_read() {
-        let ok = v2(1, 0x11, &[v4_block(), vec![0x04, 0x03, 0xf1], vec![0; 1009]].concat());
+        let ok = v2(
+            1,
+            0x11,
+            &[v4_block(), vec![0x04, 0x03, 0xf1], vec![0; 1009]].concat(),
+        );
         assert_eq!(ok.len(), MAX_HEADER);
         assert_eq!(done(&ok).1, MAX_HEADER);
         // One more octet announced: refused from the 16 fixed octets on.
