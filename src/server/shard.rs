@@ -20,6 +20,7 @@ use futures_lite::{AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
+use super::limits::IpSlot;
 use super::{conn, proxy, ListenerKind, ServerError, Shared};
 use crate::config::Config;
 use crate::smtp::reply::{self, Reply};
@@ -295,14 +296,19 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     state.active.set(state.active.get() + 1);
     let state = state.clone();
     glommio::spawn_local(async move {
+        // One `conn::serve` for both kinds of connection: the task is sized
+        // by the session, and the header's state is gone before it starts.
         let served = async {
-            if behind_proxy {
-                // Boxed: the header's state must not size the task of
-                // every connection that has none.
-                Box::pin(serve_proxied(&state, stream, peer, kind)).await;
+            let mut stream = stream;
+            let (client, initial, _client_slot) = if behind_proxy {
+                match accept_proxied(&state, &mut stream, peer, kind).await {
+                    Some((client, rest, slot)) => (client, rest, Some(slot)),
+                    None => return,
+                }
             } else {
-                conn::serve(&state, stream, peer, kind, Vec::new()).await;
-            }
+                (peer, Vec::new(), None)
+            };
+            conn::serve(&state, stream, client, kind, initial).await;
         };
         if let Err(what) = crate::util::isolate(served).await {
             tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
@@ -315,24 +321,27 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
 }
 
 /// A connection from `--proxy-protocol-from`: its PROXY header first (no
-/// header, no session), then the per-IP limit for the client it names,
-/// then the session as that client's.
-async fn serve_proxied(
+/// header, no session), then the per-IP slot of the client it names.
+/// Returns the client, what followed the header and the slot; `None` when
+/// the connection is to be dropped (after a 421 when the client is over
+/// its limit).
+async fn accept_proxied(
     state: &ShardState,
-    mut stream: TcpStream,
+    stream: &mut TcpStream,
     proxy: SocketAddr,
     kind: ListenerKind,
-) {
+) -> Option<(SocketAddr, Vec<u8>, IpSlot)> {
     let limit = state.ctx.config.proxy_protocol_timeout;
-    let header = match proxy::read_header(&mut stream, proxy, limit).await {
+    let header = match proxy::read_header(stream, proxy, limit).await {
         Ok(h) => h,
         // A balancer's plain TCP health check: connect, close.
-        Err(proxy::HeaderError::Closed) => return,
+        Err(proxy::HeaderError::Closed) => return None,
         Err(e) => {
             if let Some(held_back) = state.reject_log.admit(Instant::now()) {
-                tracing::info!(%proxy, error = %e, held_back, "connection dropped: no valid PROXY header");
+                tracing::info!(%proxy, error = %e, held_back,
+                    "connection dropped: no valid PROXY header");
             }
-            return;
+            return None;
         }
     };
     let peer = header.client;
@@ -342,10 +351,9 @@ async fn serve_proxied(
     let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
         tracing::info!(%peer, %proxy, "per-IP connection limit reached");
         refuse_now(stream, kind, reply::TOO_MANY_CONNECTIONS).await;
-        return;
+        return None;
     };
-    conn::serve(state, stream, peer, kind, header.rest).await;
-    drop(slot);
+    Some((peer, header.rest, slot))
 }
 
 /// Answers `r` and closes, without counting the connection. On an
@@ -355,11 +363,15 @@ fn refuse(stream: TcpStream, kind: ListenerKind, r: Reply) {
     if kind == ListenerKind::Smtps {
         return;
     }
-    glommio::spawn_local(refuse_now(stream, kind, r)).detach();
+    glommio::spawn_local(async move {
+        let mut stream = stream;
+        refuse_now(&mut stream, kind, r).await;
+    })
+    .detach();
 }
 
-/// [`refuse`], in the calling task.
-async fn refuse_now(mut stream: TcpStream, kind: ListenerKind, r: Reply) {
+/// [`refuse`], in the calling task (the caller drops the stream).
+async fn refuse_now(stream: &mut TcpStream, kind: ListenerKind, r: Reply) {
     if kind == ListenerKind::Smtps {
         return;
     }
