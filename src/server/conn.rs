@@ -37,7 +37,7 @@ use glommio::net::TcpStream;
 
 use super::dkim::FromMismatch;
 use super::limits::AuthRefusal;
-use super::proxy::Prefixed;
+use super::proxy::{self, Prefixed};
 use super::shard::ShardState;
 use super::{dkim, tls, users, ListenerKind};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
@@ -64,17 +64,28 @@ enum Outcome {
     StartTls,
 }
 
-/// Serves one connection from `peer` (the client: for a load balancer's
-/// connection, the address its PROXY header named). `initial` is what the
-/// client sent that was already read (after a PROXY header): the first
-/// commands, or on an implicit-TLS listener the first handshake octets.
+/// Serves one connection from `peer`. From a load balancer
+/// (`behind_proxy`: `peer` is in `--proxy-protocol-from`), its PROXY
+/// header is read first ([`proxy::accept`]): the client it names is the
+/// session's peer, and what came after the header is the session's first
+/// input (commands, or on an implicit-TLS listener the first handshake
+/// octets).
 pub(crate) async fn serve(
     shard: &ShardState,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
-    initial: Vec<u8>,
+    behind_proxy: bool,
 ) {
+    // Boxed: the header's state must not size every session's task.
+    let (peer, initial, _client_slot) = if behind_proxy {
+        match Box::pin(proxy::accept(shard, &mut stream, peer, kind)).await {
+            Some(a) => (a.client, a.rest, Some(a.slot)),
+            None => return,
+        }
+    } else {
+        (peer, Vec::new(), None)
+    };
     let config = &shard.ctx.config;
     let cfg = match kind {
         ListenerKind::Smtp => config.session.clone(),

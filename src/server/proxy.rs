@@ -1,7 +1,8 @@
 //! The PROXY protocol on inbound connections: for a peer in
 //! `--proxy-protocol-from` (a load balancer), reads the header that must
 //! start the connection, before the greeting and before any TLS handshake,
-//! and says who the client is.
+//! and says who the client is; then takes the per-IP connection slot for
+//! that client ([`accept`]), which the accept loop left to this point.
 //!
 //! The header is parsed by [`crate::smtp::proxy`]; this module only reads,
 //! within `--proxy-protocol-timeout` and at most
@@ -16,17 +17,71 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, FutureExt};
+use glommio::net::TcpStream;
 use thiserror::Error;
 
+use super::limits::IpSlot;
+use super::shard::{refuse_now, ShardState};
+use super::ListenerKind;
 use crate::relay::policy::Cidr;
 use crate::smtp::proxy::{self, Parsed, ProxyError, MAX_HEADER};
+use crate::smtp::reply;
 
 /// Whether `peer` must start its connections with a PROXY header.
 pub(crate) fn is_trusted(from: &[Cidr], peer: IpAddr) -> bool {
     from.iter().any(|n| n.contains(peer))
+}
+
+/// A balancer's connection, accepted: the client, what followed the header,
+/// and the client's per-IP connection slot.
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    pub client: SocketAddr,
+    pub rest: Vec<u8>,
+    pub slot: IpSlot,
+}
+
+/// A connection from `--proxy-protocol-from` (`proxy`): its PROXY header
+/// first (no header, no session), then the per-IP slot of the client it
+/// names. `None` when the connection is to be dropped: no valid header
+/// (logged, rate-limited with the policy refusals; a connection closed
+/// before its first octet, a balancer's TCP health check, is not), or the
+/// client over its limit (421, as at accept).
+pub(crate) async fn accept(
+    shard: &ShardState,
+    stream: &mut TcpStream,
+    proxy: SocketAddr,
+    kind: ListenerKind,
+) -> Option<Accepted> {
+    let limit = shard.ctx.config.proxy_protocol_timeout;
+    let header = match read_header(stream, proxy, limit).await {
+        Ok(h) => h,
+        Err(HeaderError::Closed) => return None,
+        Err(e) => {
+            if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
+                tracing::info!(%proxy, error = %e, held_back,
+                    "connection dropped: no valid PROXY header");
+            }
+            return None;
+        }
+    };
+    let client = header.client;
+    if header.proxied {
+        tracing::debug!(peer = %client, %proxy, "PROXY header read");
+    }
+    let Some(slot) = shard.ctx.shared.ip_limiter.acquire(client.ip()) else {
+        tracing::info!(peer = %client, %proxy, "per-IP connection limit reached");
+        refuse_now(stream, kind, reply::TOO_MANY_CONNECTIONS).await;
+        return None;
+    };
+    Some(Accepted {
+        client,
+        rest: header.rest,
+        slot,
+    })
 }
 
 /// A connection's PROXY header, read.

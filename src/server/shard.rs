@@ -7,7 +7,6 @@
 //! rest and returns.
 
 use std::cell::Cell;
-use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -20,7 +19,6 @@ use futures_lite::{AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
-use super::limits::IpSlot;
 use super::{conn, proxy, ListenerKind, ServerError, Shared};
 use crate::config::Config;
 use crate::smtp::reply::{self, Reply};
@@ -296,21 +294,8 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     state.active.set(state.active.get() + 1);
     let state = state.clone();
     glommio::spawn_local(async move {
-        // One `conn::serve` for both kinds of connection: the task is sized
-        // by the session, and the header's state is gone before it starts.
-        let served = async {
-            let mut stream = stream;
-            let (client, initial, _client_slot) = if behind_proxy {
-                match accept_proxied(&state, &mut stream, peer, kind).await {
-                    Some((client, rest, slot)) => (client, rest, Some(slot)),
-                    None => return,
-                }
-            } else {
-                (peer, Vec::new(), None)
-            };
-            conn::serve(&state, stream, client, kind, initial).await;
-        };
-        if let Err(what) = crate::util::isolate(served).await {
+        let served = crate::util::isolate(conn::serve(&state, stream, peer, kind, behind_proxy));
+        if let Err(what) = served.await {
             tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
         }
         drop(slot);
@@ -318,42 +303,6 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
         state.conn_closed.notify(usize::MAX);
     })
     .detach();
-}
-
-/// A connection from `--proxy-protocol-from`: its PROXY header first (no
-/// header, no session), then the per-IP slot of the client it names.
-/// Returns the client, what followed the header and the slot; `None` when
-/// the connection is to be dropped (after a 421 when the client is over
-/// its limit).
-async fn accept_proxied(
-    state: &ShardState,
-    stream: &mut TcpStream,
-    proxy: SocketAddr,
-    kind: ListenerKind,
-) -> Option<(SocketAddr, Vec<u8>, IpSlot)> {
-    let limit = state.ctx.config.proxy_protocol_timeout;
-    let header = match proxy::read_header(stream, proxy, limit).await {
-        Ok(h) => h,
-        // A balancer's plain TCP health check: connect, close.
-        Err(proxy::HeaderError::Closed) => return None,
-        Err(e) => {
-            if let Some(held_back) = state.reject_log.admit(Instant::now()) {
-                tracing::info!(%proxy, error = %e, held_back,
-                    "connection dropped: no valid PROXY header");
-            }
-            return None;
-        }
-    };
-    let peer = header.client;
-    if header.proxied {
-        tracing::debug!(%peer, %proxy, "PROXY header read");
-    }
-    let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
-        tracing::info!(%peer, %proxy, "per-IP connection limit reached");
-        refuse_now(stream, kind, reply::TOO_MANY_CONNECTIONS).await;
-        return None;
-    };
-    Some((peer, header.rest, slot))
 }
 
 /// Answers `r` and closes, without counting the connection. On an
@@ -371,7 +320,7 @@ fn refuse(stream: TcpStream, kind: ListenerKind, r: Reply) {
 }
 
 /// [`refuse`], in the calling task (the caller drops the stream).
-async fn refuse_now(stream: &mut TcpStream, kind: ListenerKind, r: Reply) {
+pub(crate) async fn refuse_now(stream: &mut TcpStream, kind: ListenerKind, r: Reply) {
     if kind == ListenerKind::Smtps {
         return;
     }
