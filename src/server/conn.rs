@@ -1,6 +1,8 @@
 //! Drives one [`Session`] over one connection: read, hand the bytes to the
 //! session, make finished messages durable, check credentials, upgrade to
-//! TLS, write each batch of replies in one write.
+//! TLS, write each batch of replies in one write. A load balancer's
+//! connection first has its PROXY header read ([`super::proxy`]); the
+//! session then runs as the client's.
 //!
 //! The same loop ([`drive`]) runs over a plain `TcpStream` or a rustls
 //! stream. On `STARTTLS` it writes the 220, then *drops every byte already
