@@ -28,6 +28,11 @@ pub struct Config {
     pub backlog: i32,
     pub max_conns_per_shard: usize,
     pub max_conns_per_ip: u32,
+    /// `--proxy-protocol-from`: peers whose connections start with a PROXY
+    /// header naming the client; empty: nobody's do.
+    pub proxy_protocol_from: Vec<crate::relay::policy::Cidr>,
+    /// How long such a peer may take to send its header.
+    pub proxy_protocol_timeout: Duration,
     /// Each shard's budget for message content in flight.
     pub inflight: InflightLimits,
     /// `--max-message-size` as given, when it was lowered to what one client
@@ -274,6 +279,8 @@ impl Config {
             backlog: cli.backlog,
             max_conns_per_shard: cli.max_conns_per_shard,
             max_conns_per_ip: cli.max_conns_per_ip,
+            proxy_protocol_from: cli.proxy_protocol_from.clone(),
+            proxy_protocol_timeout: cli.proxy_protocol_timeout,
             inflight,
             message_size_lowered_from,
             shutdown_grace: cli.shutdown_grace,

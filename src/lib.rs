@@ -8,8 +8,9 @@
 //!   receivers (the SMTP-smuggling defence lives there), reply rendering and
 //!   the [`smtp::Session`] state machine, the SASL PLAIN/LOGIN exchange
 //!   ([`smtp::auth`]; the password check is the driver's) and the RFC 6409
-//!   header completion of submitted mail ([`smtp::submit`]). No sockets,
-//!   files or clocks.
+//!   header completion of submitted mail ([`smtp::submit`]) and the PROXY
+//!   protocol v1/v2 header a load balancer sends first ([`smtp::proxy`]).
+//!   No sockets, files or clocks.
 //! * [`server`] — the glommio glue and the only place with sockets: one shard
 //!   per core, each with its own SO_REUSEPORT listeners, connection tasks
 //!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
@@ -20,7 +21,10 @@
 //!   (STARTTLS, implicit TLS); [`server::tls`] holds the certificate,
 //!   [`server::users`] the argon2 users, [`server::dkim`] the keys that
 //!   sign submitted mail and [`server::recipients`] the
-//!   `--local-recipients` file, all reloaded on SIGHUP.
+//!   `--local-recipients` file, all reloaded on SIGHUP. Connections from
+//!   `--proxy-protocol-from` start with a PROXY header, read (`server::proxy`)
+//!   before the greeting or handshake; the client it names is the
+//!   session's peer, and the per-IP limit is taken for it only then.
 //! * [`spool`] — durability: per-shard append-only segment files of
 //!   checksummed records; messages that finish while a write+`fdatasync` is
 //!   in flight share the next one (group commit), and their 250s go out when

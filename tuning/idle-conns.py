@@ -7,6 +7,10 @@ Starts target/release/ringmta on a free loopback port, reads its RSS, opens N
 connections that each read the banner and say EHLO, then stay idle; reads the
 RSS again and prints the difference per connection. Bounded: every socket has
 a timeout and the server is stopped at the end.
+
+With PROXY=1 the server runs with --proxy-protocol-from 127.0.0.1/32 and each
+connection first sends a PROXY v1 header naming its own client address (as
+HAProxy's send-proxy does), so the sessions are the proxied kind.
 """
 import os
 import resource
@@ -19,6 +23,7 @@ import tempfile
 import time
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
+PROXY = os.environ.get("PROXY") == "1"
 BIN = os.path.join(os.path.dirname(__file__), "..", "target", "release", "ringmta")
 
 
@@ -37,7 +42,7 @@ def main():
     proc = subprocess.Popen(
         [BIN, "--smtp", "127.0.0.1:0", "--spool-dir", spool, "--hostname", "mx.test",
          "--max-conns-per-ip", "0", "--log", "warn", "--submission", "none", "--smtps", "none",
-         "--admin", "none", "--no-delivery"],
+         "--admin", "none", "--no-delivery"] + (["--proxy-protocol-from", "127.0.0.1/32"] if PROXY else []),
         stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -49,6 +54,8 @@ def main():
         deadline = time.time() + 120
         for i in range(N):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if PROXY:
+                s.sendall(b"PROXY TCP4 192.0.2.%d 127.0.0.1 %d 25\r\n" % (i % 250 + 1, 1024 + i % 60000))
             s.setblocking(False)
             sel.register(s, selectors.EVENT_READ, [b"", 0])
             socks.append(s)

@@ -1,6 +1,8 @@
 //! Drives one [`Session`] over one connection: read, hand the bytes to the
 //! session, make finished messages durable, check credentials, upgrade to
-//! TLS, write each batch of replies in one write.
+//! TLS, write each batch of replies in one write. A load balancer's
+//! connection first has its PROXY header read ([`super::proxy`]); the
+//! session then runs as the client's.
 //!
 //! The same loop ([`drive`]) runs over a plain `TcpStream` or a rustls
 //! stream. On `STARTTLS` it writes the 220, then *drops every byte already
@@ -37,6 +39,7 @@ use glommio::net::TcpStream;
 
 use super::dkim::FromMismatch;
 use super::limits::AuthRefusal;
+use super::proxy::{self, Prefixed};
 use super::shard::ShardState;
 use super::{dkim, tls, users, ListenerKind};
 use crate::metrics::{self, Handshake, Shortage};
@@ -64,14 +67,30 @@ enum Outcome {
     StartTls,
 }
 
+/// Serves one connection from `peer`. From a load balancer
+/// (`behind_proxy`: `peer` is in `--proxy-protocol-from`), its PROXY
+/// header is read first ([`proxy::accept`]): the client it names is the
+/// session's peer, and what came after the header is the session's first
+/// input (commands, or on an implicit-TLS listener the first handshake
+/// octets).
 pub(crate) async fn serve(
     shard: &ShardState,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
+    behind_proxy: bool,
 ) {
+    // Boxed: the header's state must not size every session's task.
+    let (peer, initial, _client_slot) = if behind_proxy {
+        match Box::pin(proxy::accept(shard, &mut stream, peer, kind)).await {
+            Some(a) => (a.client, a.rest, Some(a.slot)),
+            None => return,
+        }
+    } else {
+        (peer, Vec::new(), None)
+    };
     let mut log = ConnLog::new(shard.ctx.id, peer, kind);
-    serve_logged(shard, stream, peer, kind, &mut log).await;
+    serve_logged(shard, stream, peer, kind, initial, &mut log).await;
 }
 
 /// The `connect` and `disconnect` events of one connection (the README's
@@ -134,11 +153,14 @@ impl Drop for ConnLog {
     }
 }
 
+/// [`serve`] once the client is known; `initial` is what came after a
+/// PROXY header.
 async fn serve_logged(
     shard: &ShardState,
     stream: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
+    initial: Vec<u8>,
     log: &mut ConnLog,
 ) {
     // The policy in force when the connection starts is its policy to the
@@ -151,14 +173,17 @@ async fn serve_logged(
     drop(live);
     let _ = stream.set_write_timeout(Some(cfg.command_timeout));
     let conn = ConnInfo { peer, tls: false };
-    let mut buf = InputBuffer::new();
     if kind == ListenerKind::Smtps {
         // Boxed: the TLS states (rustls' connection, the handshake) are
         // large, and an idle plaintext session should not carry their room
         // in its future (this is what keeps an idle session near 8 KiB).
+        let stream = Prefixed::new(stream, initial);
+        let buf = InputBuffer::new(&[]);
         Box::pin(serve_implicit_tls(shard, stream, peer, cfg, conn, buf, log)).await;
         return;
     }
+    let mut buf = InputBuffer::new(&initial);
+    drop(initial);
     let mut stream = stream;
     let mut session = Session::new(cfg, conn, Instant::now());
     shard.metrics.session(kind.metrics_index());
@@ -171,7 +196,7 @@ async fn serve_logged(
 
 async fn serve_implicit_tls(
     shard: &ShardState,
-    stream: TcpStream,
+    stream: Prefixed<TcpStream>,
     peer: SocketAddr,
     cfg: std::sync::Arc<crate::smtp::SessionConfig>,
     conn: ConnInfo,
@@ -364,11 +389,10 @@ fn count_replies(shard: &ShardState, output: &[u8]) {
 
 /// The TLS handshake, bounded by `--tls-handshake-timeout`; `None` (and the
 /// connection dropped) when it fails or takes too long.
-async fn handshake(
-    shard: &ShardState,
-    stream: TcpStream,
-    peer: SocketAddr,
-) -> Option<TlsStream<TcpStream>> {
+async fn handshake<S>(shard: &ShardState, stream: S, peer: SocketAddr) -> Option<TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let store = &shard.ctx.shared.tls;
     let limit = store.handshake_timeout();
     let accept = store.acceptor().accept(stream);
@@ -648,11 +672,14 @@ struct InputBuffer {
 }
 
 impl InputBuffer {
-    fn new() -> Self {
+    /// A buffer holding `initial` (input already read).
+    fn new(initial: &[u8]) -> Self {
+        let mut buf = vec![0; INITIAL_BUFFER.max(initial.len())];
+        buf[..initial.len()].copy_from_slice(initial);
         Self {
-            buf: vec![0; INITIAL_BUFFER],
+            buf,
             start: 0,
-            end: 0,
+            end: initial.len(),
             grow: false,
         }
     }

@@ -12,6 +12,7 @@ mod conn;
 pub mod dkim;
 mod limits;
 pub mod listener;
+mod proxy;
 pub mod recipients;
 mod shard;
 pub mod tls;

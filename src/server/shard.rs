@@ -19,7 +19,7 @@ use futures_lite::{AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
-use super::{conn, ListenerKind, ServerError, Shared};
+use super::{conn, proxy, ListenerKind, ServerError, Shared};
 use crate::config::Config;
 use crate::metrics::Refused;
 use crate::smtp::reply::{self, Reply};
@@ -312,17 +312,27 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
         refuse(state, stream, kind, reply::TOO_MANY_CONNECTIONS);
         return;
     }
-    let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
-        tracing::info!(%peer, "per-IP connection limit reached");
-        metrics.refused(Refused::IpLimit);
-        refuse(state, stream, kind, reply::TOO_MANY_CONNECTIONS);
-        return;
+    // A load balancer's connections are counted per client once its PROXY
+    // header named the client: its own address must not use up one
+    // client's share.
+    let behind_proxy = proxy::is_trusted(&state.ctx.config.proxy_protocol_from, peer.ip());
+    let slot = if behind_proxy {
+        None
+    } else {
+        let Some(slot) = state.ctx.shared.ip_limiter.acquire(peer.ip()) else {
+            tracing::info!(%peer, "per-IP connection limit reached");
+            metrics.refused(Refused::IpLimit);
+            refuse(state, stream, kind, reply::TOO_MANY_CONNECTIONS);
+            return;
+        };
+        Some(slot)
     };
     state.active.set(state.active.get() + 1);
     metrics.conns_open.inc();
     let state = state.clone();
     glommio::spawn_local(async move {
-        if let Err(what) = crate::util::isolate(conn::serve(&state, stream, peer, kind)).await {
+        let served = crate::util::isolate(conn::serve(&state, stream, peer, kind, behind_proxy));
+        if let Err(what) = served.await {
             tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
         }
         drop(slot);
@@ -336,17 +346,26 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
 /// Answers `r` and closes, without counting the connection. On an
 /// implicit-TLS listener the client expects a handshake, not a plaintext
 /// reply: the connection is just closed.
-fn refuse(state: &ShardState, mut stream: TcpStream, kind: ListenerKind, r: Reply) {
+fn refuse(state: &ShardState, stream: TcpStream, kind: ListenerKind, r: Reply) {
     if kind == ListenerKind::Smtps {
         return;
     }
     state.replies.count(r.code, r.status);
     glommio::spawn_local(async move {
-        let mut out = Vec::with_capacity(96);
-        r.write_to(&mut out);
-        let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
-        let _ = stream.write_all(&out).await;
-        let _ = stream.close().await;
+        let mut stream = stream;
+        refuse_now(&mut stream, kind, r).await;
     })
     .detach();
+}
+
+/// [`refuse`], in the calling task (the caller drops the stream).
+pub(crate) async fn refuse_now(stream: &mut TcpStream, kind: ListenerKind, r: Reply) {
+    if kind == ListenerKind::Smtps {
+        return;
+    }
+    let mut out = Vec::with_capacity(96);
+    r.write_to(&mut out);
+    let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
 }

@@ -8,6 +8,7 @@ pub mod data;
 pub mod envelope;
 pub mod error;
 pub mod parse;
+pub mod proxy;
 pub mod reply;
 pub mod session;
 pub mod submit;
