@@ -1029,7 +1029,9 @@ impl Relay {
         let destination = rcpts
             .first()
             .and_then(|&i| entry.rcpts.get(i))
-            .map(|(addr, _)| crate::metrics::destination_label(&self.cfg().target(addr).to_string()));
+            .map(|(addr, _)| {
+                crate::metrics::destination_label(&self.cfg().target(addr).to_string())
+            });
         let mut counts = [0u64; 3];
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&rcpt) = rcpts.get(k) else {
