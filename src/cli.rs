@@ -330,7 +330,7 @@ pub struct Cli {
         env = "RINGMTA_RELAY_NETWORK",
         value_delimiter = ','
     )]
-    pub relay_networks: Vec<crate::relay::policy::Cidr>,
+    pub relay_networks: Vec<crate::policy::relay::Cidr>,
 
     /// Load balancers (e.g. HAProxy with send-proxy-v2 or send-proxy) whose connections, on every listener, must start with a PROXY protocol v1/v2 header; the client address in it is then used for relay policy, per-IP limits, AUTH throttling, Received: and logs. A connection from such a network without a valid header is dropped; others never have a header read (repeatable; default none).
     #[arg(
@@ -339,7 +339,7 @@ pub struct Cli {
         env = "RINGMTA_PROXY_PROTOCOL_FROM",
         value_delimiter = ','
     )]
-    pub proxy_protocol_from: Vec<crate::relay::policy::Cidr>,
+    pub proxy_protocol_from: Vec<crate::policy::relay::Cidr>,
 
     /// How long a --proxy-protocol-from connection may take to send its PROXY header before it is dropped.
     #[arg(long, value_name = "DURATION", env = "RINGMTA_PROXY_PROTOCOL_TIMEOUT", default_value = "5s",

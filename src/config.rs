@@ -30,7 +30,7 @@ pub struct Config {
     pub max_conns_per_ip: u32,
     /// `--proxy-protocol-from`: peers whose connections start with a PROXY
     /// header naming the client; empty: nobody's do.
-    pub proxy_protocol_from: Vec<crate::relay::policy::Cidr>,
+    pub proxy_protocol_from: Vec<crate::policy::relay::Cidr>,
     /// How long such a peer may take to send its header.
     pub proxy_protocol_timeout: Duration,
     /// Each shard's budget for message content in flight.

@@ -48,7 +48,9 @@
 //! * [`policy`] — pure decisions the session and delivery share: which
 //!   local recipients exist (`--local-recipients`) and which mailbox names
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails
-//!   later as a bounce to a forged sender. No I/O.
+//!   later as a bounce to a forged sender; and who may relay
+//!   ([`policy::relay`]: `--relay-network` CIDRs, local parts that would
+//!   route elsewhere). No I/O.
 //! * [`blocking`] — small bounded thread pools for the blocking work the
 //!   shards hand off, one per kind (password checks, DKIM signing, Maildir
 //!   file operations), so a flood of one never queues the others; a full

@@ -25,7 +25,6 @@ pub mod dsn;
 pub mod handoff;
 pub mod maildir;
 pub mod mx;
-pub mod policy;
 pub mod tls;
 
 use std::net::SocketAddr;

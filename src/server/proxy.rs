@@ -26,7 +26,7 @@ use thiserror::Error;
 use super::limits::IpSlot;
 use super::shard::{refuse_now, ShardState};
 use super::ListenerKind;
-use crate::relay::policy::Cidr;
+use crate::policy::relay::Cidr;
 use crate::smtp::proxy::{self, Parsed, ProxyError, MAX_HEADER};
 use crate::smtp::reply;
 

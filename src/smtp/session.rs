@@ -87,7 +87,7 @@ pub struct SessionConfig {
     /// What a bare CR or LF in DATA content means.
     pub bare_newline: BareNewline,
     /// Clients that may relay to any domain (`--relay-network`).
-    pub relay_networks: Vec<crate::relay::policy::Cidr>,
+    pub relay_networks: Vec<crate::policy::relay::Cidr>,
     /// `--route`s: which domains go into a Maildir (their recipients must
     /// be Maildir-safe) and which go on by SMTP.
     pub routes: Vec<crate::relay::Route>,
@@ -983,7 +983,7 @@ impl Session {
                 .iter()
                 .any(|n| n.contains(self.conn.peer.ip()));
             let plain_local =
-                at.local_domain && !crate::relay::policy::is_routing_local_part(mb.local);
+                at.local_domain && !crate::policy::relay::is_routing_local_part(mb.local);
             if !(relay_client || plain_local) {
                 return Err(reply::RELAY_DENIED.into());
             }
