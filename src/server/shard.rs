@@ -331,8 +331,11 @@ fn admit(state: &Rc<ShardState>, stream: TcpStream, kind: ListenerKind) {
     metrics.conns_open.inc();
     let state = state.clone();
     glommio::spawn_local(async move {
-        let served = crate::util::isolate(conn::serve(&state, stream, peer, kind, behind_proxy));
-        if let Err(what) = served.await {
+        // Awaited where it is made: a `let` first would hold a second
+        // copy of the connection's future in this task.
+        if let Err(what) =
+            crate::util::isolate(conn::serve(&state, stream, peer, kind, behind_proxy)).await
+        {
             tracing::error!(%peer, panic = %what, "connection task panicked; shard continues");
         }
         drop(slot);
