@@ -14,15 +14,14 @@ mod common;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
-use common::{peer_program, run_peer, run_peer_with_input, Client, Server, IO_TIMEOUT};
+use common::{peer_program, run_peer, run_peer_with_input, AnyCert, Client, Server, IO_TIMEOUT};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -67,61 +66,6 @@ fn submission_server(dir: &Path, extra: &[&str]) -> Server {
 
 // ---------------------------------------------------------------------------
 // A blocking SMTP client over plain TCP that can switch to rustls.
-
-/// Accepts any certificate and remembers the one presented.
-#[derive(Debug)]
-struct RecordingVerifier {
-    seen: Mutex<Option<Vec<u8>>>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for RecordingVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock().unwrap() = Some(end_entity.to_vec());
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
 
 enum Stream {
     Plain(TcpStream),
@@ -207,10 +151,7 @@ impl Smtp {
             panic!("already in TLS");
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(RecordingVerifier {
-            seen: Mutex::new(None),
-            provider: provider.clone(),
-        });
+        let verifier = Arc::new(AnyCert::new(provider.clone()));
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -223,7 +164,7 @@ impl Smtp {
         while conn.is_handshaking() {
             conn.complete_io(&mut tcp).expect("TLS handshake");
         }
-        self.cert = verifier.seen.lock().unwrap().take();
+        self.cert = verifier.take_seen();
         self.stream = Some(Stream::Tls(Box::new(StreamOwned::new(conn, tcp))));
     }
 

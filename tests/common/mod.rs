@@ -1013,3 +1013,74 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         })
         .sum()
 }
+
+/// A TLS client's certificate verifier for tests against ringmta's
+/// self-signed certificate: accepts any certificate (the signatures are
+/// still checked) and remembers the one presented.
+#[derive(Debug)]
+pub struct AnyCert {
+    seen: std::sync::Mutex<Option<Vec<u8>>>,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl AnyCert {
+    pub fn new(provider: std::sync::Arc<rustls::crypto::CryptoProvider>) -> AnyCert {
+        AnyCert {
+            seen: std::sync::Mutex::new(None),
+            provider,
+        }
+    }
+
+    /// The end-entity certificate of the last handshake, if any.
+    pub fn take_seen(&self) -> Option<Vec<u8>> {
+        self.seen.lock().unwrap().take()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap() = Some(end_entity.to_vec());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
