@@ -65,6 +65,7 @@ fn commit(c: &mut Criterion) {
             compact_below: 0.0,
             commit_window: Duration::ZERO,
             fsync: true,
+            delivery_cache: 0,
         },
         spool.take_shard_queue(0, 1),
     ));

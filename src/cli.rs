@@ -226,6 +226,11 @@ pub struct Cli {
     )]
     pub compact_below: f64,
 
+    /// Bytes of the newest committed spool batches each shard keeps in memory, so delivery reads a fresh message without reading the file (0: always read the file).
+    #[arg(long, value_name = "BYTES", env = "RINGMTA_DELIVERY_CACHE", default_value = "16M",
+          value_parser = parse_size)]
+    pub delivery_cache: u64,
+
     /// Size at which a shard starts a new spool segment file.
     #[arg(long, value_name = "BYTES", env = "RINGMTA_MAX_SEGMENT_SIZE", default_value = "64M",
           value_parser = parse_size)]
@@ -390,6 +395,15 @@ pub struct Cli {
         default_value_t = 10
     )]
     pub max_conns_per_dest: usize,
+
+    /// Local Maildir deliveries under way at once per shard (each holds its message in memory while it writes; those finishing together share one directory sync).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAILDIR_CONCURRENCY",
+        default_value_t = 32
+    )]
+    pub maildir_concurrency: usize,
 
     /// Delays between delivery attempts, by the message's age (the last repeats).
     #[arg(long, value_name = "LIST", env = "RINGMTA_RETRY_SCHEDULE",

@@ -204,6 +204,7 @@ impl Config {
             delay_warning: (!cli.delay_warning.is_zero()).then_some(cli.delay_warning),
             bounce_size_limit: usize::try_from(cli.bounce_size_limit).unwrap_or(usize::MAX),
             max_conns_per_dest: cli.max_conns_per_dest.max(1),
+            maildir_concurrency: cli.maildir_concurrency.max(1),
             max_hops: cli.max_hops,
             tls_policy: cli.tls_policy,
             tls_verify: tls_verify(cli)?,
@@ -292,6 +293,7 @@ impl Config {
                 compact_below: cli.compact_below.clamp(0.0, 1.0),
                 commit_window: cli.commit_window,
                 fsync: cli.fsync == Fsync::On,
+                delivery_cache: cli.delivery_cache,
             },
             session: Arc::new(session),
         })

@@ -53,6 +53,7 @@ pub const RELOADABLE: &[&str] = &[
     "delay-warning",
     "bounce-size-limit",
     "max-conns-per-dest",
+    "maildir-concurrency",
     "max-hops",
     "tls-policy",
     // Listeners' limits, for the connections that follow.

@@ -74,6 +74,8 @@ fn check_config(loaded: &config_file::Loaded) -> ExitCode {
 /// Lines queued for stderr before the writer thread drops new ones: a
 /// stalled log reader (a full pipe, a stuck journald) must not stall mail.
 const LOG_QUEUE_LINES: usize = 1 << 16;
+/// Bytes of log lines the writer thread gathers into one write to stderr.
+const LOG_WRITE_BUFFER: usize = 64 << 10;
 
 /// Logs go to stderr through a writer thread, so no shard ever blocks on a
 /// write to it; past [`LOG_QUEUE_LINES`] waiting lines, new ones are dropped
@@ -84,7 +86,12 @@ fn init_log(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
         .lossy(true)
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("ringmta-log")
-        .finish(std::io::stderr());
+        // The writer thread drains every waiting line, then flushes: under
+        // load that is one write(2) per batch of lines, not one per line.
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BUFFER,
+            std::io::stderr(),
+        ));
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -52,6 +52,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("max-message-size", r#""20M""#),
     ("max-recipients", "77"),
     ("commit-window", r#""2ms""#),
+    ("delivery-cache", r#""8M""#),
     ("fsync", r#""off""#),
     ("compact-below", "0.5"),
     ("max-segment-size", r#""32M""#),
@@ -80,6 +81,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("outbound-port", "2525"),
     ("maildir", r#""/var/lib/ringmta/maildir""#),
     ("max-conns-per-dest", "4"),
+    ("maildir-concurrency", "8"),
     ("retry-schedule", r#""2m,10m,1h""#),
     ("max-queue-age", r#""3d""#),
     ("delay-warning", r#""4h""#),
@@ -635,6 +637,7 @@ fn sighup_applies_every_reloadable_key() {
         ("delay-warning", r#""4h""#.into()),
         ("bounce-size-limit", r#""100K""#.into()),
         ("max-conns-per-dest", "4".into()),
+        ("maildir-concurrency", "8".into()),
         ("max-hops", "30".into()),
         ("tls-policy", r#""require""#.into()),
         (

@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RINGMTA = os.path.join(ROOT, "target", "release", "ringmta")
 LOADGEN = os.path.join(ROOT, "target", "release", "ringmta-loadgen")
 TICK = os.sysconf("SC_CLK_TCK")
+# Where the servers keep their spools and Maildirs (--workdir; default: $TMPDIR).
+WORKDIR = None
 
 # name, loadgen flags. Sizes follow the issue: connect-heavy (1 message of
 # 1 KiB per session, 50 concurrent), persistent (100 messages of 10 KiB per
@@ -126,7 +128,7 @@ class Ringmta:
         self.relay_to = relay_to
 
     def start(self):
-        self.dir = tempfile.mkdtemp(prefix="ringmta-bench-")
+        self.dir = tempfile.mkdtemp(prefix="ringmta-bench-", dir=WORKDIR)
         self.log = open(os.path.join(self.dir, "stderr.log"), "w+")
         self.proc = subprocess.Popen(
             [RINGMTA, "--smtp", "127.0.0.1:0", "--spool-dir", self.dir + "/spool",
@@ -211,7 +213,7 @@ class Postfix:
         self.relay_to = relay_to
 
     def start(self):
-        self.dir = tempfile.mkdtemp(prefix="ringmta-bench-postfix-")
+        self.dir = tempfile.mkdtemp(prefix="ringmta-bench-postfix-", dir=WORKDIR)
         etc, queue, data = (os.path.join(self.dir, d) for d in ("etc", "queue", "data"))
         for d in (etc, queue, data):
             os.makedirs(d)
@@ -382,6 +384,174 @@ def relay_bench(args, cert, out):
     print("\n".join(lines))
 
 
+# smtp-source (Postfix's, no pipelining) workloads for --smtp-source: name,
+# messages, smtp-source flags. connect-heavy: one 1 KiB message per session,
+# 50 sessions at once; persistent: 20 sessions that stay connected (-d) and
+# send 10 KiB messages until 10,000 are sent.
+SOURCE_WORKLOADS = [
+    ("connect-heavy", 5000, ["-s", "50", "-l", "1024"]),
+    ("persistent", 10000, ["-s", "20", "-d", "-l", "10240"]),
+]
+
+
+class RingmtaDefaults:
+    """ringmta as `cargo run --release` starts it (the embedded defaults:
+    spool and Maildir under the working directory, one shard per core),
+    moved off the default ports so runs do not collide; `extra` adds flags."""
+    tls = False
+
+    def __init__(self, name, extra, note):
+        self.name, self.extra, self.note = name, extra, note
+
+    def start(self):
+        self.dir = tempfile.mkdtemp(prefix="ringmta-bench-", dir=WORKDIR)
+        self.log = open(os.path.join(self.dir, "stderr.log"), "w")
+        self.proc = subprocess.Popen(
+            [RINGMTA, "--smtp", "127.0.0.1:0", "--submission", "none", "--smtps", "none",
+             "--admin", "127.0.0.1:0"] + self.extra,
+            cwd=self.dir, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()
+        self.port = int(line.split()[-1].rsplit(":", 1)[1])
+        self.pid = self.proc.pid
+        return self.port
+
+    def pids(self):
+        return [self.pid]
+
+    def delivered(self):
+        """Messages in the Maildirs (new/ and cur/) under ./var/maildir."""
+        n = 0
+        for root, _dirs, files in os.walk(os.path.join(self.dir, "var", "maildir")):
+            if os.path.basename(root) in ("new", "cur"):
+                n += len(files)
+        return n
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        # Removed after the last run: thousands of files deleted now would
+        # make the next run's file creations slower (ext4 without a journal
+        # skips recently deleted inodes when it allocates one).
+        LEFTOVERS.append(self.dir)
+
+
+LEFTOVERS = []
+
+
+def run_smtp_source(port, n, flags, rcpt):
+    t0 = time.time()
+    subprocess.run(["smtp-source", "-m", str(n), "-f", "sender@example.org", "-t", rcpt]
+                   + flags + [f"127.0.0.1:{port}"], check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    return time.time() - t0
+
+
+def source_bench(args, cert, out):
+    """Postfix's smtp-source against the defaults, the whole path: intake
+    only, local Maildir delivery, relaying to a counting smtp-sink; Postfix
+    (discarding, and relaying to the same kind of sink) and smtp-sink alone
+    in the same run. Times run from the first connection until the last
+    message is where it goes (the Maildir, the sink)."""
+    shard_sets = [[], ["--shards", "1"]]
+    rows = []
+    workloads = [w for w in SOURCE_WORKLOADS
+                 if args.workloads is None or w[0] in args.workloads.split(",")]
+    for wl, n, flags in workloads:
+        configs = [("smtp-sink", None, None)]
+        for shards in shard_sets:
+            tag = " ".join(shards) or "defaults"
+            configs += [
+                (f"ringmta {tag} --no-delivery", shards + ["--no-delivery"] + args.ringmta_flags, "intake"),
+                (f"ringmta {tag}, local Maildir", shards + args.ringmta_flags, "maildir"),
+                (f"ringmta {tag}, relay to sink", shards + args.ringmta_flags, "relay"),
+            ]
+        if shutil.which("postfix") and os.geteuid() == 0 and "postfix" in args.only.split(","):
+            configs += [("postfix (queue + discard)", None, "postfix"),
+                        ("postfix, relay to sink", None, "postfix-relay")]
+        for name, extra, kind in configs:
+            sink = sink_out = None
+            if kind in ("relay", "postfix-relay") or kind is None:
+                sink_port = free_port()
+                sink_out = os.path.join(out, "raw", f"source-{wl}-{len(rows)}-sink.out")
+                sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c",
+                                         f"127.0.0.1:{sink_port}", "1024"],
+                                        stdout=open(sink_out, "w"), stderr=subprocess.DEVNULL)
+                wait_port(sink_port)
+            rcpt = "rcpt@localhost"
+            if kind is None:
+                srv, port = None, sink_port
+            elif kind in ("intake", "maildir", "relay"):
+                if kind == "relay":
+                    extra = extra + ["--relay-host", f"127.0.0.1:{sink_port}",
+                                     "--relay-network", "127.0.0.0/8"]
+                    rcpt = "rcpt@relay.example"
+                srv = RingmtaDefaults(name, extra, "")
+                port = srv.start()
+            else:
+                srv = Postfix(cert, sink_port if kind == "postfix-relay" else None)
+                port = srv.start()
+                if kind == "postfix-relay":
+                    rcpt = "rcpt@relay.example"
+            pids = srv.pids() if srv else [sink.pid]
+            try:
+                before = cpu_seconds(pids)
+                t0 = time.time()
+                t_intake = run_smtp_source(port, n, flags, rcpt)
+                deadline = time.time() + 300
+                if kind in ("relay", "postfix-relay"):
+                    count = lambda: sink_count(sink_out)
+                elif kind == "maildir":
+                    count = srv.delivered
+                else:
+                    count = lambda: n
+                while count() < n and time.time() < deadline:
+                    time.sleep(0.02)
+                t_all = time.time() - t0
+                done = count()
+                pids = srv.pids() if srv else pids
+                cpu = cpu_seconds(pids) - before
+            finally:
+                if srv:
+                    srv.stop()
+                if sink:
+                    sink.kill()
+                    sink.wait()
+            rows.append((wl, name, n, done, n / t_intake, done / t_all, cpu * 1000 / n))
+            print(f"{wl:14} {name:34} intake {n / t_intake:6.0f}  whole path {done / t_all:6.0f} msg/s"
+                  f"  ({done}/{n})  {cpu * 1000 / n:.3f} CPU-s/1k", file=sys.stderr)
+    lines = ["# smtp-source benchmark: the defaults, the whole path", "",
+             f"Command: `tuning/run-bench.sh {' '.join(sys.argv[1:])}` "
+             f"({os.cpu_count()} cores, loopback). Client: Postfix's `smtp-source` "
+             "(no pipelining). ringmta runs on its embedded defaults (spool and Maildir under "
+             "its working directory, one shard per core unless `--shards 1`), only moved to free "
+             "ports. Whole path = messages where they go (Maildir files, or counted by the "
+             "sink) ÷ time from the first connection until the last one got there.",
+             f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.", "",
+             "| workload | server | delivered | intake msg/s | whole path msg/s | vs smtp-sink "
+             "| CPU s / 1k msgs |", "|---|---|---|---|---|---|---|"]
+    for wl, _n, _f in workloads:
+        sink_rate = next((r[5] for r in rows if r[0] == wl and r[1] == "smtp-sink"), None)
+        for r in rows:
+            if r[0] != wl:
+                continue
+            ratio = f"{r[5] / sink_rate:.2f}×" if sink_rate else "-"
+            lines.append(f"| {wl} | {r[1]} | {r[3]}/{r[2]} | {r[4]:.0f} | {r[5]:.0f} | {ratio} | {r[6]:.3f} |")
+    lines += ["", "CPU: utime+stime of the server's processes (Postfix: all of its processes; "
+              "the relay sink's own CPU is not counted), from the first connection until the "
+              "last message arrived."]
+    for d in LEFTOVERS:
+        shutil.rmtree(d, ignore_errors=True)
+    path = os.path.join(out, "source-summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="5 s per run instead of 15 s")
@@ -389,16 +559,27 @@ def main():
     ap.add_argument("--out", default=None, help="results directory")
     ap.add_argument("--relay", action="store_true",
                     help="end-to-end relay benchmark (loadgen -> MTA -> smtp-sink) instead")
+    ap.add_argument("--smtp-source", action="store_true",
+                    help="Postfix's smtp-source against the defaults, whole path (intake, "
+                         "Maildir, relay to a sink), Postfix and smtp-sink in the same run")
+    ap.add_argument("--workdir", default=None,
+                    help="directory (file system) for the servers' spools and Maildirs")
     ap.add_argument("--workloads", default=None,
                     help="comma-separated subset: connect-heavy,persistent,large,starttls")
     ap.add_argument("ringmta_flags", nargs="*", help="extra flags for ringmta")
     args = ap.parse_args()
+    global WORKDIR
+    WORKDIR = args.workdir
     seconds = 5 if args.quick else 15
     wanted = args.only.split(",")
     cert_dir = tempfile.mkdtemp(prefix="ringmta-bench-cert-")
     cert = make_cert(cert_dir)
     out = args.out or os.path.join(ROOT, "tuning", "results", datetime.date.today().isoformat())
     os.makedirs(os.path.join(out, "raw"), exist_ok=True)
+    if args.smtp_source:
+        source_bench(args, cert, out)
+        shutil.rmtree(cert_dir, ignore_errors=True)
+        return
     if args.relay:
         relay_bench(args, cert, out)
         shutil.rmtree(cert_dir, ignore_errors=True)

@@ -202,7 +202,7 @@ pub struct JobRcpt {
 }
 
 /// One message to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Job {
     /// `None` is the null reverse-path.
     pub mail_from: Option<String>,

@@ -113,8 +113,9 @@ pub struct Relay {
     hostname: String,
     spool: Rc<ShardSpool>,
     resolver: Resolver,
-    /// Maildir directory operations (process-wide, bounded).
-    maildir_pool: Arc<crate::blocking::BlockingPool>,
+    /// Local delivery: this shard's Maildir writer (its directory work
+    /// on the process-wide, bounded Maildir pool).
+    maildir: maildir::Local,
     /// Outbound STARTTLS (verifying or not, per `--tls-verify`).
     tls: TlsConnector,
     ready: RefCell<VecDeque<QueueId>>,
@@ -155,7 +156,7 @@ impl Relay {
             hostname,
             spool,
             resolver,
-            maildir_pool,
+            maildir: maildir::Local::new(maildir_pool),
             ready: RefCell::new(VecDeque::new()),
             timers: RefCell::new(BinaryHeap::new()),
             in_flight: RefCell::new(HashSet::new()),
@@ -461,7 +462,12 @@ impl Relay {
             let mut dests = self.dests.borrow_mut();
             let q = dests.entry(target.clone()).or_default();
             q.jobs.push_back(work);
-            let spawn = q.workers < self.cfg().max_conns_per_dest.max(1);
+            let cfg = self.cfg();
+            let limit = match target {
+                Target::Maildir(_) => cfg.maildir_concurrency,
+                Target::Smtp { .. } | Target::Mx { .. } => cfg.max_conns_per_dest,
+            };
+            let spawn = q.workers < limit.max(1);
             if spawn {
                 q.workers += 1;
             }
@@ -498,6 +504,24 @@ impl Relay {
     async fn finish(&self, held: &Held, work: &Work, report: Report) {
         self.report(work, report).await;
         held.0.borrow_mut().take();
+    }
+
+    /// [`Relay::finish`] without waiting for it: the worker goes on to its
+    /// next message while the outcome is journaled (an fdatasync, shared
+    /// with the other outcomes of that moment). The recipients stay in
+    /// flight until it is settled, so nothing is scheduled twice; if
+    /// settling panics, the work is retried later, as a worker's would be.
+    fn finish_soon(self: &Rc<Self>, held: &Held, work: Work, report: Report) {
+        held.0.borrow_mut().take();
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let key = work.key();
+            if let Err(what) = crate::util::isolate(me.report(&work, report)).await {
+                tracing::error!(id = %key.id, panic = %what, "settling a delivery panicked");
+                me.retry_after_panic(key);
+            }
+        })
+        .detach();
     }
 
     /// A worker panicked holding `work`: it leaves `in_flight` and is tried
@@ -649,7 +673,7 @@ impl Relay {
         }
     }
 
-    async fn deliver_local(&self, root: &std::path::Path, work: Work, held: &Held) {
+    async fn deliver_local(self: &Rc<Self>, root: &std::path::Path, work: Work, held: &Held) {
         let taken = Instant::now();
         let Some(loaded) = self.load(&work).await else {
             return self.finish(held, &work, Report::Unreadable).await;
@@ -668,17 +692,15 @@ impl Relay {
                 Ok(dir) => {
                     let name =
                         maildir::unique_name(&id, work.rcpts[k], loaded.arrival, &self.hostname);
-                    match maildir::deliver(
-                        &self.maildir_pool,
+                    let delivered = self.maildir.deliver(
                         &dir,
                         loaded.job.mail_from.as_deref(),
                         &addr,
                         &loaded.job.body,
                         &name,
-                    )
-                    .await
-                    {
-                        Ok(()) => RcptOutcome::Delivered(super::client::Reply {
+                    );
+                    match delivered.await {
+                        Ok(_) => RcptOutcome::Delivered(super::client::Reply {
                             code: 250,
                             lines: vec![format!("2.0.0 delivered to maildir {}", dir.display())],
                         }),
@@ -699,10 +721,10 @@ impl Relay {
                 delays: [queued_ms(&loaded), 0, 0, ms(taken.elapsed())],
             },
         };
-        self.finish(held, &work, report).await;
+        self.finish_soon(held, work, report);
     }
 
-    async fn smtp_worker(&self, target: &Target, held: &Held) {
+    async fn smtp_worker(self: &Rc<Self>, target: &Target, held: &Held) {
         'connections: while let Some(first) = self.take_work(target, held) {
             let taken = Instant::now();
             let hosts = match target {
@@ -750,7 +772,7 @@ impl Relay {
                 // Connected and greeted: carry as many messages as are queued.
                 let mut work = Some(first);
                 while let Some(w) = work.take() {
-                    let Some(loaded) = self.load(&w).await else {
+                    let Some(mut loaded) = self.load(&w).await else {
                         self.finish(held, &w, Report::Unreadable).await;
                         work = self.take_work(target, held);
                         continue;
@@ -775,7 +797,10 @@ impl Relay {
                     test_hooks::maybe_panic(&loaded);
                     let n = loaded.job.rcpts.len();
                     let sending = Instant::now();
-                    let outcomes = match conn.send(&mut client, loaded.job.clone()).await {
+                    // The job goes to the client; what stays is the
+                    // envelope's timing (no copy of the content).
+                    let job = std::mem::take(&mut loaded.job);
+                    let outcomes = match conn.send(&mut client, job).await {
                         Ok(o) => o,
                         Err(e) => (0..n)
                             .map(|_| RcptOutcome::Deferred(format!("451 4.4.2 {name}[{ip}]: {e}")))
@@ -792,7 +817,7 @@ impl Relay {
                             delays: [queued_ms(&loaded), b, c, ms(sending.elapsed())],
                         },
                     };
-                    self.finish(held, &w, report).await;
+                    self.finish_soon(held, w, report);
                     if broken || self.stopping.get() {
                         continue 'connections;
                     }

@@ -16,10 +16,23 @@
 //! checks, the rename, removing a failed temporary file) runs on the Maildir
 //! pool ([`crate::blocking`]), never on the shard thread and never behind
 //! password checks or signatures.
+//!
+//! What makes it fast ([`Local`], one per shard): a mailbox once made is
+//! remembered, so later deliveries go straight to writing; the existence
+//! checks and the rename (`renameat2(RENAME_NOREPLACE)`, which cannot
+//! overwrite a delivery made before a crash) are one trip to the pool; and
+//! deliveries into the same mailbox that finish together share one sync of
+//! its `new/`, so many run at once (`--maildir-concurrency`) and their
+//! fdatasyncs overlap in the kernel.
 
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Duration;
+
+use event_listener::Event;
 
 use crate::blocking::BlockingPool;
 use crate::policy::recipient::{self, Refusal};
@@ -34,76 +47,237 @@ pub fn mailbox_dir(root: &Path, addr: &str) -> Result<PathBuf, Refusal> {
     Ok(root.join(mb.domain).join(mb.local))
 }
 
-/// Delivers `message` (prefixed with `Return-Path` and `Delivered-To`) into
-/// the Maildir `dir` as `new/<unique>`. `unique` is derived from the queue id
-/// and recipient, so a delivery repeated after a crash (delivered, but not
-/// yet journaled) finds its file and is not made twice: exactly once.
-pub async fn deliver(
-    pool: &BlockingPool,
-    dir: &Path,
-    return_path: Option<&str>,
-    rcpt: &str,
-    message: &[u8],
-    unique: &str,
-) -> std::io::Result<()> {
-    let dest = dir.join("new").join(unique);
-    let prepare = {
-        let dir = dir.to_owned();
-        let dest = dest.clone();
-        let in_cur = dir.join("cur").join(unique);
-        move || -> io::Result<(Vec<PathBuf>, bool)> {
-            let changed = make_dirs(&dir)?;
-            Ok((changed, dest.exists() || in_cur.exists()))
+/// Most mailbox directories a shard remembers as made (then it forgets
+/// them all and checks each again once).
+const PREPARED_MAX: usize = 16_384;
+
+/// A shard's Maildir delivery: the pool for the directory work, the
+/// mailboxes known to be complete (so a delivery to them goes straight to
+/// writing), and the `new/` directory syncs in progress, which deliveries
+/// finishing at the same time share (one sync makes all their renames
+/// durable, as one fdatasync does for a spool batch). Not `Send`: one per
+/// shard.
+pub struct Local {
+    pool: std::sync::Arc<BlockingPool>,
+    prepared: RefCell<HashSet<PathBuf>>,
+    syncs: RefCell<HashMap<PathBuf, Rc<DirSync>>>,
+}
+
+/// The syncs of one directory: `started` counts syncs begun, `finished`
+/// the last one that ended (and whether it failed).
+#[derive(Default)]
+struct DirSync {
+    started: Cell<u64>,
+    finished: Cell<(u64, bool)>,
+    running: Cell<bool>,
+    done: Event,
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Written and made durable now.
+    Now,
+    /// The file was already there (`new/` or `cur/`): a delivery made
+    /// before a crash, not yet journaled. Not written twice.
+    Before,
+}
+
+impl Local {
+    pub fn new(pool: std::sync::Arc<BlockingPool>) -> Local {
+        Local {
+            pool,
+            prepared: RefCell::new(HashSet::new()),
+            syncs: RefCell::new(HashMap::new()),
         }
-    };
-    let (changed, delivered_before) = on_pool(pool, prepare).await?;
-    // The new directories' entries are durable before any message in them
-    // can be reported delivered (outermost first).
-    for parent in &changed {
-        sync_dir(parent).await?;
     }
-    if delivered_before {
-        // Delivered before (a crash between delivery and journal).
-        return Ok(());
+
+    /// Delivers `message` (prefixed with `Return-Path` and `Delivered-To`)
+    /// into the Maildir `dir` as `new/<unique>`. `unique` is derived from the
+    /// queue id and recipient, so a delivery repeated after a crash
+    /// (delivered, but not yet journaled) finds its file and is not made
+    /// twice: exactly once. Only an `Ok` is a durable delivery.
+    pub async fn deliver(
+        &self,
+        dir: &Path,
+        return_path: Option<&str>,
+        rcpt: &str,
+        message: &[u8],
+        unique: &str,
+    ) -> io::Result<Delivered> {
+        let done = self
+            .deliver_inner(dir, return_path, rcpt, message, unique)
+            .await;
+        if done.is_err() {
+            // Perhaps the mailbox went away: check it again next time.
+            self.prepared.borrow_mut().remove(dir);
+        }
+        done
     }
-    let mut content = format!(
-        "Return-Path: <{}>\r\nDelivered-To: {rcpt}\r\n",
-        return_path.unwrap_or("")
-    )
-    .into_bytes();
-    content.extend_from_slice(message);
-    let tmp = dir.join("tmp").join(unique);
-    let file = glommio::io::BufferedFile::create(&tmp).await?;
-    let written = async {
-        let mut off = 0usize;
-        while off < content.len() {
-            let end = (off + (1 << 20)).min(content.len());
-            let n = file
-                .write_at(content[off..end].to_vec(), off as u64)
-                .await?;
-            if n == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+
+    async fn deliver_inner(
+        &self,
+        dir: &Path,
+        return_path: Option<&str>,
+        rcpt: &str,
+        message: &[u8],
+        unique: &str,
+    ) -> io::Result<Delivered> {
+        if !self.prepared.borrow().contains(dir) {
+            self.prepare(dir).await?;
+        }
+        let mut content = format!(
+            "Return-Path: <{}>\r\nDelivered-To: {rcpt}\r\n",
+            return_path.unwrap_or("")
+        )
+        .into_bytes();
+        content.extend_from_slice(message);
+        let tmp = dir.join("tmp").join(unique);
+        let file = glommio::io::BufferedFile::create(&tmp).await?;
+        let written = async {
+            let mut off = 0usize;
+            while off < content.len() {
+                let end = (off + (1 << 20)).min(content.len());
+                let n = file
+                    .write_at(content[off..end].to_vec(), off as u64)
+                    .await?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                }
+                off += n;
             }
-            off += n;
+            file.fdatasync().await
         }
-        file.fdatasync().await
+        .await;
+        let closed = file.close().await;
+        if let Err(e) = written.and(closed) {
+            let _ = on_pool(&self.pool, move || std::fs::remove_file(tmp)).await;
+            return Err(e.into());
+        }
+        // The existence checks and the rename in one trip to the pool.
+        let publish = {
+            let dest = dir.join("new").join(unique);
+            let in_cur = dir.join("cur").join(unique);
+            move || publish(&tmp, &dest, &in_cur)
+        };
+        let placed = on_pool(&self.pool, publish).await?;
+        if placed == Delivered::Now {
+            self.sync_dir(&dir.join("new")).await?;
+        }
+        Ok(placed)
     }
-    .await;
-    let closed = file.close().await;
-    if let Err(e) = written.and(closed) {
-        let tmp = tmp.clone();
-        let _ = on_pool(pool, move || std::fs::remove_file(tmp)).await;
-        return Err(e.into());
+
+    /// Makes the mailbox's directories; the entries of those made are
+    /// durable before any message in them can be reported delivered
+    /// (outermost first).
+    async fn prepare(&self, dir: &Path) -> io::Result<()> {
+        let changed = {
+            let dir = dir.to_owned();
+            on_pool(&self.pool, move || make_dirs(&dir)).await?
+        };
+        for parent in &changed {
+            sync_dir(parent).await?;
+        }
+        let mut prepared = self.prepared.borrow_mut();
+        if prepared.len() >= PREPARED_MAX {
+            prepared.clear();
+        }
+        prepared.insert(dir.to_owned());
+        Ok(())
     }
-    {
-        let tmp = tmp.clone();
-        let dest = dest.clone();
-        on_pool(pool, move || std::fs::rename(tmp, dest)).await?;
+
+    /// Syncs `dir` by a sync that began after this call: every rename made
+    /// into it before the call is then durable. Callers that come while a
+    /// sync runs share the next one.
+    async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let state = self
+            .syncs
+            .borrow_mut()
+            .entry(dir.to_owned())
+            .or_default()
+            .clone();
+        let mine = state.started.get() + 1;
+        let result = loop {
+            let (finished, failed) = state.finished.get();
+            if finished >= mine {
+                break if failed {
+                    Err(io::Error::other(format!(
+                        "syncing {} failed",
+                        dir.display()
+                    )))
+                } else {
+                    Ok(())
+                };
+            }
+            if state.running.get() {
+                let done = state.done.listen();
+                if state.running.get() {
+                    done.await;
+                }
+                continue;
+            }
+            state.running.set(true);
+            let n = state.started.get() + 1;
+            state.started.set(n);
+            let synced = sync_dir(dir).await;
+            state.finished.set((n, synced.is_err()));
+            state.running.set(false);
+            state.done.notify(usize::MAX);
+        };
+        // The last one out forgets the directory (the map holds one).
+        if Rc::strong_count(&state) == 2 && !state.running.get() {
+            self.syncs.borrow_mut().remove(dir);
+        }
+        result
     }
-    let new = glommio::io::Directory::open(dir.join("new")).await?;
-    let synced = new.sync().await;
-    let _ = new.close().await;
-    synced.map_err(Into::into)
+}
+
+/// Moves the written `tmp` file to `dest` unless the message is there
+/// already (`dest`, or `in_cur` where a mail reader moved it): then `tmp`
+/// goes. Blocking: runs on the Maildir pool.
+fn publish(tmp: &Path, dest: &Path, in_cur: &Path) -> io::Result<Delivered> {
+    let before = || {
+        std::fs::remove_file(tmp)?;
+        Ok(Delivered::Before)
+    };
+    if in_cur.exists() {
+        return before();
+    }
+    match rename_noreplace(tmp, dest) {
+        Ok(()) => Ok(Delivered::Now),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => before(),
+        // A file system without RENAME_NOREPLACE: check, then rename (only
+        // this shard delivers this unique name, so nothing comes between).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+            if dest.exists() {
+                return before();
+            }
+            std::fs::rename(tmp, dest)?;
+            Ok(Delivered::Now)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Runs a file operation on the Maildir pool; a pool that stays full (or a
@@ -211,26 +385,57 @@ mod tests {
         assert_eq!(make_dirs(&dir).unwrap(), std::slice::from_ref(&dir));
         // And delivery writes the file there, once.
         let pool = BlockingPool::new("maildir-test", 1, 4).unwrap();
-        run(deliver(
-            &pool,
-            &dir,
-            None,
-            "John@example.org",
-            b"Subject: x\r\n\r\nx\r\n",
-            "u1",
-        ))
-        .unwrap();
-        run(deliver(
-            &pool,
-            &dir,
-            None,
-            "John@example.org",
-            b"other",
-            "u1",
-        ))
-        .unwrap();
+        let local = Rc::new(Local::new(std::sync::Arc::new(pool)));
+        run(async {
+            let first = local
+                .deliver(
+                    &dir,
+                    None,
+                    "John@example.org",
+                    b"Subject: x\r\n\r\nx\r\n",
+                    "u1",
+                )
+                .await;
+            assert_eq!(first.unwrap(), Delivered::Now);
+            let again = local
+                .deliver(&dir, None, "John@example.org", b"other", "u1")
+                .await;
+            assert_eq!(again.unwrap(), Delivered::Before);
+        });
         let got = std::fs::read(dir.join("new/u1")).unwrap();
         assert!(got.ends_with(b"Subject: x\r\n\r\nx\r\n"));
+        // A mail reader moved it to cur/: still delivered before, and
+        // nothing is left in tmp/.
+        std::fs::rename(dir.join("new/u1"), dir.join("cur/u1:2,S")).unwrap();
+        std::fs::rename(dir.join("cur/u1:2,S"), dir.join("cur/u1")).unwrap();
+        run(async {
+            let again = local
+                .deliver(&dir, None, "John@example.org", b"x", "u1")
+                .await;
+            assert_eq!(again.unwrap(), Delivered::Before);
+            // Many at once into one mailbox: each is there, whole.
+            let tasks: Vec<_> = (0..20)
+                .map(|i| {
+                    let (local, dir) = (local.clone(), dir.clone());
+                    glommio::spawn_local(async move {
+                        let body = format!("Subject: {i}\r\n\r\n{i}\r\n");
+                        let to = "John@example.org";
+                        let unique = format!("m{i}");
+                        local
+                            .deliver(&dir, Some("a@b"), to, body.as_bytes(), &unique)
+                            .await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                assert_eq!(t.await.unwrap(), Delivered::Now);
+            }
+        });
+        for i in 0..20 {
+            let got = std::fs::read(dir.join(format!("new/m{i}"))).unwrap();
+            assert!(got.ends_with(format!("Subject: {i}\r\n\r\n{i}\r\n").as_bytes()));
+        }
+        assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
     }
 
     #[test]

@@ -156,6 +156,9 @@ pub struct RelayConfig {
     /// Most octets of the original a bounce returns (`--bounce-size-limit`).
     pub bounce_size_limit: usize,
     pub max_conns_per_dest: usize,
+    /// Local Maildir deliveries under way at once, per Maildir root and
+    /// shard (`--maildir-concurrency`).
+    pub maildir_concurrency: usize,
     pub max_hops: usize,
     /// STARTTLS to the next hop: opportunistic or required ([`tls`]).
     pub tls_policy: tls::TlsPolicy,
@@ -293,6 +296,7 @@ mod tests {
             bounce_size_limit: 51_200,
             max_queue_age: Duration::from_secs(5 * 86_400),
             max_conns_per_dest: 4,
+            maildir_concurrency: 32,
             max_hops: 50,
             tls_policy: tls::TlsPolicy::Opportunistic,
             tls_verify: false,

@@ -9,7 +9,7 @@
 //! a time, so `Cell`/`RefCell` suffice.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -84,6 +84,44 @@ pub struct SegmentWriter {
     /// How long the last batch's fdatasync took, for the metrics.
     last_sync: Cell<Option<Duration>>,
     metrics: std::sync::Arc<crate::metrics::ShardMetrics>,
+    /// The last durable batches, as written: delivery reads a message it
+    /// has just committed from here instead of from the file.
+    recent: RefCell<Recent>,
+}
+
+/// The newest durable batches of a writer, newest last, at most `limit`
+/// bytes of them (`--delivery-cache`): a copy of what is on disk, so a
+/// record read from here is the record read from the file.
+#[derive(Default)]
+struct Recent {
+    batches: VecDeque<(Rc<str>, u64, Vec<u8>)>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Recent {
+    fn keep(&mut self, segment: Rc<str>, at: u64, buf: Vec<u8>) {
+        if buf.len() > self.limit {
+            return;
+        }
+        self.bytes += buf.capacity();
+        self.batches.push_back((segment, at, buf));
+        while self.bytes > self.limit {
+            let Some((_, _, old)) = self.batches.pop_front() else {
+                break;
+            };
+            self.bytes -= old.capacity();
+        }
+    }
+
+    fn get(&self, loc: &Location) -> Option<Vec<u8>> {
+        let (_, at, buf) = self.batches.iter().rev().find(|(seg, at, buf)| {
+            **seg == *loc.segment && *at <= loc.offset && loc.offset < at + buf.len() as u64
+        })?;
+        let from = usize::try_from(loc.offset - at).ok()?;
+        let to = from.checked_add(usize::try_from(loc.len).ok()?)?;
+        buf.get(from..to).map(<[u8]>::to_vec)
+    }
 }
 
 impl SegmentWriter {
@@ -118,7 +156,20 @@ impl SegmentWriter {
             stats: Cell::new(CommitStats::default()),
             last_sync: Cell::new(None),
             metrics: crate::metrics::shard(shard),
+            recent: RefCell::new(Recent::default()),
         }
+    }
+
+    /// Keeps up to `bytes` of the newest durable batches in memory for
+    /// [`SegmentWriter::recent_record`] (0, the default: none).
+    pub fn keep_recent(&self, bytes: u64) {
+        self.recent.borrow_mut().limit = usize::try_from(bytes).unwrap_or(usize::MAX);
+    }
+
+    /// The bytes of the record at `loc` if its batch is among the newest
+    /// kept in memory (exactly what the file holds there).
+    pub fn recent_record(&self, loc: &Location) -> Option<Vec<u8>> {
+        self.recent.borrow().get(loc)
     }
 
     pub fn stats(&self) -> CommitStats {
@@ -239,6 +290,9 @@ impl SegmentWriter {
                     .borrow_mut()
                     .entry(place.0.clone())
                     .or_default() += batch.records.get();
+                if self.recent.borrow().limit > 0 {
+                    self.recent.borrow_mut().keep(place.0.clone(), place.1, buf);
+                }
                 *batch.placed.borrow_mut() = Some(place);
                 let mut s = self.stats.get();
                 s.batches += 1;
@@ -412,6 +466,47 @@ mod tests {
     use glommio::{LocalExecutorBuilder, Placement};
 
     use super::*;
+
+    fn loc(segment: &str, offset: u64, len: u64) -> Location {
+        Location {
+            segment: Arc::from(segment),
+            offset,
+            len,
+        }
+    }
+
+    /// The delivery cache answers only for a record wholly inside a kept
+    /// batch of that segment, and forgets the oldest batches past its limit.
+    #[test]
+    fn recent_batches_hold_what_the_file_holds() {
+        let mut r = Recent {
+            limit: 64,
+            ..Recent::default()
+        };
+        let batch = |b: &[u8]| {
+            let mut v = Vec::with_capacity(b.len());
+            v.extend_from_slice(b);
+            v
+        };
+        r.keep("a".into(), 0, batch(b"0123456789"));
+        r.keep("a".into(), 10, batch(b"abcdefghij"));
+        assert_eq!(r.get(&loc("a", 12, 3)).as_deref(), Some(&b"cde"[..]));
+        assert_eq!(r.get(&loc("a", 0, 10)).as_deref(), Some(&b"0123456789"[..]));
+        // Past a batch's end, another segment, not kept: read the file.
+        assert_eq!(r.get(&loc("a", 8, 4)), None);
+        assert_eq!(r.get(&loc("b", 12, 3)), None);
+        assert_eq!(r.get(&loc("a", 20, 1)), None);
+        // Over the limit: the oldest go first.
+        for k in 0..5 {
+            r.keep("a".into(), 20 + 10 * k, batch(b"KLMNOPQRST"));
+        }
+        assert!(r.bytes <= 64);
+        assert_eq!(r.get(&loc("a", 0, 1)), None);
+        assert_eq!(r.get(&loc("a", 60, 2)).as_deref(), Some(&b"KL"[..]));
+        // A batch larger than the whole cache is not kept at all.
+        r.keep("a".into(), 70, vec![0; 65]);
+        assert_eq!(r.get(&loc("a", 70, 1)), None);
+    }
 
     /// Regression (issue 11, the leak fix): a segment must not look
     /// removable while a message written to it has not been queued yet

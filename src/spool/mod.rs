@@ -428,6 +428,9 @@ pub struct SpoolOptions {
     pub compact_below: f64,
     pub commit_window: Duration,
     pub fsync: bool,
+    /// Bytes of the newest committed batches kept in memory, so that
+    /// delivery reads a fresh message without going to the file.
+    pub delivery_cache: u64,
 }
 
 /// One shard's part of the spool: its segment writer, its journal and its
@@ -514,18 +517,20 @@ impl ShardSpool {
         // Replay goes by name: this shard's journal files must come after
         // the snapshots recovery wrote, whatever the clock says.
         journal.names_after(newest);
+        let writer = SegmentWriter::new(
+            &dir,
+            shard,
+            false,
+            opts.max_segment,
+            opts.commit_window,
+            opts.fsync,
+        );
+        writer.keep_recent(opts.delivery_cache);
         ShardSpool {
             shard,
             hostname,
             counter: Cell::new(0),
-            writer: SegmentWriter::new(
-                &dir,
-                shard,
-                false,
-                opts.max_segment,
-                opts.commit_window,
-                opts.fsync,
-            ),
+            writer,
             journal,
             dir,
             queue: RefCell::new(queue),
@@ -872,11 +877,19 @@ impl ShardSpool {
     /// delivering another shard's message reads it, without owning its
     /// queue entry. `None` when no intact record is there.
     pub async fn read_at(&self, loc: &Location) -> Result<Option<(String, Vec<u8>)>, SpoolError> {
-        let file = glommio::io::BufferedFile::open(self.dir.join(&*loc.segment)).await?;
-        let read = file.read_at(loc.offset, loc.len as usize).await;
-        let _ = file.close().await;
-        let bytes = read?;
-        let scan = segment::scan(&bytes, segment::Keying::of(&loc.segment));
+        let cached = self.writer.recent_record(loc);
+        let read;
+        let bytes: &[u8] = match &cached {
+            Some(bytes) => bytes,
+            None => {
+                let file = glommio::io::BufferedFile::open(self.dir.join(&*loc.segment)).await?;
+                let result = file.read_at(loc.offset, loc.len as usize).await;
+                let _ = file.close().await;
+                read = result?;
+                &read
+            }
+        };
+        let scan = segment::scan(bytes, segment::Keying::of(&loc.segment));
         Ok(scan.records.first().map(|r| {
             (
                 String::from_utf8_lossy(r.header).into_owned(),
