@@ -8,11 +8,14 @@
 //! tasks can await. Lookups time out inside hickory (its own timeouts and
 //! retries), and a dropped request simply finds its answer channel closed.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
 
@@ -27,11 +30,26 @@ pub enum Resolution {
     Temporary(String),
 }
 
+/// The A records of a name, with how long the answer may be kept (DNS
+/// blocklist queries: [`Resolver::a_records`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ARecords {
+    /// The addresses, valid until the answer's TTL runs out.
+    Found(Vec<Ipv4Addr>, Instant),
+    /// No such name or no A record; until when that may be kept (the
+    /// zone's negative TTL when the answer carried its SOA).
+    None(Option<Instant>),
+    /// The lookup failed (server failure, refused, timeout inside hickory).
+    Failed(String),
+}
+
 enum Request {
     /// MX (then implicit MX) for a mail domain.
     Mail(String, oneshot::Sender<Resolution>),
     /// Addresses of one host (a smarthost or route given by name).
     Host(String, oneshot::Sender<Resolution>),
+    /// The A records of an absolute name.
+    A(String, oneshot::Sender<ARecords>),
 }
 
 /// A handle to the resolver thread; cheap to clone, usable from any shard.
@@ -83,11 +101,18 @@ impl Resolver {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot build the DNS resolver");
-                            while let Some(Request::Mail(_, answer) | Request::Host(_, answer)) =
-                                rx.recv().await
-                            {
-                                let _ =
-                                    answer.send(Resolution::Temporary(format!("no resolver: {e}")));
+                            while let Some(req) = rx.recv().await {
+                                match req {
+                                    Request::Mail(_, answer) | Request::Host(_, answer) => {
+                                        let _ = answer.send(Resolution::Temporary(format!(
+                                            "no resolver: {e}"
+                                        )));
+                                    }
+                                    Request::A(_, answer) => {
+                                        let _ = answer
+                                            .send(ARecords::Failed(format!("no resolver: {e}")));
+                                    }
+                                }
                             }
                             return;
                         }
@@ -105,6 +130,9 @@ impl Resolver {
                                         }
                                         Request::Host(host, answer) => {
                                             let _ = answer.send(addresses(&r, &host).await);
+                                        }
+                                        Request::A(name, answer) => {
+                                            let _ = answer.send(a_records(&r, &name).await);
                                         }
                                     }
                                 });
@@ -131,12 +159,53 @@ impl Resolver {
         self.ask(Request::Host(host.to_owned(), tx), rx).await
     }
 
+    /// The A records of `name` (taken as absolute). A caller that must not
+    /// wait long bounds this itself (hickory's own timeouts and retries
+    /// are longer than a session should wait); dropping the future drops
+    /// the request.
+    pub async fn a_records(&self, name: &str) -> ARecords {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::A(name.to_owned(), tx)).is_err() {
+            return ARecords::Failed("resolver thread is gone".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| ARecords::Failed("resolver dropped the request".into()))
+    }
+
     async fn ask(&self, req: Request, rx: oneshot::Receiver<Resolution>) -> Resolution {
         if self.tx.send(req).is_err() {
             return Resolution::Temporary("resolver thread is gone".into());
         }
         rx.await
             .unwrap_or_else(|_| Resolution::Temporary("resolver dropped the request".into()))
+    }
+}
+
+async fn a_records(r: &TokioResolver, name: &str) -> ARecords {
+    let fqdn = format!("{}.", name.trim_end_matches('.'));
+    match r.lookup(fqdn.as_str(), RecordType::A).await {
+        Ok(lookup) => {
+            // The answer's TTL, as hickory counts it down in its cache.
+            let until = lookup.valid_until();
+            let addrs: Vec<Ipv4Addr> = lookup
+                .answers()
+                .iter()
+                .filter_map(|rec| match &rec.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect();
+            if addrs.is_empty() {
+                ARecords::None(Some(until))
+            } else {
+                ARecords::Found(addrs, until)
+            }
+        }
+        Err(NetError::Dns(DnsError::NoRecordsFound(no))) => ARecords::None(
+            no.negative_ttl
+                .map(|ttl| Instant::now() + Duration::from_secs(ttl.into())),
+        ),
+        Err(e) => ARecords::Failed(e.to_string()),
     }
 }
 
