@@ -23,6 +23,17 @@ use ringmta::config_file::META_FLAGS;
 /// together. A new flag without a line here fails
 /// `every_flag_is_a_config_key`: add one.
 const SAMPLES: &[(&str, &str)] = &[
+    ("max-connections-per-minute", "30"),
+    ("max-messages-per-minute", "60"),
+    ("max-recipients-per-minute", "600"),
+    ("max-messages-per-user-per-minute", "120"),
+    ("greet-pause", r#""3s""#),
+    ("screen-protocol", "true"),
+    ("screen-ttl", r#""2h""#),
+    ("dnsbl", r#"["zen.spamhaus.org=2", "bl.spamcop.net"]"#),
+    ("dnsbl-threshold", "2"),
+    ("dnswl", r#"["list.dnswl.org"]"#),
+    ("dnsbl-timeout", r#""3s""#),
     ("smtp", r#"["127.0.0.1:2626", "127.0.0.2:2626"]"#),
     ("submission", r#"["none"]"#),
     ("smtps", r#"["127.0.0.1:2466"]"#),

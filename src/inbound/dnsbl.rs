@@ -346,7 +346,10 @@ mod tests {
         );
         // RFC 5782 2.4's example.
         assert_eq!(
-            query_name("2001:db8:1:2:3:4:567:89ab".parse().unwrap(), "ugly.example.com"),
+            query_name(
+                "2001:db8:1:2:3:4:567:89ab".parse().unwrap(),
+                "ugly.example.com"
+            ),
             "b.a.9.8.7.6.5.0.4.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.ugly.example.com"
         );
     }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::dnsbl::Lists;
 use crate::smtp::reply::Reply;
+pub use crate::smtp::session::Violation;
 
 /// Most clients remembered at once.
 pub const MAX_REMEMBERED: usize = 65_536;
@@ -41,48 +42,6 @@ pub struct ScreenConfig {
     pub lists: Lists,
 }
 
-/// Why a client failed the screen (the `reason` of its `refused` event
-/// and of `ringmta_screen_refusals_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Violation {
-    /// Sent something before the greeting.
-    Pregreet,
-    /// Sent several commands at once without PIPELINING offered.
-    Pipelining,
-    /// Sent an HTTP request, a CONNECT or binary garbage.
-    NonSmtp,
-}
-
-impl Violation {
-    pub fn name(self) -> &'static str {
-        match self {
-            Violation::Pregreet => "pregreet",
-            Violation::Pipelining => "pipelining",
-            Violation::NonSmtp => "non_smtp",
-        }
-    }
-
-    /// The answer before the connection is dropped.
-    pub fn reply(self) -> Reply {
-        match self {
-            Violation::Pregreet => PREGREET,
-            Violation::Pipelining => PIPELINING,
-            Violation::NonSmtp => NON_SMTP,
-        }
-    }
-}
-
-pub const PREGREET: Reply = Reply::new(
-    554,
-    "5.5.1",
-    "Error: protocol violation: talking before the greeting",
-);
-pub const PIPELINING: Reply = Reply::new(
-    554,
-    "5.5.1",
-    "Error: protocol violation: commands pipelined without PIPELINING",
-);
-pub const NON_SMTP: Reply = Reply::new(554, "5.5.1", "Error: non-SMTP command");
 /// A client remembered for failing the screen.
 pub const REMEMBERED: Reply = Reply::new(
     421,

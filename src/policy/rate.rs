@@ -225,7 +225,10 @@ mod tests {
 
     #[test]
     fn net_key_is_the_ipv4_24_or_the_ipv6_64() {
-        assert_eq!(RateKey::net(ip("192.0.2.7")), RateKey::net(ip("192.0.2.200")));
+        assert_eq!(
+            RateKey::net(ip("192.0.2.7")),
+            RateKey::net(ip("192.0.2.200"))
+        );
         assert_eq!(
             RateKey::net(ip("::ffff:192.0.2.7")),
             RateKey::net(ip("192.0.2.1"))
@@ -284,7 +287,8 @@ mod tests {
         t.take(u.clone(), Counted::Messages, now).unwrap();
         assert!(t.take(u.clone(), Counted::Messages, now).is_err());
         t.take(u, Counted::Recipients, now).unwrap();
-        t.take(RateKey::user("bob"), Counted::Messages, now).unwrap();
+        t.take(RateKey::user("bob"), Counted::Messages, now)
+            .unwrap();
     }
 
     #[test]
@@ -310,8 +314,12 @@ mod tests {
         let t0 = Instant::now();
         let key = |i: u32| RateKey::net(IpAddr::V4(Ipv4Addr::from(i << 8)));
         for i in 0..32 {
-            t.take(key(i), Counted::Connections, t0 + Duration::from_millis(i.into()))
-                .unwrap();
+            t.take(
+                key(i),
+                Counted::Connections,
+                t0 + Duration::from_millis(i.into()),
+            )
+            .unwrap();
         }
         assert_eq!(t.len(), 32);
         // Full: the two oldest (a sixteenth) make room for a newcomer.
