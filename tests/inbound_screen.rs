@@ -415,3 +415,119 @@ fn rate_limits_per_minute_per_network() {
         "{events:?}"
     );
 }
+
+/// Behind a trusted balancer the lists see the client its PROXY header
+/// names, never the balancer; during the greet pause an allowlisted client
+/// may talk (its early command is served), anyone else may not.
+#[test]
+fn proxied_clients_allowlist_and_greet_pause_with_lists() {
+    let Some((_dns, dns_port)) = dnsmasq(&[
+        "2.0.0.127.bl.test,127.0.0.2",
+        // The balancer itself is listed: it must not matter.
+        "100.0.0.127.bl.test,127.0.0.2",
+        "5.0.0.127.bl.test,127.0.0.2",
+        "5.0.0.127.wl.test,127.0.0.2",
+    ]) else {
+        return;
+    };
+    let server = Server::builder()
+        .args([
+            "--dns-server",
+            &format!("127.0.0.1:{dns_port}"),
+            "--dnsbl",
+            "bl.test",
+            "--dnswl",
+            "wl.test",
+            "--greet-pause",
+            "500ms",
+            "--proxy-protocol-from",
+            "127.0.0.100/32",
+        ])
+        .start();
+    let mut c = Client::connect_from(server.addr, ip("127.0.0.100"));
+    c.send(b"PROXY TCP4 192.0.2.50 127.0.0.1 40000 25\r\n");
+    c.hello("proxied.example");
+    c.expect("QUIT", 221);
+    let mut c = Client::connect_from(server.addr, ip("127.0.0.100"));
+    c.send(b"PROXY TCP4 127.0.0.2 127.0.0.1 40000 25\r\n");
+    let r = c.reply();
+    assert!(
+        r.is("554 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test"),
+        "{r}"
+    );
+    // Allowlisted (though on the blocklist too) and talking at once.
+    let mut c = Client::connect_from(server.addr, ip("127.0.0.5"));
+    c.line("EHLO eager.example");
+    c.greeting();
+    assert_eq!(c.reply().code, 250);
+    c.send_message(
+        "s@example.org",
+        &["u@localhost"],
+        b"Subject: t\r\n\r\nx\r\n",
+    );
+    // Not allowlisted and talking at once.
+    let mut c = Client::connect_from(server.addr, ip("127.0.0.6"));
+    c.line("EHLO eager.example");
+    assert_eq!(c.reply().code, 554);
+}
+
+#[test]
+fn messages_per_minute_per_user_on_submission() {
+    let ringmta = std::path::Path::new(env!("CARGO_BIN_EXE_ringmta"));
+    let out = common::run_peer_with_input(
+        ringmta,
+        &["passwd", "carol"],
+        b"s3cret\n",
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "passwd: {}", out.stderr);
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(&users, &out.stdout).unwrap();
+    let server = Server::builder()
+        .args([
+            "--users",
+            users.to_str().unwrap(),
+            "--allow-plaintext-auth-on-loopback",
+            "--local-domain",
+            "example.org",
+            "--max-messages-per-user-per-minute",
+            "2",
+            "--max-messages-per-minute",
+            "1",
+        ])
+        .start();
+    let plain = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        b"\0carol\0s3cret",
+    );
+    let mut c = Client::connect(server.submission.expect("submission listener"));
+    c.hello("mua.example");
+    c.expect(&format!("AUTH PLAIN {plain}"), 235);
+    // The network's limit (1) is not the user's (2).
+    for _ in 0..2 {
+        c.send_message(
+            "carol@example.org",
+            &["x@example.com"],
+            b"From: carol@example.org\r\nSubject: t\r\n\r\nx\r\n",
+        );
+    }
+    let r = c.cmd("MAIL FROM:<carol@example.org>");
+    assert!(
+        r.is("451 4.7.0 Error: too many messages from this user, try again later"),
+        "{r}"
+    );
+    // The relay/MX port counts the same address's network on its own.
+    let mut mx = server.connect();
+    mx.hello("mx.example");
+    mx.send_message(
+        "s@example.com",
+        &["u@example.org"],
+        b"Subject: 1\r\n\r\nx\r\n",
+    );
+    let r = mx.cmd("MAIL FROM:<s@example.com>");
+    assert!(
+        r.is("451 4.7.0 Error: too many messages from your network, try again later"),
+        "{r}"
+    );
+}

@@ -619,7 +619,7 @@ async fn refuse_client(
     detail: Option<&str>,
 ) {
     shard.metrics.screened(why);
-    log_refusal(shard, peer, why, reply, detail);
+    log_refusal(shard, peer, why, "CONNECT", reply, detail);
     if kind == ListenerKind::Smtps {
         return;
     }
@@ -640,6 +640,7 @@ fn log_refusal(
     shard: &ShardState,
     peer: SocketAddr,
     why: Screened,
+    command: &str,
     reply: Reply,
     detail: Option<&str>,
 ) {
@@ -649,7 +650,7 @@ fn log_refusal(
             event = "refused",
             %peer,
             user = "-",
-            command = "CONNECT",
+            command,
             reply = reply.code,
             status = reply.status.unwrap_or(""),
             reason = why.name(),
@@ -669,7 +670,7 @@ fn failed_screen(shard: &ShardState, peer: SocketAddr, kind: ListenerKind, v: Vi
         Violation::NonSmtp => Screened::NonSmtp,
     };
     shard.metrics.screened(why);
-    log_refusal(shard, peer, why, v.reply(), None);
+    log_refusal(shard, peer, why, "-", v.reply(), None);
     if kind == ListenerKind::Smtp {
         let ttl = shard.ctx.shared.live.load().screen.ttl;
         shard
