@@ -7,11 +7,15 @@
 //! any shard; answers come back on `futures` oneshot channels, which glommio
 //! tasks can await. Lookups time out inside hickory (its own timeouts and
 //! retries), and a dropped request simply finds its answer channel closed.
+//! The same thread answers the A lookups of the DNS lists of inbound
+//! clients ([`Resolver::a_records`], for [`crate::inbound::dnsbl`]): at most
+//! 4096 in flight, each abandoned as soon as its asker gives up.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
+use futures_lite::FutureExt;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
@@ -118,11 +122,13 @@ impl Resolver {
                         }
                     };
                     let resolver = std::rc::Rc::new(resolver);
+                    let a_inflight = std::rc::Rc::new(std::cell::Cell::new(0usize));
                     let local = tokio::task::LocalSet::new();
                     local
                         .run_until(async move {
                             while let Some(req) = rx.recv().await {
                                 let r = resolver.clone();
+                                let a_inflight = a_inflight.clone();
                                 tokio::task::spawn_local(async move {
                                     match req {
                                         Request::Mail(domain, answer) => {
@@ -131,8 +137,23 @@ impl Resolver {
                                         Request::Host(host, answer) => {
                                             let _ = answer.send(addresses(&r, &host).await);
                                         }
-                                        Request::A(name, answer) => {
-                                            let _ = answer.send(a_records(&r, &name).await);
+                                        Request::A(name, mut answer) => {
+                                            let Some(_slot) = ASlot::take(&a_inflight) else {
+                                                let _ = answer.send(ARecords::Failed(
+                                                    "too many DNS list lookups in flight".into(),
+                                                ));
+                                                return;
+                                            };
+                                            // Abandoned by the asker (its own
+                                            // timeout): hickory stops too.
+                                            let lookup = async { Some(a_records(&r, &name).await) };
+                                            let gone = async {
+                                                answer.cancellation().await;
+                                                None
+                                            };
+                                            if let Some(a) = lookup.or(gone).await {
+                                                let _ = answer.send(a);
+                                            }
                                         }
                                     }
                                 });
@@ -178,6 +199,31 @@ impl Resolver {
         }
         rx.await
             .unwrap_or_else(|_| Resolution::Temporary("resolver dropped the request".into()))
+    }
+}
+
+/// Most A lookups (DNS lists of inbound clients) in flight at once: a
+/// flood of connections from new addresses against a slow DNS server must
+/// not pile up lookups without bound; beyond it a lookup fails at once
+/// (the client counts as not listed).
+const MAX_A_INFLIGHT: usize = 4096;
+
+/// One of the [`MAX_A_INFLIGHT`] places, given back on drop.
+struct ASlot(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl ASlot {
+    fn take(count: &std::rc::Rc<std::cell::Cell<usize>>) -> Option<ASlot> {
+        if count.get() >= MAX_A_INFLIGHT {
+            return None;
+        }
+        count.set(count.get() + 1);
+        Some(ASlot(count.clone()))
+    }
+}
+
+impl Drop for ASlot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 
