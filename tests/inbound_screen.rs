@@ -531,3 +531,36 @@ fn messages_per_minute_per_user_on_submission() {
         "{r}"
     );
 }
+
+/// SIGHUP puts new limits and lists in force for the connections that
+/// follow: a connection limit turned on, then the greet pause.
+#[test]
+fn sighup_turns_limits_and_the_screen_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ringmta.toml");
+    std::fs::write(&config, "max-connections-per-minute = 0\n").unwrap();
+    let server = Server::builder()
+        .args(["--config", config.to_str().unwrap()])
+        .start();
+    for _ in 0..3 {
+        let mut c = Client::connect_from(server.addr, ip("127.0.4.2"));
+        c.greeting();
+    }
+    std::fs::write(
+        &config,
+        "max-connections-per-minute = 2\ngreet-pause = \"500ms\"\n",
+    )
+    .unwrap();
+    server.signal(libc::SIGHUP);
+    assert!(server.wait_for_log("SIGHUP: configuration reloaded", Duration::from_secs(10)));
+    // Connections before the limit was set were not counted.
+    for _ in 0..2 {
+        let mut c = Client::connect_from(server.addr, ip("127.0.4.2"));
+        c.greeting();
+    }
+    let mut c = Client::connect_from(server.addr, ip("127.0.4.2"));
+    assert_eq!(c.reply().code, 421);
+    let mut c = Client::connect_from(server.addr, ip("127.0.5.2"));
+    c.line("EHLO early.example");
+    assert_eq!(c.reply().code, 554);
+}
