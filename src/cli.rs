@@ -305,6 +305,85 @@ pub struct Cli {
     )]
     pub max_conns_per_ip: u32,
 
+    /// Connections per minute per client network (IPv4 /24, IPv6 /64) over all shards; more are answered 421 4.7.0 and closed. Clients in --relay-network are not counted (0: no limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_CONNECTIONS_PER_MINUTE",
+        default_value_t = 0
+    )]
+    pub max_connections_per_minute: u32,
+
+    /// Messages (MAIL commands) per minute per client network (IPv4 /24, IPv6 /64) of unauthenticated clients not in --relay-network; more are answered 451 4.7.0 (0: no limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_MESSAGES_PER_MINUTE",
+        default_value_t = 0
+    )]
+    pub max_messages_per_minute: u32,
+
+    /// Recipients (RCPT commands accepted) per minute per client network (IPv4 /24, IPv6 /64) of unauthenticated clients not in --relay-network; more are answered 452 4.5.3 (0: no limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_RECIPIENTS_PER_MINUTE",
+        default_value_t = 0
+    )]
+    pub max_recipients_per_minute: u32,
+
+    /// Messages (MAIL commands) per minute per authenticated user; more are answered 451 4.7.0 (0: no limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_MAX_MESSAGES_PER_USER_PER_MINUTE",
+        default_value_t = 0
+    )]
+    pub max_messages_per_user_per_minute: u32,
+
+    /// Relay/MX port: wait this long before the 220 greeting; a client that talks meanwhile is answered 554 5.5.1, dropped and remembered for --screen-ttl (0: no pause).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_GREET_PAUSE", default_value = "0",
+          value_parser = parse_duration)]
+    pub greet_pause: Duration,
+
+    /// Relay/MX port: drop (554 5.5.1) and remember a client that pipelines commands before PIPELINING was offered (before EHLO, or after HELO) or sends a line not starting with a letter. HTTP requests and CONNECT are dropped on every port whatever this says.
+    #[arg(long, env = "RINGMTA_SCREEN_PROTOCOL")]
+    pub screen_protocol: bool,
+
+    /// How long a client that failed the screen (talked before the greeting, pipelined without PIPELINING, sent a non-SMTP command) is answered 421 4.7.0 on the relay/MX port (0: not remembered).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_SCREEN_TTL", default_value = "1h",
+          value_parser = parse_duration)]
+    pub screen_ttl: Duration,
+
+    /// DNS blocklist ZONE[=WEIGHT] (weight 1 if not given) checked for relay/MX clients before the greeting; a client whose listing weights reach --dnsbl-threshold is refused with 554 5.7.1 (repeatable).
+    #[arg(
+        long = "dnsbl",
+        value_name = "ZONE[=WEIGHT]",
+        env = "RINGMTA_DNSBL",
+        value_delimiter = ','
+    )]
+    pub dnsbl: Vec<crate::inbound::dnsbl::Zone>,
+
+    /// Sum of the weights of the --dnsbl lists that list a client at which it is refused.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_DNSBL_THRESHOLD",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
+    pub dnsbl_threshold: i32,
+
+    /// DNS allowlist ZONE: a relay/MX client listed there skips --dnsbl and the pre-greet screen (repeatable).
+    #[arg(long = "dnswl", value_name = "ZONE", env = "RINGMTA_DNSWL", value_delimiter = ',',
+          value_parser = crate::inbound::dnsbl::zone_name)]
+    pub dnswl: Vec<String>,
+
+    /// Longest the DNS list lookups of one connection may take together; a list that has not answered by then counts as not listing the client (logged).
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_DNSBL_TIMEOUT", default_value = "5s",
+          value_parser = parse_duration)]
+    pub dnsbl_timeout: Duration,
+
     /// Error replies after which a session is closed with 421.
     #[arg(
         long,

@@ -64,6 +64,10 @@ pub struct Config {
     pub delivery: bool,
     /// The admin HTTP listener (`--admin`; `None`: off).
     pub admin: Option<SocketAddr>,
+    /// Per-minute limits per client network and per user.
+    pub rates: crate::policy::rate::RateLimits,
+    /// The relay/MX port's pre-greet screen and DNS lists.
+    pub screen: Arc<crate::inbound::screen::ScreenConfig>,
 }
 
 /// Sizes of the blocking pools ([`crate::blocking`]), at least 1 each.
@@ -118,6 +122,10 @@ pub enum ConfigError {
     },
     #[error("--max-data-time must be more than 0 (it bounds the content of every message)")]
     ZeroDataTime,
+    #[error("--dnsbl-timeout must be more than 0 when --dnsbl or --dnswl is given")]
+    ZeroDnsblTimeout,
+    #[error("--greet-pause must be under 5 minutes (clients wait 5 minutes for the greeting: RFC 5321 4.5.3.2.1)")]
+    GreetPauseTooLong,
     #[error("--dkim-key {0}: the same domain and selector twice")]
     DuplicateDkimKey(String),
     #[error("--tls-verify on needs --tls-policy require (opportunistic TLS falls back to plaintext, so a failed verification would only make delivery less private)")]
@@ -152,6 +160,12 @@ impl Config {
         }
         if cli.max_data_time.is_zero() {
             return Err(ConfigError::ZeroDataTime);
+        }
+        if cli.dnsbl_timeout.is_zero() && !(cli.dnsbl.is_empty() && cli.dnswl.is_empty()) {
+            return Err(ConfigError::ZeroDnsblTimeout);
+        }
+        if cli.greet_pause >= Duration::from_secs(300) {
+            return Err(ConfigError::GreetPauseTooLong);
         }
         let inflight = InflightLimits::split(cli.max_inflight_bytes, shards);
         if inflight.per_client < crate::smtp::session::MIN_DATA_ROOM {
@@ -235,10 +249,15 @@ impl Config {
             // A certificate is always there (given or generated).
             starttls: true,
             plaintext_auth_on_loopback: false,
+            screen_protocol: cli.screen_protocol,
+            // The process's table, set by `Shared` when a limit is.
+            rates: None,
         };
         let submission_session = Arc::new(SessionConfig {
             mode: Mode::Submission,
             plaintext_auth_on_loopback: cli.allow_plaintext_auth_on_loopback,
+            // The screen is the relay/MX port's.
+            screen_protocol: false,
             ..session.clone()
         });
         let tls = TlsSettings {
@@ -296,6 +315,22 @@ impl Config {
                 delivery_cache: cli.delivery_cache,
             },
             session: Arc::new(session),
+            rates: crate::policy::rate::RateLimits {
+                connections: cli.max_connections_per_minute,
+                messages: cli.max_messages_per_minute,
+                recipients: cli.max_recipients_per_minute,
+                user_messages: cli.max_messages_per_user_per_minute,
+            },
+            screen: Arc::new(crate::inbound::screen::ScreenConfig {
+                greet_pause: cli.greet_pause,
+                ttl: cli.screen_ttl,
+                lists: crate::inbound::dnsbl::Lists {
+                    block: cli.dnsbl.clone(),
+                    allow: cli.dnswl.clone(),
+                    threshold: cli.dnsbl_threshold,
+                    timeout: cli.dnsbl_timeout,
+                },
+            }),
         })
     }
 

@@ -58,6 +58,19 @@ pub const RELOADABLE: &[&str] = &[
     "tls-policy",
     // Listeners' limits, for the connections that follow.
     "max-conns-per-ip",
+    "max-connections-per-minute",
+    "max-messages-per-minute",
+    "max-recipients-per-minute",
+    "max-messages-per-user-per-minute",
+    // The relay/MX port's screen and DNS lists, for the connections that
+    // follow.
+    "greet-pause",
+    "screen-protocol",
+    "screen-ttl",
+    "dnsbl",
+    "dnsbl-threshold",
+    "dnswl",
+    "dnsbl-timeout",
     // The files themselves are re-read on every SIGHUP; these name them.
     "dkim-key",
     "tls-cert",

@@ -50,7 +50,17 @@
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails
 //!   later as a bounce to a forged sender; and who may relay
 //!   ([`policy::relay`]: `--relay-network` CIDRs, local parts that would
-//!   route elsewhere). No I/O.
+//!   route elsewhere) and the arithmetic of per-minute rate limits
+//!   ([`policy::rate`]: per client /24 or /64 and per user, one bounded
+//!   table per process). No I/O.
+//! * [`inbound`] — checks of inbound clients on the relay/MX port: DNS
+//!   blocklists and allowlists ([`inbound::dnsbl`]: weighted zones, a
+//!   threshold, lookups on the relay's resolver thread bounded by
+//!   `--dnsbl-timeout`, answers cached per shard for their TTL) and the
+//!   pre-greet screen's settings and its memory of clients that failed it
+//!   ([`inbound::screen`]). The connection driver in [`server`] runs them
+//!   before the greeting (with `--greet-pause`); the session detects the
+//!   protocol violations.
 //! * [`blocking`] — small bounded thread pools for the blocking work the
 //!   shards hand off, one per kind (password checks, DKIM signing, Maildir
 //!   file operations), so a flood of one never queues the others; a full
@@ -77,6 +87,7 @@ pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod config_file;
+pub mod inbound;
 pub mod metrics;
 pub mod policy;
 pub mod relay;

@@ -52,6 +52,51 @@ pub enum Refused {
     IpLimit,
 }
 
+/// Why the screen, a DNS blocklist or a rate limit refused a client
+/// (`reason` of `ringmta_screen_refusals_total`, and of the `refused`
+/// event).
+#[derive(Debug, Clone, Copy)]
+pub enum Screened {
+    Dnsbl,
+    Pregreet,
+    Pipelining,
+    NonSmtp,
+    /// Failed the screen earlier, within `--screen-ttl`.
+    Remembered,
+    ConnectionRate,
+    MessageRate,
+    RecipientRate,
+    UserMessageRate,
+}
+
+impl Screened {
+    pub const ALL: [Screened; 9] = [
+        Screened::Dnsbl,
+        Screened::Pregreet,
+        Screened::Pipelining,
+        Screened::NonSmtp,
+        Screened::Remembered,
+        Screened::ConnectionRate,
+        Screened::MessageRate,
+        Screened::RecipientRate,
+        Screened::UserMessageRate,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Screened::Dnsbl => "dnsbl",
+            Screened::Pregreet => "pregreet",
+            Screened::Pipelining => "pipelining",
+            Screened::NonSmtp => "non_smtp",
+            Screened::Remembered => "screened",
+            Screened::ConnectionRate => "connection_rate",
+            Screened::MessageRate => "message_rate",
+            Screened::RecipientRate => "recipient_rate",
+            Screened::UserMessageRate => "user_message_rate",
+        }
+    }
+}
+
 /// How an inbound TLS handshake ended.
 #[derive(Debug, Clone, Copy)]
 pub enum Handshake {
@@ -101,6 +146,8 @@ pub struct Metrics {
     received_bytes: Family<ShardLabel, Counter>,
     replies: Family<ReplyLabels, Counter>,
     refusals: Family<ShardReason, Counter>,
+    screen_refusals: Family<ShardReason, Counter>,
+    dnsbl_lookups: Family<ShardResult, Counter>,
     tls: Family<ShardResult, Counter>,
     auth: Family<ShardResult, Counter>,
     commits: Family<ShardFile, Counter>,
@@ -173,6 +220,11 @@ pub struct ShardMetrics {
     pub received_bytes: Counter,
     disk_full: Counter,
     memory_budget: Counter,
+    /// By [`Screened::ALL`] index.
+    screened: [Counter; 9],
+    dnsbl_listed: Counter,
+    dnsbl_not_listed: Counter,
+    dnsbl_failed: Counter,
     tls_ok: Counter,
     tls_failed: Counter,
     tls_timeout: Counter,
@@ -209,6 +261,18 @@ impl ShardMetrics {
             Refused::ShardLimit => self.refused_shard.inc(),
             Refused::IpLimit => self.refused_ip.inc(),
         };
+    }
+
+    /// A client refused by the screen, a DNS blocklist or a rate limit.
+    pub fn screened(&self, why: Screened) {
+        self.screened[why as usize].inc();
+    }
+
+    /// The DNS list lookups of one connection (cache hits included).
+    pub fn dnsbl(&self, listed: u32, not_listed: u32, failed: u32) {
+        self.dnsbl_listed.inc_by(listed.into());
+        self.dnsbl_not_listed.inc_by(not_listed.into());
+        self.dnsbl_failed.inc_by(failed.into());
     }
 
     pub fn shortage(&self, what: Shortage) {
@@ -484,6 +548,8 @@ impl Metrics {
             received_bytes: Family::default(),
             replies: Family::default(),
             refusals: Family::default(),
+            screen_refusals: Family::default(),
+            dnsbl_lookups: Family::default(),
             tls: Family::default(),
             auth: Family::default(),
             commits: Family::default(),
@@ -551,6 +617,16 @@ impl Metrics {
             "refusals",
             "Messages refused for want of a resource (disk_full, memory_budget)",
             m.refusals.clone(),
+        );
+        r.register(
+            "screen_refusals",
+            "Clients refused by the pre-greet screen, a DNS blocklist or a per-minute rate limit, by reason",
+            m.screen_refusals.clone(),
+        );
+        r.register(
+            "dnsbl_lookups",
+            "DNS list lookups of inbound clients (cache hits included), by result (listed, not_listed, failed)",
+            m.dnsbl_lookups.clone(),
         );
         r.register(
             "tls_handshakes",
@@ -666,6 +742,10 @@ impl Metrics {
             received_bytes: self.received_bytes.get_or_create_owned(&label),
             disk_full: reason(&self.refusals, "disk_full"),
             memory_budget: reason(&self.refusals, "memory_budget"),
+            screened: Screened::ALL.map(|s| reason(&self.screen_refusals, s.name())),
+            dnsbl_listed: result(&self.dnsbl_lookups, "listed"),
+            dnsbl_not_listed: result(&self.dnsbl_lookups, "not_listed"),
+            dnsbl_failed: result(&self.dnsbl_lookups, "failed"),
             tls_ok: result(&self.tls, "ok"),
             tls_failed: result(&self.tls, "failed"),
             tls_timeout: result(&self.tls, "timeout"),

@@ -23,6 +23,17 @@ use ringmta::config_file::META_FLAGS;
 /// together. A new flag without a line here fails
 /// `every_flag_is_a_config_key`: add one.
 const SAMPLES: &[(&str, &str)] = &[
+    ("max-connections-per-minute", "30"),
+    ("max-messages-per-minute", "60"),
+    ("max-recipients-per-minute", "600"),
+    ("max-messages-per-user-per-minute", "120"),
+    ("greet-pause", r#""3s""#),
+    ("screen-protocol", "true"),
+    ("screen-ttl", r#""2h""#),
+    ("dnsbl", r#"["zen.spamhaus.org=2", "bl.spamcop.net"]"#),
+    ("dnsbl-threshold", "2"),
+    ("dnswl", r#"["list.dnswl.org"]"#),
+    ("dnsbl-timeout", r#""3s""#),
     ("smtp", r#"["127.0.0.1:2626", "127.0.0.2:2626"]"#),
     ("submission", r#"["none"]"#),
     ("smtps", r#"["127.0.0.1:2466"]"#),
@@ -558,8 +569,13 @@ fn count(dir: &Path) -> usize {
 fn sighup_applies_every_reloadable_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = write_config(dir.path(), "max-recipients = 5\n");
+    // The DNS lists the reload turns on ask a server on loopback that
+    // never answers (nothing may leave the machine); --dnsbl-timeout
+    // bounds the wait.
+    let silent_dns = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = silent_dns.local_addr().unwrap().to_string();
     let server = Server::builder()
-        .args(["--config", file.to_str().unwrap()])
+        .args(["--config", file.to_str().unwrap(), "--dns-server", &dns])
         .start();
     let submission = server.submission.expect("submission listener");
 
@@ -653,6 +669,17 @@ fn sighup_applies_every_reloadable_key() {
             format!("{:?}", senders.to_str().unwrap()),
         ),
         ("auth-failure-delay", r#""2s""#.into()),
+        ("max-connections-per-minute", "100".into()),
+        ("max-messages-per-minute", "100".into()),
+        ("max-recipients-per-minute", "1000".into()),
+        ("max-messages-per-user-per-minute", "100".into()),
+        ("greet-pause", r#""100ms""#.into()),
+        ("screen-protocol", "true".into()),
+        ("screen-ttl", r#""2h""#.into()),
+        ("dnsbl", r#"["bl.test=2"]"#.into()),
+        ("dnsbl-threshold", "2".into()),
+        ("dnswl", r#"["wl.test"]"#.into()),
+        ("dnsbl-timeout", r#""1s""#.into()),
     ];
     let mut listed: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
     listed.sort_unstable();

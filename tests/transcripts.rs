@@ -89,6 +89,8 @@ transcripts!(
     pipelining,
     quoted_local_part,
     quoted_local_part_with_angle_bracket,
+    non_smtp_command,
+    screen_pipelining,
 );
 
 /// Every file in the directory has a test above, and every test a file.

@@ -7,12 +7,19 @@
 //! any shard; answers come back on `futures` oneshot channels, which glommio
 //! tasks can await. Lookups time out inside hickory (its own timeouts and
 //! retries), and a dropped request simply finds its answer channel closed.
+//! The same thread answers the A lookups of the DNS lists of inbound
+//! clients ([`Resolver::a_records`], for [`crate::inbound::dnsbl`]): at most
+//! 4096 in flight, each abandoned as soon as its asker gives up.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
+use futures_lite::FutureExt;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
 
@@ -27,11 +34,26 @@ pub enum Resolution {
     Temporary(String),
 }
 
+/// The A records of a name, with how long the answer may be kept (DNS
+/// blocklist queries: [`Resolver::a_records`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ARecords {
+    /// The addresses, valid until the answer's TTL runs out.
+    Found(Vec<Ipv4Addr>, Instant),
+    /// No such name or no A record; until when that may be kept (the
+    /// zone's negative TTL when the answer carried its SOA).
+    None(Option<Instant>),
+    /// The lookup failed (server failure, refused, timeout inside hickory).
+    Failed(String),
+}
+
 enum Request {
     /// MX (then implicit MX) for a mail domain.
     Mail(String, oneshot::Sender<Resolution>),
     /// Addresses of one host (a smarthost or route given by name).
     Host(String, oneshot::Sender<Resolution>),
+    /// The A records of an absolute name.
+    A(String, oneshot::Sender<ARecords>),
 }
 
 /// A handle to the resolver thread; cheap to clone, usable from any shard.
@@ -83,21 +105,30 @@ impl Resolver {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot build the DNS resolver");
-                            while let Some(Request::Mail(_, answer) | Request::Host(_, answer)) =
-                                rx.recv().await
-                            {
-                                let _ =
-                                    answer.send(Resolution::Temporary(format!("no resolver: {e}")));
+                            while let Some(req) = rx.recv().await {
+                                match req {
+                                    Request::Mail(_, answer) | Request::Host(_, answer) => {
+                                        let _ = answer.send(Resolution::Temporary(format!(
+                                            "no resolver: {e}"
+                                        )));
+                                    }
+                                    Request::A(_, answer) => {
+                                        let _ = answer
+                                            .send(ARecords::Failed(format!("no resolver: {e}")));
+                                    }
+                                }
                             }
                             return;
                         }
                     };
                     let resolver = std::rc::Rc::new(resolver);
+                    let a_inflight = std::rc::Rc::new(std::cell::Cell::new(0usize));
                     let local = tokio::task::LocalSet::new();
                     local
                         .run_until(async move {
                             while let Some(req) = rx.recv().await {
                                 let r = resolver.clone();
+                                let a_inflight = a_inflight.clone();
                                 tokio::task::spawn_local(async move {
                                     match req {
                                         Request::Mail(domain, answer) => {
@@ -105,6 +136,24 @@ impl Resolver {
                                         }
                                         Request::Host(host, answer) => {
                                             let _ = answer.send(addresses(&r, &host).await);
+                                        }
+                                        Request::A(name, mut answer) => {
+                                            let Some(_slot) = ASlot::take(&a_inflight) else {
+                                                let _ = answer.send(ARecords::Failed(
+                                                    "too many DNS list lookups in flight".into(),
+                                                ));
+                                                return;
+                                            };
+                                            // Abandoned by the asker (its own
+                                            // timeout): hickory stops too.
+                                            let lookup = async { Some(a_records(&r, &name).await) };
+                                            let gone = async {
+                                                answer.cancellation().await;
+                                                None
+                                            };
+                                            if let Some(a) = lookup.or(gone).await {
+                                                let _ = answer.send(a);
+                                            }
                                         }
                                     }
                                 });
@@ -131,12 +180,78 @@ impl Resolver {
         self.ask(Request::Host(host.to_owned(), tx), rx).await
     }
 
+    /// The A records of `name` (taken as absolute). A caller that must not
+    /// wait long bounds this itself (hickory's own timeouts and retries
+    /// are longer than a session should wait); dropping the future drops
+    /// the request.
+    pub async fn a_records(&self, name: &str) -> ARecords {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::A(name.to_owned(), tx)).is_err() {
+            return ARecords::Failed("resolver thread is gone".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| ARecords::Failed("resolver dropped the request".into()))
+    }
+
     async fn ask(&self, req: Request, rx: oneshot::Receiver<Resolution>) -> Resolution {
         if self.tx.send(req).is_err() {
             return Resolution::Temporary("resolver thread is gone".into());
         }
         rx.await
             .unwrap_or_else(|_| Resolution::Temporary("resolver dropped the request".into()))
+    }
+}
+
+/// Most A lookups (DNS lists of inbound clients) in flight at once: a
+/// flood of connections from new addresses against a slow DNS server must
+/// not pile up lookups without bound; beyond it a lookup fails at once
+/// (the client counts as not listed).
+const MAX_A_INFLIGHT: usize = 4096;
+
+/// One of the [`MAX_A_INFLIGHT`] places, given back on drop.
+struct ASlot(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl ASlot {
+    fn take(count: &std::rc::Rc<std::cell::Cell<usize>>) -> Option<ASlot> {
+        if count.get() >= MAX_A_INFLIGHT {
+            return None;
+        }
+        count.set(count.get() + 1);
+        Some(ASlot(count.clone()))
+    }
+}
+
+impl Drop for ASlot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+async fn a_records(r: &TokioResolver, name: &str) -> ARecords {
+    let fqdn = format!("{}.", name.trim_end_matches('.'));
+    match r.lookup(fqdn.as_str(), RecordType::A).await {
+        Ok(lookup) => {
+            // The answer's TTL, as hickory counts it down in its cache.
+            let until = lookup.valid_until();
+            let addrs: Vec<Ipv4Addr> = lookup
+                .answers()
+                .iter()
+                .filter_map(|rec| match &rec.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect();
+            if addrs.is_empty() {
+                ARecords::None(Some(until))
+            } else {
+                ARecords::Found(addrs, until)
+            }
+        }
+        Err(NetError::Dns(DnsError::NoRecordsFound(no))) => ARecords::None(
+            no.negative_ttl
+                .map(|ttl| Instant::now() + Duration::from_secs(ttl.into())),
+        ),
+        Err(e) => ARecords::Failed(e.to_string()),
     }
 }
 

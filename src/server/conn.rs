@@ -42,11 +42,16 @@ use super::limits::AuthRefusal;
 use super::proxy::{self, Prefixed};
 use super::shard::ShardState;
 use super::{dkim, tls, users, ListenerKind};
-use crate::metrics::{self, Handshake, Shortage};
+use crate::inbound::dnsbl::{self, Verdict};
+use crate::inbound::screen::{self, ScreenConfig};
+use crate::metrics::{self, Handshake, Screened, Shortage};
+use crate::policy::rate::{Counted, RateKey};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
 use crate::smtp::envelope::rfc5322_date;
+use crate::smtp::reply::Reply;
+use crate::smtp::session::Violation;
 use crate::smtp::submit::{self, Completion};
-use crate::smtp::{CommitResult, ConnInfo, Event, Message, Session};
+use crate::smtp::{CommitResult, ConnInfo, Event, Message, Session, SessionConfig};
 
 /// Read buffer size for an idle or command-phase connection.
 const INITIAL_BUFFER: usize = 4 << 10;
@@ -170,7 +175,30 @@ async fn serve_logged(
         ListenerKind::Smtp => live.session.clone(),
         ListenerKind::Submission | ListenerKind::Smtps => live.submission_session.clone(),
     };
+    let screen_cfg = live.screen.clone();
+    let connection_rate = live.connection_rate;
     drop(live);
+    let mut stream = stream;
+    let mut initial = initial;
+    // Boxed: the screen's state (DNS tasks, the pause) must not size every
+    // session's task.
+    let screened = Box::pin(screen(
+        shard,
+        &mut stream,
+        peer,
+        kind,
+        &cfg,
+        &screen_cfg,
+        connection_rate,
+        &mut initial,
+    ))
+    .await;
+    let exempt = match screened {
+        Screen::Refused => return,
+        Screen::Exempt => true,
+        Screen::Passed => false,
+    };
+    drop(screen_cfg);
     let _ = stream.set_write_timeout(Some(cfg.command_timeout));
     let conn = ConnInfo { peer, tls: false };
     if kind == ListenerKind::Smtps {
@@ -184,8 +212,10 @@ async fn serve_logged(
     }
     let mut buf = InputBuffer::new(&initial);
     drop(initial);
-    let mut stream = stream;
     let mut session = Session::new(cfg, conn, Instant::now());
+    if exempt {
+        session = session.exempt_from_screen();
+    }
     shard.metrics.session(kind.metrics_index());
     let outcome = drive(shard, &mut stream, &mut session, &mut buf, peer, log).await;
     log.note(&session);
@@ -271,6 +301,9 @@ where
                 if r.reply == crate::smtp::reply::BUDGET_EXCEEDED {
                     shard.metrics.shortage(Shortage::MemoryBudget);
                 }
+                if let Some(why) = rate_refusal(r.reason) {
+                    shard.metrics.screened(why);
+                }
                 if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
                     tracing::info!(
                         target: "ringmta::event",
@@ -280,10 +313,14 @@ where
                         command = %r.command,
                         reply = r.reply.code,
                         status = r.reply.status.unwrap_or(""),
+                        reason = r.reason,
                         held_back,
                         "refused by policy"
                     );
                 }
+            }
+            if let Some(v) = session.take_violation() {
+                failed_screen(shard, peer, log.kind, v);
             }
             match session.poll_event() {
                 None => break,
@@ -377,6 +414,283 @@ where
             Wake::Timeout => session.handle_timeout(Instant::now()),
             Wake::Stop => {}
         }
+    }
+}
+
+/// How the screen ended for a connection.
+enum Screen {
+    /// Refused (answered and to be closed).
+    Refused,
+    /// Passed.
+    Passed,
+    /// Not screened: `--relay-network`, or on a `--dnswl` allowlist.
+    Exempt,
+}
+
+/// Connections per minute from a client network over
+/// `--max-connections-per-minute`.
+const CONNECTION_RATE: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Error: too many connections from your network, try again later",
+);
+
+/// Before the greeting: the client network's connection rate (every
+/// listener), then on the relay/MX port the screen's memory, the DNS lists
+/// and the greet pause (the lookups run during the pause). Clients in
+/// `--relay-network` are never checked. What a client on an allowlist
+/// sent during the pause is its first input; anyone else who talked then
+/// is refused and remembered.
+#[allow(clippy::too_many_arguments)]
+async fn screen(
+    shard: &ShardState,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    cfg: &SessionConfig,
+    screen: &ScreenConfig,
+    connection_rate: bool,
+    initial: &mut Vec<u8>,
+) -> Screen {
+    let ip = peer.ip();
+    if cfg.relay_networks.iter().any(|n| n.contains(ip)) {
+        return Screen::Exempt;
+    }
+    let shared = &shard.ctx.shared;
+    let now = Instant::now();
+    if connection_rate
+        && shared
+            .rates
+            .take(RateKey::net(ip), Counted::Connections, now)
+            .is_err()
+    {
+        let r = CONNECTION_RATE;
+        refuse_client(
+            shard,
+            stream,
+            peer,
+            kind,
+            Screened::ConnectionRate,
+            r,
+            r.text,
+            None,
+        )
+        .await;
+        return Screen::Refused;
+    }
+    if kind != ListenerKind::Smtp {
+        return Screen::Passed;
+    }
+    if shared.screened.check(ip, now).is_some() {
+        let r = screen::REMEMBERED;
+        refuse_client(
+            shard,
+            stream,
+            peer,
+            kind,
+            Screened::Remembered,
+            r,
+            r.text,
+            None,
+        )
+        .await;
+        return Screen::Refused;
+    }
+    let lists = &screen.lists;
+    let pause = screen.greet_pause;
+    if lists.is_empty() && pause.is_zero() {
+        return Screen::Passed;
+    }
+    let dns = async {
+        if lists.is_empty() {
+            return None;
+        }
+        Some(dnsbl::check(&shard.ctx.dns, &shard.dnsbl_cache, lists, ip).await)
+    };
+    let listen = async {
+        if pause.is_zero() {
+            return Pause::Quiet;
+        }
+        if !initial.is_empty() {
+            // Came behind the PROXY header, before any greeting.
+            return Pause::Talked(Vec::new());
+        }
+        let mut early = vec![0u8; 512];
+        let read = async { Some(stream.read(&mut early).await) };
+        let waited = async {
+            glommio::timer::sleep(pause).await;
+            None
+        };
+        match read.or(waited).await {
+            None => Pause::Quiet,
+            Some(Ok(0)) | Some(Err(_)) => Pause::Gone,
+            Some(Ok(n)) => {
+                early.truncate(n);
+                Pause::Talked(early)
+            }
+        }
+    };
+    let (lists_say, heard) = futures_lite::future::zip(dns, listen).await;
+    if let Some((verdict, tally)) = &lists_say {
+        shard
+            .metrics
+            .dnsbl(tally.listed, tally.not_listed, tally.failed);
+        match verdict {
+            Verdict::Allowed(zone) => {
+                tracing::debug!(%peer, zone = %zone, "client on a DNS allowlist");
+                return match heard {
+                    Pause::Gone => Screen::Refused,
+                    Pause::Talked(early) => {
+                        initial.extend_from_slice(&early);
+                        Screen::Exempt
+                    }
+                    Pause::Quiet => Screen::Exempt,
+                };
+            }
+            Verdict::Blocked { zones, score } => {
+                if matches!(heard, Pause::Gone) {
+                    return Screen::Refused;
+                }
+                let zone = zones.first().map_or("", String::as_str);
+                let text = format!("Service unavailable; client [{ip}] blocked using {zone}");
+                let detail = format!("{} score={score}", zones.join(","));
+                refuse_client(
+                    shard,
+                    stream,
+                    peer,
+                    kind,
+                    Screened::Dnsbl,
+                    DNSBL,
+                    &text,
+                    Some(&detail),
+                )
+                .await;
+                return Screen::Refused;
+            }
+            Verdict::Pass { .. } => {}
+        }
+    }
+    match heard {
+        Pause::Gone => Screen::Refused,
+        Pause::Quiet => Screen::Passed,
+        Pause::Talked(_) => {
+            let v = Violation::Pregreet;
+            let r = v.reply();
+            refuse_client(
+                shard,
+                stream,
+                peer,
+                kind,
+                Screened::Pregreet,
+                r,
+                r.text,
+                None,
+            )
+            .await;
+            shared.screened.record(ip, v, screen.ttl, Instant::now());
+            Screen::Refused
+        }
+    }
+}
+
+/// What the client did during the greet pause.
+enum Pause {
+    Quiet,
+    /// Sent these octets.
+    Talked(Vec<u8>),
+    /// Closed the connection (or it failed).
+    Gone,
+}
+
+/// A client listed on the DNS blocklists (the text names the list).
+const DNSBL: Reply = Reply::new(554, "5.7.1", "Service unavailable");
+
+/// Answers `reply` with `text` and closes; counts and logs the refusal
+/// (the `refused` event, rate-limited with the policy refusals).
+#[allow(clippy::too_many_arguments)]
+async fn refuse_client(
+    shard: &ShardState,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    why: Screened,
+    reply: Reply,
+    text: &str,
+    detail: Option<&str>,
+) {
+    shard.metrics.screened(why);
+    log_refusal(shard, peer, why, "CONNECT", reply, detail);
+    if kind == ListenerKind::Smtps {
+        return;
+    }
+    shard.replies.count(reply.code, reply.status);
+    let mut out = Vec::with_capacity(128);
+    crate::smtp::reply::write_line(&mut out, reply.code, reply.status, text, true);
+    let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
+}
+
+/// How long a refused client may take to read its answer.
+const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `refused` event of a client the screen, a list or a rate limit
+/// refused.
+fn log_refusal(
+    shard: &ShardState,
+    peer: SocketAddr,
+    why: Screened,
+    command: &str,
+    reply: Reply,
+    detail: Option<&str>,
+) {
+    if let Some(held_back) = shard.reject_log.admit(Instant::now()) {
+        tracing::info!(
+            target: "ringmta::event",
+            event = "refused",
+            %peer,
+            user = "-",
+            command,
+            reply = reply.code,
+            status = reply.status.unwrap_or(""),
+            reason = why.name(),
+            detail = detail.unwrap_or(""),
+            held_back,
+            "refused by the screen"
+        );
+    }
+}
+
+/// The session dropped the client for a protocol violation: counted,
+/// logged, and on the relay/MX port remembered for `--screen-ttl`.
+fn failed_screen(shard: &ShardState, peer: SocketAddr, kind: ListenerKind, v: Violation) {
+    let why = match v {
+        Violation::Pregreet => Screened::Pregreet,
+        Violation::Pipelining => Screened::Pipelining,
+        Violation::NonSmtp => Screened::NonSmtp,
+    };
+    shard.metrics.screened(why);
+    log_refusal(shard, peer, why, "-", v.reply(), None);
+    if kind == ListenerKind::Smtp {
+        let ttl = shard.ctx.shared.live.load().screen.ttl;
+        shard
+            .ctx
+            .shared
+            .screened
+            .record(peer.ip(), v, ttl, Instant::now());
+    }
+}
+
+/// The metric of a session's rate-limit refusal (`None`: another policy).
+fn rate_refusal(reason: &str) -> Option<Screened> {
+    use crate::smtp::session::{
+        MESSAGE_RATE_REASON, RECIPIENT_RATE_REASON, USER_MESSAGE_RATE_REASON,
+    };
+    match reason {
+        MESSAGE_RATE_REASON => Some(Screened::MessageRate),
+        RECIPIENT_RATE_REASON => Some(Screened::RecipientRate),
+        USER_MESSAGE_RATE_REASON => Some(Screened::UserMessageRate),
+        _ => None,
     }
 }
 

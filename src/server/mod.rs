@@ -28,6 +28,8 @@ use thiserror::Error;
 
 use crate::blocking::BlockingPool;
 use crate::config::Config;
+use crate::inbound::screen::ScreenConfig;
+use crate::policy::rate::RateLimiter;
 use crate::policy::recipient::Recipients;
 use crate::relay::RelayConfig;
 use crate::smtp::SessionConfig;
@@ -76,6 +78,11 @@ pub enum ServerError {
 pub struct Shared {
     pub stop: AtomicBool,
     pub ip_limiter: IpLimiter,
+    /// Connections, messages and recipients per minute per client
+    /// network, messages per minute per user (`--max-*-per-minute`).
+    pub rates: Arc<RateLimiter>,
+    /// Clients that failed the pre-greet screen, refused for `--screen-ttl`.
+    pub screened: crate::inbound::screen::Memory,
     /// The settings each new connection takes; replaced on SIGHUP.
     pub live: ArcSwap<Live>,
     /// The delivery settings, read by each delivery step; replaced on SIGHUP.
@@ -103,15 +110,24 @@ pub struct Live {
     pub add_sender_header: bool,
     pub dkim_from_mismatch: dkim::FromMismatch,
     pub max_conns_per_shard: usize,
+    /// The relay/MX port's pre-greet screen and DNS lists.
+    pub screen: Arc<ScreenConfig>,
+    /// Whether a connections-per-minute limit is set.
+    pub connection_rate: bool,
 }
 
 impl Live {
     /// `config`'s settings, with `recipients` (the one table every session
-    /// shares, which the SIGHUP reload of the file fills) in both policies.
-    fn new(config: &Config, recipients: &Recipients) -> Live {
+    /// shares, which the SIGHUP reload of the file fills) in both policies,
+    /// and the process's rate table when a per-minute limit is set.
+    fn new(config: &Config, recipients: &Recipients, rates: &Arc<RateLimiter>) -> Live {
+        let counted = config.rates.messages > 0
+            || config.rates.recipients > 0
+            || config.rates.user_messages > 0;
         let with = |s: &SessionConfig| {
             Arc::new(SessionConfig {
                 recipients: recipients.clone(),
+                rates: counted.then(|| rates.clone()),
                 ..s.clone()
             })
         };
@@ -121,6 +137,8 @@ impl Live {
             add_sender_header: config.add_sender_header,
             dkim_from_mismatch: config.dkim_from_mismatch,
             max_conns_per_shard: config.max_conns_per_shard,
+            screen: config.screen.clone(),
+            connection_rate: config.rates.connections > 0,
         }
     }
 }
@@ -140,10 +158,13 @@ impl Shared {
             config.local_recipients.clone(),
             config.session.recipients.clone(),
         )?;
+        let rates = Arc::new(RateLimiter::new(config.rates));
         Ok(Arc::new(Shared {
             stop: AtomicBool::new(false),
             ip_limiter: IpLimiter::new(config.max_conns_per_ip),
-            live: ArcSwap::from_pointee(Live::new(config, recipients.handle())),
+            live: ArcSwap::from_pointee(Live::new(config, recipients.handle(), &rates)),
+            rates,
+            screened: Default::default(),
             relay: Arc::new(ArcSwap::new(config.relay.clone())),
             tls: tls::TlsStore::load(config.tls.clone())?,
             auth: users::AuthStore::load(config.auth.clone())?,
@@ -185,8 +206,12 @@ impl Shared {
         self.tls.set_settings(config.tls.clone());
         self.auth.set_settings(config.auth.clone());
         self.ip_limiter.set_max(config.max_conns_per_ip);
-        self.live
-            .store(Arc::new(Live::new(config, self.recipients.handle())));
+        self.rates.set_limits(config.rates);
+        self.live.store(Arc::new(Live::new(
+            config,
+            self.recipients.handle(),
+            &self.rates,
+        )));
         self.relay.store(config.relay.clone());
         Ok(())
     }
@@ -250,15 +275,11 @@ pub fn run(
     let (kinds, addrs): (Vec<ListenerKind>, Vec<SocketAddr>) =
         config.listeners().into_iter().unzip();
     let bound = listener::bind_all(&addrs, config.shards, config.backlog)?;
-    // One resolver thread for all shards' outbound delivery.
-    let resolver = if config.delivery {
-        Some(
-            crate::relay::mx::Resolver::start(config.relay.dns_server)
-                .map_err(ServerError::Resolver)?,
-        )
-    } else {
-        None
-    };
+    // One resolver thread for all shards: outbound delivery, and the DNS
+    // lists of inbound clients (which a SIGHUP may turn on at any time).
+    let dns = crate::relay::mx::Resolver::start(config.relay.dns_server)
+        .map_err(ServerError::Resolver)?;
+    let resolver = config.delivery.then(|| dns.clone());
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), ServerError>>();
     let mut threads = Vec::with_capacity(config.shards);
@@ -287,6 +308,7 @@ pub fn run(
             shared: shared.clone(),
             queue: std::cell::Cell::new(spool.take_shard_queue(id, config.shards)),
             resolver: resolver.clone(),
+            dns: dns.clone(),
             mesh: meshes.get_mut(id).and_then(Option::take),
         };
         let ready = ready_tx.clone();

@@ -34,6 +34,8 @@ pub(crate) struct ShardContext {
     pub queue: std::cell::Cell<crate::spool::queue::QueueIndex>,
     /// DNS for outbound delivery; `None` with `--no-delivery`.
     pub resolver: Option<crate::relay::mx::Resolver>,
+    /// DNS for the lists of inbound clients (the same resolver thread).
+    pub dns: crate::relay::mx::Resolver,
     /// This shard's clone of the handoff mesh (joined once, in `serve`);
     /// `None` with one shard or `--no-delivery`.
     pub mesh: Option<crate::relay::handoff::Mesh>,
@@ -53,6 +55,8 @@ pub(crate) struct ShardState {
     pub metrics: Arc<crate::metrics::ShardMetrics>,
     /// Replies sent, by code and enhanced code.
     pub replies: crate::metrics::ReplyCounters,
+    /// DNS list answers kept on this shard.
+    pub dnsbl_cache: Rc<crate::inbound::dnsbl::Cache>,
     active: Cell<usize>,
     /// Set once the stop flag was seen; connections answer 421 when idle.
     pub stopping: Cell<bool>,
@@ -162,6 +166,7 @@ async fn serve(
         budget: super::budget::InflightBudget::new(inflight.per_shard, inflight.per_client),
         metrics: crate::metrics::shard(id),
         replies: crate::metrics::ReplyCounters::new(id),
+        dnsbl_cache: Default::default(),
         active: Cell::new(0),
         stopping: Cell::new(false),
         stop_event: Event::new(),

@@ -33,6 +33,7 @@ use bumpalo::Bump;
 use memchr::memmem::Finder;
 use std::sync::LazyLock;
 
+use crate::policy::rate::{Counted, RateKey, RateLimiter};
 use crate::policy::recipient::{Locality, Recipients, Refusal};
 use crate::relay::Target;
 use crate::smtp::auth::{self, AuthResult, Authenticated, Credentials, Exchange, Mechanism, Step};
@@ -100,6 +101,16 @@ pub struct SessionConfig {
     pub starttls: bool,
     /// Submission: offer AUTH without TLS to loopback clients (tests only).
     pub plaintext_auth_on_loopback: bool,
+    /// The protocol part of the pre-greet screen (`--screen-protocol`,
+    /// relay/MX only): commands pipelined before PIPELINING was offered,
+    /// and lines that do not start with a letter, drop the client
+    /// ([`Session::take_violation`]). HTTP requests and CONNECT drop it
+    /// whatever this says.
+    pub screen_protocol: bool,
+    /// The per-minute limits (`None`: none set): messages and recipients
+    /// per client network for clients neither authenticated nor in
+    /// `relay_networks`, messages per authenticated user.
+    pub rates: Option<Arc<RateLimiter>>,
 }
 
 /// What a listener is for.
@@ -134,6 +145,8 @@ impl Default for SessionConfig {
             mode: Mode::Relay,
             starttls: false,
             plaintext_auth_on_loopback: false,
+            screen_protocol: false,
+            rates: None,
         }
     }
 }
@@ -196,6 +209,10 @@ pub struct Session {
     allowance: usize,
     /// The time of the input being handled.
     now: Instant,
+    /// The client failed the screen (the session is closed).
+    violation: Option<Violation>,
+    /// `cfg.screen_protocol`, unless the driver exempted this client.
+    screen: bool,
 }
 
 #[derive(Debug)]
@@ -269,7 +286,6 @@ impl Session {
         );
         let deadline = now + cfg.command_timeout;
         Self {
-            cfg,
             conn,
             state: State::Fresh,
             helo: None,
@@ -285,7 +301,16 @@ impl Session {
             auth: None,
             allowance: usize::MAX,
             now,
+            violation: None,
+            screen: cfg.screen_protocol,
+            cfg,
         }
+    }
+
+    /// A client the screen does not apply to (`--dnswl`, `--relay-network`).
+    pub fn exempt_from_screen(mut self) -> Self {
+        self.screen = false;
+        self
     }
 
     /// A session on a connection that is already encrypted (implicit TLS,
@@ -358,7 +383,19 @@ impl Session {
                 LineStep::Line { len, consumed } => {
                     let line = &input[pos..pos + len];
                     pos += consumed;
+                    // PIPELINING is offered in the reply to EHLO: before
+                    // that reply, or after HELO, a client must wait for
+                    // each reply before its next command (RFC 2920 3.1).
+                    let unoffered = !matches!(self.state, State::Auth(_))
+                        && !self.helo.as_ref().is_some_and(|h| h.esmtp);
                     self.handle_line(line, &arena);
+                    if self.screen
+                        && unoffered
+                        && pos < input.len()
+                        && !matches!(self.state, State::Closed)
+                    {
+                        self.fail_screen(Violation::Pipelining);
+                    }
                 }
                 LineStep::Skipped(consumed) => pos += consumed,
             }
@@ -395,6 +432,12 @@ impl Session {
     /// they are written ([`Session::clear_output`]).
     pub fn output_full(&self) -> bool {
         self.output.len() >= MAX_OUTPUT
+    }
+
+    /// The screen violation that closed the session, once: the driver
+    /// remembers the client ([`crate::inbound::screen`]).
+    pub fn take_violation(&mut self) -> Option<Violation> {
+        self.violation.take()
     }
 
     /// The next event, if any.
@@ -643,6 +686,9 @@ impl Session {
         if let State::Auth(_) = self.state {
             return self.auth_response(line);
         }
+        if is_non_smtp(line, self.screen) {
+            return self.fail_screen(Violation::NonSmtp);
+        }
         if memchr::memchr2(b'\r', b'\n', line).is_some() {
             return self.error(reply::BARE_NEWLINE_COMMAND);
         }
@@ -871,11 +917,18 @@ impl Session {
         if p.size.is_some_and(|s| s > self.cfg.max_message_size) {
             return self.error(reply::SIZE_EXCEEDED);
         }
+        if let Some(refusal) = self.message_rate() {
+            let from = m.from.map_or_else(String::new, |f| f.to_owned_string());
+            self.note_rejection_for(refusal.1, refusal.0, format!("MAIL FROM:<{from}>"));
+            return self.error(refusal.0);
+        }
+        let helo = self.helo.as_ref().map_or("", |h| h.name.as_str());
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
         let envelope = Envelope {
             peer: self.conn.peer,
-            helo: helo.name.clone(),
+            helo: helo.to_owned(),
             protocol: Protocol {
-                esmtp: helo.esmtp,
+                esmtp,
                 tls: self.conn.tls,
                 auth: self.auth.is_some(),
                 utf8: p.smtputf8,
@@ -909,7 +962,14 @@ impl Session {
             _ => Err(reply::BAD_SEQUENCE_NEED_MAIL.into()),
         };
         let accepted = match verdict {
-            Ok(a) => a,
+            Ok(a) => match self.recipient_rate() {
+                None => a,
+                Some(refusal) => {
+                    let command = format!("RCPT TO:<{}>", a.addr);
+                    self.note_rejection_for(RECIPIENT_RATE_REASON, refusal, command);
+                    return self.error(refusal);
+                }
+            },
             Err(RcptRefusal::Reply(e)) => {
                 if [reply::RELAY_DENIED, UNQUALIFIED].contains(&e) {
                     let to = match &r.to {
@@ -977,11 +1037,7 @@ impl Session {
             // everyone else only to local domains, and only to plain local
             // parts (no percent hack, bang path or quoted '@' that another
             // MTA could route onward).
-            let relay_client = self
-                .cfg
-                .relay_networks
-                .iter()
-                .any(|n| n.contains(self.conn.peer.ip()));
+            let relay_client = self.relay_client();
             let plain_local =
                 at.local_domain && !crate::policy::relay::is_routing_local_part(mb.local);
             if !(relay_client || plain_local) {
@@ -1262,11 +1318,72 @@ impl Session {
     }
 
     fn note_rejection(&mut self, reply: Reply, command: String) {
+        self.note_rejection_for("policy", reply, command);
+    }
+
+    fn note_rejection_for(&mut self, reason: &'static str, reply: Reply, command: String) {
         self.rejections.push(PolicyRejection {
             reply,
             command,
             user: self.auth.as_ref().map(|a| a.login.clone()),
+            reason,
         });
+    }
+
+    /// The client failed the screen: its answer, and the session is over.
+    fn fail_screen(&mut self, why: Violation) {
+        self.violation = Some(why);
+        self.close_with(why.reply());
+    }
+
+    /// The client may relay (`--relay-network`).
+    fn relay_client(&self) -> bool {
+        self.cfg
+            .relay_networks
+            .iter()
+            .any(|n| n.contains(self.conn.peer.ip()))
+    }
+
+    /// Counts one message against the per-minute limits: the user's when
+    /// authenticated, else the client network's (unless it may relay).
+    /// `Some` with the refusal and its reason when over.
+    fn message_rate(&self) -> Option<(Reply, &'static str)> {
+        let rates = self.cfg.rates.as_ref()?;
+        if let Some(who) = &self.auth {
+            let key = RateKey::user(&who.login);
+            return rates
+                .take(key, Counted::Messages, self.now)
+                .err()
+                .map(|_| (USER_MESSAGE_RATE, USER_MESSAGE_RATE_REASON));
+        }
+        if self.relay_client() {
+            return None;
+        }
+        rates
+            .take(
+                RateKey::net(self.conn.peer.ip()),
+                Counted::Messages,
+                self.now,
+            )
+            .err()
+            .map(|_| (MESSAGE_RATE, MESSAGE_RATE_REASON))
+    }
+
+    /// Counts one recipient against the client network's per-minute limit
+    /// (not for authenticated or relay clients).
+    fn recipient_rate(&self) -> Option<Reply> {
+        let rates = self.cfg.rates.as_ref()?;
+        if self.auth.is_some() || self.relay_client() {
+            return None;
+        }
+        rates
+            .take(
+                RateKey::net(self.conn.peer.ip()),
+                Counted::Recipients,
+                self.now,
+            )
+            .err()
+            .map(|_| RECIPIENT_RATE)
     }
 
     fn close_with(&mut self, r: Reply) {
@@ -1327,6 +1444,101 @@ pub struct PolicyRejection {
     pub command: String,
     /// The authenticated user, if any.
     pub user: Option<String>,
+    /// Why, for the event log: `policy`, or a rate limit
+    /// (`message_rate`, `recipient_rate`, `user_message_rate`).
+    pub reason: &'static str,
+}
+
+/// Why a client failed the screen (the `reason` of its `refused` event
+/// and of `ringmta_screen_refusals_total`); the memory of clients that
+/// failed is [`crate::inbound::screen`]'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// Sent something before the greeting.
+    Pregreet,
+    /// Sent several commands at once without PIPELINING offered.
+    Pipelining,
+    /// Sent an HTTP request, a CONNECT or binary garbage.
+    NonSmtp,
+}
+
+impl Violation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Violation::Pregreet => "pregreet",
+            Violation::Pipelining => "pipelining",
+            Violation::NonSmtp => "non_smtp",
+        }
+    }
+
+    /// The answer before the connection is dropped.
+    pub fn reply(self) -> Reply {
+        match self {
+            Violation::Pregreet => PREGREET,
+            Violation::Pipelining => PIPELINING,
+            Violation::NonSmtp => NON_SMTP,
+        }
+    }
+}
+
+pub const PREGREET: Reply = Reply::new(
+    554,
+    "5.5.1",
+    "Error: protocol violation: talking before the greeting",
+);
+pub const PIPELINING: Reply = Reply::new(
+    554,
+    "5.5.1",
+    "Error: protocol violation: commands pipelined without PIPELINING",
+);
+pub const NON_SMTP: Reply = Reply::new(554, "5.5.1", "Error: non-SMTP command");
+/// Messages per minute from a client network over `--max-messages-per-minute`.
+pub const MESSAGE_RATE: Reply = Reply::new(
+    451,
+    "4.7.0",
+    "Error: too many messages from your network, try again later",
+);
+/// Recipients per minute from a client network over
+/// `--max-recipients-per-minute`.
+pub const RECIPIENT_RATE: Reply = Reply::new(
+    452,
+    "4.5.3",
+    "Error: too many recipients from your network, try again later",
+);
+/// Messages per minute from one login over
+/// `--max-messages-per-user-per-minute`.
+pub const USER_MESSAGE_RATE: Reply = Reply::new(
+    451,
+    "4.7.0",
+    "Error: too many messages from this user, try again later",
+);
+pub const MESSAGE_RATE_REASON: &str = "message_rate";
+pub const RECIPIENT_RATE_REASON: &str = "recipient_rate";
+pub const USER_MESSAGE_RATE_REASON: &str = "user_message_rate";
+
+/// HTTP methods and CONNECT (a client speaking to the wrong port, or an
+/// open proxy relaying a spammer), as Postfix's `smtpd_forbidden_commands`;
+/// with `strict` (`--screen-protocol`) also any line that does not start
+/// with a letter (TLS handshakes and other binary garbage).
+fn is_non_smtp(line: &[u8], strict: bool) -> bool {
+    const VERBS: [&[u8]; 9] = [
+        b"GET ",
+        b"POST ",
+        b"HEAD ",
+        b"PUT ",
+        b"CONNECT ",
+        b"OPTIONS ",
+        b"DELETE ",
+        b"PATCH ",
+        b"TRACE ",
+    ];
+    if VERBS
+        .iter()
+        .any(|v| line.len() >= v.len() && line[..v.len()].eq_ignore_ascii_case(v))
+    {
+        return true;
+    }
+    strict && line.first().is_some_and(|b| !b.is_ascii_alphabetic())
 }
 
 enum LineStep {
@@ -1883,7 +2095,7 @@ mod tests {
         });
         let (out, _) = drive(
             &c,
-            b"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nNOOP\r\n",
+            b"FROB / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nNOOP\r\n",
             &[],
         );
         assert_eq!(codes(&out), ["220", "500", "500", "500", "421"]);
@@ -2344,5 +2556,194 @@ mod tests {
         assert_eq!(codes(&out).len(), 5001);
         let (out, _) = drive(&cfg(), &input, &[3000, 20_000]);
         assert_eq!(codes(&out).len(), 5001);
+    }
+
+    fn screened() -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            screen_protocol: true,
+            ..(*cfg()).clone()
+        })
+    }
+
+    /// Feeds `batches` one `handle_input` each; the output and the
+    /// violation, if any.
+    fn batches(
+        cfg: &Arc<SessionConfig>,
+        peer: &str,
+        exempt: bool,
+        batches: &[&[u8]],
+    ) -> (String, Option<Violation>) {
+        let now = Instant::now();
+        let conn = ConnInfo {
+            peer: peer.parse().unwrap(),
+            tls: false,
+        };
+        let mut s = Session::new(cfg.clone(), conn, now);
+        if exempt {
+            s = s.exempt_from_screen();
+        }
+        let mut violation = None;
+        for b in batches {
+            s.handle_input(b, now);
+            violation = violation.or(s.take_violation());
+            if s.is_closed() {
+                break;
+            }
+        }
+        (String::from_utf8(s.output().to_vec()).unwrap(), violation)
+    }
+
+    #[test]
+    fn http_and_connect_are_dropped_at_once_on_every_split() {
+        for input in [
+            &b"GET / HTTP/1.1\r\nHost: mx.test\r\n\r\n"[..],
+            b"CONNECT mx.test:25 HTTP/1.0\r\n\r\n",
+            b"EHLO c\r\npost /x HTTP/1.1\r\n",
+        ] {
+            let (out, _) = drive_every_split(&cfg(), input);
+            assert!(
+                out.ends_with("554 5.5.1 Error: non-SMTP command\r\n"),
+                "{out}"
+            );
+            let (_, v) = batches(&cfg(), PEER, false, &[input]);
+            assert_eq!(v, Some(Violation::NonSmtp));
+        }
+        // Only as a command: in content it is content.
+        let (out, msgs) = drive_every_split(
+            &cfg(),
+            b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nGET / x\r\n.\r\n",
+        );
+        assert_eq!(msgs.len(), 1, "{out}");
+    }
+
+    #[test]
+    fn binary_lines_are_non_smtp_only_under_the_screen() {
+        let (out, v) = batches(&cfg(), PEER, false, &[b"\x16\x03\x01\r\n"]);
+        assert!(out.contains("\r\n500 "), "{out}");
+        assert_eq!(v, None);
+        let (out, v) = batches(&screened(), PEER, false, &[b"\x16\x03\x01\r\n"]);
+        assert!(
+            out.ends_with("554 5.5.1 Error: non-SMTP command\r\n"),
+            "{out}"
+        );
+        assert_eq!(v, Some(Violation::NonSmtp));
+    }
+
+    #[test]
+    fn pipelining_before_it_was_offered_fails_the_screen() {
+        let pipelined: [&[u8]; 3] = [
+            b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n",
+            b"NOOP\r\nEHLO c\r\n",
+            b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@localhost>\r\n",
+        ];
+        for input in pipelined {
+            let (out, v) = batches(&screened(), PEER, false, &[input]);
+            assert_eq!(v, Some(Violation::Pipelining), "{out}");
+            assert!(
+                out.ends_with("554 5.5.1 Error: protocol violation: commands pipelined without PIPELINING\r\n"),
+                "{out}"
+            );
+            // Not screened, or exempt: served as usual.
+            let (out, v) = batches(&cfg(), PEER, false, &[input]);
+            assert_eq!(v, None, "{out}");
+            let (_, v) = batches(&screened(), PEER, true, &[input]);
+            assert_eq!(v, None);
+        }
+        // After HELO, one command per batch is fine.
+        let (out, v) = batches(
+            &screened(),
+            PEER,
+            false,
+            &[
+                b"HELO c\r\n",
+                b"MAIL FROM:<a@b.example>\r\n",
+                b"RCPT TO:<u@localhost>\r\n",
+            ],
+        );
+        assert_eq!(v, None, "{out}");
+        assert_eq!(codes(&out), ["220", "250", "250", "250"]);
+        // After the EHLO reply offered PIPELINING, a whole transaction
+        // may come at once.
+        let (out, v) = batches(
+            &screened(),
+            PEER,
+            false,
+            &[
+                b"EHLO c\r\n",
+                b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@localhost>\r\nDATA\r\n",
+            ],
+        );
+        assert_eq!(v, None, "{out}");
+    }
+
+    fn rated(limits: crate::policy::rate::RateLimits) -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            rates: Some(Arc::new(RateLimiter::new(limits))),
+            relay_networks: vec!["192.0.2.128/25".parse().unwrap()],
+            ..(*cfg()).clone()
+        })
+    }
+
+    #[test]
+    fn messages_and_recipients_per_minute_per_network() {
+        let c = rated(crate::policy::rate::RateLimits {
+            messages: 2,
+            recipients: 3,
+            ..Default::default()
+        });
+        let tx = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@localhost>\r\nRCPT TO:<v@localhost>\r\nRSET\r\n";
+        let input = [&b"EHLO c\r\n"[..], tx, tx, tx].concat();
+        let (out, _) = drive_from(&c, "192.0.2.1:4000", &input, &[]);
+        assert_eq!(
+            codes(&out),
+            [
+                "220", "250", "250", "250", "250", "250", "250", "250", "452", "250", "451", "503",
+                "503", "250"
+            ],
+            "{out}"
+        );
+        assert!(out.contains("452 4.5.3 Error: too many recipients from your network"));
+        assert!(out.contains("451 4.7.0 Error: too many messages from your network"));
+        // The same /24 shares the count; another network, or a relay
+        // client, does not.
+        let (out, _) = drive_from(&c, "192.0.2.77:4000", &input, &[]);
+        assert_eq!(codes(&out)[..3], ["220", "250", "451"], "{out}");
+        let (out, _) = drive_from(&c, "198.51.100.1:4000", &input, &[]);
+        assert_eq!(
+            codes(&out)[..5],
+            ["220", "250", "250", "250", "250"],
+            "{out}"
+        );
+        let (out, _) = drive_from(&c, "192.0.2.200:4000", &input, &[]);
+        assert!(!out.contains(" 4.7.0") && !out.contains("4.5.3"), "{out}");
+    }
+
+    #[test]
+    fn messages_per_minute_per_user_not_per_network() {
+        let c = Arc::new(SessionConfig {
+            rates: Some(Arc::new(RateLimiter::new(
+                crate::policy::rate::RateLimits {
+                    messages: 1,
+                    recipients: 1,
+                    user_messages: 2,
+                    ..Default::default()
+                },
+            ))),
+            ..(*submission(false)).clone()
+        });
+        let ok = b64(b"\0alice\0secret");
+        let tx = "MAIL FROM:<alice@localhost>\r\nRCPT TO:<x@elsewhere.example>\r\nRCPT TO:<y@elsewhere.example>\r\nRSET\r\n";
+        let input = format!("EHLO c\r\nAUTH PLAIN {ok}\r\n{tx}{tx}{tx}");
+        let (out, _) = drive_from(&c, "127.0.0.1:4000", input.as_bytes(), &[]);
+        let codes = codes(&out);
+        // Two transactions of two recipients each (the network limits do
+        // not apply to a login), then the user's limit.
+        assert_eq!(
+            codes[3..11],
+            ["250", "250", "250", "250", "250", "250", "250", "250"],
+            "{out}"
+        );
+        assert_eq!(codes[11], "451", "{out}");
+        assert!(out.contains("451 4.7.0 Error: too many messages from this user"));
     }
 }
