@@ -52,6 +52,10 @@ pub struct Cli {
           value_parser = parse_listen)]
     pub admin: Listen,
 
+    /// File whose first line is the bearer token the admin API (/api/) requires (needed when --admin is not loopback; /metrics stays open).
+    #[arg(long, value_name = "FILE", env = "RINGMTA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// TLS certificate chain (PEM) [default: a self-signed one generated into <spool-dir>/tls/].
     #[arg(
         long,

@@ -64,6 +64,9 @@ pub struct Config {
     pub delivery: bool,
     /// The admin HTTP listener (`--admin`; `None`: off).
     pub admin: Option<SocketAddr>,
+    /// The bearer token the admin API asks for (`--admin-token-file`,
+    /// read here: a SIGHUP reads it again); `None`: none asked.
+    pub admin_token: Option<String>,
 }
 
 /// Sizes of the blocking pools ([`crate::blocking`]), at least 1 each.
@@ -97,6 +100,13 @@ impl InflightLimits {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    #[error("--admin-token-file {0}: {1}")]
+    AdminToken(PathBuf, String),
+    #[error(
+        "--admin {0} is not a loopback address: the admin API changes the queue, so it needs \
+         --admin-token-file (or bind --admin to 127.0.0.1 / ::1)"
+    )]
+    AdminWithoutToken(SocketAddr),
     #[error("--shards must be at least 1")]
     NoShards,
     #[error("--smtp needs at least one address")]
@@ -134,6 +144,20 @@ fn absolute(path: &Path) -> Result<PathBuf, ConfigError> {
     std::path::absolute(path).map_err(|e| ConfigError::BadPath(path.to_owned(), e))
 }
 
+/// The token in `--admin-token-file`: its first line, trimmed; at least
+/// 16 characters, printable ASCII.
+fn read_token(path: &Path) -> Result<String, ConfigError> {
+    let bad = |why: String| ConfigError::AdminToken(path.to_owned(), why);
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(
+            "the first line must be a token of at least 16 printable ASCII characters".into(),
+        ));
+    }
+    Ok(token.to_owned())
+}
+
 impl Config {
     pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
         let shards = match cli.shards {
@@ -152,6 +176,15 @@ impl Config {
         }
         if cli.max_data_time.is_zero() {
             return Err(ConfigError::ZeroDataTime);
+        }
+        let admin_token = match &cli.admin_token_file {
+            None => None,
+            Some(path) => Some(read_token(path)?),
+        };
+        if let Some(addr) = cli.admin.0 {
+            if !addr.ip().is_loopback() && admin_token.is_none() {
+                return Err(ConfigError::AdminWithoutToken(addr));
+            }
         }
         let inflight = InflightLimits::split(cli.max_inflight_bytes, shards);
         if inflight.per_client < crate::smtp::session::MIN_DATA_ROOM {
@@ -287,6 +320,7 @@ impl Config {
             relay,
             delivery: !cli.no_delivery,
             admin: cli.admin.0,
+            admin_token,
             spool: SpoolOptions {
                 max_segment: cli.max_segment_size.max(1 << 20),
                 compact_below: cli.compact_below.clamp(0.0, 1.0),

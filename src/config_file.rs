@@ -57,6 +57,8 @@ pub const RELOADABLE: &[&str] = &[
     "tls-policy",
     // Listeners' limits, for the connections that follow.
     "max-conns-per-ip",
+    // The admin API's bearer token (the file is read again).
+    "admin-token-file",
     // The files themselves are re-read on every SIGHUP; these name them.
     "dkim-key",
     "tls-cert",

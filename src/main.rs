@@ -138,12 +138,30 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         );
     }
     watch_signals(shared.clone(), reload).context("cannot install signal handlers")?;
+    // Destinations suspended through the admin API, kept across restarts.
+    let mut suspensions = ringmta::relay::control::Suspensions::load(spool.root())
+        .context("cannot read the suspended destinations")?;
+    let mut control = server::Control {
+        suspended: suspensions
+            .active(0)
+            .iter()
+            .map(|s| (s.destination.clone(), s.until))
+            .collect(),
+        ..server::Control::default()
+    };
     // Bound before the shards start: a taken port is a startup error.
     let admin = match config.admin {
-        Some(addr) => Some(ringmta::admin::start(
-            addr,
-            ringmta::admin::Router::standard(),
-        )?),
+        Some(addr) => {
+            let (senders, receivers) = ringmta::admin::api::channels(config.shards);
+            control.receivers = receivers;
+            let api = ringmta::admin::api::Api::new(
+                senders,
+                suspensions,
+                shared.admin_token.clone(),
+            );
+            let router = api.routes(ringmta::admin::Router::standard());
+            Some(ringmta::admin::start(addr, router)?)
+        }
         None => None,
     };
     tracing::info!(
@@ -155,7 +173,7 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         inflight_per_client = config.inflight.per_client,
         "starting"
     );
-    server::run(&config, &spool, shared, |addrs| {
+    server::run(&config, &spool, shared, control, |addrs| {
         // One machine-readable line on stdout per listener: tests and
         // scripts that bind port 0 read the real port from it.
         let mut out = std::io::stdout().lock();

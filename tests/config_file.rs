@@ -96,6 +96,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("log", r#""ringmta=debug""#),
     ("log-format", r#""json""#),
     ("admin", r#""127.0.0.1:9999""#),
+    ("admin-token-file", r#""/etc/ringmta/admin-token""#),
     ("proxy-protocol-from", r#"["10.0.0.0/8"]"#),
     ("proxy-protocol-timeout", r#""3s""#),
 ];

@@ -90,6 +90,9 @@ pub struct Shared {
     pub dkim_pool: BlockingPool,
     /// Maildir directory operations and renames.
     pub maildir_pool: Arc<BlockingPool>,
+    /// The admin API's bearer token (`--admin-token-file`); replaced on
+    /// SIGHUP.
+    pub admin_token: Arc<arc_swap::ArcSwapOption<String>>,
 }
 
 /// What a connection takes when it starts, as one version: a SIGHUP
@@ -149,6 +152,9 @@ impl Shared {
             auth: users::AuthStore::load(config.auth.clone())?,
             dkim: dkim::DkimStore::load(config.dkim_keys.clone())?,
             recipients,
+            admin_token: Arc::new(arc_swap::ArcSwapOption::from(
+                config.admin_token.clone().map(Arc::new),
+            )),
             auth_pool: BlockingPool::new(
                 "auth",
                 config.pools.auth_threads,
@@ -188,6 +194,8 @@ impl Shared {
         self.live
             .store(Arc::new(Live::new(config, self.recipients.handle())));
         self.relay.store(config.relay.clone());
+        self.admin_token
+            .store(config.admin_token.clone().map(Arc::new));
         Ok(())
     }
 
@@ -238,6 +246,15 @@ impl Shared {
     }
 }
 
+/// The admin API's way into the shards: one command receiver per shard
+/// (the admin side holds the senders), and the destinations suspended at
+/// start with the end of each suspension.
+#[derive(Debug, Default)]
+pub struct Control {
+    pub receivers: Vec<Option<futures_channel::mpsc::Receiver<crate::relay::control::Request>>>,
+    pub suspended: Vec<(String, u64)>,
+}
+
 /// Runs the server until `shared.request_stop()` and every shard drained.
 /// `on_listening` is called once every shard is up, with the bound addresses
 /// and what each listener is for.
@@ -245,8 +262,13 @@ pub fn run(
     config: &Config,
     spool: &Spool,
     shared: Arc<Shared>,
+    control: Control,
     on_listening: impl FnOnce(&[(ListenerKind, SocketAddr)]),
 ) -> Result<(), ServerError> {
+    let Control {
+        mut receivers,
+        suspended,
+    } = control;
     let (kinds, addrs): (Vec<ListenerKind>, Vec<SocketAddr>) =
         config.listeners().into_iter().unzip();
     let bound = listener::bind_all(&addrs, config.shards, config.backlog)?;
@@ -288,6 +310,8 @@ pub fn run(
             queue: std::cell::Cell::new(spool.take_shard_queue(id, config.shards)),
             resolver: resolver.clone(),
             mesh: meshes.get_mut(id).and_then(Option::take),
+            control: receivers.get_mut(id).and_then(Option::take),
+            suspended: suspended.clone(),
         };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()
