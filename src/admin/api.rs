@@ -21,8 +21,8 @@ use serde_json::json;
 
 use super::{Request, Response, Router};
 use crate::relay::control::{
-    Action, Affected, Answer, Command, DestSummary, MessageInfo, Request as ShardRequest,
-    Selector, Suspension, Suspensions,
+    Action, Affected, Answer, Command, DestSummary, MessageInfo, Request as ShardRequest, Selector,
+    Suspension, Suspensions,
 };
 
 /// How long the API waits for every shard's answer.
@@ -111,7 +111,10 @@ impl Api {
             .map(str::trim);
         match given {
             Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-            _ => Err(Response::error(401, "a bearer token is required (--admin-token-file)")),
+            _ => Err(Response::error(
+                401,
+                "a bearer token is required (--admin-token-file)",
+            )),
         }
     }
 
@@ -200,11 +203,12 @@ impl Api {
             }
         }
         let mut list: Vec<DestSummary> = merged.into_values().collect();
-        list.sort_by(|a, b| {
-            (b.recipients, &a.destination).cmp(&(a.recipients, &b.destination))
-        });
+        list.sort_by(|a, b| (b.recipients, &a.destination).cmp(&(a.recipients, &b.destination)));
         let messages: usize = list.iter().map(|d| d.messages).sum();
-        Response::json(200, &json!({ "destinations": list, "messages_by_destination": messages }))
+        Response::json(
+            200,
+            &json!({ "destinations": list, "messages_by_destination": messages }),
+        )
     }
 
     fn list(&self, req: &Request) -> Response {

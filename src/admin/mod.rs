@@ -266,10 +266,15 @@ enum BodyError {
 fn read_body(stream: &mut TcpStream, head: &[u8], mut rest: Vec<u8>) -> Result<Vec<u8>, BodyError> {
     let len = match header(head, "content-length") {
         None => 0,
-        Some(v) => v.trim().parse::<usize>().map_err(|_| BodyError::Bad("bad Content-Length"))?,
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| BodyError::Bad("bad Content-Length"))?,
     };
     if header(head, "transfer-encoding").is_some() {
-        return Err(BodyError::Bad("Transfer-Encoding is not accepted: send Content-Length"));
+        return Err(BodyError::Bad(
+            "Transfer-Encoding is not accepted: send Content-Length",
+        ));
     }
     if len > MAX_BODY {
         return Err(BodyError::TooLarge);
@@ -287,10 +292,14 @@ fn read_body(stream: &mut TcpStream, head: &[u8], mut rest: Vec<u8>) -> Result<V
 
 /// The value of the first header `name` (any case) in `head`.
 fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
-    std::str::from_utf8(head).ok()?.split("\r\n").skip(1).find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
+    std::str::from_utf8(head)
+        .ok()?
+        .split("\r\n")
+        .skip(1)
+        .find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
 }
 
 /// Reads up to the blank line that ends the head; returns it and what

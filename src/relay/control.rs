@@ -102,12 +102,24 @@ pub enum Command {
         limit: usize,
     },
     /// One message, with its envelope and size.
-    Show { id: String },
-    Act { action: Action, selector: Selector },
+    Show {
+        id: String,
+    },
+    Act {
+        action: Action,
+        selector: Selector,
+    },
     /// Take back the queued (not started) work of these messages.
-    Withdraw { ids: Vec<String> },
-    Suspend { destination: String, until: u64 },
-    Resume { destination: String },
+    Withdraw {
+        ids: Vec<String>,
+    },
+    Suspend {
+        destination: String,
+        until: u64,
+    },
+    Resume {
+        destination: String,
+    },
 }
 
 /// A command on its way to a shard, with where the answer goes.

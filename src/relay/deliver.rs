@@ -680,8 +680,8 @@ impl Relay {
                 }
                 work?
             };
-            let stale = work.origin.is_none()
-                && work.id.with_str(|id| self.spool.held(id)) != Some(false);
+            let stale =
+                work.origin.is_none() && work.id.with_str(|id| self.spool.held(id)) != Some(false);
             if !stale {
                 return Some(work);
             }

@@ -190,10 +190,8 @@ async fn serve(
     if let Some(rx) = control {
         let (state, rx) = (state.clone(), Rc::new(RefCell::new(rx)));
         glommio::spawn_local(async move {
-            crate::util::supervise("queue control", || {
-                control_loop(state.clone(), rx.clone())
-            })
-            .await;
+            crate::util::supervise("queue control", || control_loop(state.clone(), rx.clone()))
+                .await;
         })
         .detach();
     }

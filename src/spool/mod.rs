@@ -842,12 +842,7 @@ impl ShardSpool {
     }
 
     /// [`QueueIndex::visit`] on this shard's queue.
-    pub fn visit(
-        &self,
-        from: usize,
-        max: usize,
-        f: impl FnMut(queue::View<'_>),
-    ) -> Option<usize> {
+    pub fn visit(&self, from: usize, max: usize, f: impl FnMut(queue::View<'_>)) -> Option<usize> {
         self.queue.borrow().visit(from, max, f)
     }
 
