@@ -507,6 +507,10 @@ fn api_errors_are_precise() {
     );
     assert_eq!(v["messages"], json!(0), "already held: {v}");
     assert_eq!(messages(&r, "")[0]["held"], json!(true));
+    wait_until("the held gauge", Duration::from_secs(15), || {
+        let text = common::http_get(a, "/metrics");
+        metric(&text, "ringmta_queue_held_messages", &[]) == 1.0
+    });
     let (_, v) = api(
         a,
         "POST",
@@ -516,4 +520,60 @@ fn api_errors_are_precise() {
     );
     assert_eq!(v["messages"], json!(1), "{v}");
     assert_eq!(messages(&r, "")[0]["held"], json!(false));
+}
+
+/// Work already queued for a destination (behind a connection that hangs)
+/// is taken back by a hold: no further connection is made for the held
+/// messages once the hung attempt ends.
+#[test]
+fn a_hold_takes_back_work_already_queued_for_the_destination() {
+    // Accepts connections (the kernel does) and never greets.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    silent.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    let acceptor = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            match silent.accept() {
+                Ok((s, _)) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    held.push(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let r = relay(
+        &spool.path().join("spool"),
+        port,
+        2,
+        &["--max-conns-per-dest", "1", "--relay-banner-timeout", "3s"],
+    );
+    send(&r, 4, &["u@example.net"]);
+    wait_until("the first connection", Duration::from_secs(10), || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
+    });
+    let (status, v) = api(
+        admin(&r),
+        "POST",
+        "/api/v1/queue/hold",
+        Some(json!({ "domain": "example.net" })),
+        None,
+    );
+    assert_eq!((status, &v["messages"]), (200, &json!(4)), "{v}");
+    // The hung attempt times out (its message is deferred); nothing else
+    // is tried.
+    assert!(r.wait_for_log("event=\"deferred\"", Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let listed = messages(&r, "?destination=127.0.0.1");
+    assert_eq!(listed.len(), 4);
+    assert!(listed.iter().all(|m| m["held"] == json!(true)));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    acceptor.join().unwrap();
 }

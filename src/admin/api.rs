@@ -104,11 +104,13 @@ impl Api {
         let Some(token) = self.token.load_full() else {
             return Ok(());
         };
+        // The scheme is case-insensitive (RFC 9110 11.1).
         let given = req
             .authorization
             .as_deref()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
         match given {
             Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
             _ => Err(Response::error(

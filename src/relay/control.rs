@@ -296,14 +296,24 @@ fn state_name(s: RcptState) -> (&'static str, Option<u64>) {
     }
 }
 
+/// What [`info`] shows of a message besides its recipients.
+struct Head<'a> {
+    id: &'a str,
+    arrival: u64,
+    held: bool,
+    sender: Option<&'a str>,
+}
+
 fn info(
     shard: usize,
     now: u64,
     cfg: &RelayConfig,
-    id: &str,
-    arrival: u64,
-    held: bool,
-    sender: Option<&str>,
+    Head {
+        id,
+        arrival,
+        held,
+        sender,
+    }: Head<'_>,
     rcpts: impl Iterator<Item = (String, RcptState)>,
 ) -> MessageInfo {
     MessageInfo {
@@ -355,14 +365,18 @@ async fn list(
                     .any(|(a, s)| !s.finished() && sel.rcpt_matches(a, cfg)),
             };
             if wanted {
+                let id = v.id.to_string();
+                let head = Head {
+                    id: &id,
+                    arrival: v.arrival,
+                    held: v.held,
+                    sender: v.mail_from,
+                };
                 out.push(info(
                     spool.shard(),
                     now,
                     cfg,
-                    &v.id.to_string(),
-                    v.arrival,
-                    v.held,
-                    v.mail_from,
+                    head,
                     v.rcpts.iter().map(|(a, s)| (a.to_string(), *s)),
                 ));
             }
@@ -374,16 +388,13 @@ async fn list(
 
 async fn show(spool: &ShardSpool, cfg: &RelayConfig, id: &str) -> Option<MessageInfo> {
     let e = spool.entry(id)?;
-    let mut m = info(
-        spool.shard(),
-        unix_now(),
-        cfg,
-        &e.id,
-        e.arrival,
-        e.held,
-        e.mail_from.as_deref(),
-        e.rcpts.into_iter(),
-    );
+    let head = Head {
+        id: &e.id,
+        arrival: e.arrival,
+        held: e.held,
+        sender: e.mail_from.as_deref(),
+    };
+    let mut m = info(spool.shard(), unix_now(), cfg, head, e.rcpts.into_iter());
     if let Ok(Some((block, message))) = spool.show(id).await {
         m.size = Some(message.len() as u64);
         m.envelope = Some(block.lines().map(str::to_owned).collect());

@@ -268,6 +268,7 @@ async fn publish_queue(state: Rc<ShardState>) {
     loop {
         let m = &state.metrics;
         m.queue_messages.set(state.spool.len() as i64);
+        m.queue_held.set(held_messages(&state.spool).await as i64);
         if let Some(relay) = &state.relay {
             m.queue_census(&relay.census().await, &mut last);
         }
@@ -281,9 +282,12 @@ async fn control_loop(
     state: Rc<ShardState>,
     rx: Rc<RefCell<futures_channel::mpsc::Receiver<crate::relay::control::Request>>>,
 ) {
-    use futures_lite::StreamExt;
+    use futures_lite::Stream;
     loop {
-        let next = { rx.borrow_mut().next() }.await;
+        // Borrowed only while polled: a restart after a panic finds it free.
+        let next =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rx.borrow_mut()).poll_next(cx))
+                .await;
         let Some(req) = next else {
             return;
         };
@@ -314,6 +318,18 @@ async fn control_loop(
         })
         .detach();
     }
+}
+
+/// Messages on hold in this shard's queue, counted in slices with a
+/// yield between them (a large queue does not hold up connections).
+async fn held_messages(spool: &ShardSpool) -> usize {
+    let mut held = 0;
+    let mut from = Some(0);
+    while let Some(at) = from {
+        from = spool.visit(at, 4096, |v| held += usize::from(v.held));
+        glommio::yield_if_needed().await;
+    }
+    held
 }
 
 /// Waits until no connection is open, or `limit` passed (then `false`).
