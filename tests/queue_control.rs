@@ -554,7 +554,11 @@ fn a_hold_takes_back_work_already_queued_for_the_destination() {
         2,
         &["--max-conns-per-dest", "1", "--relay-banner-timeout", "3s"],
     );
-    send(&r, 4, &["u@example.net"]);
+    // One connection each: both shards take some in, so work is handed
+    // to the destination's owner from the other shard too.
+    for _ in 0..6 {
+        send(&r, 1, &["u@example.net"]);
+    }
     wait_until("the first connection", Duration::from_secs(10), || {
         accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
     });
@@ -565,14 +569,14 @@ fn a_hold_takes_back_work_already_queued_for_the_destination() {
         Some(json!({ "domain": "example.net" })),
         None,
     );
-    assert_eq!((status, &v["messages"]), (200, &json!(4)), "{v}");
+    assert_eq!((status, &v["messages"]), (200, &json!(6)), "{v}");
     // The hung attempt times out (its message is deferred); nothing else
     // is tried.
     assert!(r.wait_for_log("event=\"deferred\"", Duration::from_secs(20)));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     let listed = messages(&r, "?destination=127.0.0.1");
-    assert_eq!(listed.len(), 4);
+    assert_eq!(listed.len(), 6);
     assert!(listed.iter().all(|m| m["held"] == json!(true)));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     acceptor.join().unwrap();
