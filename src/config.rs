@@ -64,9 +64,10 @@ pub struct Config {
     pub delivery: bool,
     /// The admin HTTP listener (`--admin`; `None`: off).
     pub admin: Option<SocketAddr>,
-    /// The bearer token the admin API asks for (`--admin-token-file`,
-    /// read here: a SIGHUP reads it again); `None`: none asked.
-    pub admin_token: Option<String>,
+    /// The file with the bearer token the admin API asks for
+    /// (`--admin-token-file`; read by `server::Shared`, again on SIGHUP);
+    /// `None`: none asked.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Sizes of the blocking pools ([`crate::blocking`]), at least 1 each.
@@ -100,8 +101,6 @@ impl InflightLimits {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("--admin-token-file {0}: {1}")]
-    AdminToken(PathBuf, String),
     #[error(
         "--admin {0} is not a loopback address: the admin API changes the queue, so it needs \
          --admin-token-file (or bind --admin to 127.0.0.1 / ::1)"
@@ -144,20 +143,6 @@ fn absolute(path: &Path) -> Result<PathBuf, ConfigError> {
     std::path::absolute(path).map_err(|e| ConfigError::BadPath(path.to_owned(), e))
 }
 
-/// The token in `--admin-token-file`: its first line, trimmed; at least
-/// 16 characters, printable ASCII.
-fn read_token(path: &Path) -> Result<String, ConfigError> {
-    let bad = |why: String| ConfigError::AdminToken(path.to_owned(), why);
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let token = text.lines().next().unwrap_or_default().trim();
-    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad(
-            "the first line must be a token of at least 16 printable ASCII characters".into(),
-        ));
-    }
-    Ok(token.to_owned())
-}
-
 impl Config {
     pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
         let shards = match cli.shards {
@@ -177,12 +162,12 @@ impl Config {
         if cli.max_data_time.is_zero() {
             return Err(ConfigError::ZeroDataTime);
         }
-        let admin_token = match &cli.admin_token_file {
+        let admin_token_file = match &cli.admin_token_file {
             None => None,
-            Some(path) => Some(read_token(path)?),
+            Some(path) => Some(absolute(path)?),
         };
         if let Some(addr) = cli.admin.0 {
-            if !addr.ip().is_loopback() && admin_token.is_none() {
+            if !addr.ip().is_loopback() && admin_token_file.is_none() {
                 return Err(ConfigError::AdminWithoutToken(addr));
             }
         }
@@ -320,7 +305,7 @@ impl Config {
             relay,
             delivery: !cli.no_delivery,
             admin: cli.admin.0,
-            admin_token,
+            admin_token_file,
             spool: SpoolOptions {
                 max_segment: cli.max_segment_size.max(1 << 20),
                 compact_below: cli.compact_below.clamp(0.0, 1.0),

@@ -590,6 +590,10 @@ fn sighup_applies_every_reloadable_key() {
     std::fs::write(&users, &out.stdout).unwrap();
     let senders = dir.path().join("senders");
     std::fs::write(&senders, "@example.net carol\n").unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "after-the-reload-0123456789\n").unwrap();
+    let admin = server.admin.expect("admin listener");
+    assert_eq!(api_status(admin, None), 200, "no token before");
     let dkim = dir.path().join("dkim.pem");
     let out = run_peer(
         ringmta,
@@ -651,6 +655,7 @@ fn sighup_applies_every_reloadable_key() {
             format!("{:?}", senders.to_str().unwrap()),
         ),
         ("auth-failure-delay", r#""2s""#.into()),
+        ("admin-token-file", format!("{:?}", token.to_str().unwrap())),
     ];
     let mut listed: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
     listed.sort_unstable();
@@ -708,4 +713,23 @@ fn sighup_applies_every_reloadable_key() {
     assert!(r.to_string().starts_with("421"), "{r}");
     sub.expect("QUIT", 221);
     c.expect("QUIT", 221);
+    // The admin API now wants the token.
+    assert_eq!(api_status(admin, None), 401);
+    assert_eq!(api_status(admin, Some("after-the-reload-0123456789")), 200);
+}
+
+/// The status of `GET /api/v1/suspensions` on the admin listener.
+fn api_status(addr: std::net::SocketAddr, token: Option<&str>) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET /api/v1/suspensions HTTP/1.1\r\nHost: t\r\n{auth}\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split(' ').nth(1).unwrap().parse().unwrap()
 }

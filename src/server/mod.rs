@@ -63,6 +63,8 @@ pub enum ServerError {
     Users(#[from] users::UsersError),
     #[error(transparent)]
     Dkim(#[from] dkim::DkimError),
+    #[error("--admin-token-file {0}: {1}")]
+    AdminToken(std::path::PathBuf, String),
     #[error("--local-recipients: {0}")]
     Recipients(#[from] recipients::RecipientsError),
 }
@@ -152,9 +154,7 @@ impl Shared {
             auth: users::AuthStore::load(config.auth.clone())?,
             dkim: dkim::DkimStore::load(config.dkim_keys.clone())?,
             recipients,
-            admin_token: Arc::new(arc_swap::ArcSwapOption::from(
-                config.admin_token.clone().map(Arc::new),
-            )),
+            admin_token: Arc::new(arc_swap::ArcSwapOption::from(admin_token(config)?)),
             auth_pool: BlockingPool::new(
                 "auth",
                 config.pools.auth_threads,
@@ -178,13 +178,15 @@ impl Shared {
         }))
     }
 
-    /// SIGHUP, with the configuration file re-read: puts `config`'s
+    /// SIGHUP, with the configuration file re-read (the admin token's
+    /// file too; one that does not read refuses the reload): puts `config`'s
     /// reloadable settings in force for new connections and the next
     /// delivery steps. The caller keeps every restart-only setting as it
     /// was in `config`. New DKIM keys are loaded first: if one does not
     /// load, nothing changes. The files the settings name are read by
     /// [`Shared::reload`], which should follow.
     pub fn apply(&self, config: &Config) -> Result<(), ServerError> {
+        let token = admin_token(config)?;
         if *self.dkim.specs() != config.dkim_keys {
             self.dkim.replace(config.dkim_keys.clone())?;
         }
@@ -194,8 +196,7 @@ impl Shared {
         self.live
             .store(Arc::new(Live::new(config, self.recipients.handle())));
         self.relay.store(config.relay.clone());
-        self.admin_token
-            .store(config.admin_token.clone().map(Arc::new));
+        self.admin_token.store(token);
         Ok(())
     }
 
@@ -244,6 +245,29 @@ impl Shared {
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
+}
+
+/// The admin API's token, from `--admin-token-file`.
+fn admin_token(config: &Config) -> Result<Option<Arc<String>>, ServerError> {
+    config
+        .admin_token_file
+        .as_deref()
+        .map(|p| read_token(p).map(Arc::new))
+        .transpose()
+}
+
+/// The token in `--admin-token-file`: its first line, trimmed; at least
+/// 16 characters, printable ASCII.
+fn read_token(path: &std::path::Path) -> Result<String, ServerError> {
+    let bad = |why: String| ServerError::AdminToken(path.to_owned(), why);
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(
+            "the first line must be a token of at least 16 printable ASCII characters".into(),
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// The admin API's way into the shards: one command receiver per shard
