@@ -520,9 +520,10 @@ pub enum Subcommand {
             value_name = "ADDR",
             env = "RINGMTA_ADMIN",
             default_value = "127.0.0.1:9525",
+            value_parser = parse_listen,
             global = true
         )]
-        admin_addr: SocketAddr,
+        admin_addr: Listen,
         /// File whose first line is the admin API's bearer token (as given to the server).
         #[arg(
             long = "admin-token-file",
@@ -752,7 +753,7 @@ mod tests {
                 action: QueueAction::Bounce { selector, reason },
                 ..
             }) => {
-                assert_eq!(admin_addr.port(), 1);
+                assert_eq!(admin_addr.0.map(|a| a.port()), Some(1));
                 assert_eq!(token_file, Some(PathBuf::from("/t")));
                 assert_eq!(selector.domain.as_deref(), Some("example.org"));
                 assert_eq!(reason, "gone");

@@ -44,7 +44,12 @@ fn main() -> ExitCode {
             QueueAction::Count | QueueAction::List | QueueAction::Show { .. } => {
                 queue(spool_dir, action)
             }
-            _ => queue_api(*admin_addr, token_file.as_deref(), *json, action),
+            _ => match admin_addr.0 {
+                Some(addr) => queue_api(addr, token_file.as_deref(), *json, action),
+                None => Err(anyhow::anyhow!(
+                    "this verb talks to the admin API: give --admin ADDR (it is none)"
+                )),
+            },
         },
         Some(Subcommand::Passwd { user }) => passwd(user),
         Some(Subcommand::DkimKeygen {
