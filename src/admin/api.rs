@@ -206,11 +206,7 @@ impl Api {
         }
         let mut list: Vec<DestSummary> = merged.into_values().collect();
         list.sort_by(|a, b| (b.recipients, &a.destination).cmp(&(a.recipients, &b.destination)));
-        let messages: usize = list.iter().map(|d| d.messages).sum();
-        Response::json(
-            200,
-            &json!({ "destinations": list, "messages_by_destination": messages }),
-        )
+        Response::json(200, &json!({ "destinations": list }))
     }
 
     fn list(&self, req: &Request) -> Response {

@@ -468,6 +468,45 @@ mod tests {
     }
 
     #[test]
+    fn bodies_are_read_bounded_and_only_by_length() {
+        let router = Router::default().route("POST", "/echo", |r| {
+            Response::text(
+                200,
+                [
+                    r.authorization.as_deref().unwrap_or("-").as_bytes(),
+                    b" ",
+                    &r.body,
+                ]
+                .concat(),
+            )
+        });
+        let addr = start("127.0.0.1:0".parse().unwrap(), router).unwrap();
+        let out = get(
+            addr,
+            b"POST /echo HTTP/1.1\r\nAuthorization: Bearer t\r\ncontent-length: 5\r\n\r\nhello",
+        );
+        assert!(out.ends_with("\r\n\r\nBearer t hello"), "{out}");
+        // Split: the body after the head, in pieces.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        s.write_all(b"cd").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.ends_with("- abcd"), "{out}");
+        let big = format!(
+            "POST /echo HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert!(get(addr, big.as_bytes()).starts_with("HTTP/1.1 413 "));
+        let chunked = b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(get(addr, chunked).starts_with("HTTP/1.1 400 "));
+        let bad = b"POST /echo HTTP/1.1\r\nContent-Length: x\r\n\r\n";
+        assert!(get(addr, bad).starts_with("HTTP/1.1 400 "));
+    }
+
+    #[test]
     fn bind_failure_is_an_error() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
