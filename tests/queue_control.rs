@@ -581,3 +581,45 @@ fn a_hold_takes_back_work_already_queued_for_the_destination() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     acceptor.join().unwrap();
 }
+
+/// A deferred message waits for its retry time (an hour here); flush
+/// makes it due now, and it is delivered once the next hop is back.
+#[test]
+fn flush_retries_deferred_messages_now() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let spool = tempfile::tempdir().unwrap();
+    let r = relay(&spool.path().join("spool"), port, 1, &[]);
+    send(&r, 2, &["u@example.net"]);
+    wait_until("first attempts deferred", Duration::from_secs(20), || {
+        r.stderr().matches("event=\"deferred\"").count() >= 2
+    });
+    let listed = messages(&r, "?domain=example.net");
+    assert_eq!(listed.len(), 2);
+    for m in &listed {
+        assert_eq!(m["recipients"][0]["state"], json!("deferred"), "{m}");
+        assert!(
+            m["recipients"][0]["retry_at"].as_u64().unwrap() > m["arrival"].as_u64().unwrap() + 600
+        );
+    }
+    // The next hop comes back on that port.
+    let smtp = format!("127.0.0.1:{port}");
+    let downstream = Server::start(&["--smtp", &smtp, "--local-domain", "example.net"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(downstream.queued().is_empty(), "retried before its time");
+    let out = cli(&[
+        "flush",
+        "--domain",
+        "example.net",
+        "--admin",
+        &admin(&r).to_string(),
+    ]);
+    assert_eq!(out, "flush: 2 messages, 2 recipients\n");
+    wait_until("delivery downstream", Duration::from_secs(30), || {
+        downstream.queued().len() == 2
+    });
+    wait_until("relay queue drained", Duration::from_secs(10), || {
+        r.queued().is_empty()
+    });
+}
