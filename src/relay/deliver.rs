@@ -1189,6 +1189,11 @@ impl Relay {
             let Some((addr, before)) = entry.rcpts.get(rcpt) else {
                 continue;
             };
+            // Finished while it was being delivered (the operator bounced
+            // or deleted it): that stands, and no second report goes out.
+            if before.finished() {
+                continue;
+            }
             let id = work.id.to_string();
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {
