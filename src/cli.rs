@@ -52,6 +52,10 @@ pub struct Cli {
           value_parser = parse_listen)]
     pub admin: Listen,
 
+    /// File whose first line is the bearer token the admin API (/api/) requires (needed when --admin is not loopback; /metrics stays open).
+    #[arg(long, value_name = "FILE", env = "RINGMTA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// TLS certificate chain (PEM) [default: a self-signed one generated into <spool-dir>/tls/].
     #[arg(
         long,
@@ -592,7 +596,7 @@ pub enum LogFormat {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Subcommand {
-    /// Inspect the queue in a spool directory (read-only; works while ringmta runs).
+    /// Inspect the queue (count, list, show: read from the spool directory, read-only, running or not) or control it through a running server's admin API (the other verbs).
     Queue {
         /// The spool directory to read (before or after the action: `queue count --spool-dir DIR`).
         #[arg(
@@ -603,6 +607,27 @@ pub enum Subcommand {
             global = true
         )]
         spool_dir: PathBuf,
+        /// The running server's admin listener, for the verbs that go through the API.
+        #[arg(
+            long = "admin",
+            value_name = "ADDR",
+            env = "RINGMTA_ADMIN",
+            default_value = "127.0.0.1:9525",
+            value_parser = parse_listen,
+            global = true
+        )]
+        admin_addr: Listen,
+        /// File whose first line is the admin API's bearer token (as given to the server).
+        #[arg(
+            long = "admin-token-file",
+            value_name = "FILE",
+            env = "RINGMTA_ADMIN_TOKEN_FILE",
+            global = true
+        )]
+        token_file: Option<PathBuf>,
+        /// Print the API's JSON answer as it came (the verbs that go through the API).
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         action: QueueAction,
     },
@@ -652,6 +677,57 @@ pub enum QueueAction {
     List,
     /// Print one message (envelope block, then the message) by id.
     Show { id: String },
+    /// Per destination: queued messages and recipients, held, oldest age, suspension (API).
+    Summary,
+    /// Keep the selected messages from delivery until released (API).
+    Hold(SelectorArgs),
+    /// Release held messages (API).
+    Release(SelectorArgs),
+    /// Retry the selected messages now (API).
+    Flush(SelectorArgs),
+    /// Drop the selected recipients without a report (by --id: the whole message) (API).
+    Delete(SelectorArgs),
+    /// Fail the selected recipients: one report per message to its sender (API).
+    Bounce {
+        #[command(flatten)]
+        selector: SelectorArgs,
+        /// Why, as the report's diagnostic.
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// Stop connecting to a destination for a while; deliveries under way finish (API).
+    Suspend {
+        /// The destination (as `summary` shows it, or its host or domain alone).
+        #[arg(long, value_name = "DEST")]
+        destination: String,
+        /// How long, e.g. 30m, 2h (at most 30d).
+        #[arg(long, value_name = "DURATION")]
+        duration: String,
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// End a destination's suspension (API).
+    Resume {
+        #[arg(long, value_name = "DEST")]
+        destination: String,
+    },
+    /// The suspended destinations (API).
+    Suspensions,
+}
+
+/// Which messages a queue action is about: exactly one of these.
+#[derive(Debug, Clone, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct SelectorArgs {
+    /// One message, by queue id.
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Recipients in this domain.
+    #[arg(long, value_name = "DOMAIN")]
+    pub domain: Option<String>,
+    /// Recipients routed to this destination (as `summary` shows it, or its host or domain alone).
+    #[arg(long, value_name = "DEST")]
+    pub destination: Option<String>,
 }
 
 /// Whether outbound TLS verifies the server's certificate.
@@ -744,6 +820,45 @@ mod tests {
                 }
                 other => panic!("{args:?}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn queue_verbs_take_their_flags_after_the_verb() {
+        let cli = Cli::try_parse_from([
+            "ringmta",
+            "queue",
+            "bounce",
+            "--domain",
+            "example.org",
+            "--reason",
+            "gone",
+            "--admin",
+            "127.0.0.1:1",
+            "--admin-token-file",
+            "/t",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Subcommand::Queue {
+                admin_addr,
+                token_file,
+                action: QueueAction::Bounce { selector, reason },
+                ..
+            }) => {
+                assert_eq!(admin_addr.0.map(|a| a.port()), Some(1));
+                assert_eq!(token_file, Some(PathBuf::from("/t")));
+                assert_eq!(selector.domain.as_deref(), Some("example.org"));
+                assert_eq!(reason, "gone");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Exactly one selector.
+        for bad in [
+            &["ringmta", "queue", "hold"][..],
+            &["ringmta", "queue", "hold", "--id", "a", "--domain", "b"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -68,6 +68,10 @@ pub struct Config {
     pub rates: crate::policy::rate::RateLimits,
     /// The relay/MX port's pre-greet screen and DNS lists.
     pub screen: Arc<crate::inbound::screen::ScreenConfig>,
+    /// The file with the bearer token the admin API asks for
+    /// (`--admin-token-file`; read by `server::Shared`, again on SIGHUP);
+    /// `None`: none asked.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Sizes of the blocking pools ([`crate::blocking`]), at least 1 each.
@@ -101,6 +105,11 @@ impl InflightLimits {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    #[error(
+        "--admin {0} is not a loopback address: the admin API changes the queue, so it needs \
+         --admin-token-file (or bind --admin to 127.0.0.1 / ::1)"
+    )]
+    AdminWithoutToken(SocketAddr),
     #[error("--shards must be at least 1")]
     NoShards,
     #[error("--smtp needs at least one address")]
@@ -166,6 +175,15 @@ impl Config {
         }
         if cli.greet_pause >= Duration::from_secs(300) {
             return Err(ConfigError::GreetPauseTooLong);
+        }
+        let admin_token_file = match &cli.admin_token_file {
+            None => None,
+            Some(path) => Some(absolute(path)?),
+        };
+        if let Some(addr) = cli.admin.0 {
+            if !addr.ip().is_loopback() && admin_token_file.is_none() {
+                return Err(ConfigError::AdminWithoutToken(addr));
+            }
         }
         let inflight = InflightLimits::split(cli.max_inflight_bytes, shards);
         if inflight.per_client < crate::smtp::session::MIN_DATA_ROOM {
@@ -307,6 +325,7 @@ impl Config {
             relay,
             delivery: !cli.no_delivery,
             admin: cli.admin.0,
+            admin_token_file,
             spool: SpoolOptions {
                 max_segment: cli.max_segment_size.max(1 << 20),
                 compact_below: cli.compact_below.clamp(0.0, 1.0),

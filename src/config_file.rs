@@ -71,6 +71,8 @@ pub const RELOADABLE: &[&str] = &[
     "dnsbl-threshold",
     "dnswl",
     "dnsbl-timeout",
+    // The admin API's bearer token (the file is read again).
+    "admin-token-file",
     // The files themselves are re-read on every SIGHUP; these name them.
     "dkim-key",
     "tls-cert",

@@ -45,6 +45,9 @@
 //!   over the bounded [`relay::handoff`] mesh (or delivers them itself when
 //!   the channel is full) and gets the outcomes back. Outcomes are journaled
 //!   per recipient, by the origin shard only, through its spool.
+//!   [`relay::control`] is what a shard does for the admin API: summaries,
+//!   listings, hold/release/flush/delete/bounce journaled on its own
+//!   spool, destinations suspended (kept in `<spool>/suspended.json`).
 //! * [`policy`] — pure decisions the session and delivery share: which
 //!   local recipients exist (`--local-recipients`) and which mailbox names
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails
@@ -76,8 +79,12 @@
 //!   "Metrics"), and the handles each shard resolves once so that counting
 //!   is an atomic add, no lock, no allocation.
 //! * [`admin`] — the admin HTTP listener (`--admin`) on threads of its own,
-//!   outside the shards: a path → handler router serving `/metrics`;
-//!   bounded requests, timeouts, a cap on clients.
+//!   outside the shards: a path → handler router serving `/metrics` and
+//!   the JSON queue-control API ([`admin::api`], with an optional bearer
+//!   token), which reaches the shards only through a bounded command
+//!   channel per shard and a timed wait for their answers;
+//!   [`admin::client`] is the blocking client of `ringmta queue`.
+//!   Bounded requests and bodies, timeouts, a cap on clients.
 //! * [`util`] — a leaf of small shared helpers: [`util::isolate`] (a task's
 //!   panic caught, not the shard's end) and [`util::supervise`] (a shard's
 //!   long-lived loop restarted with backoff after a panic).

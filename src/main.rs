@@ -34,7 +34,23 @@ fn main() -> ExitCode {
         return check_config(&loaded);
     }
     let result = match &cli.command {
-        Some(Subcommand::Queue { spool_dir, action }) => queue(spool_dir, action),
+        Some(Subcommand::Queue {
+            spool_dir,
+            admin_addr,
+            token_file,
+            json,
+            action,
+        }) => match action {
+            QueueAction::Count | QueueAction::List | QueueAction::Show { .. } => {
+                queue(spool_dir, action)
+            }
+            _ => match admin_addr.0 {
+                Some(addr) => queue_api(addr, token_file.as_deref(), *json, action),
+                None => Err(anyhow::anyhow!(
+                    "this verb talks to the admin API: give --admin ADDR (it is none)"
+                )),
+            },
+        },
         Some(Subcommand::Passwd { user }) => passwd(user),
         Some(Subcommand::DkimKeygen {
             domain,
@@ -145,12 +161,27 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         );
     }
     watch_signals(shared.clone(), reload).context("cannot install signal handlers")?;
+    // Destinations suspended through the admin API, kept across restarts.
+    let mut suspensions = ringmta::relay::control::Suspensions::load(spool.root())
+        .context("cannot read the suspended destinations")?;
+    let mut control = server::Control {
+        suspended: suspensions
+            .active(0)
+            .iter()
+            .map(|s| (s.destination.clone(), s.until))
+            .collect(),
+        ..server::Control::default()
+    };
     // Bound before the shards start: a taken port is a startup error.
     let admin = match config.admin {
-        Some(addr) => Some(ringmta::admin::start(
-            addr,
-            ringmta::admin::Router::standard(),
-        )?),
+        Some(addr) => {
+            let (senders, receivers) = ringmta::admin::api::channels(config.shards);
+            control.receivers = receivers;
+            let api =
+                ringmta::admin::api::Api::new(senders, suspensions, shared.admin_token.clone());
+            let router = api.routes(ringmta::admin::Router::standard());
+            Some(ringmta::admin::start(addr, router)?)
+        }
         None => None,
     };
     tracing::info!(
@@ -162,7 +193,7 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         inflight_per_client = config.inflight.per_client,
         "starting"
     );
-    server::run(&config, &spool, shared, |addrs| {
+    server::run(&config, &spool, shared, control, |addrs| {
         // One machine-readable line on stdout per listener: tests and
         // scripts that bind port 0 read the real port from it.
         let mut out = std::io::stdout().lock();
@@ -336,6 +367,168 @@ fn dkim_keygen(
     Ok(())
 }
 
+/// The `ringmta queue` verbs that go through a running server's admin API.
+fn queue_api(
+    addr: std::net::SocketAddr,
+    token_file: Option<&std::path::Path>,
+    raw: bool,
+    action: &QueueAction,
+) -> anyhow::Result<()> {
+    use serde_json::{json, Value};
+    let token = match token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let selector = |s: &ringmta::cli::SelectorArgs| {
+        let mut v = serde_json::Map::new();
+        for (k, x) in [
+            ("id", &s.id),
+            ("domain", &s.domain),
+            ("destination", &s.destination),
+        ] {
+            if let Some(x) = x {
+                v.insert(k.into(), Value::String(x.clone()));
+            }
+        }
+        v
+    };
+    let (method, path, body): (&str, String, Option<Value>) = match action {
+        QueueAction::Summary => ("GET", "/api/v1/queue".into(), None),
+        QueueAction::Suspensions => ("GET", "/api/v1/suspensions".into(), None),
+        QueueAction::Hold(s)
+        | QueueAction::Release(s)
+        | QueueAction::Flush(s)
+        | QueueAction::Delete(s) => {
+            let verb = match action {
+                QueueAction::Hold(_) => "hold",
+                QueueAction::Release(_) => "release",
+                QueueAction::Flush(_) => "flush",
+                _ => "delete",
+            };
+            (
+                "POST",
+                format!("/api/v1/queue/{verb}"),
+                Some(Value::Object(selector(s))),
+            )
+        }
+        QueueAction::Bounce {
+            selector: s,
+            reason,
+        } => {
+            let mut v = selector(s);
+            v.insert("reason".into(), Value::String(reason.clone()));
+            (
+                "POST",
+                "/api/v1/queue/bounce".into(),
+                Some(Value::Object(v)),
+            )
+        }
+        QueueAction::Suspend {
+            destination,
+            duration,
+            reason,
+        } => (
+            "POST",
+            "/api/v1/suspend".into(),
+            Some(json!({ "destination": destination, "duration": duration, "reason": reason })),
+        ),
+        QueueAction::Resume { destination } => (
+            "POST",
+            "/api/v1/resume".into(),
+            Some(json!({ "destination": destination })),
+        ),
+        QueueAction::Count | QueueAction::List | QueueAction::Show { .. } => {
+            anyhow::bail!("not an API verb")
+        }
+    };
+    let body = body.map(|b| b.to_string().into_bytes());
+    let (status, answer) =
+        ringmta::admin::client::call(addr, token.as_deref(), method, &path, body.as_deref())
+            .with_context(|| {
+                format!("cannot reach the admin API at {addr} (is ringmta running? --admin ADDR)")
+            })?;
+    let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+    let mut out = std::io::stdout().lock();
+    if raw {
+        out.write_all(&answer)?;
+    }
+    if !(200..300).contains(&status) {
+        let why = v["error"].as_str().map_or_else(
+            || String::from_utf8_lossy(&answer).trim().to_owned(),
+            str::to_owned,
+        );
+        if status == 500 && v["failed"].is_number() {
+            anyhow::bail!(
+                "{}: {} messages could not be changed (see the server's log)",
+                v["action"].as_str().unwrap_or("action"),
+                v["failed"]
+            );
+        }
+        anyhow::bail!("the admin API answered {status}: {why}");
+    }
+    if raw {
+        return Ok(());
+    }
+    match action {
+        QueueAction::Summary => {
+            writeln!(
+                out,
+                "destination messages recipients held oldest_age suspended_until"
+            )?;
+            for d in v["destinations"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "{} {} {} {} {}s {}",
+                    d["destination"].as_str().unwrap_or(""),
+                    d["messages"],
+                    d["recipients"],
+                    d["held"],
+                    d["oldest_age"],
+                    d["suspended_until"]
+                        .as_u64()
+                        .map_or("-".into(), |u| u.to_string()),
+                )?;
+            }
+        }
+        QueueAction::Suspensions => {
+            for s in v["suspensions"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "{} until {} {}",
+                    s["destination"].as_str().unwrap_or(""),
+                    s["until"],
+                    s["reason"].as_str().unwrap_or("")
+                )?;
+            }
+        }
+        QueueAction::Suspend { .. } => writeln!(
+            out,
+            "suspended {} until {}",
+            v["destination"].as_str().unwrap_or(""),
+            v["until"]
+        )?,
+        QueueAction::Resume { .. } => {
+            writeln!(out, "resumed {}", v["destination"].as_str().unwrap_or(""))?
+        }
+        _ => writeln!(
+            out,
+            "{}: {} messages, {} recipients",
+            v["action"].as_str().unwrap_or(""),
+            v["messages"],
+            v["recipients"]
+        )?,
+    }
+    Ok(())
+}
+
 fn queue(spool_dir: &std::path::Path, action: &QueueAction) -> anyhow::Result<()> {
     let msgs = ringmta::spool::read_queue(spool_dir)
         .with_context(|| format!("cannot read spool {}", spool_dir.display()))?;
@@ -367,6 +560,7 @@ fn queue(spool_dir: &std::path::Path, action: &QueueAction) -> anyhow::Result<()
             out.write_all(b"\r\n")?;
             out.write_all(&m.message)?;
         }
+        _ => anyhow::bail!("this verb talks to a running server (the admin API)"),
     }
     Ok(())
 }

@@ -154,6 +154,8 @@ pub struct Metrics {
     commit_messages: Family<ShardLabel, Histogram>,
     fdatasync: Family<ShardFile, Histogram>,
     queue_messages: Family<ShardLabel, Gauge>,
+    queue_held: Family<ShardLabel, Gauge>,
+    suspended: Gauge,
     queue_rcpts: Family<ShardDest, Gauge>,
     queue_oldest: Family<ShardDest, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
@@ -187,6 +189,11 @@ pub fn encode() -> String {
     // invariant: writing into a String cannot fail.
     let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &global().registry);
     out
+}
+
+/// Destinations suspended now (set by the admin API's suspend/resume).
+pub fn suspended_destinations() -> &'static Gauge {
+    &global().suspended
 }
 
 /// Bounds a peer-influenced destination name: the first
@@ -238,6 +245,8 @@ pub struct ShardMetrics {
     fdatasync_segment: Histogram,
     fdatasync_journal: Histogram,
     pub queue_messages: Gauge,
+    /// Messages on hold (set with the queue census).
+    pub queue_held: Gauge,
     pub delivery_latency: Histogram,
     handed: Counter,
     handoff_full: Counter,
@@ -559,6 +568,8 @@ impl Metrics {
             }),
             fdatasync: sync_buckets(),
             queue_messages: Family::default(),
+            queue_held: Family::default(),
+            suspended: Gauge::default(),
             queue_rcpts: Family::default(),
             queue_oldest: Family::default(),
             deliveries: Family::default(),
@@ -657,6 +668,16 @@ impl Metrics {
             "queue_messages",
             "Messages in the shard's queue (not finished for every recipient)",
             m.queue_messages.clone(),
+        );
+        r.register(
+            "queue_held_messages",
+            "Messages on hold in the shard's queue (admin API hold; census every few seconds)",
+            m.queue_held.clone(),
+        );
+        r.register(
+            "suspended_destinations",
+            "Destinations suspended by the admin API now",
+            m.suspended.clone(),
         );
         r.register(
             "queue_recipients",
@@ -759,6 +780,7 @@ impl Metrics {
             fdatasync_segment: self.fdatasync.get_or_create_owned(&file("segment")),
             fdatasync_journal: self.fdatasync.get_or_create_owned(&file("journal")),
             queue_messages: self.queue_messages.get_or_create_owned(&label),
+            queue_held: self.queue_held.get_or_create_owned(&label),
             delivery_latency: self.delivery_latency.get_or_create_owned(&label),
             handed: result(&self.handoffs, "handed"),
             handoff_full: result(&self.handoffs, "full"),

@@ -109,6 +109,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("log", r#""ringmta=debug""#),
     ("log-format", r#""json""#),
     ("admin", r#""127.0.0.1:9999""#),
+    ("admin-token-file", r#""/etc/ringmta/admin-token""#),
     ("proxy-protocol-from", r#"["10.0.0.0/8"]"#),
     ("proxy-protocol-timeout", r#""3s""#),
 ];
@@ -607,6 +608,10 @@ fn sighup_applies_every_reloadable_key() {
     std::fs::write(&users, &out.stdout).unwrap();
     let senders = dir.path().join("senders");
     std::fs::write(&senders, "@example.net carol\n").unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "after-the-reload-0123456789\n").unwrap();
+    let admin = server.admin.expect("admin listener");
+    assert_eq!(api_status(admin, None), 200, "no token before");
     let dkim = dir.path().join("dkim.pem");
     let out = run_peer(
         ringmta,
@@ -680,6 +685,7 @@ fn sighup_applies_every_reloadable_key() {
         ("dnsbl-threshold", "2".into()),
         ("dnswl", r#"["wl.test"]"#.into()),
         ("dnsbl-timeout", r#""1s""#.into()),
+        ("admin-token-file", format!("{:?}", token.to_str().unwrap())),
     ];
     let mut listed: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
     listed.sort_unstable();
@@ -737,4 +743,23 @@ fn sighup_applies_every_reloadable_key() {
     assert!(r.to_string().starts_with("421"), "{r}");
     sub.expect("QUIT", 221);
     c.expect("QUIT", 221);
+    // The admin API now wants the token.
+    assert_eq!(api_status(admin, None), 401);
+    assert_eq!(api_status(admin, Some("after-the-reload-0123456789")), 200);
+}
+
+/// The status of `GET /api/v1/suspensions` on the admin listener.
+fn api_status(addr: std::net::SocketAddr, token: Option<&str>) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET /api/v1/suspensions HTTP/1.1\r\nHost: t\r\n{auth}\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split(' ').nth(1).unwrap().parse().unwrap()
 }

@@ -131,6 +131,10 @@ pub struct Relay {
     /// Accept-to-delivery latency of delivered recipients, milliseconds.
     latency: RefCell<hdrhistogram::Histogram<u64>>,
     metrics: Arc<crate::metrics::ShardMetrics>,
+    /// Destinations the operator suspended (admin API), by the lowercase
+    /// text of their [`Target`], with the Unix time the suspension ends.
+    /// Every shard keeps the same copy (the admin side tells each).
+    suspended: RefCell<HashMap<String, u64>>,
 }
 
 impl Relay {
@@ -165,6 +169,7 @@ impl Relay {
             stopping: Cell::new(false),
             stopped: Event::new(),
             link: RefCell::new(None),
+            suspended: RefCell::new(HashMap::new()),
         });
         // The recovered queue: deferred recipients wait for their time.
         let (due, later) = relay.spool.schedule(unix_now());
@@ -180,6 +185,128 @@ impl Relay {
     pub fn enqueue(&self, id: impl Into<QueueId>) {
         self.ready.borrow_mut().push_back(id.into());
         self.wake.notify(1);
+    }
+
+    /// Starts no new connection or delivery to `destination` (the text of
+    /// a [`Target`], any case) before the Unix time `until`; deliveries
+    /// under way finish. Work queued for it goes back to its message,
+    /// which waits until then (or [`Relay::resume`]).
+    pub fn suspend(&self, destination: &str, until: u64) {
+        self.suspended
+            .borrow_mut()
+            .insert(destination.to_ascii_lowercase(), until);
+    }
+
+    /// Ends a suspension; `true` if there was one. Everything due is
+    /// scheduled again (what waited for the destination among it).
+    pub fn resume(&self, destination: &str) -> bool {
+        let was = self
+            .suspended
+            .borrow_mut()
+            .remove(&destination.to_ascii_lowercase())
+            .is_some();
+        if was {
+            self.requeue_due();
+        }
+        was
+    }
+
+    /// Schedules every message with a recipient due now (a recipient
+    /// already being delivered is not sent twice: `dispatch` skips it).
+    pub fn requeue_due(&self) {
+        let (due, _) = self.spool.schedule(unix_now());
+        self.ready.borrow_mut().extend(due);
+        self.wake.notify(1);
+    }
+
+    /// When the suspension of `target` ends, if it is suspended at `now`.
+    fn suspended_until(&self, target: &Target, now: u64) -> Option<u64> {
+        let suspended = self.suspended.borrow();
+        if suspended.is_empty() {
+            return None;
+        }
+        let full = suspended.get(&target.to_string().to_ascii_lowercase());
+        let bare = suspended.get(&target.name().to_ascii_lowercase());
+        full.into_iter()
+            .chain(bare)
+            .copied()
+            .filter(|&until| until > now)
+            .max()
+    }
+
+    /// Takes the work for messages in `ids` out of this shard's
+    /// destination queues (work not yet started): each goes back to its
+    /// message (on its origin shard), to be scheduled again as the queue
+    /// now says (held, deleted or bounced work is not). Returns how many
+    /// work items were withdrawn.
+    pub fn withdraw(&self, ids: &HashSet<QueueId>) -> usize {
+        let mut taken = Vec::new();
+        for q in self.dests.borrow_mut().values_mut() {
+            let (out, keep): (VecDeque<Work>, VecDeque<Work>) =
+                q.jobs.drain(..).partition(|w| ids.contains(&w.id));
+            q.jobs = keep;
+            taken.extend(out);
+        }
+        let n = taken.len();
+        for work in taken {
+            match work.origin {
+                None => {
+                    self.release(&work.id, &work.rcpts);
+                    self.enqueue(work.id);
+                }
+                Some(o) => self.send_done(
+                    o.peer,
+                    Done {
+                        id: work.id,
+                        rcpts: work.rcpts,
+                        report: Report::Returned,
+                    },
+                ),
+            }
+        }
+        n
+    }
+
+    /// The operator bounces recipients `rcpts` (envelope indexes) of
+    /// message `id` in this shard's queue: the sender gets one report on
+    /// all of them with `reason` as its diagnostic, stored before they
+    /// are journaled as bounced (as for any bounce). `false` when the
+    /// report could not be stored: nothing changed.
+    pub async fn bounce(&self, id: &QueueId, rcpts: &[usize], reason: &str) -> bool {
+        let Some(entry) = id.with_str(|id| self.spool.entry(id)) else {
+            return true;
+        };
+        let work = Work {
+            id: id.clone(),
+            rcpts: rcpts.into(),
+            origin: None,
+        };
+        let why = format!("550 5.0.0 returned by the mail administrator: {reason}");
+        let failed: Vec<(usize, String)> = (0..rcpts.len()).map(|k| (k, why.clone())).collect();
+        if !self
+            .notify_sender(&work, dsn::Action::Failed, &failed, None)
+            .await
+        {
+            return false;
+        }
+        let attempt = Attempt::default();
+        let log = OutcomeLog::new(&work.id, &attempt, entry.arrival);
+        for &rcpt in rcpts {
+            let Some((addr, _)) = entry.rcpts.get(rcpt) else {
+                continue;
+            };
+            log.write("bounced", addr, &why, None);
+            let op = JournalOp::Bounced {
+                id: id.to_string(),
+                rcpt,
+            };
+            if let Err(e) = self.spool.apply(op).await {
+                // The report is out: the recipient stays and may be
+                // reported again (a duplicate rather than a loss).
+                tracing::error!(%id, error = %e, "cannot journal an administrative bounce");
+            }
+        }
+        true
     }
 
     /// Stops starting new deliveries (those under way finish).
@@ -387,10 +514,14 @@ impl Relay {
                         RcptState::Delivered | RcptState::Bounced => false,
                     };
                     if due && !in_flight.contains(&(id.clone(), i)) {
-                        by_target
-                            .entry(self.cfg().target(addr))
-                            .or_default()
-                            .push(i);
+                        let target = self.cfg().target(addr);
+                        // A suspended destination: the message comes back
+                        // when the suspension ends (or at a resume).
+                        if let Some(until) = self.suspended_until(&target, now) {
+                            later = Some(later.map_or(until, |l| l.min(until)));
+                            continue;
+                        }
+                        by_target.entry(target).or_default().push(i);
                     }
                 }
             }
@@ -555,14 +686,32 @@ impl Relay {
         self.wake.notify(1);
     }
 
+    /// The next work queued for `target`; none while it is suspended (the
+    /// worker then ends and the queued work goes back, see
+    /// [`Relay::worker_done`]). Work of a message of this shard that was
+    /// held or left the queue since it was queued is dropped here.
     fn next_work(&self, target: &Target) -> Option<Work> {
-        let mut dests = self.dests.borrow_mut();
-        let q = dests.get_mut(target)?;
-        let work = q.jobs.pop_front();
-        if sparse(q.jobs.len(), q.jobs.capacity()) {
-            q.jobs.shrink_to(q.jobs.len() * 2);
+        if self.suspended_until(target, unix_now()).is_some() {
+            return None;
         }
-        work
+        loop {
+            let work = {
+                let mut dests = self.dests.borrow_mut();
+                let q = dests.get_mut(target)?;
+                let work = q.jobs.pop_front();
+                if sparse(q.jobs.len(), q.jobs.capacity()) {
+                    q.jobs.shrink_to(q.jobs.len() * 2);
+                }
+                work?
+            };
+            let stale =
+                work.origin.is_none() && work.id.with_str(|id| self.spool.held(id)) != Some(false);
+            if !stale {
+                return Some(work);
+            }
+            // Released later, it is enqueued again then.
+            self.release(&work.id, &work.rcpts);
+        }
     }
 
     fn worker_done(self: &Rc<Self>, target: &Target) {
@@ -1065,6 +1214,11 @@ impl Relay {
             let Some((addr, before)) = entry.rcpts.get(rcpt) else {
                 continue;
             };
+            // Finished while it was being delivered (the operator bounced
+            // or deleted it): that stands, and no second report goes out.
+            if before.finished() {
+                continue;
+            }
             let id = work.id.to_string();
             let op = match outcome {
                 RcptOutcome::Delivered(r) => {

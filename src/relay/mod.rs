@@ -20,6 +20,7 @@
 //! durable journal entry, and a failed delivery attempt is always deferred.
 
 pub mod client;
+pub mod control;
 mod deliver;
 pub mod dsn;
 pub mod handoff;
@@ -52,6 +53,24 @@ impl std::fmt::Display for Target {
             Target::Mx { domain, port } => write!(f, "mx:{domain}:{port}"),
             Target::Maildir(p) => write!(f, "maildir:{}", p.display()),
         }
+    }
+}
+
+impl Target {
+    /// The host or domain alone (`maildir` for local delivery): what an
+    /// operator may name a destination by, besides its whole text.
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Smtp { host, .. } => host,
+            Target::Mx { domain, .. } => domain,
+            Target::Maildir(_) => "maildir",
+        }
+    }
+
+    /// Whether `destination` (either form, any case) names this target.
+    pub fn is_named(&self, destination: &str) -> bool {
+        self.name().eq_ignore_ascii_case(destination)
+            || self.to_string().eq_ignore_ascii_case(destination)
     }
 }
 

@@ -65,6 +65,8 @@ pub enum ServerError {
     Users(#[from] users::UsersError),
     #[error(transparent)]
     Dkim(#[from] dkim::DkimError),
+    #[error("--admin-token-file {0}: {1}")]
+    AdminToken(std::path::PathBuf, String),
     #[error("--local-recipients: {0}")]
     Recipients(#[from] recipients::RecipientsError),
 }
@@ -97,6 +99,9 @@ pub struct Shared {
     pub dkim_pool: BlockingPool,
     /// Maildir directory operations and renames.
     pub maildir_pool: Arc<BlockingPool>,
+    /// The admin API's bearer token (`--admin-token-file`); replaced on
+    /// SIGHUP.
+    pub admin_token: Arc<arc_swap::ArcSwapOption<String>>,
 }
 
 /// What a connection takes when it starts, as one version: a SIGHUP
@@ -170,6 +175,7 @@ impl Shared {
             auth: users::AuthStore::load(config.auth.clone())?,
             dkim: dkim::DkimStore::load(config.dkim_keys.clone())?,
             recipients,
+            admin_token: Arc::new(arc_swap::ArcSwapOption::from(admin_token(config)?)),
             auth_pool: BlockingPool::new(
                 "auth",
                 config.pools.auth_threads,
@@ -193,13 +199,15 @@ impl Shared {
         }))
     }
 
-    /// SIGHUP, with the configuration file re-read: puts `config`'s
+    /// SIGHUP, with the configuration file re-read (the admin token's
+    /// file too; one that does not read refuses the reload): puts `config`'s
     /// reloadable settings in force for new connections and the next
     /// delivery steps. The caller keeps every restart-only setting as it
     /// was in `config`. New DKIM keys are loaded first: if one does not
     /// load, nothing changes. The files the settings name are read by
     /// [`Shared::reload`], which should follow.
     pub fn apply(&self, config: &Config) -> Result<(), ServerError> {
+        let token = admin_token(config)?;
         if *self.dkim.specs() != config.dkim_keys {
             self.dkim.replace(config.dkim_keys.clone())?;
         }
@@ -213,6 +221,7 @@ impl Shared {
             &self.rates,
         )));
         self.relay.store(config.relay.clone());
+        self.admin_token.store(token);
         Ok(())
     }
 
@@ -263,6 +272,38 @@ impl Shared {
     }
 }
 
+/// The admin API's token, from `--admin-token-file`.
+fn admin_token(config: &Config) -> Result<Option<Arc<String>>, ServerError> {
+    config
+        .admin_token_file
+        .as_deref()
+        .map(|p| read_token(p).map(Arc::new))
+        .transpose()
+}
+
+/// The token in `--admin-token-file`: its first line, trimmed; at least
+/// 16 characters, printable ASCII.
+fn read_token(path: &std::path::Path) -> Result<String, ServerError> {
+    let bad = |why: String| ServerError::AdminToken(path.to_owned(), why);
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(
+            "the first line must be a token of at least 16 printable ASCII characters".into(),
+        ));
+    }
+    Ok(token.to_owned())
+}
+
+/// The admin API's way into the shards: one command receiver per shard
+/// (the admin side holds the senders), and the destinations suspended at
+/// start with the end of each suspension.
+#[derive(Debug, Default)]
+pub struct Control {
+    pub receivers: Vec<Option<futures_channel::mpsc::Receiver<crate::relay::control::Request>>>,
+    pub suspended: Vec<(String, u64)>,
+}
+
 /// Runs the server until `shared.request_stop()` and every shard drained.
 /// `on_listening` is called once every shard is up, with the bound addresses
 /// and what each listener is for.
@@ -270,8 +311,13 @@ pub fn run(
     config: &Config,
     spool: &Spool,
     shared: Arc<Shared>,
+    control: Control,
     on_listening: impl FnOnce(&[(ListenerKind, SocketAddr)]),
 ) -> Result<(), ServerError> {
+    let Control {
+        mut receivers,
+        suspended,
+    } = control;
     let (kinds, addrs): (Vec<ListenerKind>, Vec<SocketAddr>) =
         config.listeners().into_iter().unzip();
     let bound = listener::bind_all(&addrs, config.shards, config.backlog)?;
@@ -310,6 +356,8 @@ pub fn run(
             resolver: resolver.clone(),
             dns: dns.clone(),
             mesh: meshes.get_mut(id).and_then(Option::take),
+            control: receivers.get_mut(id).and_then(Option::take),
+            suspended: suspended.clone(),
         };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()

@@ -6,7 +6,7 @@
 //! waits up to the grace period for open transactions, then forces 421 on the
 //! rest and returns.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -39,6 +39,11 @@ pub(crate) struct ShardContext {
     /// This shard's clone of the handoff mesh (joined once, in `serve`);
     /// `None` with one shard or `--no-delivery`.
     pub mesh: Option<crate::relay::handoff::Mesh>,
+    /// Commands from the admin API to this shard (`None`: no admin
+    /// listener).
+    pub control: Option<futures_channel::mpsc::Receiver<crate::relay::control::Request>>,
+    /// Destinations suspended at start, with the end of each suspension.
+    pub suspended: Vec<(String, u64)>,
 }
 
 /// What every connection task of this shard shares (single-threaded).
@@ -134,6 +139,11 @@ async fn serve(
             ctx.shared.maildir_pool.clone(),
         )
     });
+    if let Some(relay) = &relay {
+        for (destination, until) in &ctx.suspended {
+            relay.suspend(destination, *until);
+        }
+    }
     // The shard's long-lived loops are supervised: a panic in one is logged
     // and the loop started again, instead of silently ending the shard's
     // delivery or compaction.
@@ -155,6 +165,7 @@ async fn serve(
         })
         .detach();
     }
+    let control = ctx.control.take();
     let grace = ctx.config.shutdown_grace;
     let inflight = ctx.config.inflight;
     let id = ctx.id;
@@ -178,6 +189,14 @@ async fn serve(
         let state = state.clone();
         glommio::spawn_local(async move {
             crate::util::supervise("queue metrics", || publish_queue(state.clone())).await;
+        })
+        .detach();
+    }
+    if let Some(rx) = control {
+        let (state, rx) = (state.clone(), Rc::new(RefCell::new(rx)));
+        glommio::spawn_local(async move {
+            crate::util::supervise("queue control", || control_loop(state.clone(), rx.clone()))
+                .await;
         })
         .detach();
     }
@@ -254,11 +273,68 @@ async fn publish_queue(state: Rc<ShardState>) {
     loop {
         let m = &state.metrics;
         m.queue_messages.set(state.spool.len() as i64);
+        m.queue_held.set(held_messages(&state.spool).await as i64);
         if let Some(relay) = &state.relay {
             m.queue_census(&relay.census().await, &mut last);
         }
         glommio::timer::sleep(QUEUE_CENSUS_EVERY).await;
     }
+}
+
+/// Carries out the admin API's commands on this shard, each in a task of
+/// its own (a panic costs that command, answered by the dropped reply).
+async fn control_loop(
+    state: Rc<ShardState>,
+    rx: Rc<RefCell<futures_channel::mpsc::Receiver<crate::relay::control::Request>>>,
+) {
+    use futures_lite::Stream;
+    loop {
+        // Borrowed only while polled: a restart after a panic finds it free.
+        let next =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rx.borrow_mut()).poll_next(cx))
+                .await;
+        let Some(req) = next else {
+            return;
+        };
+        let state = state.clone();
+        glommio::spawn_local(async move {
+            let cfg = state.ctx.shared.relay.load_full();
+            let mut answer = None;
+            let done = crate::util::isolate(async {
+                let a = crate::relay::control::execute(
+                    req.command,
+                    &state.spool,
+                    state.relay.as_ref(),
+                    &cfg,
+                )
+                .await;
+                answer = Some(a);
+            })
+            .await;
+            match (done, answer) {
+                (Ok(()), Some(a)) => {
+                    let _ = req.reply.try_send((state.ctx.id, a));
+                }
+                (Err(what), _) => {
+                    tracing::error!(shard = state.ctx.id, panic = %what, "queue control command panicked");
+                }
+                (Ok(()), None) => {}
+            }
+        })
+        .detach();
+    }
+}
+
+/// Messages on hold in this shard's queue, counted in slices with a
+/// yield between them (a large queue does not hold up connections).
+async fn held_messages(spool: &ShardSpool) -> usize {
+    let mut held = 0;
+    let mut from = Some(0);
+    while let Some(at) = from {
+        from = spool.visit(at, 4096, |v| held += usize::from(v.held));
+        glommio::yield_if_needed().await;
+    }
+    held
 }
 
 /// Waits until no connection is open, or `limit` passed (then `false`).

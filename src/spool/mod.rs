@@ -742,6 +742,11 @@ impl ShardSpool {
         }
     }
 
+    /// Whether a queued message is on hold; `None` when it is not queued.
+    pub fn held(&self, id: &str) -> Option<bool> {
+        self.queue.borrow().held(id)
+    }
+
     /// One queued message's queue entry.
     pub fn entry(&self, id: &str) -> Option<Entry> {
         self.queue.borrow().get(id)
@@ -839,6 +844,11 @@ impl ShardSpool {
     /// The shard this spool belongs to.
     pub fn shard(&self) -> usize {
         self.shard
+    }
+
+    /// [`QueueIndex::visit`] on this shard's queue.
+    pub fn visit(&self, from: usize, max: usize, f: impl FnMut(queue::View<'_>)) -> Option<usize> {
+        self.queue.borrow().visit(from, max, f)
     }
 
     /// [`QueueIndex::for_each_waiting`] on this shard's queue.

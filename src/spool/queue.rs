@@ -38,7 +38,7 @@ pub enum RcptState {
 }
 
 impl RcptState {
-    fn finished(self) -> bool {
+    pub fn finished(self) -> bool {
         matches!(self, RcptState::Delivered | RcptState::Bounced)
     }
 }
@@ -266,6 +266,16 @@ pub struct Live {
     pub bytes: u64,
 }
 
+/// A borrowed look at one queued message ([`QueueIndex::visit`]).
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub id: &'a QueueId,
+    pub arrival: u64,
+    pub held: bool,
+    pub mail_from: Option<&'a str>,
+    pub rcpts: &'a [(Box<str>, RcptState)],
+}
+
 /// The in-memory queue. A million queued messages must fit in a few hundred
 /// MiB, so each is one compact [`Slot`] in a dense vector, found through a
 /// hash table of 4-byte positions (a map from id to entry would hold a
@@ -412,6 +422,11 @@ impl QueueIndex {
         self.slot(id).map(Slot::to_entry)
     }
 
+    /// Whether the message is on hold; `None` when it is not queued.
+    pub fn held(&self, id: &str) -> Option<bool> {
+        self.slot(id).map(|s| s.held)
+    }
+
     pub fn contains(&self, id: &str) -> bool {
         self.slot(id).is_some()
     }
@@ -471,6 +486,24 @@ impl QueueIndex {
                     f(e.arrival, addr);
                 }
             }
+        }
+        (end < self.slots.len()).then_some(end)
+    }
+
+    /// Calls `f` with a borrowed view of each of up to `max` messages from
+    /// position `from` (no copies); returns where to go on, or `None` at
+    /// the end. As [`QueueIndex::for_each_waiting`], a walk in several
+    /// calls is approximate when messages leave in between.
+    pub fn visit(&self, from: usize, max: usize, mut f: impl FnMut(View<'_>)) -> Option<usize> {
+        let end = from.saturating_add(max).min(self.slots.len());
+        for s in self.slots.get(from..end).unwrap_or_default() {
+            f(View {
+                id: &s.id,
+                arrival: s.arrival,
+                held: s.held,
+                mail_from: s.mail_from.as_deref(),
+                rcpts: &s.rcpts,
+            });
         }
         (end < self.slots.len()).then_some(end)
     }

@@ -1,15 +1,21 @@
 //! The admin HTTP listener (`--admin`, default `127.0.0.1:9525`): a small
 //! HTTP/1.1 responder on threads of its own, outside the shards, serving
-//! [`crate::metrics`] at `GET /metrics`.
+//! [`crate::metrics`] at `GET /metrics` and the JSON queue-control API
+//! under `/api/v1/` ([`api`]; [`client`] is the blocking client
+//! `ringmta queue` uses).
 //!
 //! Routes are a table of (method, path) → handler ([`Router`]), so that
 //! more endpoints join by adding a line. Every connection is bounded: the
 //! request head is read with a timeout and refused past
-//! [`MAX_REQUEST`] bytes, the answer written with a timeout, one request
-//! per connection (`Connection: close`), and at most [`MAX_CLIENTS`]
-//! served at once (more get 503). It must never touch a shard's state:
-//! what it serves is what the shards publish (atomics), read at request
-//! time.
+//! [`MAX_REQUEST`] bytes, a body past [`MAX_BODY`], the answer written
+//! with a timeout, one request per connection (`Connection: close`), and
+//! at most [`MAX_CLIENTS`] served at once (more get 503). It must never
+//! touch a shard's state: metrics are what the shards publish (atomics),
+//! and the API sends each shard a command over a bounded channel and
+//! waits, with a timeout, for its answer.
+
+pub mod api;
+pub mod client;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,6 +27,9 @@ use thiserror::Error;
 
 /// The largest request head read; a longer one is answered 431.
 pub const MAX_REQUEST: usize = 8 << 10;
+/// The largest request body read (the API's JSON); a larger one is
+/// answered 413.
+pub const MAX_BODY: usize = 64 << 10;
 /// Connections served at once; more are answered 503 at once.
 pub const MAX_CLIENTS: usize = 8;
 /// How long a client may take to send its request, and to read the answer.
@@ -52,6 +61,21 @@ impl Response {
             body: body.into(),
         }
     }
+
+    pub fn json(status: u16, value: &impl serde::Serialize) -> Response {
+        let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+        body.push(b'\n');
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+        }
+    }
+
+    /// `{"error": why}`.
+    pub fn error(status: u16, why: &str) -> Response {
+        Response::json(status, &serde_json::json!({ "error": why }))
+    }
 }
 
 /// A parsed request head: what the routes see.
@@ -62,11 +86,17 @@ pub struct Request {
     pub path: String,
     /// The query string after `?`, if any (undecoded).
     pub query: Option<String>,
+    /// The `Authorization` header's value, if any.
+    pub authorization: Option<String>,
+    /// The body (`Content-Length` octets, at most [`MAX_BODY`]).
+    pub body: Vec<u8>,
 }
 
 type Handler = Box<dyn Fn(&Request) -> Response + Send + Sync>;
 
 /// Path → handler. A path with a handler for another method answers 405.
+/// A route whose path ends in `/` takes every path under it (the longest
+/// such prefix wins after the exact paths).
 #[derive(Default)]
 pub struct Router {
     routes: Vec<(&'static str, &'static str, Handler)>,
@@ -93,9 +123,21 @@ impl Router {
     }
 
     pub fn handle(&self, req: &Request) -> Response {
+        let exact = self.routes.iter().any(|(_, p, _)| *p == req.path);
+        let prefix = self
+            .routes
+            .iter()
+            .filter(|(_, p, _)| p.ends_with('/') && req.path.starts_with(p) && req.path != *p)
+            .map(|(_, p, _)| p.len())
+            .max();
         let mut path_known = false;
         for (method, path, handler) in &self.routes {
-            if *path == req.path {
+            let hit = if exact {
+                *path == req.path
+            } else {
+                prefix == Some(path.len()) && req.path.starts_with(path)
+            };
+            if hit {
                 // HEAD is GET without the body (stripped when written).
                 if *method == req.method || (*method == "GET" && req.method == "HEAD") {
                     return handler(req);
@@ -173,11 +215,17 @@ impl Drop for Busy {
 
 fn serve(stream: &mut TcpStream, router: &Router) {
     let answer = match read_head(stream) {
-        Ok(head) => match parse_head(&head) {
-            Some(req) => {
-                let resp = router.handle(&req);
-                Some((resp, req.method != "HEAD"))
-            }
+        Ok((head, rest)) => match parse_head(&head) {
+            Some(mut req) => match read_body(stream, &head, rest) {
+                Ok(body) => {
+                    req.body = body;
+                    let resp = router.handle(&req);
+                    Some((resp, req.method != "HEAD"))
+                }
+                Err(BodyError::TooLarge) => Some((Response::error(413, "body too large"), true)),
+                Err(BodyError::Bad(why)) => Some((Response::error(400, why), true)),
+                Err(BodyError::Io) => None,
+            },
             None => Some((Response::text(400, "bad request\n"), true)),
         },
         Err(HeadError::TooLarge) => Some((Response::text(431, "request too large\n"), true)),
@@ -206,9 +254,57 @@ enum HeadError {
     Io,
 }
 
-/// Reads up to the blank line that ends the head (a body, if any, is not
-/// read: no route takes one yet).
-fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
+enum BodyError {
+    TooLarge,
+    Bad(&'static str),
+    Io,
+}
+
+/// Reads the body the head announces (`Content-Length`, at most
+/// [`MAX_BODY`]; no chunked bodies), `rest` being what came after the
+/// head already.
+fn read_body(stream: &mut TcpStream, head: &[u8], mut rest: Vec<u8>) -> Result<Vec<u8>, BodyError> {
+    let len = match header(head, "content-length") {
+        None => 0,
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| BodyError::Bad("bad Content-Length"))?,
+    };
+    if header(head, "transfer-encoding").is_some() {
+        return Err(BodyError::Bad(
+            "Transfer-Encoding is not accepted: send Content-Length",
+        ));
+    }
+    if len > MAX_BODY {
+        return Err(BodyError::TooLarge);
+    }
+    let mut chunk = [0u8; 4096];
+    while rest.len() < len {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return Err(BodyError::Io),
+            Ok(n) => rest.extend_from_slice(&chunk[..n]),
+        }
+    }
+    rest.truncate(len);
+    Ok(rest)
+}
+
+/// The value of the first header `name` (any case) in `head`.
+fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
+    std::str::from_utf8(head)
+        .ok()?
+        .split("\r\n")
+        .skip(1)
+        .find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+}
+
+/// Reads up to the blank line that ends the head; returns it and what
+/// was read after it (the start of a body).
+fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), HeadError> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -219,8 +315,9 @@ fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
         let from = head.len().saturating_sub(3);
         head.extend_from_slice(&chunk[..n]);
         if let Some(end) = memchr::memmem::find(&head[from..], b"\r\n\r\n") {
+            let rest = head.split_off(from + end + 4);
             head.truncate(from + end);
-            return Ok(head);
+            return Ok((head, rest));
         }
         if head.len() > MAX_REQUEST {
             return Err(HeadError::TooLarge);
@@ -250,6 +347,8 @@ pub fn parse_head(head: &[u8]) -> Option<Request> {
         method: method.to_owned(),
         path: path.to_owned(),
         query,
+        authorization: header(head, "authorization").map(str::to_owned),
+        body: Vec::new(),
     })
 }
 
@@ -257,14 +356,24 @@ fn write_response(stream: &mut TcpStream, resp: &Response, body: bool) -> io::Re
     let reason = match resp.status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "",
     };
+    let challenge = if resp.status == 401 {
+        "WWW-Authenticate: Bearer realm=\"ringmta\"\r\n"
+    } else {
+        ""
+    };
     let mut out = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{challenge}Connection: close\r\n\r\n",
         resp.status,
         resp.content_type,
         resp.body.len()
@@ -306,11 +415,20 @@ mod tests {
     #[test]
     fn routes() {
         let router = Router::default().route("GET", "/a", |_| Response::text(200, "a"));
+        let router = router
+            .route("GET", "/p/", |r| Response::text(200, r.path.clone()))
+            .route("POST", "/p/x", |_| Response::text(200, "x"));
         let req = |m: &str, p: &str| Request {
             method: m.into(),
             path: p.into(),
             query: None,
+            authorization: None,
+            body: Vec::new(),
         };
+        assert_eq!(router.handle(&req("GET", "/p/abc")).body, b"/p/abc");
+        assert_eq!(router.handle(&req("GET", "/p/x")).status, 405);
+        assert_eq!(router.handle(&req("POST", "/p/x")).body, b"x");
+        assert_eq!(router.handle(&req("DELETE", "/p/abc")).status, 405);
         assert_eq!(router.handle(&req("GET", "/a")).body, b"a");
         assert_eq!(router.handle(&req("HEAD", "/a")).status, 200);
         assert_eq!(router.handle(&req("POST", "/a")).status, 405);
@@ -347,6 +465,45 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    }
+
+    #[test]
+    fn bodies_are_read_bounded_and_only_by_length() {
+        let router = Router::default().route("POST", "/echo", |r| {
+            Response::text(
+                200,
+                [
+                    r.authorization.as_deref().unwrap_or("-").as_bytes(),
+                    b" ",
+                    &r.body,
+                ]
+                .concat(),
+            )
+        });
+        let addr = start("127.0.0.1:0".parse().unwrap(), router).unwrap();
+        let out = get(
+            addr,
+            b"POST /echo HTTP/1.1\r\nAuthorization: Bearer t\r\ncontent-length: 5\r\n\r\nhello",
+        );
+        assert!(out.ends_with("\r\n\r\nBearer t hello"), "{out}");
+        // Split: the body after the head, in pieces.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        s.write_all(b"cd").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.ends_with("- abcd"), "{out}");
+        let big = format!(
+            "POST /echo HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert!(get(addr, big.as_bytes()).starts_with("HTTP/1.1 413 "));
+        let chunked = b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(get(addr, chunked).starts_with("HTTP/1.1 400 "));
+        let bad = b"POST /echo HTTP/1.1\r\nContent-Length: x\r\n\r\n";
+        assert!(get(addr, bad).starts_with("HTTP/1.1 400 "));
     }
 
     #[test]
