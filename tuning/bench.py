@@ -15,7 +15,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RINGMTA = os.path.join(ROOT, "target", "release", "ringmta")
+# RINGMTA_BIN: another build to measure (e.g. an older commit's, for a
+# before/after table in one run).
+RINGMTA = os.environ.get("RINGMTA_BIN") or os.path.join(ROOT, "target", "release", "ringmta")
 LOADGEN = os.path.join(ROOT, "target", "release", "ringmta-loadgen")
 TICK = os.sysconf("SC_CLK_TCK")
 # Where the servers keep their spools and Maildirs (--workdir; default: $TMPDIR).

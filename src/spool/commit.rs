@@ -114,13 +114,13 @@ impl Recent {
         }
     }
 
-    fn get(&self, loc: &Location) -> Option<Vec<u8>> {
+    fn get(&self, loc: &Location) -> Option<&[u8]> {
         let (_, at, buf) = self.batches.iter().rev().find(|(seg, at, buf)| {
             **seg == *loc.segment && *at <= loc.offset && loc.offset < at + buf.len() as u64
         })?;
         let from = usize::try_from(loc.offset - at).ok()?;
         let to = from.checked_add(usize::try_from(loc.len).ok()?)?;
-        buf.get(from..to).map(<[u8]>::to_vec)
+        buf.get(from..to)
     }
 }
 
@@ -161,15 +161,16 @@ impl SegmentWriter {
     }
 
     /// Keeps up to `bytes` of the newest durable batches in memory for
-    /// [`SegmentWriter::recent_record`] (0, the default: none).
+    /// [`SegmentWriter::with_recent_record`] (0, the default: none).
     pub fn keep_recent(&self, bytes: u64) {
         self.recent.borrow_mut().limit = usize::try_from(bytes).unwrap_or(usize::MAX);
     }
 
-    /// The bytes of the record at `loc` if its batch is among the newest
-    /// kept in memory (exactly what the file holds there).
-    pub fn recent_record(&self, loc: &Location) -> Option<Vec<u8>> {
-        self.recent.borrow().get(loc)
+    /// `f` of the bytes of the record at `loc`, if its batch is among the
+    /// newest kept in memory (exactly what the file holds there), without
+    /// copying them.
+    pub fn with_recent_record<R>(&self, loc: &Location, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        self.recent.borrow().get(loc).map(f)
     }
 
     pub fn stats(&self) -> CommitStats {
@@ -490,8 +491,8 @@ mod tests {
         };
         r.keep("a".into(), 0, batch(b"0123456789"));
         r.keep("a".into(), 10, batch(b"abcdefghij"));
-        assert_eq!(r.get(&loc("a", 12, 3)).as_deref(), Some(&b"cde"[..]));
-        assert_eq!(r.get(&loc("a", 0, 10)).as_deref(), Some(&b"0123456789"[..]));
+        assert_eq!(r.get(&loc("a", 12, 3)), Some(&b"cde"[..]));
+        assert_eq!(r.get(&loc("a", 0, 10)), Some(&b"0123456789"[..]));
         // Past a batch's end, another segment, not kept: read the file.
         assert_eq!(r.get(&loc("a", 8, 4)), None);
         assert_eq!(r.get(&loc("b", 12, 3)), None);
@@ -502,7 +503,7 @@ mod tests {
         }
         assert!(r.bytes <= 64);
         assert_eq!(r.get(&loc("a", 0, 1)), None);
-        assert_eq!(r.get(&loc("a", 60, 2)).as_deref(), Some(&b"KL"[..]));
+        assert_eq!(r.get(&loc("a", 60, 2)), Some(&b"KL"[..]));
         // A batch larger than the whole cache is not kept at all.
         r.keep("a".into(), 70, vec![0; 65]);
         assert_eq!(r.get(&loc("a", 70, 1)), None);

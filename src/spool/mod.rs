@@ -887,25 +887,22 @@ impl ShardSpool {
     /// delivering another shard's message reads it, without owning its
     /// queue entry. `None` when no intact record is there.
     pub async fn read_at(&self, loc: &Location) -> Result<Option<(String, Vec<u8>)>, SpoolError> {
-        let cached = self.writer.recent_record(loc);
-        let read;
-        let bytes: &[u8] = match &cached {
-            Some(bytes) => bytes,
-            None => {
-                let file = glommio::io::BufferedFile::open(self.dir.join(&*loc.segment)).await?;
-                let result = file.read_at(loc.offset, loc.len as usize).await;
-                let _ = file.close().await;
-                read = result?;
-                &read
-            }
+        let decode = |bytes: &[u8]| {
+            let scan = segment::scan(bytes, segment::Keying::of(&loc.segment));
+            scan.records.first().map(|r| {
+                (
+                    String::from_utf8_lossy(r.header).into_owned(),
+                    r.body.to_vec(),
+                )
+            })
         };
-        let scan = segment::scan(bytes, segment::Keying::of(&loc.segment));
-        Ok(scan.records.first().map(|r| {
-            (
-                String::from_utf8_lossy(r.header).into_owned(),
-                r.body.to_vec(),
-            )
-        }))
+        if let Some(found) = self.writer.with_recent_record(loc, decode) {
+            return Ok(found);
+        }
+        let file = glommio::io::BufferedFile::open(self.dir.join(&*loc.segment)).await?;
+        let result = file.read_at(loc.offset, loc.len as usize).await;
+        let _ = file.close().await;
+        Ok(decode(&result?))
     }
 
     pub fn stats(&self) -> commit::CommitStats {
