@@ -77,6 +77,7 @@ pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod config_file;
+pub mod inbound;
 pub mod metrics;
 pub mod policy;
 pub mod relay;
