@@ -64,6 +64,11 @@ pub struct Config {
     pub delivery: bool,
     /// The admin HTTP listener (`--admin`; `None`: off).
     pub admin: Option<SocketAddr>,
+    /// Verification of mail on the relay/MX port (`--inbound-auth` and
+    /// the policies that follow from it).
+    pub inbound: Arc<crate::inbound::auth::AuthPolicy>,
+    /// `--dns-timeout`: the bound on the inbound checks' DNS.
+    pub dns_timeout: Duration,
 }
 
 /// Sizes of the blocking pools ([`crate::blocking`]), at least 1 each.
@@ -105,6 +110,12 @@ pub enum ConfigError {
     BadDomain(String),
     #[error("invalid --hostname {0:?}")]
     BadHostname(String),
+    #[error("invalid --authserv-id {0:?} (a token or domain name, e.g. mx.example.org)")]
+    BadAuthservId(String),
+    #[error("invalid --quarantine-header {0:?} (a header field name, e.g. X-Spam-Flag)")]
+    BadHeaderName(String),
+    #[error("--dns-timeout must be between 100ms and 60s")]
+    BadDnsTimeout,
     #[error("--ring-depth must be at least 1")]
     BadRingDepth,
     #[error("--max-message-size must be at least 1 (SIZE 0 would advertise no limit)")]
@@ -180,6 +191,10 @@ impl Config {
             Some(h) => return Err(ConfigError::BadHostname(h.clone())),
             None => system_hostname().unwrap_or_else(|| "localhost".into()),
         };
+        let inbound = inbound_policy(cli, &hostname)?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&cli.dns_timeout) {
+            return Err(ConfigError::BadDnsTimeout);
+        }
         let spool_dir = absolute(&cli.spool_dir)?;
         let routes = cli
             .routes
@@ -234,10 +249,12 @@ impl Config {
             // A certificate is always there (given or generated).
             starttls: true,
             plaintext_auth_on_loopback: false,
+            check_sender: inbound.enabled && inbound.spf == crate::inbound::auth::SpfPolicy::Reject,
         };
         let submission_session = Arc::new(SessionConfig {
             mode: Mode::Submission,
             plaintext_auth_on_loopback: cli.allow_plaintext_auth_on_loopback,
+            check_sender: false,
             ..session.clone()
         });
         let tls = TlsSettings {
@@ -287,6 +304,8 @@ impl Config {
             relay,
             delivery: !cli.no_delivery,
             admin: cli.admin.0,
+            inbound,
+            dns_timeout: cli.dns_timeout,
             spool: SpoolOptions {
                 max_segment: cli.max_segment_size.max(1 << 20),
                 compact_below: cli.compact_below.clamp(0.0, 1.0),
@@ -335,6 +354,39 @@ fn tls_verify(cli: &Cli) -> Result<bool, ConfigError> {
             Err(ConfigError::VerifyNeedsRequire)
         }
     }
+}
+
+/// `--inbound-auth` and its policies; the authserv-id defaults to the
+/// host name.
+fn inbound_policy(
+    cli: &Cli,
+    hostname: &str,
+) -> Result<Arc<crate::inbound::auth::AuthPolicy>, ConfigError> {
+    let authserv_id = cli.authserv_id.clone().unwrap_or_else(|| hostname.to_owned());
+    // RFC 8601 2.2: a value (token); RFC 2045 tspecials excluded.
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 255
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?=".contains(&b))
+    };
+    if !token(&authserv_id) {
+        return Err(ConfigError::BadAuthservId(authserv_id));
+    }
+    let name = &cli.quarantine_header;
+    // RFC 5322 2.2: printable ASCII but the colon.
+    if name.is_empty() || name.len() > 76 || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+    {
+        return Err(ConfigError::BadHeaderName(name.clone()));
+    }
+    Ok(Arc::new(crate::inbound::auth::AuthPolicy {
+        enabled: cli.inbound_auth == crate::cli::InboundAuth::On,
+        authserv_id,
+        spf: cli.spf_policy,
+        dmarc_reject: cli.dmarc_reject,
+        quarantine_header: name.clone(),
+    }))
 }
 
 fn is_domain(d: &str) -> bool {

@@ -18,7 +18,6 @@
 //! a temporary DNS failure.
 
 use std::net::IpAddr;
-use std::rc::Rc;
 use std::time::Instant;
 
 use mail_auth::dmarc::Policy as DmarcPolicy;
@@ -142,7 +141,7 @@ pub async fn check_spf(dns: &DnsHandle, client: Client) -> SpfResults {
 /// when the thread did not give it back (the caller answers 451).
 pub async fn verify(
     dns: &DnsHandle,
-    policy: Rc<AuthPolicy>,
+    policy: &AuthPolicy,
     client: Client,
     spf_done: Option<SpfResults>,
     body: Vec<u8>,

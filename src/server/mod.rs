@@ -103,6 +103,8 @@ pub struct Live {
     pub add_sender_header: bool,
     pub dkim_from_mismatch: dkim::FromMismatch,
     pub max_conns_per_shard: usize,
+    /// How mail on the relay/MX port is verified.
+    pub inbound: Arc<crate::inbound::auth::AuthPolicy>,
 }
 
 impl Live {
@@ -121,6 +123,7 @@ impl Live {
             add_sender_header: config.add_sender_header,
             dkim_from_mismatch: config.dkim_from_mismatch,
             max_conns_per_shard: config.max_conns_per_shard,
+            inbound: config.inbound.clone(),
         }
     }
 }
@@ -287,6 +290,12 @@ pub fn run(
             shared: shared.clone(),
             queue: std::cell::Cell::new(spool.take_shard_queue(id, config.shards)),
             resolver: resolver.clone(),
+            dns: crate::inbound::dns::DnsHandle::start(
+                &format!("dns-{id}"),
+                config.relay.dns_server,
+                config.dns_timeout,
+            )
+            .map_err(ServerError::Resolver)?,
             mesh: meshes.get_mut(id).and_then(Option::take),
         };
         let ready = ready_tx.clone();

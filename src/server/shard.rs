@@ -34,6 +34,8 @@ pub(crate) struct ShardContext {
     pub queue: std::cell::Cell<crate::spool::queue::QueueIndex>,
     /// DNS for outbound delivery; `None` with `--no-delivery`.
     pub resolver: Option<crate::relay::mx::Resolver>,
+    /// This shard's DNS thread for the inbound checks.
+    pub dns: crate::inbound::dns::DnsHandle,
     /// This shard's clone of the handoff mesh (joined once, in `serve`);
     /// `None` with one shard or `--no-delivery`.
     pub mesh: Option<crate::relay::handoff::Mesh>,
