@@ -362,13 +362,15 @@ fn inbound_policy(
     cli: &Cli,
     hostname: &str,
 ) -> Result<Arc<crate::inbound::auth::AuthPolicy>, ConfigError> {
-    let authserv_id = cli.authserv_id.clone().unwrap_or_else(|| hostname.to_owned());
+    let authserv_id = cli
+        .authserv_id
+        .clone()
+        .unwrap_or_else(|| hostname.to_owned());
     // RFC 8601 2.2: a value (token); RFC 2045 tspecials excluded.
     let token = |s: &str| {
         !s.is_empty()
             && s.len() <= 255
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?=".contains(&b))
     };
     if !token(&authserv_id) {
@@ -376,7 +378,9 @@ fn inbound_policy(
     }
     let name = &cli.quarantine_header;
     // RFC 5322 2.2: printable ASCII but the colon.
-    if name.is_empty() || name.len() > 76 || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+    if name.is_empty()
+        || name.len() > 76
+        || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
     {
         return Err(ConfigError::BadHeaderName(name.clone()));
     }

@@ -20,11 +20,12 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
+use base64::Engine as _;
 use mail_auth::dmarc::Policy as DmarcPolicy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcOutput,
-    DmarcResult, Parameters, SpfOutput, SpfResult,
+    AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcOutput, DmarcResult,
+    Parameters, SpfOutput, SpfResult,
 };
 
 use super::dns::{self, DnsContext, DnsHandle, Lookup};
@@ -213,7 +214,7 @@ async fn check_message(
         // Not a message mail-auth can read (no header section): SPF only.
         ar = with_spf(ar, client, &spf_results);
         return Verdict {
-            header: field(&ar),
+            header: field(&ar, &[]),
             disposition: Disposition::Accept,
             summary: format!("spf={}", spf_results.mail_from_result()),
         };
@@ -260,9 +261,7 @@ async fn check_message(
                 .with_dkim_result(DmarcResult::TempError(timed_out()))
         });
 
-    let header_from = message.from.first().map_or("", String::as_str);
     ar = with_spf(ar, client, &spf_results)
-        .with_dkim_results(&dkim, header_from)
         .with_arc_result(&arc, client.ip)
         .with_dmarc_result(&dmarc);
 
@@ -277,7 +276,7 @@ async fn check_message(
         DmarcPolicy::Reject | DmarcPolicy::Quarantine => Disposition::Quarantine,
         DmarcPolicy::None | DmarcPolicy::Unspecified => Disposition::Accept,
     };
-    let mut header = field(&ar);
+    let mut header = field(&ar, &dkim);
     if disposition == Disposition::Quarantine {
         header.extend_from_slice(quarantine_header.as_bytes());
         header.extend_from_slice(b": YES\r\n");
@@ -291,7 +290,10 @@ async fn check_message(
         disposition,
         summary: format!(
             "spf={} dkim={} arc={} dmarc={}",
-            spf_results.mail_from_result().to_string().to_ascii_lowercase(),
+            spf_results
+                .mail_from_result()
+                .to_string()
+                .to_ascii_lowercase(),
             dkim_summary,
             result_word(arc.result()),
             match dmarc.result() {
@@ -391,17 +393,80 @@ fn timed_out() -> mail_auth::Error {
     ))
 }
 
-fn field(ar: &AuthenticationResults<'_>) -> Vec<u8> {
+/// The header field: mail-auth's results, then one `dkim=` per signature
+/// (`dkim=none` for none, RFC 8601 2.7.1), written here so that the reason
+/// says what went wrong (mail-auth calls an expired signature a "signature
+/// error").
+fn field(ar: &AuthenticationResults<'_>, dkim: &[DkimOutput<'_>]) -> Vec<u8> {
     // `Display` gives `authserv-id; results…` (or the id alone).
-    let text = ar.to_string();
-    let mut out = Vec::with_capacity(text.len() + 32);
+    let mut text = ar.to_string();
+    if dkim.is_empty() {
+        text.push_str(";\r\n\tdkim=none");
+    }
+    for d in dkim {
+        text.push_str(";\r\n\tdkim=");
+        text.push_str(result_word(d.result()));
+        if let Some(why) = reason(d.result()) {
+            text.push_str(" (");
+            text.push_str(&why);
+            text.push(')');
+        }
+        if let Some(sig) = d.signature() {
+            text.push_str(" header.d=");
+            text.push_str(&pvalue(&sig.d));
+            text.push_str(" header.s=");
+            text.push_str(&pvalue(&sig.s));
+            if let Some(prefix) = sig.b.get(..6) {
+                // RFC 6008: the first octets of the signature tell several
+                // signatures of one domain apart.
+                text.push_str(" header.b=");
+                text.push_str(&base64::engine::general_purpose::STANDARD.encode(prefix));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(text.len() + 26);
     out.extend_from_slice(b"Authentication-Results: ");
     out.extend_from_slice(text.as_bytes());
-    if !text.contains(';') {
-        out.extend_from_slice(b"; none");
-    }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Why a signature did not pass, in words an operator reads (a comment:
+/// no parentheses, backslashes or control characters from the peer).
+fn reason(r: &DkimResult) -> Option<String> {
+    use mail_auth::common::crypto::CryptoError;
+    use mail_auth::dkim::DkimError;
+    use mail_auth::{DnsError, Error};
+    let e = match r {
+        DkimResult::Pass | DkimResult::None => return None,
+        DkimResult::Fail(e)
+        | DkimResult::Neutral(e)
+        | DkimResult::PermError(e)
+        | DkimResult::TempError(e) => e,
+    };
+    let text = match e {
+        Error::Dkim(DkimError::FailedBodyHashMatch) => "body hash did not verify".into(),
+        Error::Dkim(DkimError::SignatureExpired) => "signature expired".into(),
+        Error::Crypto(CryptoError::FailedVerification) => "signature did not verify".into(),
+        Error::Dns(DnsError::RecordNotFound(_)) => "no key published".into(),
+        Error::Dns(DnsError::InvalidRecordType) => "key record unreadable".into(),
+        Error::Dns(DnsError::Resolver(_)) => "DNS error".into(),
+        other => other.to_string().to_ascii_lowercase(),
+    };
+    Some(
+        text.chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .filter(|c| !matches!(c, '(' | ')' | '\\'))
+            .collect(),
+    )
+}
+
+/// A domain or selector from a signature, as a header value: what a
+/// domain name may hold, nothing else.
+fn pvalue(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        .collect()
 }
 
 /// RFC 7489 6.6.4: a message not in the `pct` sample gets the next lower
@@ -575,8 +640,14 @@ Authentication-Results: mx.example.org; in the body\r\n"
         assert_eq!(parse_pct("v=DMARC1; p=reject; PCT = 0 ;"), 0);
         assert_eq!(parse_pct("v=DMARC1; pct=300"), 100);
         assert_eq!(sampled(DmarcPolicy::Reject, 20, 19), DmarcPolicy::Reject);
-        assert_eq!(sampled(DmarcPolicy::Reject, 20, 20), DmarcPolicy::Quarantine);
+        assert_eq!(
+            sampled(DmarcPolicy::Reject, 20, 20),
+            DmarcPolicy::Quarantine
+        );
         assert_eq!(sampled(DmarcPolicy::Quarantine, 0, 0), DmarcPolicy::None);
-        assert_eq!(sampled(DmarcPolicy::Quarantine, 100, 99), DmarcPolicy::Quarantine);
+        assert_eq!(
+            sampled(DmarcPolicy::Quarantine, 100, 99),
+            DmarcPolicy::Quarantine
+        );
     }
 }

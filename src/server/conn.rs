@@ -42,12 +42,12 @@ use super::limits::AuthRefusal;
 use super::proxy::{self, Prefixed};
 use super::shard::ShardState;
 use super::{dkim, tls, users, ListenerKind};
+use crate::inbound::auth::{self as inbound, SpfResults};
 use crate::metrics::{self, Handshake, Shortage};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
 use crate::smtp::envelope::rfc5322_date;
-use crate::smtp::submit::{self, Completion};
-use crate::inbound::auth::{self as inbound, SpfResults};
 use crate::smtp::session::SenderCheck;
+use crate::smtp::submit::{self, Completion};
 use crate::smtp::{CommitResult, ConnInfo, Event, Message, Session};
 
 /// Read buffer size for an idle or command-phase connection.
@@ -297,8 +297,7 @@ where
                     charge.set(msg.body.capacity() + msg.body.len());
                     // Boxed (as below): rarely-taken branches with large
                     // futures must not size every idle session's task.
-                    let result =
-                        Box::pin(store(shard, session, msg, peer, spf_memo.take())).await;
+                    let result = Box::pin(store(shard, session, msg, peer, spf_memo.take())).await;
                     if let CommitResult::Stored(_) = &result {
                         log.messages += 1;
                     }

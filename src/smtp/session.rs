@@ -1582,7 +1582,10 @@ mod tests {
         );
         assert!(out.contains("550 5.7.23 "), "{out}");
         assert_eq!(msgs.len(), 1);
-        assert_eq!(msgs[0].envelope.mail_from.as_deref(), Some("ok@example.org"));
+        assert_eq!(
+            msgs[0].envelope.mail_from.as_deref(),
+            Some("ok@example.org")
+        );
         // A --relay-network client is not checked.
         let (out, msgs) = drive_from(&cfg, "198.51.100.7:1234", input, &[]);
         assert_eq!(
@@ -1591,7 +1594,10 @@ mod tests {
             "{out}"
         );
         assert_eq!(msgs.len(), 1);
-        assert_eq!(msgs[0].envelope.mail_from.as_deref(), Some("spf-fail@example.org"));
+        assert_eq!(
+            msgs[0].envelope.mail_from.as_deref(),
+            Some("spf-fail@example.org")
+        );
     }
 
     #[test]
