@@ -360,7 +360,7 @@ pub struct Cli {
           value_parser = crate::relay::parse_host_port)]
     pub relay_host: Option<(String, u16)>,
 
-    /// DNS server for MX/A/AAAA lookups (IP:PORT) [default: the system resolver].
+    /// DNS server for delivery (MX/A/AAAA) and the inbound checks (SPF, DKIM, DMARC, ARC) (IP:PORT) [default: the system resolver].
     #[arg(long, value_name = "ADDR", env = "RINGMTA_DNS_SERVER")]
     pub dns_server: Option<SocketAddr>,
 

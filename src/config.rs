@@ -431,6 +431,39 @@ mod tests {
     }
 
     #[test]
+    fn inbound_checks_are_on_by_default_and_validated() {
+        let c = config(&[]).unwrap();
+        assert!(c.inbound.enabled);
+        assert_eq!(c.inbound.authserv_id, "mx.test");
+        assert_eq!(c.inbound.spf, crate::inbound::auth::SpfPolicy::Mark);
+        assert!(!c.inbound.dmarc_reject);
+        assert_eq!(c.inbound.quarantine_header, "X-Spam-Flag");
+        assert_eq!(c.dns_timeout, Duration::from_secs(5));
+        assert!(!c.session.check_sender);
+        let c = config(&["--spf-policy", "reject"]).unwrap();
+        assert!(c.session.check_sender);
+        assert!(!c.submission_session.check_sender);
+        let c = config(&["--spf-policy", "reject", "--inbound-auth", "off"]).unwrap();
+        assert!(!c.session.check_sender);
+        assert!(matches!(
+            config(&["--authserv-id", "mx example"]),
+            Err(ConfigError::BadAuthservId(_))
+        ));
+        assert!(matches!(
+            config(&["--authserv-id", "a;b"]),
+            Err(ConfigError::BadAuthservId(_))
+        ));
+        assert!(matches!(
+            config(&["--quarantine-header", "X-Bad:"]),
+            Err(ConfigError::BadHeaderName(_))
+        ));
+        assert!(matches!(
+            config(&["--dns-timeout", "0s"]),
+            Err(ConfigError::BadDnsTimeout)
+        ));
+    }
+
+    #[test]
     fn inflight_budget_is_split_between_shards_and_bounds_message_size() {
         let c = config(&["--shards", "2"]).unwrap();
         assert_eq!(

@@ -45,6 +45,14 @@
 //!   over the bounded [`relay::handoff`] mesh (or delivers them itself when
 //!   the channel is full) and gets the outcomes back. Outcomes are journaled
 //!   per recipient, by the origin shard only, through its spool.
+//! * [`inbound`] — checks of incoming mail on the relay/MX port:
+//!   [`inbound::auth`] verifies SPF (HELO and MAIL FROM), every DKIM
+//!   signature, the ARC chain and DMARC (alignment, `p`/`sp`/`pct`) with
+//!   mail-auth, writes one `Authentication-Results` (and the quarantine
+//!   header), removes forged ones with our authserv-id, and decides the
+//!   SPF (`550 5.7.23` at MAIL FROM) and DMARC (`550 5.7.1`) refusals;
+//!   [`inbound::dns`] is each shard's DNS thread (hickory on tokio, TTL
+//!   caches), where the checks run under `--dns-timeout`, off the shard.
 //! * [`policy`] — pure decisions the session and delivery share: which
 //!   local recipients exist (`--local-recipients`) and which mailbox names
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails
