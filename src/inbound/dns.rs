@@ -86,9 +86,10 @@ impl DnsHandle {
     ) -> std::io::Result<DnsHandle> {
         let config = resolver_config(dns_server);
         let mut opts = ResolverOpts::default();
-        // hickory's own per-query bound; the job's deadline is the real one.
-        opts.timeout = timeout;
-        opts.attempts = 1;
+        // hickory's own per-query bound (two tries, for a lost datagram);
+        // the job's deadline is the real one.
+        opts.timeout = timeout / 2;
+        opts.attempts = 2;
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
