@@ -561,9 +561,10 @@ fn count(dir: &Path) -> usize {
 #[test]
 fn sighup_applies_every_reloadable_key() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write_config(dir.path(), "max-recipients = 5\n");
+    let file = write_config(dir.path(), "max-recipients = 5\ninbound-auth = \"off\"\n");
     let server = Server::builder()
         .args(["--config", file.to_str().unwrap()])
+        .inbound_auth_as_configured()
         .start();
     let submission = server.submission.expect("submission listener");
 
@@ -656,6 +657,11 @@ fn sighup_applies_every_reloadable_key() {
             format!("{:?}", senders.to_str().unwrap()),
         ),
         ("auth-failure-delay", r#""2s""#.into()),
+        ("inbound-auth", r#""on""#.into()),
+        ("authserv-id", r#""mx.example.org""#.into()),
+        ("spf-policy", r#""reject""#.into()),
+        ("dmarc-reject", "true".into()),
+        ("quarantine-header", r#""X-Quarantine""#.into()),
     ];
     let mut listed: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
     listed.sort_unstable();
