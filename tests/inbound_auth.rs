@@ -749,3 +749,49 @@ fn silent_dns_does_not_hold_the_session_past_the_timeout() {
     assert_eq!(spf_mailfrom(&ar), "spf=temperror", "{ar}");
     drop(silent);
 }
+
+#[test]
+fn delivered_into_the_maildir_with_the_results() {
+    let Some(w) = World::new() else { return };
+    let dns = format!("127.0.0.1:{}", w.dns_port);
+    // Delivery on (no --no-delivery): dest.test is a local Maildir domain.
+    let server = Server::start(&[
+        "--inbound-auth",
+        "on",
+        "--authserv-id",
+        AUTHSERV,
+        "--dns-server",
+        &dns,
+        "--local-domain",
+        "dest.test",
+    ]);
+    let m = rust_sign(&w.rsa, &message("a@signed.test", "maildir", ""), None);
+    let reply = send(&server, "mx.pass.test", "a@signed.test", &m);
+    assert!(reply.starts_with("250"), "{reply}");
+    let new = server
+        .spool_dir()
+        .parent()
+        .unwrap()
+        .join("maildir/dest.test/u/new");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let file = loop {
+        let found = std::fs::read_dir(&new)
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|e| e.unwrap().path());
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {}", server.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = String::from_utf8(std::fs::read(file).unwrap()).unwrap();
+    let head = text.split("\r\n\r\n").next().unwrap().replace("\r\n\t", " ");
+    let ar = head
+        .lines()
+        .find(|l| l.starts_with("Authentication-Results: mx.dest.test;"))
+        .unwrap_or_else(|| panic!("{head}"));
+    for want in ["spf=pass", "dkim=pass header.d=signed.test", "dmarc=pass"] {
+        assert!(ar.contains(want), "{want}: {ar}");
+    }
+}
