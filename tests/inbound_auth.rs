@@ -782,11 +782,19 @@ fn delivered_into_the_maildir_with_the_results() {
         if let Some(f) = found {
             break f;
         }
-        assert!(Instant::now() < deadline, "not delivered: {}", server.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {}",
+            server.stderr()
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let text = String::from_utf8(std::fs::read(file).unwrap()).unwrap();
-    let head = text.split("\r\n\r\n").next().unwrap().replace("\r\n\t", " ");
+    let head = text
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .replace("\r\n\t", " ");
     let ar = head
         .lines()
         .find(|l| l.starts_with("Authentication-Results: mx.dest.test;"))

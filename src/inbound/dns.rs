@@ -41,6 +41,8 @@ pub const GRACE: Duration = Duration::from_secs(2);
 /// Entries per parsed-record cache; when full, expired entries go, and if
 /// none had, the whole cache (a flood of distinct names must not grow it).
 const CACHE_ENTRIES: usize = 16 << 10;
+/// The shortest a negative answer (NXDOMAIN, no record) is cached.
+const NEGATIVE_MIN_TTL: Duration = Duration::from_secs(60);
 /// The longest a parsed record is kept, whatever its TTL says.
 const MAX_TTL: Duration = Duration::from_secs(3600);
 
@@ -90,6 +92,10 @@ impl DnsHandle {
         // the job's deadline is the real one.
         opts.timeout = timeout / 2;
         opts.attempts = 2;
+        // "No such name" is kept at least this long even when the answer
+        // carries no SOA to say how long (some servers send none): the
+        // DMARC tree walk asks for such names on every message.
+        opts.negative_min_ttl = Some(NEGATIVE_MIN_TTL);
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
