@@ -570,7 +570,8 @@ fn field_end(body: &[u8], pos: usize, end: usize) -> usize {
 fn value_of<'a>(field: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     let colon = memchr::memchr(b':', field)?;
     let (n, rest) = field.split_at(colon);
-    let n = n.strip_suffix(b" ").unwrap_or(n);
+    // RFC 5322 4.5 (obsolete syntax): white space before the colon.
+    let n = n.trim_ascii_end();
     n.eq_ignore_ascii_case(name).then(|| &rest[1..])
 }
 
