@@ -582,6 +582,7 @@ async fn verify_inbound(
     // The body goes to the DNS thread and back; should it not come back,
     // the message was never acknowledged and is answered 451.
     let body = std::mem::take(&mut msg.body);
+    let started = Instant::now();
     let Some((body, verdict)) = inbound::verify(&shard.ctx.dns, &policy, client, spf, body).await
     else {
         tracing::error!(%peer, "message refused (451): the inbound checks did not finish");
@@ -590,7 +591,7 @@ async fn verify_inbound(
     msg.body = body;
     let stripped = inbound::strip_ours(&mut msg.body, &policy.authserv_id);
     tracing::info!(%peer, results = %verdict.summary, stripped, disposition = ?verdict.disposition,
-        "inbound checks");
+        took_ms = started.elapsed().as_millis() as u64, "inbound checks");
     match verdict.disposition {
         inbound::Disposition::Reject(reply) => Err(CommitResult::Refused {
             reply,
