@@ -11,6 +11,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use futures_channel::oneshot;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
@@ -43,7 +44,28 @@ impl Resolver {
     /// Starts the resolver thread. `dns_server` replaces the system's
     /// resolvers (for tests: a dnsmasq on a loopback port).
     pub fn start(dns_server: Option<SocketAddr>) -> std::io::Result<Resolver> {
-        let config = crate::inbound::dns::resolver_config(dns_server);
+        let config = match dns_server {
+            Some(addr) => {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = addr.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = addr.port();
+                ResolverConfig::from_parts(
+                    None,
+                    Vec::new(),
+                    vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
+                )
+            }
+            None => match hickory_resolver::system_conf::read_system_conf() {
+                Ok((cfg, _opts)) => cfg,
+                Err(e) => {
+                    // No resolver configured: MX deliveries defer (and say
+                    // why) until one is, rather than the server not starting.
+                    tracing::error!(error = %e, "cannot read /etc/resolv.conf; MX lookups will fail");
+                    ResolverConfig::from_parts(None, Vec::new(), Vec::new())
+                }
+            },
+        };
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
