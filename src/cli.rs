@@ -448,9 +448,51 @@ pub struct Cli {
           value_parser = crate::relay::parse_host_port)]
     pub relay_host: Option<(String, u16)>,
 
-    /// DNS server for MX/A/AAAA lookups (IP:PORT) [default: the system resolver].
+    /// DNS server for delivery (MX/A/AAAA) and the inbound checks (SPF, DKIM, DMARC, ARC) (IP:PORT) [default: the system resolver].
     #[arg(long, value_name = "ADDR", env = "RINGMTA_DNS_SERVER")]
     pub dns_server: Option<SocketAddr>,
+
+    /// Verify mail arriving on the relay/MX port (SPF, DKIM, DMARC, ARC) and prepend one Authentication-Results header; clients in --relay-network and authenticated clients are not checked.
+    #[arg(
+        long,
+        value_name = "ON|OFF",
+        env = "RINGMTA_INBOUND_AUTH",
+        default_value = "on",
+        value_enum
+    )]
+    pub inbound_auth: InboundAuth,
+
+    /// The authserv-id naming this server in Authentication-Results (incoming ones with it are removed) [default: --hostname].
+    #[arg(long, value_name = "ID", env = "RINGMTA_AUTHSERV_ID")]
+    pub authserv_id: Option<String>,
+
+    /// SPF `fail` of the MAIL FROM identity: mark (record it in Authentication-Results) or reject (550 5.7.23 at MAIL FROM).
+    #[arg(
+        long,
+        value_name = "POLICY",
+        env = "RINGMTA_SPF_POLICY",
+        default_value = "mark",
+        value_enum
+    )]
+    pub spf_policy: crate::inbound::auth::SpfPolicy,
+
+    /// Refuse (550 5.7.1 at the end of DATA) mail that fails DMARC under the author domain's p=reject (honouring pct and sp); off: quarantine it instead.
+    #[arg(long, env = "RINGMTA_DMARC_REJECT")]
+    pub dmarc_reject: bool,
+
+    /// Header added (value `YES`) to mail that fails DMARC under p=quarantine (or p=reject without --dmarc-reject), for the downstream to file on.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "RINGMTA_QUARANTINE_HEADER",
+        default_value = "X-Spam-Flag"
+    )]
+    pub quarantine_header: String,
+
+    /// The most the DNS lookups of inbound checks may take for one message (or one MAIL FROM); what has no answer by then is a temperror.
+    #[arg(long, value_name = "DURATION", env = "RINGMTA_DNS_TIMEOUT", default_value = "5s",
+          value_parser = parse_duration)]
+    pub dns_timeout: Duration,
 
     /// Port of remote MX hosts.
     #[arg(
@@ -733,6 +775,13 @@ pub struct SelectorArgs {
 /// Whether outbound TLS verifies the server's certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TlsVerify {
+    On,
+    Off,
+}
+
+/// Whether inbound mail on the relay/MX port is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InboundAuth {
     On,
     Off,
 }

@@ -72,6 +72,11 @@ pub struct Config {
     /// (`--admin-token-file`; read by `server::Shared`, again on SIGHUP);
     /// `None`: none asked.
     pub admin_token_file: Option<PathBuf>,
+    /// Verification of mail on the relay/MX port (`--inbound-auth` and
+    /// the policies that follow from it).
+    pub inbound: Arc<crate::inbound::auth::AuthPolicy>,
+    /// `--dns-timeout`: the bound on the inbound checks' DNS.
+    pub dns_timeout: Duration,
 }
 
 /// Sizes of the blocking pools ([`crate::blocking`]), at least 1 each.
@@ -118,6 +123,12 @@ pub enum ConfigError {
     BadDomain(String),
     #[error("invalid --hostname {0:?}")]
     BadHostname(String),
+    #[error("invalid --authserv-id {0:?} (a token or domain name, e.g. mx.example.org)")]
+    BadAuthservId(String),
+    #[error("invalid --quarantine-header {0:?} (a header field name, e.g. X-Spam-Flag)")]
+    BadHeaderName(String),
+    #[error("--dns-timeout must be between 100ms and 60s")]
+    BadDnsTimeout,
     #[error("--ring-depth must be at least 1")]
     BadRingDepth,
     #[error("--max-message-size must be at least 1 (SIZE 0 would advertise no limit)")]
@@ -212,6 +223,10 @@ impl Config {
             Some(h) => return Err(ConfigError::BadHostname(h.clone())),
             None => system_hostname().unwrap_or_else(|| "localhost".into()),
         };
+        let inbound = inbound_policy(cli, &hostname)?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&cli.dns_timeout) {
+            return Err(ConfigError::BadDnsTimeout);
+        }
         let spool_dir = absolute(&cli.spool_dir)?;
         let routes = cli
             .routes
@@ -270,12 +285,14 @@ impl Config {
             screen_protocol: cli.screen_protocol,
             // The process's table, set by `Shared` when a limit is.
             rates: None,
+            check_sender: inbound.enabled && inbound.spf == crate::inbound::auth::SpfPolicy::Reject,
         };
         let submission_session = Arc::new(SessionConfig {
             mode: Mode::Submission,
             plaintext_auth_on_loopback: cli.allow_plaintext_auth_on_loopback,
             // The screen is the relay/MX port's.
             screen_protocol: false,
+            check_sender: false,
             ..session.clone()
         });
         let tls = TlsSettings {
@@ -326,6 +343,8 @@ impl Config {
             delivery: !cli.no_delivery,
             admin: cli.admin.0,
             admin_token_file,
+            inbound,
+            dns_timeout: cli.dns_timeout,
             spool: SpoolOptions {
                 max_segment: cli.max_segment_size.max(1 << 20),
                 compact_below: cli.compact_below.clamp(0.0, 1.0),
@@ -393,6 +412,43 @@ fn tls_verify(cli: &Cli) -> Result<bool, ConfigError> {
     }
 }
 
+/// `--inbound-auth` and its policies; the authserv-id defaults to the
+/// host name.
+fn inbound_policy(
+    cli: &Cli,
+    hostname: &str,
+) -> Result<Arc<crate::inbound::auth::AuthPolicy>, ConfigError> {
+    let authserv_id = cli
+        .authserv_id
+        .clone()
+        .unwrap_or_else(|| hostname.to_owned());
+    // RFC 8601 2.2: a value (token); RFC 2045 tspecials excluded.
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 255
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?=".contains(&b))
+    };
+    if !token(&authserv_id) {
+        return Err(ConfigError::BadAuthservId(authserv_id));
+    }
+    let name = &cli.quarantine_header;
+    // RFC 5322 2.2: printable ASCII but the colon.
+    if name.is_empty()
+        || name.len() > 76
+        || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+    {
+        return Err(ConfigError::BadHeaderName(name.clone()));
+    }
+    Ok(Arc::new(crate::inbound::auth::AuthPolicy {
+        enabled: cli.inbound_auth == crate::cli::InboundAuth::On,
+        authserv_id,
+        spf: cli.spf_policy,
+        dmarc_reject: cli.dmarc_reject,
+        quarantine_header: name.clone(),
+    }))
+}
+
 fn is_domain(d: &str) -> bool {
     !d.is_empty()
         && d.len() <= 255
@@ -428,6 +484,39 @@ mod tests {
         let mut argv = vec!["ringmta", "--hostname", "mx.test"];
         argv.extend_from_slice(args);
         Config::from_cli(&Cli::parse_from(argv))
+    }
+
+    #[test]
+    fn inbound_checks_are_on_by_default_and_validated() {
+        let c = config(&[]).unwrap();
+        assert!(c.inbound.enabled);
+        assert_eq!(c.inbound.authserv_id, "mx.test");
+        assert_eq!(c.inbound.spf, crate::inbound::auth::SpfPolicy::Mark);
+        assert!(!c.inbound.dmarc_reject);
+        assert_eq!(c.inbound.quarantine_header, "X-Spam-Flag");
+        assert_eq!(c.dns_timeout, Duration::from_secs(5));
+        assert!(!c.session.check_sender);
+        let c = config(&["--spf-policy", "reject"]).unwrap();
+        assert!(c.session.check_sender);
+        assert!(!c.submission_session.check_sender);
+        let c = config(&["--spf-policy", "reject", "--inbound-auth", "off"]).unwrap();
+        assert!(!c.session.check_sender);
+        assert!(matches!(
+            config(&["--authserv-id", "mx example"]),
+            Err(ConfigError::BadAuthservId(_))
+        ));
+        assert!(matches!(
+            config(&["--authserv-id", "a;b"]),
+            Err(ConfigError::BadAuthservId(_))
+        ));
+        assert!(matches!(
+            config(&["--quarantine-header", "X-Bad:"]),
+            Err(ConfigError::BadHeaderName(_))
+        ));
+        assert!(matches!(
+            config(&["--dns-timeout", "0s"]),
+            Err(ConfigError::BadDnsTimeout)
+        ));
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub const RELOADABLE: &[&str] = &[
     "add-sender-header",
     "dkim-from-mismatch",
     "max-conns-per-shard",
+    // Inbound verification, taken by every new message (SPF at MAIL FROM:
+    // by every new connection).
+    "inbound-auth",
+    "authserv-id",
+    "spf-policy",
+    "dmarc-reject",
+    "quarantine-header",
     // Delivery, taken by the next attempt.
     "relay-host",
     "outbound-port",

@@ -48,6 +48,14 @@
 //!   [`relay::control`] is what a shard does for the admin API: summaries,
 //!   listings, hold/release/flush/delete/bounce journaled on its own
 //!   spool, destinations suspended (kept in `<spool>/suspended.json`).
+//! * [`inbound`] — checks of incoming mail on the relay/MX port:
+//!   [`inbound::auth`] verifies SPF (HELO and MAIL FROM), every DKIM
+//!   signature, the ARC chain and DMARC (alignment, `p`/`sp`/`pct`) with
+//!   mail-auth, writes one `Authentication-Results` (and the quarantine
+//!   header), removes forged ones with our authserv-id, and decides the
+//!   SPF (`550 5.7.23` at MAIL FROM) and DMARC (`550 5.7.1`) refusals;
+//!   [`inbound::dns`] is each shard's DNS thread (hickory on tokio, TTL
+//!   caches), where the checks run under `--dns-timeout`, off the shard.
 //! * [`policy`] — pure decisions the session and delivery share: which
 //!   local recipients exist (`--local-recipients`) and which mailbox names
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails

@@ -89,6 +89,12 @@ const SAMPLES: &[(&str, &str)] = &[
     ),
     ("relay-host", r#""smarthost.example.org:587""#),
     ("dns-server", r#""127.0.0.53:53""#),
+    ("inbound-auth", r#""off""#),
+    ("authserv-id", r#""mx.example.org""#),
+    ("spf-policy", r#""reject""#),
+    ("dmarc-reject", "true"),
+    ("quarantine-header", r#""X-Quarantine""#),
+    ("dns-timeout", r#""3s""#),
     ("outbound-port", "2525"),
     ("maildir", r#""/var/lib/ringmta/maildir""#),
     ("max-conns-per-dest", "4"),
@@ -569,7 +575,7 @@ fn count(dir: &Path) -> usize {
 #[test]
 fn sighup_applies_every_reloadable_key() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write_config(dir.path(), "max-recipients = 5\n");
+    let file = write_config(dir.path(), "max-recipients = 5\ninbound-auth = \"off\"\n");
     // The DNS lists the reload turns on ask a server on loopback that
     // never answers (nothing may leave the machine); --dnsbl-timeout
     // bounds the wait.
@@ -577,6 +583,7 @@ fn sighup_applies_every_reloadable_key() {
     let dns = silent_dns.local_addr().unwrap().to_string();
     let server = Server::builder()
         .args(["--config", file.to_str().unwrap(), "--dns-server", &dns])
+        .inbound_auth_as_configured()
         .start();
     let submission = server.submission.expect("submission listener");
 
@@ -686,6 +693,11 @@ fn sighup_applies_every_reloadable_key() {
         ("dnswl", r#"["wl.test"]"#.into()),
         ("dnsbl-timeout", r#""1s""#.into()),
         ("admin-token-file", format!("{:?}", token.to_str().unwrap())),
+        ("inbound-auth", r#""on""#.into()),
+        ("authserv-id", r#""mx.example.org""#.into()),
+        ("spf-policy", r#""reject""#.into()),
+        ("dmarc-reject", "true".into()),
+        ("quarantine-header", r#""X-Quarantine""#.into()),
     ];
     let mut listed: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
     listed.sort_unstable();

@@ -142,6 +142,9 @@ class Ringmta:
             # The admin listener stays on (the default), on a free port so
             # that runs side by side do not fight over 9525.
             + ([] if "--admin" in self.extra else ["--admin", "127.0.0.1:0"])
+            # Inbound verification (on by default) would ask the system's
+            # DNS for every message; --auth measures it against a local one.
+            + ([] if "--inbound-auth" in self.extra else ["--inbound-auth", "off"])
             + self.extra,
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
@@ -554,6 +557,102 @@ def source_bench(args, cert, out):
     print("\n".join(lines))
 
 
+AUTH_DOMAIN = "bench.test"
+
+
+def start_dnsmasq(records):
+    """dnsmasq answering for .test from `records` on a free loopback port
+    (cacheable answers), or None when it is not installed."""
+    dnsmasq = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
+    if not dnsmasq:
+        return None, None
+    port = free_port()
+    proc = subprocess.Popen(
+        [dnsmasq, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+         "--listen-address=127.0.0.1", "--user=root", "--pid-file", "--log-facility=-",
+         "--local=/test/", "--local-ttl=300", f"--port={port}"] + records,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc, port
+
+
+def auth_bench(args, cert, out, seconds):
+    """Intake with inbound verification on against the same run with it
+    off: loadgen DKIM-signs every message (RSA-2048, the usual key) from
+    bench.test, whose SPF, DKIM key and DMARC p=reject a local dnsmasq
+    serves; both servers get the same signed messages."""
+    work = tempfile.mkdtemp(prefix="ringmta-bench-auth-")
+    key = os.path.join(work, "bench.pem")
+    gen = subprocess.run([RINGMTA, "dkim-keygen", "--domain", AUTH_DOMAIN, "--selector", "bench",
+                          "--algorithm", args.auth_key, "--out", key],
+                         check=True, capture_output=True, text=True)
+    record = "".join(gen.stdout.split('"')[1::2])
+    chunks = [record[i:i + 255] for i in range(0, len(record), 255)]
+    dns, dns_port = start_dnsmasq([
+        f"--txt-record={AUTH_DOMAIN},v=spf1 ip4:127.0.0.0/8 -all",
+        f"--txt-record=loadgen.{AUTH_DOMAIN},v=spf1 ip4:127.0.0.0/8 -all",
+        f"--txt-record=_dmarc.{AUTH_DOMAIN},v=DMARC1; p=reject",
+        f"--txt-record=bench._domainkey.{AUTH_DOMAIN}," + ",".join(chunks),
+    ])
+    if dns is None:
+        sys.exit("--auth needs dnsmasq (apt-get install dnsmasq-base)")
+    try:
+        off = Ringmta(args.ringmta_flags + ["--inbound-auth", "off"], cert)
+        off.name = "verify-off"
+        on = Ringmta(args.ringmta_flags + ["--inbound-auth", "on",
+                                           "--dns-server", f"127.0.0.1:{dns_port}"], cert)
+        on.name = "verify-on"
+        on.note = off.note = Ringmta.note
+        sign = ["--dkim-key", f"{AUTH_DOMAIN}:bench:{key}",
+                "--mail-from", "loadgen{n}@" + AUTH_DOMAIN, "--helo", "loadgen." + AUTH_DOMAIN]
+        wanted = (args.workloads or "connect-heavy,persistent").split(",")
+        rows = {}
+        for wl, flags in WORKLOADS:
+            if wl not in wanted:
+                continue
+            for srv in (off, on):
+                port = srv.start()
+                try:
+                    before = cpu_seconds(srv.pids())
+                    res = run_loadgen(port, flags + sign, seconds,
+                                      os.path.join(out, "raw", f"auth-{wl}-{srv.name}.json"))
+                    cpu = cpu_seconds(srv.pids()) - before
+                finally:
+                    srv.stop()
+                m = summarize(res)
+                m["cpu_s_per_1k_msgs"] = cpu * 1000 / m["messages"] if m["messages"] else float("nan")
+                rows[(wl, srv.name)] = m
+                print(f"{wl:14} {srv.name:10} {m['msgs_per_s']:9.0f} msg/s  "
+                      f"p99 {m['eod_p99_ms']:.2f} ms  errors {m['errors']}", file=sys.stderr)
+    finally:
+        dns.kill()
+        dns.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [f"# Inbound verification cost {datetime.datetime.now().isoformat(timespec='seconds')}", "",
+             f"Command: `tuning/run-bench.sh {' '.join(sys.argv[1:])}` "
+             f"({seconds} s per run, loopback, {os.cpu_count()} cores; loadgen signs every message "
+             f"with a {args.auth_key} key, its cost is the same in both runs).", "",
+             "| workload | verification | msg/s | p50 ms | p99 ms | ringmta CPU s / 1k msgs | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for wl, _ in WORKLOADS:
+        for name in ("verify-off", "verify-on"):
+            m = rows.get((wl, name))
+            if m:
+                lines.append(f"| {wl} | {name[7:]} | {m['msgs_per_s']:.0f} | {m['eod_p50_ms']:.2f} | "
+                             f"{m['eod_p99_ms']:.2f} | {m['cpu_s_per_1k_msgs']:.3f} | {m['errors']} |")
+    lines += ["", "| workload | msg/s on ÷ off | CPU per message on ÷ off |", "|---|---|---|"]
+    for wl, _ in WORKLOADS:
+        a, b = rows.get((wl, "verify-on")), rows.get((wl, "verify-off"))
+        if a and b and b["msgs_per_s"] and b["cpu_s_per_1k_msgs"]:
+            lines.append(f"| {wl} | {a['msgs_per_s'] / b['msgs_per_s']:.2f} | "
+                         f"{a['cpu_s_per_1k_msgs'] / b['cpu_s_per_1k_msgs']:.2f} |")
+    path = os.path.join(out, "auth-summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten: {path}", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="5 s per run instead of 15 s")
@@ -568,6 +667,11 @@ def main():
                     help="directory (file system) for the servers' spools and Maildirs")
     ap.add_argument("--workloads", default=None,
                     help="comma-separated subset: connect-heavy,persistent,large,starttls")
+    ap.add_argument("--auth", action="store_true",
+                    help="intake with inbound verification (SPF/DKIM/DMARC/ARC) on vs off, "
+                         "DKIM-signed messages, a local dnsmasq as DNS")
+    ap.add_argument("--auth-key", default="rsa", choices=["rsa", "ed25519"],
+                    help="--auth: the signing key's algorithm")
     ap.add_argument("ringmta_flags", nargs="*", help="extra flags for ringmta")
     args = ap.parse_args()
     global WORKDIR
@@ -580,6 +684,10 @@ def main():
     os.makedirs(os.path.join(out, "raw"), exist_ok=True)
     if args.smtp_source:
         source_bench(args, cert, out)
+        shutil.rmtree(cert_dir, ignore_errors=True)
+        return
+    if args.auth:
+        auth_bench(args, cert, out, seconds)
         shutil.rmtree(cert_dir, ignore_errors=True)
         return
     if args.relay:

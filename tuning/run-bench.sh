@@ -5,6 +5,7 @@
 # writes tuning/results/<date>/summary.md. Loopback only, bounded in time.
 #
 #   tuning/run-bench.sh [--quick] [--only ringmta,smtp-sink,postfix] [ringmta flags...]
+#   tuning/run-bench.sh --auth [--quick] [--auth-key rsa|ed25519]   (verification on vs off)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ringmta -p loadgen

@@ -116,6 +116,9 @@ pub struct Args {
     /// Per-step timeout in seconds (connect, each reply, TLS handshake)
     #[arg(long, value_name = "S", default_value_t = 30.0)]
     pub timeout: f64,
+    /// DKIM-sign every message with the PEM key at PATH (RSA or Ed25519, e.g. from `ringmta dkim-keygen`) as DOMAIN and SELECTOR, to load a server that verifies
+    #[arg(long, value_name = "DOMAIN:SELECTOR:PATH")]
+    pub dkim_key: Option<String>,
     /// Write all counts and percentiles as JSON to FILE
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -156,6 +159,8 @@ pub struct Config {
     pub timeout: Duration,
     pub insecure: bool,
     pub plan: Plan,
+    /// `--dkim-key`: every message is signed with it.
+    pub dkim: Option<crate::message::DkimSpec>,
     pub json: Option<PathBuf>,
     pub html: Option<PathBuf>,
     pub fail_on_error: bool,
@@ -250,6 +255,15 @@ impl Config {
                 auth_command,
                 mail_from: args.mail_from,
                 rcpt_to: args.rcpt_to,
+            },
+            dkim: match &args.dkim_key {
+                Some(s) => {
+                    let spec: crate::message::DkimSpec = s.parse().map_err(anyhow::Error::msg)?;
+                    // Loaded once here so a bad key fails the start.
+                    spec.signer().map_err(anyhow::Error::msg)?;
+                    Some(spec)
+                }
+                None => None,
             },
             json: args.json,
             html: args.html,

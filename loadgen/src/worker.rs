@@ -130,12 +130,15 @@ struct Worker {
 impl Worker {
     fn new(setup: Setup) -> Result<Self> {
         let seed = setup.id as u64 ^ u64::from(std::process::id()) << 16;
-        let factory = MessageFactory::new(
+        let mut factory = MessageFactory::new(
             setup.config.size,
             seed,
             &setup.run_id,
             &setup.config.plan.helo,
         );
+        if let Some(spec) = &setup.config.dkim {
+            factory = factory.with_signer(spec.signer().map_err(anyhow::Error::msg)?);
+        }
         Ok(Worker {
             poll: Poll::new().context("creating the epoll instance")?,
             conns: Vec::with_capacity(setup.concurrency as usize),

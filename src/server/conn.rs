@@ -42,6 +42,7 @@ use super::limits::AuthRefusal;
 use super::proxy::{self, Prefixed};
 use super::shard::ShardState;
 use super::{dkim, tls, users, ListenerKind};
+use crate::inbound::auth::{self as inbound, SpfResults};
 use crate::inbound::dnsbl::{self, Verdict};
 use crate::inbound::screen::{self, ScreenConfig};
 use crate::metrics::{self, Handshake, Screened, Shortage};
@@ -49,6 +50,7 @@ use crate::policy::rate::{Counted, RateKey};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
 use crate::smtp::envelope::rfc5322_date;
 use crate::smtp::reply::Reply;
+use crate::smtp::session::SenderCheck;
 use crate::smtp::session::Violation;
 use crate::smtp::submit::{self, Completion};
 use crate::smtp::{CommitResult, ConnInfo, Event, Message, Session, SessionConfig};
@@ -284,6 +286,8 @@ where
 {
     let mut told_to_stop = false;
     let mut charge = shard.budget.charge(peer.ip());
+    // SPF as checked at MAIL FROM, for the end of the content.
+    let mut spf_memo: Option<SpfResults> = None;
     loop {
         // A client sending as fast as loopback allows always has input
         // ready (and room for replies), so this loop need never wait: give
@@ -330,7 +334,7 @@ where
                     charge.set(msg.body.capacity() + msg.body.len());
                     // Boxed (as below): rarely-taken branches with large
                     // futures must not size every idle session's task.
-                    let result = Box::pin(store(shard, session, msg, peer)).await;
+                    let result = Box::pin(store(shard, session, msg, peer, spf_memo.take())).await;
                     if let CommitResult::Stored(_) = &result {
                         log.messages += 1;
                     }
@@ -340,6 +344,10 @@ where
                 Some(Event::Auth(creds)) => {
                     let result = Box::pin(authenticate(shard, peer, creds)).await;
                     session.handle_auth(result, Instant::now());
+                }
+                Some(Event::CheckSender(check)) => {
+                    let refusal = Box::pin(check_sender(shard, peer, check, &mut spf_memo)).await;
+                    session.handle_sender(refusal, Instant::now());
                 }
                 Some(Event::StartTls) => {
                     count_replies(shard, session.output());
@@ -505,7 +513,7 @@ async fn screen(
         if lists.is_empty() {
             return None;
         }
-        Some(dnsbl::check(&shard.ctx.dns, &shard.dnsbl_cache, lists, ip).await)
+        Some(dnsbl::check(&shard.ctx.lists_dns, &shard.dnsbl_cache, lists, ip).await)
     };
     let listen = async {
         if pause.is_zero() {
@@ -744,6 +752,7 @@ async fn store(
     session: &Session,
     mut msg: Message,
     peer: SocketAddr,
+    spf: Option<SpfResults>,
 ) -> CommitResult {
     let added = match session.authenticated() {
         Some(who) => {
@@ -763,7 +772,10 @@ async fn store(
                 Err(refusal) => return refusal,
             }
         }
-        None => Vec::new(),
+        None => match verify_inbound(shard, &mut msg, peer, spf).await {
+            Ok(added) => added,
+            Err(refusal) => return refusal,
+        },
     };
     let accepted = Accepted::of(&msg, added.len(), session);
     let rcpts = msg.envelope.rcpts.len() as u64;
@@ -830,6 +842,76 @@ impl Accepted {
             user = self.user.as_deref().unwrap_or("-"),
             "accepted"
         );
+    }
+}
+
+/// `--spf-policy reject`: SPF of the HELO and MAIL FROM identities, kept
+/// in `memo` for the end of the content; 550 5.7.23 when the MAIL FROM
+/// identity fails.
+async fn check_sender(
+    shard: &ShardState,
+    peer: SocketAddr,
+    check: SenderCheck,
+    memo: &mut Option<SpfResults>,
+) -> Option<crate::smtp::reply::Reply> {
+    let client = inbound::Client {
+        ip: peer.ip(),
+        helo: check.helo,
+        mail_from: check.mail_from,
+    };
+    let results = inbound::check_spf(&shard.ctx.dns, client).await;
+    let fail = results.mail_from_result() == mail_auth::SpfResult::Fail;
+    *memo = Some(results);
+    fail.then_some(inbound::SPF_FAIL)
+}
+
+/// Mail on the relay/MX port from a client neither authenticated nor in
+/// `--relay-network`: verified (SPF, DKIM, ARC, DMARC) on the shard's DNS
+/// thread, `Authentication-Results` fields with our authserv-id removed
+/// from it, and the fields to prepend returned. `Err` with the answer when
+/// it is not stored: 550 5.7.1 for a DMARC reject under `--dmarc-reject`,
+/// 451 when the DNS thread did not give the message back.
+async fn verify_inbound(
+    shard: &ShardState,
+    msg: &mut Message,
+    peer: SocketAddr,
+    spf: Option<SpfResults>,
+) -> Result<Vec<u8>, CommitResult> {
+    let live = shard.ctx.shared.live.load();
+    let policy = live.inbound.clone();
+    let trusted = live
+        .session
+        .relay_networks
+        .iter()
+        .any(|n| n.contains(peer.ip()));
+    drop(live);
+    if !policy.enabled || trusted {
+        return Ok(Vec::new());
+    }
+    let client = inbound::Client {
+        ip: peer.ip(),
+        helo: msg.envelope.helo.clone(),
+        mail_from: msg.envelope.mail_from.clone().unwrap_or_default(),
+    };
+    // The body goes to the DNS thread and back; should it not come back,
+    // the message was never acknowledged and is answered 451.
+    let body = std::mem::take(&mut msg.body);
+    let started = Instant::now();
+    let Some((body, verdict)) = inbound::verify(&shard.ctx.dns, &policy, client, spf, body).await
+    else {
+        tracing::error!(%peer, "message refused (451): the inbound checks did not finish");
+        return Err(CommitResult::Failed);
+    };
+    msg.body = body;
+    let stripped = inbound::strip_ours(&mut msg.body, &policy.authserv_id);
+    tracing::info!(%peer, results = %verdict.summary, stripped, disposition = ?verdict.disposition,
+        took_ms = started.elapsed().as_millis() as u64, "inbound checks");
+    match verdict.disposition {
+        inbound::Disposition::Reject(reply) => Err(CommitResult::Refused {
+            reply,
+            what: format!("DATA ({})", verdict.summary),
+        }),
+        inbound::Disposition::Accept | inbound::Disposition::Quarantine => Ok(verdict.header),
     }
 }
 

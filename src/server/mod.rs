@@ -119,6 +119,8 @@ pub struct Live {
     pub screen: Arc<ScreenConfig>,
     /// Whether a connections-per-minute limit is set.
     pub connection_rate: bool,
+    /// How mail on the relay/MX port is verified.
+    pub inbound: Arc<crate::inbound::auth::AuthPolicy>,
 }
 
 impl Live {
@@ -144,6 +146,7 @@ impl Live {
             max_conns_per_shard: config.max_conns_per_shard,
             screen: config.screen.clone(),
             connection_rate: config.rates.connections > 0,
+            inbound: config.inbound.clone(),
         }
     }
 }
@@ -354,7 +357,13 @@ pub fn run(
             shared: shared.clone(),
             queue: std::cell::Cell::new(spool.take_shard_queue(id, config.shards)),
             resolver: resolver.clone(),
-            dns: dns.clone(),
+            lists_dns: dns.clone(),
+            dns: crate::inbound::dns::DnsHandle::start(
+                &format!("dns-{id}"),
+                config.relay.dns_server,
+                config.dns_timeout,
+            )
+            .map_err(ServerError::Resolver)?,
             mesh: meshes.get_mut(id).and_then(Option::take),
             control: receivers.get_mut(id).and_then(Option::take),
             suspended: suspended.clone(),

@@ -35,7 +35,9 @@ pub(crate) struct ShardContext {
     /// DNS for outbound delivery; `None` with `--no-delivery`.
     pub resolver: Option<crate::relay::mx::Resolver>,
     /// DNS for the lists of inbound clients (the same resolver thread).
-    pub dns: crate::relay::mx::Resolver,
+    pub lists_dns: crate::relay::mx::Resolver,
+    /// This shard's DNS thread for the inbound checks.
+    pub dns: crate::inbound::dns::DnsHandle,
     /// This shard's clone of the handoff mesh (joined once, in `serve`);
     /// `None` with one shard or `--no-delivery`.
     pub mesh: Option<crate::relay::handoff::Mesh>,

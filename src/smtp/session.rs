@@ -111,6 +111,10 @@ pub struct SessionConfig {
     /// per client network for clients neither authenticated nor in
     /// `relay_networks`, messages per authenticated user.
     pub rates: Option<Arc<RateLimiter>>,
+    /// Relay/MX: hand each MAIL FROM of a client that is neither
+    /// authenticated nor in `relay_networks` to the driver
+    /// ([`Event::CheckSender`]) before answering it (`--spf-policy reject`).
+    pub check_sender: bool,
 }
 
 /// What a listener is for.
@@ -147,6 +151,7 @@ impl Default for SessionConfig {
             plaintext_auth_on_loopback: false,
             screen_protocol: false,
             rates: None,
+            check_sender: false,
         }
     }
 }
@@ -171,6 +176,18 @@ pub enum Event {
     /// The client presented credentials. The driver checks them and calls
     /// [`Session::handle_auth`]; input is not consumed until then.
     Auth(Credentials),
+    /// A MAIL FROM to check before it is answered (`check_sender`): the
+    /// driver calls [`Session::handle_sender`]; input is not consumed until
+    /// then.
+    CheckSender(SenderCheck),
+}
+
+/// What the driver needs to check a sender: the HELO name and the
+/// reverse-path (empty for `<>`); the client is the session's peer.
+#[derive(Debug, Clone)]
+pub struct SenderCheck {
+    pub helo: String,
+    pub mail_from: String,
 }
 
 /// The spool's answer for a message handed out as [`Event::Message`].
@@ -238,6 +255,8 @@ enum State {
     Auth(Exchange),
     /// Credentials were handed out; waiting for the verdict.
     Authenticating,
+    /// A MAIL FROM was handed out for checking; its transaction waits.
+    CheckingSender(Transaction),
     Closed,
 }
 
@@ -332,9 +351,11 @@ impl Session {
         loop {
             let rest = &input[pos..];
             let step = match &mut self.state {
-                State::Closed | State::Committing | State::StartTls | State::Authenticating => {
-                    break
-                }
+                State::Closed
+                | State::Committing
+                | State::StartTls
+                | State::Authenticating
+                | State::CheckingSender(_) => break,
                 State::Data(tx, rx) => {
                     rx.set_allowance(self.allowance);
                     match rx.handle(rest, &mut tx.body) {
@@ -510,6 +531,31 @@ impl Session {
         self.deadline = now + self.current_timeout();
     }
 
+    /// Reports the driver's verdict on the MAIL FROM last handed out
+    /// ([`Event::CheckSender`]): `None` accepts it, a reply refuses it (as a
+    /// policy rejection).
+    pub fn handle_sender(&mut self, refusal: Option<Reply>, now: Instant) {
+        let State::CheckingSender(tx) = self.take_state() else {
+            return;
+        };
+        match refusal {
+            None => {
+                self.state = State::Mail(tx);
+                self.reply(reply::SENDER_OK);
+            }
+            Some(r) => {
+                self.state = self.idle_state();
+                let from = tx.envelope.mail_from.unwrap_or_default();
+                self.note_rejection(r, format!("MAIL FROM:<{from}>"));
+                self.error(r);
+            }
+        }
+        if self.draining && self.is_idle() {
+            self.close_with(reply::SHUTTING_DOWN);
+        }
+        self.deadline = now + self.current_timeout();
+    }
+
     /// The TLS parameters, once the connection is encrypted.
     pub fn tls(&self) -> Option<&TlsInfo> {
         self.tls.as_ref()
@@ -536,7 +582,11 @@ impl Session {
     /// When the session gives up on its peer unless input arrives.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            State::Closed | State::Committing | State::StartTls | State::Authenticating => None,
+            State::Closed
+            | State::Committing
+            | State::StartTls
+            | State::Authenticating
+            | State::CheckingSender(_) => None,
             _ => Some(match self.content_deadline() {
                 Some(c) => c.min(self.deadline),
                 None => self.deadline,
@@ -942,12 +992,21 @@ impl Session {
             rcpts: Vec::new(),
             chunked: false,
         };
-        self.state = State::Mail(Transaction {
+        let tx = Transaction {
             envelope,
             body: Vec::new(),
             content_deadline: None,
             bdat_lines: BdatLines::default(),
-        });
+        };
+        if self.cfg.check_sender && self.auth.is_none() && !self.relay_client() {
+            self.event = Some(Event::CheckSender(SenderCheck {
+                helo: tx.envelope.helo.clone(),
+                mail_from: tx.envelope.mail_from.clone().unwrap_or_default(),
+            }));
+            self.state = State::CheckingSender(tx);
+            return;
+        }
+        self.state = State::Mail(tx);
         self.reply(reply::SENDER_OK);
     }
 
@@ -1649,6 +1708,11 @@ mod tests {
                             s.handle_tls(TLS, now);
                         }
                         Some(Event::Auth(c)) => s.handle_auth(check(&c), now),
+                        // The driver's SPF check, as a rule on the name.
+                        Some(Event::CheckSender(c)) => {
+                            let refuse = c.mail_from.starts_with("spf-fail@");
+                            s.handle_sender(refuse.then_some(SPF_FAIL_FOR_TESTS), now)
+                        }
                         None => break,
                     }
                 }
@@ -1702,6 +1766,46 @@ mod tests {
             .filter(|l| l.as_bytes().get(3) == Some(&b' '))
             .map(|l| &l[..3])
             .collect()
+    }
+
+    const SPF_FAIL_FOR_TESTS: Reply = Reply {
+        code: 550,
+        status: Some("5.7.23"),
+        text: "SPF validation failed",
+    };
+
+    #[test]
+    fn sender_check_holds_pipelined_commands_until_its_verdict() {
+        let cfg = Arc::new(SessionConfig {
+            check_sender: true,
+            relay_networks: vec!["198.51.100.0/24".parse().unwrap()],
+            ..(*cfg()).clone()
+        });
+        let input = b"EHLO c.example\r\nMAIL FROM:<spf-fail@example.org>\r\nRCPT TO:<u@localhost>\r\nMAIL FROM:<ok@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nSubject: t\r\n\r\nx\r\n.\r\nQUIT\r\n";
+        let (out, msgs) = drive_every_split(&cfg, input);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "550", "503", "250", "250", "354", "250", "221"],
+            "{out}"
+        );
+        assert!(out.contains("550 5.7.23 "), "{out}");
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(
+            msgs[0].envelope.mail_from.as_deref(),
+            Some("ok@example.org")
+        );
+        // A --relay-network client is not checked.
+        let (out, msgs) = drive_from(&cfg, "198.51.100.7:1234", input, &[]);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "503", "250", "354", "250", "221"],
+            "{out}"
+        );
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(
+            msgs[0].envelope.mail_from.as_deref(),
+            Some("spf-fail@example.org")
+        );
     }
 
     #[test]

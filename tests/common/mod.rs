@@ -40,6 +40,9 @@ pub struct ServerBuilder {
     shards: Option<usize>,
     spool: Option<PathBuf>,
     envs: Vec<(String, String)>,
+    /// Leave `--inbound-auth` to the configuration (file or default)
+    /// instead of the harness's `off`.
+    inbound_auth_as_configured: bool,
 }
 
 impl ServerBuilder {
@@ -73,6 +76,13 @@ impl ServerBuilder {
     /// core), for tests that must hold with the defaults on any machine.
     pub fn default_shards(mut self) -> Self {
         self.shards = None;
+        self
+    }
+
+    /// No `--inbound-auth off` from the harness: the `--config` file (or
+    /// ringmta's default) decides, as for a key SIGHUP must be able to change.
+    pub fn inbound_auth_as_configured(mut self) -> Self {
+        self.inbound_auth_as_configured = true;
         self
     }
 
@@ -147,6 +157,13 @@ impl ServerBuilder {
             .any(|f| has(f));
         if !delivers {
             cmd.arg("--no-delivery");
+        }
+        // Verification of inbound mail (on by default in the product) asks
+        // DNS for every message and adds a header: the tests of it turn it
+        // on (`--inbound-auth on`, with their own DNS server); elsewhere it
+        // would only reach out to the system resolver.
+        if !has("--inbound-auth") && !self.inbound_auth_as_configured {
+            cmd.args(["--inbound-auth", "off"]);
         }
         cmd.arg("--spool-dir").arg(&spool);
         if let Some(n) = self.shards {
@@ -303,6 +320,7 @@ impl Server {
             shards: Some(1),
             spool: None,
             envs: Vec::new(),
+            inbound_auth_as_configured: false,
         }
     }
 

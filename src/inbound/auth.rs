@@ -1,0 +1,654 @@
+//! Verification of incoming mail on the relay/MX port: SPF (RFC 7208) on
+//! the HELO and MAIL FROM identities, every DKIM signature (RFC 6376, RSA
+//! and Ed25519), the ARC chain (RFC 8617) and DMARC (RFC 7489: alignment,
+//! `p`, `sp`, `pct`), written as one `Authentication-Results:` field
+//! (RFC 8601) and a decision: accept, quarantine (a header the downstream
+//! files on) or reject.
+//!
+//! mail-auth does the verifying; this module runs it on a shard's DNS
+//! thread ([`super::dns`]) under one deadline, `--dns-timeout` from the end
+//! of the content: whatever has not finished by then counts as
+//! `temperror`, so a slow or silent DNS never holds the session longer.
+//! The RSA/Ed25519 arithmetic runs there too, off the shard.
+//!
+//! RFC 8601 5: `Authentication-Results` fields that arrive carrying our
+//! authserv-id are forged or stale and are removed ([`strip_ours`]).
+//!
+//! Must never: block a shard, wait for DNS past the deadline, or reject on
+//! a temporary DNS failure.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use base64::Engine as _;
+use mail_auth::dmarc::Policy as DmarcPolicy;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcOutput, DmarcResult,
+    Parameters, SpfOutput, SpfResult,
+};
+
+use super::dns::{self, DnsContext, DnsHandle, Lookup};
+use crate::smtp::reply::Reply;
+
+/// `--spf-policy reject`: the MAIL FROM identity's SPF says `fail`.
+pub const SPF_FAIL: Reply = Reply {
+    code: 550,
+    status: Some("5.7.23"),
+    text: "SPF validation failed",
+};
+/// `--dmarc-reject`: the author domain's DMARC policy is reject, and the
+/// message fails it.
+pub const DMARC_REJECT: Reply = Reply {
+    code: 550,
+    status: Some("5.7.1"),
+    text: "Message rejected by the author domain's DMARC policy",
+};
+
+/// How inbound mail is checked and what the results lead to (from the
+/// configuration; one version per connection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthPolicy {
+    /// `--inbound-auth`: verify mail on the relay/MX port.
+    pub enabled: bool,
+    /// `--authserv-id`: names us in `Authentication-Results`.
+    pub authserv_id: String,
+    /// `--spf-policy`.
+    pub spf: SpfPolicy,
+    /// `--dmarc-reject`: refuse (550 5.7.1) what fails a `p=reject` policy;
+    /// off: quarantine it (mark only).
+    pub dmarc_reject: bool,
+    /// `--quarantine-header`: the field added (value `YES`) when DMARC says
+    /// quarantine, or reject while `dmarc_reject` is off.
+    pub quarantine_header: String,
+}
+
+/// What an SPF `fail` of the MAIL FROM identity leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SpfPolicy {
+    /// Recorded in `Authentication-Results` only (and for DMARC).
+    #[default]
+    Mark,
+    /// Refused at MAIL FROM with 550 5.7.23.
+    Reject,
+}
+
+/// The SMTP facts a check needs.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The client's address (the one a PROXY header named, when trusted).
+    pub ip: IpAddr,
+    pub helo: String,
+    /// The reverse-path; empty for `<>`.
+    pub mail_from: String,
+}
+
+/// The SPF results of one transaction, kept from MAIL FROM to the end of
+/// the content so they are not computed twice.
+#[derive(Debug, Clone)]
+pub struct SpfResults {
+    /// For this reverse-path.
+    pub mail_from: String,
+    pub helo: SpfOutput,
+    /// `None` for the null reverse-path (the HELO identity stands for it).
+    pub mail: Option<SpfOutput>,
+}
+
+impl SpfResults {
+    /// The result RFC 7208 2.4 gives the MAIL FROM identity (the HELO one
+    /// for a null reverse-path).
+    pub fn mail_from_result(&self) -> SpfResult {
+        self.mail.as_ref().unwrap_or(&self.helo).result()
+    }
+}
+
+/// What the checks decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Accept,
+    /// Add the quarantine header.
+    Quarantine,
+    /// Refuse with this reply.
+    Reject(Reply),
+}
+
+/// The outcome of [`verify`].
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// The fields to prepend: `Authentication-Results:` and, when
+    /// quarantined, the quarantine header.
+    pub header: Vec<u8>,
+    pub disposition: Disposition,
+    /// A one-line summary for the log (`spf=pass dkim=pass dmarc=pass`).
+    pub summary: String,
+}
+
+/// SPF of the HELO and MAIL FROM identities, bounded by `--dns-timeout`
+/// (`temperror` past it). Runs on a shard: the work goes to its DNS thread.
+pub async fn check_spf(dns: &DnsHandle, client: Client) -> SpfResults {
+    let limit = dns.timeout();
+    let fallback = client.clone();
+    dns.run(limit + dns::GRACE, move |ctx| async move {
+        let deadline = Instant::now() + ctx.timeout;
+        spf(&ctx, &client, deadline).await
+    })
+    .await
+    .unwrap_or_else(|| temp_spf(&fallback))
+}
+
+/// Verifies `body` (the content as received) from `client`, reusing `spf`
+/// when it was computed at MAIL FROM for this reverse-path. The body goes
+/// to the shard's DNS thread and comes back with the verdict; `None` only
+/// when the thread did not give it back (the caller answers 451).
+pub async fn verify(
+    dns: &DnsHandle,
+    policy: &AuthPolicy,
+    client: Client,
+    spf_done: Option<SpfResults>,
+    body: Vec<u8>,
+) -> Option<(Vec<u8>, Verdict)> {
+    let limit = dns.timeout();
+    let authserv_id = policy.authserv_id.clone();
+    let quarantine_header = policy.quarantine_header.clone();
+    let dmarc_reject = policy.dmarc_reject;
+    dns.run(limit + dns::GRACE, move |ctx| async move {
+        let deadline = Instant::now() + ctx.timeout;
+        let verdict = check_message(
+            &ctx,
+            &client,
+            spf_done,
+            &body,
+            deadline,
+            &authserv_id,
+            &quarantine_header,
+            dmarc_reject,
+        )
+        .await;
+        (body, verdict)
+    })
+    .await
+}
+
+/// Removes every `Authentication-Results` field of the header section
+/// whose authserv-id is `authserv_id` (RFC 8601 5); returns how many.
+pub fn strip_ours(body: &mut Vec<u8>, authserv_id: &str) -> usize {
+    let end = header_end(body);
+    let mut fields: Vec<(usize, usize)> = Vec::new();
+    let mut pos = 0;
+    while pos < end {
+        let field_end = field_end(body, pos, end);
+        let field = &body[pos..field_end];
+        if let Some(value) = value_of(field, b"authentication-results") {
+            if authserv_id_of(value).is_some_and(|id| id.eq_ignore_ascii_case(authserv_id)) {
+                fields.push((pos, field_end));
+            }
+        }
+        pos = field_end;
+    }
+    for &(start, stop) in fields.iter().rev() {
+        body.drain(start..stop);
+    }
+    fields.len()
+}
+
+// ---------------------------------------------------------------------------
+// On the DNS thread.
+
+#[allow(clippy::too_many_arguments)]
+async fn check_message(
+    ctx: &DnsContext,
+    client: &Client,
+    spf_done: Option<SpfResults>,
+    body: &[u8],
+    deadline: Instant,
+    authserv_id: &str,
+    quarantine_header: &str,
+    dmarc_reject: bool,
+) -> Verdict {
+    let spf_results = match spf_done {
+        Some(s) if s.mail_from == client.mail_from => s,
+        _ => spf(ctx, client, deadline).await,
+    };
+    let mut ar = AuthenticationResults::new(authserv_id);
+    let Some(message) = AuthenticatedMessage::parse(body) else {
+        // Not a message mail-auth can read (no header section): SPF only.
+        ar = with_spf(ar, client, &spf_results);
+        return Verdict {
+            header: field(&ar, &[]),
+            disposition: Disposition::Accept,
+            summary: format!("spf={}", spf_results.mail_from_result()),
+        };
+    };
+    let params = || {
+        Parameters::new(&message)
+            .with_txt_cache(&ctx.txt)
+            .with_mx_cache(&ctx.mx)
+            .with_ipv4_cache(&ctx.ipv4)
+            .with_ipv6_cache(&ctx.ipv6)
+            .with_ptr_cache(&ctx.ptr)
+    };
+    let dkim_fut = bounded(deadline, ctx.auth.verify_dkim(params()));
+    let arc_fut = bounded(deadline, ctx.auth.verify_arc(params()));
+    let (dkim, arc) = futures_lite::future::zip(dkim_fut, arc_fut).await;
+    let dkim = dkim.unwrap_or_else(|| vec![DkimOutput::temp_err(timed_out())]);
+    let arc = arc.unwrap_or_else(|| {
+        mail_auth::ArcOutput::default().with_result(DkimResult::TempError(timed_out()))
+    });
+    let mail_from_domain = match client.mail_from.rsplit_once('@') {
+        Some((_, d)) => d.to_owned(),
+        None => client.helo.clone(),
+    };
+    let spf_for_dmarc = spf_results.mail.as_ref().unwrap_or(&spf_results.helo);
+    let dmarc_params = Parameters::new(mail_auth::dmarc::verify::DmarcParameters::new(
+        &message,
+        &dkim,
+        &mail_from_domain,
+        spf_for_dmarc,
+    ))
+    .with_txt_cache(&ctx.txt)
+    .with_ipv4_cache(&ctx.ipv4);
+    let dmarc = bounded(deadline, ctx.auth.verify_dmarc(dmarc_params))
+        .await
+        .unwrap_or_else(|| {
+            let from = message
+                .from
+                .first()
+                .and_then(|f| f.rsplit_once('@'))
+                .map_or("", |(_, d)| d);
+            DmarcOutput::default()
+                .with_domain(from)
+                .with_spf_result(DmarcResult::TempError(timed_out()))
+                .with_dkim_result(DmarcResult::TempError(timed_out()))
+        });
+
+    ar = with_spf(ar, client, &spf_results)
+        .with_arc_result(&arc, client.ip)
+        .with_dmarc_result(&dmarc);
+
+    let applied = if matches!(dmarc.result(), DmarcResult::Fail(_)) {
+        let pct = pct_of(ctx, dmarc.domain(), deadline).await;
+        sampled(dmarc.policy(), pct, fastrand::u8(0..100))
+    } else {
+        DmarcPolicy::None
+    };
+    let disposition = match applied {
+        DmarcPolicy::Reject if dmarc_reject => Disposition::Reject(DMARC_REJECT),
+        DmarcPolicy::Reject | DmarcPolicy::Quarantine => Disposition::Quarantine,
+        DmarcPolicy::None | DmarcPolicy::Unspecified => Disposition::Accept,
+    };
+    let mut header = field(&ar, &dkim);
+    if disposition == Disposition::Quarantine {
+        header.extend_from_slice(quarantine_header.as_bytes());
+        header.extend_from_slice(b": YES\r\n");
+    }
+    let dkim_summary = match dkim.iter().map(|d| d.result()).min_by_key(|r| dkim_rank(r)) {
+        Some(r) => result_word(r),
+        None => "none",
+    };
+    Verdict {
+        header,
+        disposition,
+        summary: format!(
+            "spf={} dkim={} arc={} dmarc={}",
+            spf_results
+                .mail_from_result()
+                .to_string()
+                .to_ascii_lowercase(),
+            dkim_summary,
+            result_word(arc.result()),
+            match dmarc.result() {
+                DmarcResult::Pass => "pass",
+                DmarcResult::Fail(_) => "fail",
+                DmarcResult::TempError(_) => "temperror",
+                DmarcResult::PermError(_) => "permerror",
+                DmarcResult::None => "none",
+            }
+        ),
+    }
+}
+
+async fn spf(ctx: &DnsContext, client: &Client, deadline: Instant) -> SpfResults {
+    let helo = bounded(
+        deadline,
+        ctx.auth.verify_spf(
+            Parameters::new(SpfParameters::verify_ehlo(
+                client.ip,
+                &client.helo,
+                &client.helo,
+            ))
+            .with_txt_cache(&ctx.txt)
+            .with_mx_cache(&ctx.mx)
+            .with_ipv4_cache(&ctx.ipv4)
+            .with_ipv6_cache(&ctx.ipv6)
+            .with_ptr_cache(&ctx.ptr),
+        ),
+    )
+    .await
+    .unwrap_or_else(|| SpfOutput::new(client.helo.clone()).with_result(SpfResult::TempError));
+    let mail = if client.mail_from.is_empty() {
+        None
+    } else {
+        let domain = client
+            .mail_from
+            .rsplit_once('@')
+            .map_or(client.helo.as_str(), |(_, d)| d);
+        Some(
+            bounded(
+                deadline,
+                ctx.auth.verify_spf(
+                    Parameters::new(SpfParameters::verify_mail_from(
+                        client.ip,
+                        &client.helo,
+                        &client.helo,
+                        &client.mail_from,
+                    ))
+                    .with_txt_cache(&ctx.txt)
+                    .with_mx_cache(&ctx.mx)
+                    .with_ipv4_cache(&ctx.ipv4)
+                    .with_ipv6_cache(&ctx.ipv6)
+                    .with_ptr_cache(&ctx.ptr),
+                ),
+            )
+            .await
+            .unwrap_or_else(|| SpfOutput::new(domain.to_owned()).with_result(SpfResult::TempError)),
+        )
+    };
+    SpfResults {
+        mail_from: client.mail_from.clone(),
+        helo,
+        mail,
+    }
+}
+
+fn temp_spf(client: &Client) -> SpfResults {
+    SpfResults {
+        mail_from: client.mail_from.clone(),
+        helo: SpfOutput::new(client.helo.clone()).with_result(SpfResult::TempError),
+        mail: (!client.mail_from.is_empty())
+            .then(|| SpfOutput::new(String::new()).with_result(SpfResult::TempError)),
+    }
+}
+
+fn with_spf<'x>(
+    ar: AuthenticationResults<'x>,
+    client: &Client,
+    spf: &SpfResults,
+) -> AuthenticationResults<'x> {
+    let ar = ar.with_spf_ehlo_result(&spf.helo, client.ip, &client.helo);
+    match &spf.mail {
+        Some(mail) => ar.with_spf_mailfrom_result(mail, client.ip, &client.mail_from, &client.helo),
+        None => ar,
+    }
+}
+
+/// `fut`, or `None` once `deadline` passed.
+async fn bounded<T>(deadline: Instant, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::timeout(left, fut).await.ok()
+}
+
+fn timed_out() -> mail_auth::Error {
+    mail_auth::Error::Dns(mail_auth::DnsError::Resolver(
+        "no answer within --dns-timeout".into(),
+    ))
+}
+
+/// The header field: mail-auth's results, then one `dkim=` per signature
+/// (`dkim=none` for none, RFC 8601 2.7.1), written here so that the reason
+/// says what went wrong (mail-auth calls an expired signature a "signature
+/// error").
+fn field(ar: &AuthenticationResults<'_>, dkim: &[DkimOutput<'_>]) -> Vec<u8> {
+    // `Display` gives `authserv-id; results…` (or the id alone).
+    let mut text = ar.to_string();
+    if dkim.is_empty() {
+        text.push_str(";\r\n\tdkim=none");
+    }
+    for d in dkim {
+        text.push_str(";\r\n\tdkim=");
+        text.push_str(result_word(d.result()));
+        if let Some(why) = reason(d.result()) {
+            text.push_str(" (");
+            text.push_str(&why);
+            text.push(')');
+        }
+        if let Some(sig) = d.signature() {
+            text.push_str(" header.d=");
+            text.push_str(&pvalue(&sig.d));
+            text.push_str(" header.s=");
+            text.push_str(&pvalue(&sig.s));
+            if let Some(prefix) = sig.b.get(..6) {
+                // RFC 6008: the first octets of the signature tell several
+                // signatures of one domain apart.
+                text.push_str(" header.b=");
+                text.push_str(&base64::engine::general_purpose::STANDARD.encode(prefix));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(text.len() + 26);
+    out.extend_from_slice(b"Authentication-Results: ");
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Why a signature did not pass, in words an operator reads (a comment:
+/// no parentheses, backslashes or control characters from the peer).
+fn reason(r: &DkimResult) -> Option<String> {
+    use mail_auth::common::crypto::CryptoError;
+    use mail_auth::dkim::DkimError;
+    use mail_auth::{DnsError, Error};
+    let e = match r {
+        DkimResult::Pass | DkimResult::None => return None,
+        DkimResult::Fail(e)
+        | DkimResult::Neutral(e)
+        | DkimResult::PermError(e)
+        | DkimResult::TempError(e) => e,
+    };
+    let text = match e {
+        Error::Dkim(DkimError::FailedBodyHashMatch) => "body hash did not verify".into(),
+        Error::Dkim(DkimError::SignatureExpired) => "signature expired".into(),
+        Error::Crypto(CryptoError::FailedVerification) => "signature did not verify".into(),
+        Error::Dns(DnsError::RecordNotFound(_)) => "no key published".into(),
+        Error::Dns(DnsError::InvalidRecordType) => "key record unreadable".into(),
+        Error::Dns(DnsError::Resolver(_)) => "DNS error".into(),
+        other => other.to_string().to_ascii_lowercase(),
+    };
+    Some(
+        text.chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .filter(|c| !matches!(c, '(' | ')' | '\\'))
+            .collect(),
+    )
+}
+
+/// A domain or selector from a signature, as a header value: what a
+/// domain name may hold, nothing else.
+fn pvalue(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        .collect()
+}
+
+/// RFC 7489 6.6.4: a message not in the `pct` sample gets the next lower
+/// policy (reject → quarantine, quarantine → none). `roll` is uniform in
+/// 0..100.
+fn sampled(policy: DmarcPolicy, pct: u8, roll: u8) -> DmarcPolicy {
+    if roll < pct {
+        return policy;
+    }
+    match policy {
+        DmarcPolicy::Reject => DmarcPolicy::Quarantine,
+        _ => DmarcPolicy::None,
+    }
+}
+
+/// The `pct` of the DMARC record that governs `domain` (its own, else the
+/// nearest parent's: the organizational domain's), 100 when absent or
+/// unreadable. mail-auth follows DMARCbis, which dropped `pct`, so the
+/// record is read again here (from the resolver's cache), only for failures.
+async fn pct_of(ctx: &DnsContext, domain: &str, deadline: Instant) -> u8 {
+    let mut name = domain.trim_end_matches('.');
+    for _ in 0..8 {
+        let query = format!("_dmarc.{name}.");
+        if let Some(Lookup::Found(records)) = bounded(deadline, dns::txt(ctx, &query)).await {
+            if let Some(r) = records
+                .iter()
+                .find(|r| r.trim_start().starts_with("v=DMARC1"))
+            {
+                return parse_pct(r);
+            }
+        }
+        match name.split_once('.') {
+            Some((_, parent)) if parent.contains('.') => name = parent,
+            _ => break,
+        }
+    }
+    100
+}
+
+fn parse_pct(record: &str) -> u8 {
+    record
+        .split(';')
+        .filter_map(|t| t.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("pct"))
+        .and_then(|(_, v)| v.trim().parse::<u8>().ok())
+        .map_or(100, |p| p.min(100))
+}
+
+fn dkim_rank(r: &DkimResult) -> u8 {
+    match r {
+        DkimResult::Pass => 0,
+        DkimResult::Fail(_) => 1,
+        DkimResult::TempError(_) => 2,
+        DkimResult::PermError(_) => 3,
+        DkimResult::Neutral(_) => 4,
+        DkimResult::None => 5,
+    }
+}
+
+fn result_word(r: &DkimResult) -> &'static str {
+    match r {
+        DkimResult::Pass => "pass",
+        DkimResult::Fail(_) => "fail",
+        DkimResult::TempError(_) => "temperror",
+        DkimResult::PermError(_) => "permerror",
+        DkimResult::Neutral(_) => "neutral",
+        DkimResult::None => "none",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Header section scanning (for strip_ours).
+
+/// Where the header section ends (after its last field's CRLF), or the
+/// whole body when there is no empty line.
+fn header_end(body: &[u8]) -> usize {
+    if body.starts_with(b"\r\n") {
+        return 0;
+    }
+    memchr::memmem::find(body, b"\r\n\r\n").map_or(body.len(), |i| i + 2)
+}
+
+/// The end of the field starting at `pos` (after its CRLF, folded lines
+/// included).
+fn field_end(body: &[u8], pos: usize, end: usize) -> usize {
+    let mut p = pos;
+    loop {
+        match memchr::memmem::find(&body[p..end], b"\r\n") {
+            Some(i) => {
+                p += i + 2;
+                if p >= end || !matches!(body[p], b' ' | b'\t') {
+                    return p;
+                }
+            }
+            None => return end,
+        }
+    }
+}
+
+/// The value of `field` when its name is `name` (ASCII case-insensitive).
+fn value_of<'a>(field: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let colon = memchr::memchr(b':', field)?;
+    let (n, rest) = field.split_at(colon);
+    // RFC 5322 4.5 (obsolete syntax): white space before the colon.
+    let n = n.trim_ascii_end();
+    n.eq_ignore_ascii_case(name).then(|| &rest[1..])
+}
+
+/// The authserv-id of an `Authentication-Results` value: the first token,
+/// comments and folding skipped (RFC 8601 2.2).
+fn authserv_id_of(value: &[u8]) -> Option<&str> {
+    let mut v = value;
+    loop {
+        v = v.trim_ascii_start();
+        if v.first() == Some(&b'(') {
+            // A comment (not nested: a nested one ends the match early,
+            // which only means it is not ours).
+            let close = memchr::memchr(b')', v)?;
+            v = &v[close + 1..];
+        } else {
+            break;
+        }
+    }
+    let end = v
+        .iter()
+        .position(|&b| b == b';' || b == b'(' || b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let id = std::str::from_utf8(&v[..end]).ok()?;
+    (!id.is_empty()).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_only_our_authserv_id() {
+        let mut m = b"Received: x\r\n\
+Authentication-Results: MX.Example.org; spf=pass\r\n\
+\tsmtp.mailfrom=a@b\r\n\
+Authentication-Results: other.example; dkim=pass\r\n\
+authentication-results : (comment) mx.example.org;\r\n dkim=pass\r\n\
+Subject: hi\r\n\
+\r\n\
+Authentication-Results: mx.example.org; in the body\r\n"
+            .to_vec();
+        assert_eq!(strip_ours(&mut m, "mx.example.org"), 2);
+        assert_eq!(
+            m,
+            b"Received: x\r\n\
+Authentication-Results: other.example; dkim=pass\r\n\
+Subject: hi\r\n\
+\r\n\
+Authentication-Results: mx.example.org; in the body\r\n"
+                .to_vec()
+        );
+        // A prefix of our id is someone else's.
+        let mut m = b"Authentication-Results: mx.example.org.evil; x\r\n\r\nb".to_vec();
+        assert_eq!(strip_ours(&mut m, "mx.example.org"), 0);
+        // No header section at all, or no end to it.
+        let mut m = b"\r\nAuthentication-Results: mx.example.org; x\r\n".to_vec();
+        assert_eq!(strip_ours(&mut m, "mx.example.org"), 0);
+        let mut m = b"Authentication-Results: mx.example.org; x".to_vec();
+        assert_eq!(strip_ours(&mut m, "mx.example.org"), 1);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn pct_lowers_the_policy_outside_the_sample() {
+        assert_eq!(parse_pct("v=DMARC1; p=reject; pct=20"), 20);
+        assert_eq!(parse_pct("v=DMARC1; p=reject"), 100);
+        assert_eq!(parse_pct("v=DMARC1; p=reject; PCT = 0 ;"), 0);
+        assert_eq!(parse_pct("v=DMARC1; pct=300"), 100);
+        assert_eq!(sampled(DmarcPolicy::Reject, 20, 19), DmarcPolicy::Reject);
+        assert_eq!(
+            sampled(DmarcPolicy::Reject, 20, 20),
+            DmarcPolicy::Quarantine
+        );
+        assert_eq!(sampled(DmarcPolicy::Quarantine, 0, 0), DmarcPolicy::None);
+        assert_eq!(
+            sampled(DmarcPolicy::Quarantine, 100, 99),
+            DmarcPolicy::Quarantine
+        );
+    }
+}

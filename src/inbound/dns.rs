@@ -1,0 +1,361 @@
+//! DNS for the inbound checks (SPF, DKIM keys, DMARC and ARC records, and
+//! any other lookup a check of incoming mail needs, such as a DNS
+//! blocklist's A records): one resolver thread per shard, each with its own
+//! caches, so that what a shard learned it keeps and no lock is shared.
+//!
+//! hickory-resolver (the one mail-auth verifies with) runs on tokio, the
+//! shards on glommio: a [`DnsHandle`] sends a job to its thread, which runs
+//! it on a current-thread tokio runtime, and the answer comes back on a
+//! `futures` oneshot channel that a glommio task can await (as
+//! `relay::mx` does). Every lookup made here is bounded by `--dns-timeout`;
+//! a job that runs a whole check bounds itself (see `inbound::auth`), and
+//! the shard never waits for the thread longer than that and a grace.
+//! Caching: hickory's own cache (TTL, positive and negative) and, for
+//! mail-auth, the parsed TXT records ([`TtlCache`]), both per thread.
+//!
+//! Must never: run on a shard thread, or let a lookup wait unbounded.
+
+use std::borrow::Borrow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_channel::oneshot;
+use futures_lite::FutureExt;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::TokioResolver;
+use mail_auth::{MessageAuthenticator, RecordSet, ResolverCache, Txt, MX};
+use tokio::sync::mpsc;
+
+/// How long a shard waits for its DNS thread beyond the job's own bound
+/// before it gives up on the answer (a thread that is busy, not a DNS that
+/// is slow: the job itself stops at its deadline).
+pub const GRACE: Duration = Duration::from_secs(2);
+/// Entries per parsed-record cache; when full, expired entries go, and if
+/// none had, the whole cache (a flood of distinct names must not grow it).
+const CACHE_ENTRIES: usize = 16 << 10;
+/// The shortest a negative answer (NXDOMAIN, no record) is cached.
+const NEGATIVE_MIN_TTL: Duration = Duration::from_secs(60);
+/// The longest a parsed record is kept, whatever its TTL says.
+const MAX_TTL: Duration = Duration::from_secs(3600);
+
+/// The outcome of one lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup<T> {
+    Found(T),
+    /// NXDOMAIN, or the name has no record of that type.
+    NotFound,
+    /// Timeout, SERVFAIL, no resolver: try again later.
+    TempFail(String),
+}
+
+/// What a job runs with on its DNS thread.
+pub struct DnsContext {
+    /// The resolver, wrapped for mail-auth's verifiers.
+    pub auth: MessageAuthenticator,
+    /// `--dns-timeout`: the most any check may wait for DNS.
+    pub timeout: Duration,
+    pub txt: TtlCache<Box<str>, Txt>,
+    pub mx: TtlCache<Box<str>, RecordSet<MX>>,
+    pub ipv4: TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
+    pub ipv6: TtlCache<Box<str>, RecordSet<Ipv6Addr>>,
+    pub ptr: TtlCache<IpAddr, RecordSet<Box<str>>>,
+}
+
+type Job = Box<dyn FnOnce(Rc<DnsContext>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// A handle to one DNS thread; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct DnsHandle {
+    tx: mpsc::UnboundedSender<Job>,
+    timeout: Duration,
+}
+
+impl DnsHandle {
+    /// Starts a DNS thread named `name`. `dns_server` replaces the system's
+    /// resolvers (as `--dns-server` does for delivery).
+    pub fn start(
+        name: &str,
+        dns_server: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> std::io::Result<DnsHandle> {
+        let config = resolver_config(dns_server);
+        let mut opts = ResolverOpts::default();
+        // hickory's own per-query bound (two tries, for a lost datagram);
+        // the job's deadline is the real one.
+        opts.timeout = timeout / 2;
+        opts.attempts = 2;
+        // "No such name" is kept at least this long even when the answer
+        // carries no SOA to say how long (some servers send none): the
+        // DMARC tree walk asks for such names on every message.
+        opts.negative_min_ttl = Some(NEGATIVE_MIN_TTL);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let resolver =
+                        TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+                            .with_options(opts)
+                            .build();
+                    let resolver = match resolver {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot build the inbound DNS resolver");
+                            // Jobs are dropped: their callers see no answer
+                            // and treat it as a temporary failure.
+                            while rx.recv().await.is_some() {}
+                            return;
+                        }
+                    };
+                    let ctx = Rc::new(DnsContext {
+                        auth: MessageAuthenticator(resolver),
+                        timeout,
+                        txt: TtlCache::default(),
+                        mx: TtlCache::default(),
+                        ipv4: TtlCache::default(),
+                        ipv6: TtlCache::default(),
+                        ptr: TtlCache::default(),
+                    });
+                    let local = tokio::task::LocalSet::new();
+                    local
+                        .run_until(async move {
+                            while let Some(job) = rx.recv().await {
+                                tokio::task::spawn_local(job(ctx.clone()));
+                            }
+                        })
+                        .await;
+                })
+            })?;
+        Ok(DnsHandle { tx, timeout })
+    }
+
+    /// `--dns-timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs `job` on the DNS thread and returns its output; `None` when the
+    /// thread is gone or did not answer within `limit` (the job should
+    /// bound itself below that).
+    pub async fn run<T, F, Fut>(&self, limit: Duration, job: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<DnsContext>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |ctx| {
+            Box::pin(async move {
+                let _ = tx.send(job(ctx).await);
+            })
+        });
+        self.tx.send(job).ok()?;
+        async { rx.await.ok() }
+            .or(async {
+                glommio::timer::sleep(limit).await;
+                None
+            })
+            .await
+    }
+
+    /// The IPv4 addresses of `name` (a DNS blocklist's answer, say).
+    pub async fn lookup_a(&self, name: &str) -> Lookup<Vec<Ipv4Addr>> {
+        let name = absolute(name);
+        self.bounded(move |ctx| async move {
+            match ctx.auth.resolver().ipv4_lookup(name.as_str()).await {
+                Ok(l) => Lookup::Found(
+                    l.answers()
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            RData::A(a) => Some(a.0),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                Err(e) if e.is_nx_domain() || e.is_no_records_found() => Lookup::NotFound,
+                Err(e) => Lookup::TempFail(e.to_string()),
+            }
+        })
+        .await
+    }
+
+    /// The TXT records of `name`, each one's strings joined.
+    pub async fn lookup_txt(&self, name: &str) -> Lookup<Vec<String>> {
+        let name = absolute(name);
+        self.bounded(move |ctx| async move { txt(&ctx, &name).await })
+            .await
+    }
+
+    /// Runs a single lookup under `--dns-timeout`.
+    async fn bounded<T, F, Fut>(&self, f: F) -> Lookup<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<DnsContext>) -> Fut + Send + 'static,
+        Fut: Future<Output = Lookup<T>> + 'static,
+    {
+        let limit = self.timeout;
+        let job = move |ctx: Rc<DnsContext>| async move {
+            match tokio::time::timeout(limit, f(ctx)).await {
+                Ok(r) => r,
+                Err(_) => Lookup::TempFail(format!("no answer within {limit:?}")),
+            }
+        };
+        self.run(limit + GRACE, job)
+            .await
+            .unwrap_or_else(|| Lookup::TempFail("DNS thread did not answer".into()))
+    }
+}
+
+/// TXT lookup on the DNS thread (no bound of its own: the caller's).
+pub async fn txt(ctx: &DnsContext, name: &str) -> Lookup<Vec<String>> {
+    match ctx.auth.resolver().txt_lookup(name).await {
+        Ok(l) => Lookup::Found(
+            l.answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some(
+                        t.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Err(e) if e.is_nx_domain() || e.is_no_records_found() => Lookup::NotFound,
+        Err(e) => Lookup::TempFail(e.to_string()),
+    }
+}
+
+/// The resolvers to ask: `dns_server` alone when given (over UDP, then
+/// TCP for truncated answers), else the system's.
+pub fn resolver_config(dns_server: Option<SocketAddr>) -> ResolverConfig {
+    match dns_server {
+        Some(addr) => {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = addr.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = addr.port();
+            ResolverConfig::from_parts(
+                None,
+                Vec::new(),
+                vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
+            )
+        }
+        None => match hickory_resolver::system_conf::read_system_conf() {
+            Ok((cfg, _opts)) => cfg,
+            Err(e) => {
+                // No resolver configured: lookups fail (temporarily, and
+                // say why) until one is, rather than the server not starting.
+                tracing::error!(error = %e, "cannot read /etc/resolv.conf; DNS lookups will fail");
+                ResolverConfig::from_parts(None, Vec::new(), Vec::new())
+            }
+        },
+    }
+}
+
+/// A trailing dot makes the name absolute: no search-domain surprises.
+fn absolute(name: &str) -> String {
+    format!("{}.", name.trim_end_matches('.'))
+}
+
+/// A bounded cache of parsed records for one DNS thread, kept for their TTL
+/// (at most [`MAX_TTL`]). Single-threaded: the thread owns it.
+pub struct TtlCache<K, V> {
+    map: RefCell<HashMap<K, (V, Instant)>>,
+}
+
+impl<K, V> Default for TtlCache<K, V> {
+    fn default() -> Self {
+        TtlCache {
+            map: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
+    /// Entries held (expired ones included until they are swept).
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for TtlCache<K, V> {
+    fn get<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut map = self.map.borrow_mut();
+        match map.get(name) {
+            Some((v, until)) if *until > Instant::now() => Some(v.clone()),
+            Some(_) => {
+                map.remove(name);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.map.borrow_mut().remove(name).map(|(v, _)| v)
+    }
+
+    fn insert(&self, key: K, value: V, valid_until: Instant) {
+        let now = Instant::now();
+        let until = valid_until.min(now + MAX_TTL);
+        if until <= now {
+            return;
+        }
+        let mut map = self.map.borrow_mut();
+        if map.len() >= CACHE_ENTRIES {
+            map.retain(|_, (_, u)| *u > now);
+            if map.len() >= CACHE_ENTRIES {
+                map.clear();
+            }
+        }
+        map.insert(key, (value, until));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_keeps_for_the_ttl_and_stays_bounded() {
+        let c: TtlCache<Box<str>, u32> = TtlCache::default();
+        c.insert("a".into(), 1, Instant::now() + Duration::from_secs(60));
+        assert_eq!(c.get("a"), Some(1));
+        c.insert("gone".into(), 2, Instant::now());
+        assert_eq!(c.get("gone"), None);
+        for i in 0..CACHE_ENTRIES + 10 {
+            c.insert(
+                i.to_string().into(),
+                3,
+                Instant::now() + Duration::from_secs(60),
+            );
+        }
+        assert!(c.len() <= CACHE_ENTRIES);
+    }
+}
