@@ -32,14 +32,16 @@
 //!   queue operations, and is replaced by a snapshot of the queue as it
 //!   grows; at start the segments are verified (torn tails cut off, damage
 //!   in the middle skipped) and the queue is rebuilt. Finished segments are
-//!   deleted while running.
+//!   deleted while running. The newest committed batches stay in memory
+//!   (`--delivery-cache`), so delivery reads a fresh message from there.
 //! * [`relay`] — outbound delivery: routing (`--route`, local Maildir,
 //!   `--relay-host`, MX lookup on a resolver thread), per-destination
 //!   workers that reuse connections, the sans-IO SMTP client
 //!   ([`relay::client`], STARTTLS included) driven over glommio sockets and
 //!   rustls ([`relay::tls`]: opportunistic or required TLS), retries with
 //!   backoff, RFC 3464 bounces and optional delay warnings
-//!   ([`relay::dsn`]), exactly-once Maildir delivery. Each SMTP destination
+//!   ([`relay::dsn`]), exactly-once Maildir delivery ([`relay::maildir`]:
+//!   many at once per shard, sharing the `new/` syncs). Each SMTP destination
 //!   is delivered by the shard that owns it (a hash of its host or domain):
 //!   the shard that took a message in hands that destination's recipients
 //!   over the bounded [`relay::handoff`] mesh (or delivers them itself when
