@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use futures_lite::FutureExt;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::ResolverOpts;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
@@ -86,7 +86,7 @@ impl DnsHandle {
         dns_server: Option<SocketAddr>,
         timeout: Duration,
     ) -> std::io::Result<DnsHandle> {
-        let config = resolver_config(dns_server);
+        let config = crate::relay::mx::resolver_config(dns_server);
         let mut opts = ResolverOpts::default();
         // hickory's own per-query bound (two tries, for a lost datagram);
         // the job's deadline is the real one.
@@ -236,33 +236,6 @@ pub async fn txt(ctx: &DnsContext, name: &str) -> Lookup<Vec<String>> {
         ),
         Err(e) if e.is_nx_domain() || e.is_no_records_found() => Lookup::NotFound,
         Err(e) => Lookup::TempFail(e.to_string()),
-    }
-}
-
-/// The resolvers to ask: `dns_server` alone when given (over UDP, then
-/// TCP for truncated answers), else the system's.
-pub fn resolver_config(dns_server: Option<SocketAddr>) -> ResolverConfig {
-    match dns_server {
-        Some(addr) => {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            ResolverConfig::from_parts(
-                None,
-                Vec::new(),
-                vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
-            )
-        }
-        None => match hickory_resolver::system_conf::read_system_conf() {
-            Ok((cfg, _opts)) => cfg,
-            Err(e) => {
-                // No resolver configured: lookups fail (temporarily, and
-                // say why) until one is, rather than the server not starting.
-                tracing::error!(error = %e, "cannot read /etc/resolv.conf; DNS lookups will fail");
-                ResolverConfig::from_parts(None, Vec::new(), Vec::new())
-            }
-        },
     }
 }
 

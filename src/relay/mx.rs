@@ -56,6 +56,33 @@ enum Request {
     A(String, oneshot::Sender<ARecords>),
 }
 
+/// The resolvers to ask: `dns_server` alone when given (over UDP, then
+/// TCP for truncated answers), else the system's. No resolver configured
+/// is not fatal: lookups then fail, temporarily and saying why, until one
+/// is (shared with the inbound checks' DNS threads, `inbound::dns`).
+pub fn resolver_config(dns_server: Option<SocketAddr>) -> ResolverConfig {
+    match dns_server {
+        Some(addr) => {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = addr.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = addr.port();
+            ResolverConfig::from_parts(
+                None,
+                Vec::new(),
+                vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
+            )
+        }
+        None => match hickory_resolver::system_conf::read_system_conf() {
+            Ok((cfg, _opts)) => cfg,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read /etc/resolv.conf; DNS lookups will fail");
+                ResolverConfig::from_parts(None, Vec::new(), Vec::new())
+            }
+        },
+    }
+}
+
 /// A handle to the resolver thread; cheap to clone, usable from any shard.
 #[derive(Clone)]
 pub struct Resolver {
@@ -66,28 +93,7 @@ impl Resolver {
     /// Starts the resolver thread. `dns_server` replaces the system's
     /// resolvers (for tests: a dnsmasq on a loopback port).
     pub fn start(dns_server: Option<SocketAddr>) -> std::io::Result<Resolver> {
-        let config = match dns_server {
-            Some(addr) => {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                ResolverConfig::from_parts(
-                    None,
-                    Vec::new(),
-                    vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
-                )
-            }
-            None => match hickory_resolver::system_conf::read_system_conf() {
-                Ok((cfg, _opts)) => cfg,
-                Err(e) => {
-                    // No resolver configured: MX deliveries defer (and say
-                    // why) until one is, rather than the server not starting.
-                    tracing::error!(error = %e, "cannot read /etc/resolv.conf; MX lookups will fail");
-                    ResolverConfig::from_parts(None, Vec::new(), Vec::new())
-                }
-            },
-        };
+        let config = resolver_config(dns_server);
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
