@@ -479,6 +479,10 @@ pub struct Cli {
     )]
     pub max_conns_per_dest: usize,
 
+    /// Traffic shaping rules per destination, domain and provider (MX rollup), TOML; without it the built-in provider defaults apply (README "Traffic shaping").
+    #[arg(long, value_name = "FILE", env = "RINGMTA_SHAPING")]
+    pub shaping: Option<PathBuf>,
+
     /// Local Maildir deliveries under way at once per shard (each holds its message in memory while it writes; those finishing together share one directory sync).
     #[arg(
         long,

@@ -54,6 +54,7 @@ pub const RELOADABLE: &[&str] = &[
     "bounce-size-limit",
     "max-conns-per-dest",
     "maildir-concurrency",
+    "shaping",
     "max-hops",
     "tls-policy",
     // Listeners' limits, for the connections that follow.

@@ -93,6 +93,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("maildir", r#""/var/lib/ringmta/maildir""#),
     ("max-conns-per-dest", "4"),
     ("maildir-concurrency", "8"),
+    ("shaping", r#""deploy/shaping.toml""#),
     ("retry-schedule", r#""2m,10m,1h""#),
     ("max-queue-age", r#""3d""#),
     ("delay-warning", r#""4h""#),
@@ -608,6 +609,12 @@ fn sighup_applies_every_reloadable_key() {
     std::fs::write(&users, &out.stdout).unwrap();
     let senders = dir.path().join("senders");
     std::fs::write(&senders, "@example.net carol\n").unwrap();
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[domain.\"example.com\"]\nmax_message_rate = \"5/s\"\n",
+    )
+    .unwrap();
     let token = dir.path().join("admin-token");
     std::fs::write(&token, "after-the-reload-0123456789\n").unwrap();
     let admin = server.admin.expect("admin listener");
@@ -659,6 +666,7 @@ fn sighup_applies_every_reloadable_key() {
         ("bounce-size-limit", r#""100K""#.into()),
         ("max-conns-per-dest", "4".into()),
         ("maildir-concurrency", "8".into()),
+        ("shaping", format!("{:?}", shaping.to_str().unwrap())),
         ("max-hops", "30".into()),
         ("tls-policy", r#""require""#.into()),
         (

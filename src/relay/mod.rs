@@ -26,6 +26,7 @@ pub mod dsn;
 pub mod handoff;
 pub mod maildir;
 pub mod mx;
+pub mod shaping;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -188,6 +189,8 @@ pub struct RelayConfig {
     pub handoff_capacity: usize,
     /// How often the scheduler looks for due retries when nothing wakes it.
     pub tick: Duration,
+    /// Traffic shaping (`--shaping`, over the built-in provider defaults).
+    pub shaping: std::sync::Arc<shaping::Rules>,
 }
 
 impl RelayConfig {
@@ -316,6 +319,7 @@ mod tests {
             max_queue_age: Duration::from_secs(5 * 86_400),
             max_conns_per_dest: 4,
             maildir_concurrency: 32,
+            shaping: Default::default(),
             max_hops: 50,
             tls_policy: tls::TlsPolicy::Opportunistic,
             tls_verify: false,
