@@ -48,6 +48,10 @@
 //!   [`relay::control`] is what a shard does for the admin API: summaries,
 //!   listings, hold/release/flush/delete/bounce journaled on its own
 //!   spool, destinations suspended (kept in `<spool>/suspended.json`).
+//!   [`relay::shaping`] is the traffic shaping rules (`--shaping`: default,
+//!   domain and provider entries, MX rollup) and their pacing arithmetic,
+//!   pure; the owner shard's workers enforce them (a provider's budget on
+//!   the shard owning the provider's name, its work handed there).
 //! * [`policy`] — pure decisions the session and delivery share: which
 //!   local recipients exist (`--local-recipients`) and which mailbox names
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails
