@@ -483,6 +483,10 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", env = "RINGMTA_SHAPING")]
     pub shaping: Option<PathBuf>,
 
+    /// Rules classifying the next hop's replies (TOML [[rule]]s before the built-in ones): class, and bounce at once or suspend the destination (README "Bounce classification").
+    #[arg(long, value_name = "FILE", env = "RINGMTA_BOUNCE_RULES")]
+    pub bounce_rules: Option<PathBuf>,
+
     /// Local Maildir deliveries under way at once per shard (each holds its message in memory while it writes; those finishing together share one directory sync).
     #[arg(
         long,

@@ -112,6 +112,8 @@ pub enum ConfigError {
     AdminWithoutToken(SocketAddr),
     #[error("--shaping: {0}")]
     Shaping(String),
+    #[error("--bounce-rules: {0}")]
+    BounceRules(String),
     #[error("--shards must be at least 1")]
     NoShards,
     #[error("--smtp needs at least one address")]
@@ -249,6 +251,11 @@ impl Config {
                 Some(path) => crate::relay::shaping::Rules::load(&absolute(path)?)
                     .map_err(ConfigError::Shaping)?,
                 None => crate::relay::shaping::Rules::builtin(),
+            }),
+            classifier: Arc::new(match &cli.bounce_rules {
+                Some(path) => crate::relay::classify::Classifier::load(&absolute(path)?)
+                    .map_err(ConfigError::BounceRules)?,
+                None => crate::relay::classify::Classifier::builtin(),
             }),
         });
         let session = SessionConfig {

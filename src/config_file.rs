@@ -55,6 +55,7 @@ pub const RELOADABLE: &[&str] = &[
     "max-conns-per-dest",
     "maildir-concurrency",
     "shaping",
+    "bounce-rules",
     "max-hops",
     "tls-policy",
     // Listeners' limits, for the connections that follow.

@@ -94,6 +94,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("max-conns-per-dest", "4"),
     ("maildir-concurrency", "8"),
     ("shaping", r#""deploy/shaping.toml""#),
+    ("bounce-rules", r#""deploy/bounce-rules.toml""#),
     ("retry-schedule", r#""2m,10m,1h""#),
     ("max-queue-age", r#""3d""#),
     ("delay-warning", r#""4h""#),
@@ -615,6 +616,12 @@ fn sighup_applies_every_reloadable_key() {
         "[domain.\"example.com\"]\nmax_message_rate = \"5/s\"\n",
     )
     .unwrap();
+    let bounce_rules = dir.path().join("bounce-rules.toml");
+    std::fs::write(
+        &bounce_rules,
+        "[[rule]]\nclass = \"throttled\"\ncode = \"421\"\nsuspend = \"1m\"\n",
+    )
+    .unwrap();
     let token = dir.path().join("admin-token");
     std::fs::write(&token, "after-the-reload-0123456789\n").unwrap();
     let admin = server.admin.expect("admin listener");
@@ -667,6 +674,10 @@ fn sighup_applies_every_reloadable_key() {
         ("max-conns-per-dest", "4".into()),
         ("maildir-concurrency", "8".into()),
         ("shaping", format!("{:?}", shaping.to_str().unwrap())),
+        (
+            "bounce-rules",
+            format!("{:?}", bounce_rules.to_str().unwrap()),
+        ),
         ("max-hops", "30".into()),
         ("tls-policy", r#""require""#.into()),
         (

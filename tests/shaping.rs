@@ -25,6 +25,10 @@ struct Seen {
     messages: Vec<(Instant, String)>,
     /// Messages carried by each connection, in accept order.
     per_connection: Vec<usize>,
+    /// When each connection was accepted.
+    accepted: Vec<Instant>,
+    /// When the sink answered `421 4.7.28` (see [`Sink::throttling`]).
+    throttled_at: Option<Instant>,
 }
 
 /// An SMTP next hop on loopback that accepts everything and counts.
@@ -39,6 +43,12 @@ struct Sink {
 
 impl Sink {
     fn start() -> Sink {
+        Sink::throttling(usize::MAX)
+    }
+
+    /// A sink that answers the MAIL after its `after`th message with
+    /// `421 4.7.28 ... rate limited` and closes, once; then accepts again.
+    fn throttling(after: usize) -> Sink {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -57,11 +67,12 @@ impl Sink {
                         let n = {
                             let mut seen = s.lock().unwrap();
                             seen.per_connection.push(0);
+                            seen.accepted.push(Instant::now());
                             seen.per_connection.len() - 1
                         };
                         let (o, s, st) = (o.clone(), s.clone(), st.clone());
                         handlers.push(std::thread::spawn(move || {
-                            serve(conn, n, &s, &st);
+                            serve(conn, n, &s, &st, after);
                             o.fetch_sub(1, Ordering::SeqCst);
                         }));
                     }
@@ -100,7 +111,7 @@ impl Drop for Sink {
     }
 }
 
-fn serve(mut conn: TcpStream, n: usize, seen: &Mutex<Seen>, stop: &AtomicBool) {
+fn serve(mut conn: TcpStream, n: usize, seen: &Mutex<Seen>, stop: &AtomicBool, after: usize) {
     conn.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let _ = conn.write_all(b"220 sink.test ESMTP\r\n");
@@ -125,6 +136,17 @@ fn serve(mut conn: TcpStream, n: usize, seen: &Mutex<Seen>, stop: &AtomicBool) {
                 continue;
             }
             let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            if verb == "MAIL" {
+                let mut s = seen.lock().unwrap();
+                if s.messages.len() == after && s.throttled_at.is_none() {
+                    s.throttled_at = Some(Instant::now());
+                    drop(s);
+                    let _ = conn.write_all(
+                        b"421 4.7.28 [127.0.0.1] Our system has detected an unusual rate of mail; rate limited\r\n",
+                    );
+                    return;
+                }
+            }
             let reply: &[u8] = match verb.as_str() {
                 "EHLO" => b"250-sink.test\r\n250 8BITMIME\r\n",
                 "DATA" => {
@@ -347,4 +369,94 @@ fn mx_rollup_two_domains_share_one_provider_budget() {
     eprintln!("rollup: {N} messages to {a} and {b} at {rate:.2}/s (limit 10/s), peak {peak}");
     assert!((9.0..=11.0).contains(&rate), "rate {rate:.2}/s");
     assert!(peak <= 2, "peak connections {peak}");
+}
+
+/// Backoff: the next hop answers `421 4.7.28 ... rate limited` after 10
+/// messages; the reply is classified as throttling (a `--bounce-rules`
+/// rule with a short suspension), the destination is suspended: no
+/// connection during the suspension (counted at the sink), then delivery
+/// resumes and every message arrives exactly once. The class is in the
+/// event log.
+#[test]
+fn throttling_reply_suspends_the_destination_then_everything_is_delivered_once() {
+    let sink = Sink::throttling(10);
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("bounce-rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nclass = \"throttled\"\ncode = \"421\"\nenhanced = \"4.7.28\"\nsuspend = \"4s\"\n",
+    )
+    .unwrap();
+    let shaping = dir.path().join("shaping.toml");
+    // Paced, so that mail is still queued when the 421 comes.
+    std::fs::write(
+        &shaping,
+        "[domain.\"backoff.test\"]\nmax_connections = 1\nmax_message_rate = \"20/s\"\n",
+    )
+    .unwrap();
+    let relay = Server::builder()
+        .shards(2)
+        .args([
+            "--route".to_owned(),
+            format!("backoff.test=smtp:127.0.0.1:{}", sink.port),
+            "--relay-network".into(),
+            "127.0.0.0/8".into(),
+            "--retry-schedule".into(),
+            "1s".into(),
+            "--bounce-rules".into(),
+            rules.to_str().unwrap().into(),
+            "--shaping".into(),
+            shaping.to_str().unwrap().into(),
+        ])
+        .start();
+    let mut clients = [relay.connect(), relay.connect()];
+    for c in &mut clients {
+        c.hello("client.example");
+    }
+    const N: usize = 30;
+    for i in 0..N {
+        let body = format!("Subject: b{i:03}\r\n\r\nbody {i}\r\n");
+        clients[i % 2].send_message(
+            "s@localhost",
+            &[&format!("u{i}@backoff.test")],
+            body.as_bytes(),
+        );
+    }
+    wait_until("every message", Duration::from_secs(40), || {
+        sink.count() >= N
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = sink.seen.lock().unwrap();
+    assert_once(&seen, N);
+    let throttled = seen.throttled_at.expect("the sink throttled");
+    // Suspended for 4 s from a whole second: at least 3 s without a
+    // connection; 2.5 s leaves room for a slow machine.
+    let during: Vec<_> = seen
+        .accepted
+        .iter()
+        .filter(|&&t| t > throttled && t < throttled + Duration::from_millis(2500))
+        .collect();
+    let after = seen.accepted.iter().filter(|&&t| t > throttled).min();
+    eprintln!(
+        "backoff: {} connections, first after the 421: {:?} later",
+        seen.accepted.len(),
+        after.map(|t| *t - throttled)
+    );
+    assert!(
+        during.is_empty(),
+        "connections during the suspension: {}",
+        during.len()
+    );
+    let log = relay.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("suspended")
+            && l.contains("throttled")
+            && l.contains("destination")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("deferred") && l.contains("class") && l.contains("throttled")),
+        "{log}"
+    );
 }

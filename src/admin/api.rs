@@ -399,12 +399,16 @@ impl Api {
             crate::metrics::suspended_destinations().set(list.active(unix_now()).len() as i64);
             was
         };
-        if !was {
-            return Response::error(404, &format!("{destination} is not suspended"));
-        }
         let told = self.ask_all(Command::Resume {
             destination: destination.clone(),
         });
+        // A destination the shards suspended themselves (a throttling
+        // reply, `--bounce-rules`) is in no list here: a shard says it was.
+        let by_shards =
+            matches!(&told, Ok(a) if a.iter().any(|a| matches!(a, Answer::Count(n) if *n > 0)));
+        if !was && !by_shards {
+            return Response::error(404, &format!("{destination} is not suspended"));
+        }
         tracing::info!(
             target: "ringmta::event",
             event = "admin",

@@ -26,6 +26,7 @@ use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
 use rustls::pki_types::ServerName;
 
+use super::classify::{Action, Classifier};
 use super::client::{
     Awaiting, Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls,
 };
@@ -641,6 +642,9 @@ impl Relay {
 
     /// Queues work for `target` here, starting a worker if there is room.
     fn queue_work(self: &Rc<Self>, target: Target, work: Work) {
+        if work.origin.is_some() && self.suspended_until(&target, unix_now()).is_some() {
+            return self.give_back(&target, work);
+        }
         let spawn = {
             let mut dests = self.dests.borrow_mut();
             let q = dests.entry(target.clone()).or_default();
@@ -797,23 +801,89 @@ impl Relay {
                     .map(|q| q.jobs.into_iter().collect())
                     .unwrap_or_default();
                 for work in left {
-                    match work.origin {
-                        None => {
-                            self.release(&work.id, &work.rcpts);
-                            self.enqueue(work.id);
-                        }
-                        Some(o) => self.send_done(
-                            o.peer,
-                            Done {
-                                id: work.id,
-                                rcpts: work.rcpts,
-                                report: Report::Returned,
-                            },
-                        ),
-                    }
+                    self.give_back(target, work);
                 }
             }
         }
+    }
+
+    /// Work not attempted goes back to its message: scheduled again (on
+    /// its origin), or, while `target` is suspended, at the suspension's
+    /// end (the origin learns of the suspension).
+    fn give_back(&self, target: &Target, work: Work) {
+        match work.origin {
+            None => {
+                self.release(&work.id, &work.rcpts);
+                self.enqueue(work.id);
+            }
+            Some(o) => {
+                let report = match self.suspended_until(target, unix_now()) {
+                    Some(until) => Report::Suspended {
+                        destination: target.to_string(),
+                        until,
+                    },
+                    None => Report::Returned,
+                };
+                self.send_done(
+                    o.peer,
+                    Done {
+                        id: work.id,
+                        rcpts: work.rcpts,
+                        report,
+                    },
+                )
+            }
+        }
+    }
+
+    /// Suspends `destination` until `until` unless it already is for
+    /// longer (automatic backoff: never shortens an operator's suspension).
+    fn suspend_at_least(&self, destination: &str, until: u64) {
+        let mut s = self.suspended.borrow_mut();
+        let slot = s.entry(destination.to_ascii_lowercase()).or_insert(until);
+        *slot = (*slot).max(until);
+    }
+
+    /// Applies what the reply classes of one delivery's `outcomes` ask: a
+    /// rule's `bounce` makes a deferral a bounce; a `suspend` suspends
+    /// `target` (logged as a `suspended` event). Returns whether it did.
+    fn act_on_classes(&self, target: &Target, outcomes: &mut [RcptOutcome]) -> bool {
+        let classifier: Arc<Classifier> = self.cfg().classifier.clone();
+        let mut suspend: Option<(Duration, &'static str, String)> = None;
+        for o in outcomes.iter_mut() {
+            let reply = match o {
+                RcptOutcome::Deferred(r) | RcptOutcome::Failed(r) => r,
+                RcptOutcome::Delivered(_) => continue,
+            };
+            let (class, action) = classifier.classify(reply);
+            self.metrics.reply_class(class.name());
+            match action {
+                Action::Bounce => {
+                    if let RcptOutcome::Deferred(r) = o {
+                        *o = RcptOutcome::Failed(std::mem::take(r));
+                    }
+                }
+                Action::Suspend(d) if suspend.as_ref().is_none_or(|s| s.0 < d) => {
+                    suspend = Some((d, class.name(), reply.clone()));
+                }
+                Action::Suspend(_) | Action::AsCoded => {}
+            }
+        }
+        let Some((d, class, reply)) = suspend else {
+            return false;
+        };
+        let until = unix_now() + d.as_secs().max(1);
+        self.suspend_at_least(&target.to_string(), until);
+        tracing::info!(
+            target: "ringmta::event",
+            event = "suspended",
+            destination = %target,
+            until,
+            class,
+            reply = %reply,
+            "suspended"
+        );
+        true
     }
 
     /// The recipients are no longer being delivered.
@@ -868,6 +938,11 @@ impl Relay {
                 self.enqueue(id.clone());
             }
             Report::Crashed => self.retry_later(id, rcpts),
+            Report::Suspended { destination, until } => {
+                self.suspend_at_least(&destination, until);
+                self.release(id, rcpts);
+                self.timers.borrow_mut().push(Reverse((until, id.clone())));
+            }
             Report::Unreadable => {
                 self.release(id, rcpts);
                 if id.with_str(|id| self.spool.entry(id)).is_some() {
@@ -1044,7 +1119,9 @@ impl Relay {
                             .collect(),
                     };
                     sent += 1;
-                    let broken = client.is_closed();
+                    let mut outcomes = outcomes;
+                    let suspended = self.act_on_classes(target, &mut outcomes);
+                    let broken = client.is_closed() || suspended;
                     self.observe(&loaded, &outcomes);
                     let [b, c] = std::mem::take(&mut setup);
                     let report = Report::Outcomes {
@@ -1449,7 +1526,8 @@ impl Relay {
         };
         let now = unix_now();
         let age = Duration::from_secs(now.saturating_sub(entry.arrival));
-        let log = OutcomeLog::new(&work.id, attempt, entry.arrival);
+        let log = OutcomeLog::new(&work.id, attempt, entry.arrival)
+            .classifying(self.cfg().classifier.clone());
         let mut failed = Vec::new();
         let mut delayed = Vec::new();
         let mut retry_at: Option<u64> = None;
@@ -1666,6 +1744,8 @@ impl Relay {
 /// The delivered, deferred, bounced and expired lines of one attempt's
 /// outcomes (the README's "Event log").
 struct OutcomeLog<'a> {
+    /// Classifies the replies of failures (`class` field).
+    classifier: Option<Arc<Classifier>>,
     queue_id: &'a QueueId,
     relay: &'a str,
     delays: String,
@@ -1674,6 +1754,12 @@ struct OutcomeLog<'a> {
 }
 
 impl<'a> OutcomeLog<'a> {
+    /// The same log, with a `class` field on failures.
+    fn classifying(mut self, classifier: Arc<Classifier>) -> Self {
+        self.classifier = Some(classifier);
+        self
+    }
+
     fn new(queue_id: &'a QueueId, attempt: &'a Attempt, arrival: u64) -> Self {
         let total = unix_now_ms().saturating_sub(arrival.saturating_mul(1000));
         let [a, b, c, d] = attempt.delays;
@@ -1686,6 +1772,7 @@ impl<'a> OutcomeLog<'a> {
         };
         let secs = |ms: u64| format!("{}.{:03}", ms / 1000, ms % 1000);
         OutcomeLog {
+            classifier: None,
             queue_id,
             relay: attempt.relay.as_deref().unwrap_or("none"),
             delays: format!("{}/{}/{}/{}", secs(a), secs(b), secs(c), secs(d)),
@@ -1696,6 +1783,10 @@ impl<'a> OutcomeLog<'a> {
     /// `reply` is the next hop's reply (or our reason); `retry_in` the
     /// seconds until the next attempt of a deferred recipient.
     fn write(&self, event: &'static str, to: &str, reply: &str, retry_in: Option<u64>) {
+        let class = match &self.classifier {
+            Some(c) if event != "delivered" => Some(c.classify(reply).0.name()),
+            _ => None,
+        };
         tracing::info!(
             target: "ringmta::event",
             event,
@@ -1706,6 +1797,7 @@ impl<'a> OutcomeLog<'a> {
             delays = %self.delays,
             reply,
             retry_in,
+            class,
             "{event}"
         );
     }

@@ -129,6 +129,10 @@ pub enum Report {
     /// The message could not be read (deleted, or compacted elsewhere in
     /// the meantime): try again a little later if it is still queued.
     Unreadable,
+    /// Not attempted: the destination (its text) is suspended until this
+    /// Unix time (the owner's automatic backoff). The origin suspends it
+    /// too and schedules the message then.
+    Suspended { destination: String, until: u64 },
 }
 
 /// Where one delivery attempt went and how long its parts took: the

@@ -19,6 +19,7 @@
 //! Must never lose a message: a recipient leaves the queue only through a
 //! durable journal entry, and a failed delivery attempt is always deferred.
 
+pub mod classify;
 pub mod client;
 pub mod control;
 mod deliver;
@@ -191,6 +192,8 @@ pub struct RelayConfig {
     pub tick: Duration,
     /// Traffic shaping (`--shaping`, over the built-in provider defaults).
     pub shaping: std::sync::Arc<shaping::Rules>,
+    /// Reply classification (`--bounce-rules`, over the built-in rules).
+    pub classifier: std::sync::Arc<classify::Classifier>,
 }
 
 impl RelayConfig {
@@ -320,6 +323,7 @@ mod tests {
             max_conns_per_dest: 4,
             maildir_concurrency: 32,
             shaping: Default::default(),
+            classifier: Default::default(),
             max_hops: 50,
             tls_policy: tls::TlsPolicy::Opportunistic,
             tls_verify: false,
