@@ -52,6 +52,9 @@
 //!   domain and provider entries, MX rollup) and their pacing arithmetic,
 //!   pure; the owner shard's workers enforce them (a provider's budget on
 //!   the shard owning the provider's name, its work handed there).
+//!   [`relay::classify`] classifies the next hop's replies (`--bounce-rules`
+//!   over built-in rules) and says what to do: bounce at once, or suspend a
+//!   throttling destination (the delivering shard does it).
 //! * [`policy`] — pure decisions the session and delivery share: which
 //!   local recipients exist (`--local-recipients`) and which mailbox names
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails

@@ -138,7 +138,7 @@ const BUILTIN: &[(Class, &str, &str, &str, &str)] = &[
         Class::Throttled,
         "4",
         "",
-        r"(?i)rate limit|too many (messages|connections|recipients)|throttl|unusual rate|try again later|\[TS0\d\]|server busy",
+        r"(?i)rate limit|too many (messages|connections|recipients)|throttl|unusual rate|try again later|\[TSS?0\d\]|server busy",
         "suspend",
     ),
     // Unknown users, also when the code is 4xx.

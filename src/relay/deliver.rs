@@ -1660,6 +1660,7 @@ impl Relay {
             dsn::Action::Failed => dsn::wants_failure_report(n),
             dsn::Action::Delayed { .. } => dsn::wants_delay_report(n),
         };
+        let classifier = self.cfg().classifier.clone();
         let reported: Vec<dsn::Recipient> = rcpts
             .iter()
             .filter(|(k, _)| wanted(loaded.notify[*k].as_deref()))
@@ -1668,6 +1669,7 @@ impl Relay {
                 orcpt: loaded.orcpt[*k].clone(),
                 diagnostic: why.clone(),
                 remote: remote.map(str::to_owned),
+                class: Some(classifier.classify(why).0.name()),
             })
             .collect();
         if reported.is_empty() {
