@@ -130,6 +130,8 @@ pub const BUILTIN_SUSPEND: Duration = Duration::from_secs(300);
 /// once when the enhanced code says so (4.1.1 is "bad destination
 /// mailbox", never a passing state).
 const BUILTIN: &[(Class, &str, &str, &str, &str)] = &[
+    // Greylisting asks for a retry of that message, not a pause.
+    (Class::Other, "4", "", r"(?i)gr[ae]y-?list", ""),
     // Gmail: "421 4.7.28 ... unusual rate", "421 4.7.0 ... try again later".
     (Class::Throttled, "4", "4.7.28", "", "suspend"),
     // Outlook: "451 4.7.650 ... IP reputation", throttling 4.7.500-4.7.699.
@@ -348,6 +350,7 @@ mod tests {
             ("550 5.7.26 Unauthenticated email from x is not accepted due to domain's DMARC policy", Class::Policy),
             ("550 5.7.1 Message rejected as spam", Class::SpamRelated),
             ("451 4.3.0 local error", Class::Other),
+            ("450 4.2.0 Greylisted, please try again later", Class::Other),
         ];
         for (reply, want) in cases {
             assert_eq!(c.classify(reply).0, want, "{reply}");
