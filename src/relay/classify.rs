@@ -130,6 +130,9 @@ pub const BUILTIN_SUSPEND: Duration = Duration::from_secs(300);
 /// once when the enhanced code says so (4.1.1 is "bad destination
 /// mailbox", never a passing state).
 const BUILTIN: &[(Class, &str, &str, &str, &str)] = &[
+    // "452 4.5.3 Too many recipients": send the rest in another
+    // transaction (RFC 5321 4.5.3.1.10), no reason to slow down.
+    (Class::Other, "4", "4.5.3", "", ""),
     // Greylisting asks for a retry of that message, not a pause.
     (Class::Other, "4", "", r"(?i)gr[ae]y-?list", ""),
     // Gmail: "421 4.7.28 ... unusual rate", "421 4.7.0 ... try again later".
@@ -140,7 +143,7 @@ const BUILTIN: &[(Class, &str, &str, &str, &str)] = &[
         Class::Throttled,
         "4",
         "",
-        r"(?i)rate limit|too many (messages|connections|recipients)|throttl|unusual rate|try again later|\[TSS?0\d\]|server busy",
+        r"(?i)rate limit|too many (messages|connections)|throttl|unusual rate|try again later|\[TSS?0\d\]|server busy",
         "suspend",
     ),
     // Unknown users, also when the code is 4xx.
@@ -351,6 +354,7 @@ mod tests {
             ("550 5.7.1 Message rejected as spam", Class::SpamRelated),
             ("451 4.3.0 local error", Class::Other),
             ("450 4.2.0 Greylisted, please try again later", Class::Other),
+            ("452 4.5.3 Error: too many recipients", Class::Other),
         ];
         for (reply, want) in cases {
             assert_eq!(c.classify(reply).0, want, "{reply}");
