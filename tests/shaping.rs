@@ -422,6 +422,16 @@ fn throttling_reply_suspends_the_destination_then_everything_is_delivered_once()
             body.as_bytes(),
         );
     }
+    // While it lasts, the suspension is visible in the admin API.
+    wait_until("the 421", Duration::from_secs(20), || {
+        sink.seen.lock().unwrap().throttled_at.is_some()
+    });
+    let admin = relay.admin.expect("admin listener");
+    let destination = format!("smtp:127.0.0.1:{}", sink.port);
+    wait_until("the suspension listed", Duration::from_secs(2), || {
+        let body = common::http_get(admin, "/api/v1/suspensions");
+        body.contains(&destination) && body.contains("\"automatic\"")
+    });
     wait_until("every message", Duration::from_secs(40), || {
         sink.count() >= N
     });

@@ -422,8 +422,32 @@ impl Api {
         }
     }
 
+    /// The operator's suspensions, then those the shards made themselves
+    /// (a throttling reply, `--bounce-rules`), with the reason
+    /// `automatic`. A shard that does not answer leaves its own out.
     fn suspensions(&self, _: &Request) -> Response {
-        let list = self.lock().active(unix_now()).to_vec();
+        let mut list = self.lock().active(unix_now()).to_vec();
+        if let Ok(answers) = self.ask_all(Command::Suspensions) {
+            let mut automatic: std::collections::BTreeMap<String, u64> = Default::default();
+            for a in answers {
+                let Answer::Suspended(s) = a else { continue };
+                for (destination, until) in s {
+                    if !list.iter().any(|x| x.destination == destination) {
+                        let slot = automatic.entry(destination).or_insert(until);
+                        *slot = (*slot).max(until);
+                    }
+                }
+            }
+            list.extend(
+                automatic
+                    .into_iter()
+                    .map(|(destination, until)| Suspension {
+                        destination,
+                        until,
+                        reason: "automatic".into(),
+                    }),
+            );
+        }
         Response::json(200, &json!({ "suspensions": list }))
     }
 

@@ -254,6 +254,17 @@ impl Relay {
         was
     }
 
+    /// The destinations suspended now and when each suspension ends.
+    pub fn suspensions(&self) -> Vec<(String, u64)> {
+        let now = unix_now();
+        self.suspended
+            .borrow()
+            .iter()
+            .filter(|(_, &until)| until > now)
+            .map(|(d, &until)| (d.clone(), until))
+            .collect()
+    }
+
     /// Schedules every message with a recipient due now (a recipient
     /// already being delivered is not sent twice: `dispatch` skips it).
     pub fn requeue_due(&self) {
