@@ -99,6 +99,8 @@ async fn origin(mesh: Mesh, n: u64) -> Duration {
                     location: location.clone(),
                     rcpts: vec![0].into(),
                     target: target.clone(),
+                    shaped: None,
+                    pinned: false,
                 };
                 // Keep the item when the channel is full: `try_hand`
                 // consumes it, so hand a clone and retry after a yield.

@@ -521,6 +521,14 @@ pub struct Cli {
     )]
     pub max_conns_per_dest: usize,
 
+    /// Traffic shaping rules per destination, domain and provider (MX rollup), TOML; without it the built-in provider defaults apply (README "Traffic shaping").
+    #[arg(long, value_name = "FILE", env = "RINGMTA_SHAPING")]
+    pub shaping: Option<PathBuf>,
+
+    /// Rules classifying the next hop's replies (TOML [[rule]]s before the built-in ones): class, and bounce at once or suspend the destination (README "Bounce classification").
+    #[arg(long, value_name = "FILE", env = "RINGMTA_BOUNCE_RULES")]
+    pub bounce_rules: Option<PathBuf>,
+
     /// Local Maildir deliveries under way at once per shard (each holds its message in memory while it writes; those finishing together share one directory sync).
     #[arg(
         long,

@@ -115,6 +115,10 @@ pub enum ConfigError {
          --admin-token-file (or bind --admin to 127.0.0.1 / ::1)"
     )]
     AdminWithoutToken(SocketAddr),
+    #[error("--shaping: {0}")]
+    Shaping(String),
+    #[error("--bounce-rules: {0}")]
+    BounceRules(String),
     #[error("--shards must be at least 1")]
     NoShards,
     #[error("--smtp needs at least one address")]
@@ -258,6 +262,16 @@ impl Config {
             tls_handshake_timeout: cli.tls_handshake_timeout,
             handoff_capacity: cli.handoff_capacity as usize,
             tick: Duration::from_secs(1),
+            shaping: Arc::new(match &cli.shaping {
+                Some(path) => crate::relay::shaping::Rules::load(&absolute(path)?)
+                    .map_err(ConfigError::Shaping)?,
+                None => crate::relay::shaping::Rules::builtin(),
+            }),
+            classifier: Arc::new(match &cli.bounce_rules {
+                Some(path) => crate::relay::classify::Classifier::load(&absolute(path)?)
+                    .map_err(ConfigError::BounceRules)?,
+                None => crate::relay::classify::Classifier::builtin(),
+            }),
         });
         let session = SessionConfig {
             hostname: hostname.clone(),

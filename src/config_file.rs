@@ -61,6 +61,8 @@ pub const RELOADABLE: &[&str] = &[
     "bounce-size-limit",
     "max-conns-per-dest",
     "maildir-concurrency",
+    "shaping",
+    "bounce-rules",
     "max-hops",
     "tls-policy",
     // Listeners' limits, for the connections that follow.

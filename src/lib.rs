@@ -50,6 +50,13 @@
 //!   [`relay::control`] is what a shard does for the admin API: summaries,
 //!   listings, hold/release/flush/delete/bounce journaled on its own
 //!   spool, destinations suspended (kept in `<spool>/suspended.json`).
+//!   [`relay::shaping`] is the traffic shaping rules (`--shaping`: default,
+//!   domain and provider entries, MX rollup) and their pacing arithmetic,
+//!   pure; the owner shard's workers enforce them (a provider's budget on
+//!   the shard owning the provider's name, its work handed there).
+//!   [`relay::classify`] classifies the next hop's replies (`--bounce-rules`
+//!   over built-in rules) and says what to do: bounce at once, or suspend a
+//!   throttling destination (the delivering shard does it).
 //! * [`inbound`] — checks of incoming mail on the relay/MX port:
 //!   [`inbound::auth`] verifies SPF (HELO and MAIL FROM), every DKIM
 //!   signature, the ARC chain and DMARC (alignment, `p`/`sp`/`pct`) with

@@ -159,6 +159,7 @@ pub struct Metrics {
     queue_rcpts: Family<ShardDest, Gauge>,
     queue_oldest: Family<ShardDest, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
+    reply_classes: Family<ClassLabels, Counter>,
     delivery_latency: Family<ShardLabel, Histogram>,
     handoff_queued: Family<HandoffLabels, Gauge>,
     handoffs: Family<ShardResult, Counter>,
@@ -335,6 +336,17 @@ impl ShardMetrics {
         } else {
             self.handoff_full.inc();
         }
+    }
+
+    /// A failed delivery's reply fell in `class` (a fixed set of names).
+    pub fn reply_class(&self, class: &'static str) {
+        global()
+            .reply_classes
+            .get_or_create(&ClassLabels {
+                shard: self.id.to_string(),
+                class: class.to_owned(),
+            })
+            .inc();
     }
 
     /// Outcomes of one delivery attempt to `destination` (a label from
@@ -527,6 +539,12 @@ struct ReplyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    shard: String,
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeliveryLabels {
     shard: String,
     destination: String,
@@ -573,6 +591,7 @@ impl Metrics {
             queue_rcpts: Family::default(),
             queue_oldest: Family::default(),
             deliveries: Family::default(),
+            reply_classes: Family::default(),
             // 10 ms to about 2.9 days.
             delivery_latency: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.01, 4.0, 14))
@@ -688,6 +707,11 @@ impl Metrics {
             "queue_oldest_age_seconds",
             "Age of the oldest message waiting, per destination",
             m.queue_oldest.clone(),
+        );
+        r.register(
+            "reply_class",
+            "Failed recipient deliveries by the class of the next hop's reply (--bounce-rules)",
+            m.reply_classes.clone(),
         );
         r.register(
             "deliveries",

@@ -99,6 +99,8 @@ const SAMPLES: &[(&str, &str)] = &[
     ("maildir", r#""/var/lib/ringmta/maildir""#),
     ("max-conns-per-dest", "4"),
     ("maildir-concurrency", "8"),
+    ("shaping", r#""deploy/shaping.toml""#),
+    ("bounce-rules", r#""deploy/bounce-rules.toml""#),
     ("retry-schedule", r#""2m,10m,1h""#),
     ("max-queue-age", r#""3d""#),
     ("delay-warning", r#""4h""#),
@@ -615,6 +617,18 @@ fn sighup_applies_every_reloadable_key() {
     std::fs::write(&users, &out.stdout).unwrap();
     let senders = dir.path().join("senders");
     std::fs::write(&senders, "@example.net carol\n").unwrap();
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[domain.\"example.com\"]\nmax_message_rate = \"5/s\"\n",
+    )
+    .unwrap();
+    let bounce_rules = dir.path().join("bounce-rules.toml");
+    std::fs::write(
+        &bounce_rules,
+        "[[rule]]\nclass = \"throttled\"\ncode = \"421\"\nsuspend = \"1m\"\n",
+    )
+    .unwrap();
     let token = dir.path().join("admin-token");
     std::fs::write(&token, "after-the-reload-0123456789\n").unwrap();
     let admin = server.admin.expect("admin listener");
@@ -666,6 +680,11 @@ fn sighup_applies_every_reloadable_key() {
         ("bounce-size-limit", r#""100K""#.into()),
         ("max-conns-per-dest", "4".into()),
         ("maildir-concurrency", "8".into()),
+        ("shaping", format!("{:?}", shaping.to_str().unwrap())),
+        (
+            "bounce-rules",
+            format!("{:?}", bounce_rules.to_str().unwrap()),
+        ),
         ("max-hops", "30".into()),
         ("tls-policy", r#""require""#.into()),
         (

@@ -399,12 +399,16 @@ impl Api {
             crate::metrics::suspended_destinations().set(list.active(unix_now()).len() as i64);
             was
         };
-        if !was {
-            return Response::error(404, &format!("{destination} is not suspended"));
-        }
         let told = self.ask_all(Command::Resume {
             destination: destination.clone(),
         });
+        // A destination the shards suspended themselves (a throttling
+        // reply, `--bounce-rules`) is in no list here: a shard says it was.
+        let by_shards =
+            matches!(&told, Ok(a) if a.iter().any(|a| matches!(a, Answer::Count(n) if *n > 0)));
+        if !was && !by_shards {
+            return Response::error(404, &format!("{destination} is not suspended"));
+        }
         tracing::info!(
             target: "ringmta::event",
             event = "admin",
@@ -418,8 +422,32 @@ impl Api {
         }
     }
 
+    /// The operator's suspensions, then those the shards made themselves
+    /// (a throttling reply, `--bounce-rules`), with the reason
+    /// `automatic`. A shard that does not answer leaves its own out.
     fn suspensions(&self, _: &Request) -> Response {
-        let list = self.lock().active(unix_now()).to_vec();
+        let mut list = self.lock().active(unix_now()).to_vec();
+        if let Ok(answers) = self.ask_all(Command::Suspensions) {
+            let mut automatic: std::collections::BTreeMap<String, u64> = Default::default();
+            for a in answers {
+                let Answer::Suspended(s) = a else { continue };
+                for (destination, until) in s {
+                    if !list.iter().any(|x| x.destination == destination) {
+                        let slot = automatic.entry(destination).or_insert(until);
+                        *slot = (*slot).max(until);
+                    }
+                }
+            }
+            list.extend(
+                automatic
+                    .into_iter()
+                    .map(|(destination, until)| Suspension {
+                        destination,
+                        until,
+                        reason: "automatic".into(),
+                    }),
+            );
+        }
         Response::json(200, &json!({ "suspensions": list }))
     }
 

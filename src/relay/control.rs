@@ -120,6 +120,9 @@ pub enum Command {
     Resume {
         destination: String,
     },
+    /// The destinations this shard has suspended now (the operator's and
+    /// its own, from throttling replies).
+    Suspensions,
 }
 
 /// A command on its way to a shard, with where the answer goes.
@@ -137,6 +140,8 @@ pub enum Answer {
     Message(Option<MessageInfo>),
     Affected(Affected),
     Count(usize),
+    /// Suspended destinations (lowercase text) and when each ends.
+    Suspended(Vec<(String, u64)>),
     Error(String),
 }
 
@@ -239,6 +244,7 @@ pub async fn execute(
         Command::Resume { destination } => {
             Answer::Count(relay.map_or(0, |r| usize::from(r.resume(&destination))))
         }
+        Command::Suspensions => Answer::Suspended(relay.map_or_else(Vec::new, |r| r.suspensions())),
     }
 }
 

@@ -26,12 +26,14 @@ use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
 use rustls::pki_types::ServerName;
 
+use super::classify::{Action, Classifier};
 use super::client::{
     Awaiting, Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls,
 };
 use super::handoff::{self, Attempt, Done, Handoff, Link, Mesh, Msg, RcptIndexes, Report};
 use super::maildir;
 use super::mx::{Resolution, Resolver};
+use super::shaping::{Key, Pacer, Shape};
 use super::tls::{self, TlsPolicy};
 use super::{dsn, RelayConfig, Target};
 use crate::policy;
@@ -49,6 +51,10 @@ struct Work {
     rcpts: RcptIndexes,
     /// `Some` when another shard's spool holds the message (handed off).
     origin: Option<Origin>,
+    /// See [`Handoff::shaped`].
+    shaped: Option<Box<str>>,
+    /// See [`Handoff::pinned`].
+    pinned: bool,
 }
 
 impl Work {
@@ -61,6 +67,8 @@ impl Work {
                 peer: o.peer,
                 location: o.location.clone(),
             }),
+            shaped: self.shaped.clone(),
+            pinned: self.pinned,
         }
     }
 }
@@ -94,7 +102,38 @@ const BOUNCE_RETRY: u64 = 60;
 struct DestQueue {
     jobs: VecDeque<Work>,
     workers: usize,
+    /// Workers keeping their connection open for more work (shaping's
+    /// `idle_timeout`): new work wakes one rather than start another.
+    idle: usize,
+    arrived: Event,
 }
+
+/// One shaping budget ([`shaping::Key`]) on the shard that enforces it:
+/// the connections open against it and the pacing of new connections
+/// and messages.
+#[derive(Default)]
+struct Budget {
+    open: Cell<usize>,
+    freed: Event,
+    messages: RefCell<Pacer>,
+    connections: RefCell<Pacer>,
+}
+
+/// A connection counted against a [`Budget`] while it lives.
+struct Slot(Rc<Budget>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.set(self.0.open.get().saturating_sub(1));
+        self.0.freed.notify(1);
+    }
+}
+
+/// Budgets a shard keeps before it forgets those not in use.
+const BUDGETS_KEPT: usize = 4096;
+/// How often a worker waiting for a connection slot looks again (a slot
+/// freed wakes it sooner; this bounds a wait on a limit lowered by SIGHUP).
+const SLOT_RECHECK: Duration = Duration::from_secs(1);
 
 /// The content and envelope of a message, read back from the spool.
 struct Loaded {
@@ -135,6 +174,9 @@ pub struct Relay {
     /// text of their [`Target`], with the Unix time the suspension ends.
     /// Every shard keeps the same copy (the admin side tells each).
     suspended: RefCell<HashMap<String, u64>>,
+    /// The shaping budgets this shard enforces (those of the destinations
+    /// and providers it owns).
+    budgets: RefCell<HashMap<Key, Rc<Budget>>>,
 }
 
 impl Relay {
@@ -170,6 +212,7 @@ impl Relay {
             stopped: Event::new(),
             link: RefCell::new(None),
             suspended: RefCell::new(HashMap::new()),
+            budgets: RefCell::new(HashMap::new()),
         });
         // The recovered queue: deferred recipients wait for their time.
         let (due, later) = relay.spool.schedule(unix_now());
@@ -209,6 +252,17 @@ impl Relay {
             self.requeue_due();
         }
         was
+    }
+
+    /// The destinations suspended now and when each suspension ends.
+    pub fn suspensions(&self) -> Vec<(String, u64)> {
+        let now = unix_now();
+        self.suspended
+            .borrow()
+            .iter()
+            .filter(|(_, &until)| until > now)
+            .map(|(d, &until)| (d.clone(), until))
+            .collect()
     }
 
     /// Schedules every message with a recipient due now (a recipient
@@ -280,6 +334,8 @@ impl Relay {
             id: id.clone(),
             rcpts: rcpts.into(),
             origin: None,
+            shaped: None,
+            pinned: false,
         };
         let why = format!("550 5.0.0 returned by the mail administrator: {reason}");
         let failed: Vec<(usize, String)> = (0..rcpts.len()).map(|k| (k, why.clone())).collect();
@@ -440,6 +496,8 @@ impl Relay {
                         peer: h.origin,
                         location: h.location,
                     }),
+                    shaped: h.shaped,
+                    pinned: h.pinned,
                 };
                 self.queue_work(h.target, work);
             }
@@ -495,7 +553,8 @@ impl Relay {
             if entry.held {
                 continue;
             }
-            let mut by_target: HashMap<Target, Vec<usize>> = HashMap::new();
+            let mut by_target: HashMap<(Target, Option<Box<str>>), Vec<usize>> = HashMap::new();
+            let cfg = self.cfg();
             // Recipients deferred to later than now still need a wake-up
             // of their own: nothing else would bring the message back
             // once the due ones are settled (regression test:
@@ -514,21 +573,22 @@ impl Relay {
                         RcptState::Delivered | RcptState::Bounced => false,
                     };
                     if due && !in_flight.contains(&(id.clone(), i)) {
-                        let target = self.cfg().target(addr);
+                        let target = cfg.target(addr);
                         // A suspended destination: the message comes back
                         // when the suspension ends (or at a resume).
                         if let Some(until) = self.suspended_until(&target, now) {
                             later = Some(later.map_or(until, |l| l.min(until)));
                             continue;
                         }
-                        by_target.entry(target).or_default().push(i);
+                        let shaped = shaped_domain(&cfg, &target, addr);
+                        by_target.entry((target, shaped)).or_default().push(i);
                     }
                 }
             }
             if let Some(t) = later {
                 self.timers.borrow_mut().push(Reverse((t, id.clone())));
             }
-            for (target, rcpts) in by_target {
+            for ((target, shaped), rcpts) in by_target {
                 {
                     let mut f = self.in_flight.borrow_mut();
                     for &i in &rcpts {
@@ -539,6 +599,8 @@ impl Relay {
                     id: id.clone(),
                     rcpts: rcpts.into(),
                     origin: None,
+                    shaped,
+                    pinned: false,
                 };
                 if let Some(work) = self.hand_off(&target, &entry.location, work) {
                     self.queue_work(target, work);
@@ -575,6 +637,8 @@ impl Relay {
             location: location.clone(),
             rcpts: work.rcpts.clone(),
             target: target.clone(),
+            shaped: work.shaped.clone(),
+            pinned: false,
         };
         let handed = link.try_hand(owner, h);
         self.metrics.handoff(handed);
@@ -589,15 +653,33 @@ impl Relay {
 
     /// Queues work for `target` here, starting a worker if there is room.
     fn queue_work(self: &Rc<Self>, target: Target, work: Work) {
+        if work.origin.is_some() && self.suspended_until(&target, unix_now()).is_some() {
+            return self.give_back(&target, work);
+        }
         let spawn = {
             let mut dests = self.dests.borrow_mut();
             let q = dests.entry(target.clone()).or_default();
-            q.jobs.push_back(work);
             let cfg = self.cfg();
-            let limit = match target {
+            let limit = match &target {
                 Target::Maildir(_) => cfg.maildir_concurrency,
-                Target::Smtp { .. } | Target::Mx { .. } => cfg.max_conns_per_dest,
+                Target::Smtp { .. } | Target::Mx { .. } => {
+                    // A domain entry's connection limit is known before
+                    // any lookup: no more workers than it allows.
+                    let domain = match &target {
+                        Target::Mx { domain, .. } => Some(domain.as_str()),
+                        _ => work.shaped.as_deref(),
+                    };
+                    let cap = domain
+                        .and_then(|d| cfg.shaping.domains.get(d))
+                        .and_then(|l| l.max_connections);
+                    cap.map_or(cfg.max_conns_per_dest, |c| c.min(cfg.max_conns_per_dest))
+                }
             };
+            q.jobs.push_back(work);
+            if q.idle > 0 {
+                q.arrived.notify(1);
+                return;
+            }
             let spawn = q.workers < limit.max(1);
             if spawn {
                 q.workers += 1;
@@ -730,23 +812,89 @@ impl Relay {
                     .map(|q| q.jobs.into_iter().collect())
                     .unwrap_or_default();
                 for work in left {
-                    match work.origin {
-                        None => {
-                            self.release(&work.id, &work.rcpts);
-                            self.enqueue(work.id);
-                        }
-                        Some(o) => self.send_done(
-                            o.peer,
-                            Done {
-                                id: work.id,
-                                rcpts: work.rcpts,
-                                report: Report::Returned,
-                            },
-                        ),
-                    }
+                    self.give_back(target, work);
                 }
             }
         }
+    }
+
+    /// Work not attempted goes back to its message: scheduled again (on
+    /// its origin), or, while `target` is suspended, at the suspension's
+    /// end (the origin learns of the suspension).
+    fn give_back(&self, target: &Target, work: Work) {
+        match work.origin {
+            None => {
+                self.release(&work.id, &work.rcpts);
+                self.enqueue(work.id);
+            }
+            Some(o) => {
+                let report = match self.suspended_until(target, unix_now()) {
+                    Some(until) => Report::Suspended {
+                        destination: target.to_string(),
+                        until,
+                    },
+                    None => Report::Returned,
+                };
+                self.send_done(
+                    o.peer,
+                    Done {
+                        id: work.id,
+                        rcpts: work.rcpts,
+                        report,
+                    },
+                )
+            }
+        }
+    }
+
+    /// Suspends `destination` until `until` unless it already is for
+    /// longer (automatic backoff: never shortens an operator's suspension).
+    fn suspend_at_least(&self, destination: &str, until: u64) {
+        let mut s = self.suspended.borrow_mut();
+        let slot = s.entry(destination.to_ascii_lowercase()).or_insert(until);
+        *slot = (*slot).max(until);
+    }
+
+    /// Applies what the reply classes of one delivery's `outcomes` ask: a
+    /// rule's `bounce` makes a deferral a bounce; a `suspend` suspends
+    /// `target` (logged as a `suspended` event). Returns whether it did.
+    fn act_on_classes(&self, target: &Target, outcomes: &mut [RcptOutcome]) -> bool {
+        let classifier: Arc<Classifier> = self.cfg().classifier.clone();
+        let mut suspend: Option<(Duration, &'static str, String)> = None;
+        for o in outcomes.iter_mut() {
+            let reply = match o {
+                RcptOutcome::Deferred(r) | RcptOutcome::Failed(r) => r,
+                RcptOutcome::Delivered(_) => continue,
+            };
+            let (class, action) = classifier.classify(reply);
+            self.metrics.reply_class(class.name());
+            match action {
+                Action::Bounce => {
+                    if let RcptOutcome::Deferred(r) = o {
+                        *o = RcptOutcome::Failed(std::mem::take(r));
+                    }
+                }
+                Action::Suspend(d) if suspend.as_ref().is_none_or(|s| s.0 < d) => {
+                    suspend = Some((d, class.name(), reply.clone()));
+                }
+                Action::Suspend(_) | Action::AsCoded => {}
+            }
+        }
+        let Some((d, class, reply)) = suspend else {
+            return false;
+        };
+        let until = unix_now() + d.as_secs().max(1);
+        self.suspend_at_least(&target.to_string(), until);
+        tracing::info!(
+            target: "ringmta::event",
+            event = "suspended",
+            destination = %target,
+            until,
+            class,
+            reply = %reply,
+            "suspended"
+        );
+        true
     }
 
     /// The recipients are no longer being delivered.
@@ -801,6 +949,11 @@ impl Relay {
                 self.enqueue(id.clone());
             }
             Report::Crashed => self.retry_later(id, rcpts),
+            Report::Suspended { destination, until } => {
+                self.suspend_at_least(&destination, until);
+                self.release(id, rcpts);
+                self.timers.borrow_mut().push(Reverse((until, id.clone())));
+            }
             Report::Unreadable => {
                 self.release(id, rcpts);
                 if id.with_str(|id| self.spool.entry(id)).is_some() {
@@ -902,11 +1055,21 @@ impl Relay {
                     continue;
                 }
             };
+            let shape = self.shape_of(target, &first, &hosts);
+            // A provider's budget is kept by one shard: its work goes there.
+            let Some(first) = self.to_provider_home(target, &shape, first, held) else {
+                continue;
+            };
+            // Counted against the budget until the connection is closed.
+            let _slot = self.connection_slot(&shape).await;
             // Try each host in order until one greets us (RFC 5321 5.1).
             let mut last_error = HostError::new("4.4.1", "no host to try".into());
             for (name, ip) in &hosts {
                 let opening = Instant::now();
-                let (mut conn, mut client) = match self.open(name, *ip, port).await {
+                self.pace(&shape, |b| &b.connections, shape.max_connection_rate)
+                    .await;
+                let opened = self.open(name, *ip, port, shape.tls_policy).await;
+                let (mut conn, mut client) = match opened {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::debug!(%target, error = %e.text, "host failed");
@@ -918,6 +1081,8 @@ impl Relay {
                 // The first message pays for finding and opening the
                 // connection; the next ones on it for nothing but their own.
                 let mut setup = [resolving, ms(opening.elapsed())];
+                let mut sent = 0u32;
+                let per_connection = shape.max_deliveries_per_connection.unwrap_or(u32::MAX);
                 // Connected and greeted: carry as many messages as are queued.
                 let mut work = Some(first);
                 while let Some(w) = work.take() {
@@ -944,6 +1109,15 @@ impl Relay {
                     }
                     #[cfg(debug_assertions)]
                     test_hooks::maybe_panic(&loaded);
+                    // Routed mail of another shaped domain on this
+                    // connection is paced by its own domain's budget.
+                    if w.shaped == first_shaped(&shape) {
+                        self.pace(&shape, |b| &b.messages, shape.max_message_rate)
+                            .await;
+                    } else {
+                        let own = self.shape_of(target, &w, &hosts);
+                        self.pace(&own, |b| &b.messages, own.max_message_rate).await;
+                    }
                     let n = loaded.job.rcpts.len();
                     let sending = Instant::now();
                     // The job goes to the client; what stays is the
@@ -955,7 +1129,10 @@ impl Relay {
                             .map(|_| RcptOutcome::Deferred(format!("451 4.4.2 {name}[{ip}]: {e}")))
                             .collect(),
                     };
-                    let broken = client.is_closed();
+                    sent += 1;
+                    let mut outcomes = outcomes;
+                    let suspended = self.act_on_classes(target, &mut outcomes);
+                    let broken = client.is_closed() || suspended;
                     self.observe(&loaded, &outcomes);
                     let [b, c] = std::mem::take(&mut setup);
                     let report = Report::Outcomes {
@@ -970,7 +1147,13 @@ impl Relay {
                     if broken || self.stopping.get() {
                         continue 'connections;
                     }
-                    work = self.take_work(target, held);
+                    if sent >= per_connection {
+                        break;
+                    }
+                    work = match self.take_work(target, held) {
+                        Some(w) => Some(w),
+                        None => self.wait_for_work(target, held, shape.idle_timeout).await,
+                    };
                 }
                 client.quit();
                 let _ = conn.until_closed(&mut client).await;
@@ -984,11 +1167,169 @@ impl Relay {
         }
     }
 
+    /// The shaping limits for `work` to `target` (whose MX hosts, for an
+    /// MX target, are `hosts`).
+    fn shape_of(&self, target: &Target, work: &Work, hosts: &[(String, IpAddr)]) -> Shape {
+        let cfg = self.cfg();
+        let (domain, mx) = match target {
+            Target::Mx { domain, .. } => (Some(domain.as_str()), hosts),
+            _ => (work.shaped.as_deref(), &[][..]),
+        };
+        cfg.shaping.shape(
+            domain,
+            &target.to_string(),
+            mx.iter().map(|(n, _)| n.as_str()),
+        )
+    }
+
+    /// The budget for `key` on this shard (created on first use; the
+    /// unused ones are forgotten once there are many).
+    fn budget(&self, key: &Key) -> Rc<Budget> {
+        let mut budgets = self.budgets.borrow_mut();
+        if let Some(b) = budgets.get(key) {
+            return b.clone();
+        }
+        if budgets.len() >= BUDGETS_KEPT {
+            let now = Instant::now();
+            budgets.retain(|_, b| {
+                Rc::strong_count(b) > 1
+                    || !b.messages.borrow().is_idle(now)
+                    || !b.connections.borrow().is_idle(now)
+            });
+        }
+        budgets.entry(key.clone()).or_default().clone()
+    }
+
+    /// Waits until `shape`'s budget has room for one more connection and
+    /// counts it until the [`Slot`] is dropped.
+    async fn connection_slot(&self, shape: &Shape) -> Slot {
+        let budget = self.budget(&shape.key);
+        if let Some(max) = shape.max_connections {
+            while budget.open.get() >= max.max(1) && !self.stopping.get() {
+                let freed = budget.freed.listen();
+                if budget.open.get() < max.max(1) {
+                    break;
+                }
+                freed.or(glommio::timer::sleep(SLOT_RECHECK)).await;
+            }
+        }
+        budget.open.set(budget.open.get() + 1);
+        Slot(budget)
+    }
+
+    /// Waits for the next event `rate` allows on `shape`'s pacer `which`
+    /// (a timer, no polling).
+    async fn pace(
+        &self,
+        shape: &Shape,
+        which: fn(&Budget) -> &RefCell<Pacer>,
+        rate: Option<super::shaping::Rate>,
+    ) {
+        let Some(rate) = rate else {
+            return;
+        };
+        let budget = self.budget(&shape.key);
+        let wait = which(&budget).borrow_mut().reserve(Instant::now(), rate, 1);
+        if !wait.is_zero() {
+            glommio::timer::sleep(wait).await;
+        }
+    }
+
+    /// Keeps the connection for `target` open up to `idle` for more work.
+    async fn wait_for_work(&self, target: &Target, held: &Held, idle: Duration) -> Option<Work> {
+        if idle.is_zero() {
+            return None;
+        }
+        let deadline = Instant::now() + idle;
+        loop {
+            let arrived = {
+                let mut dests = self.dests.borrow_mut();
+                let q = dests.get_mut(target)?;
+                q.idle += 1;
+                q.arrived.listen()
+            };
+            let work = self.take_work(target, held);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if work.is_none() && !left.is_zero() && !self.stopping.get() {
+                arrived.or(glommio::timer::sleep(left)).await;
+            }
+            if let Some(q) = self.dests.borrow_mut().get_mut(target) {
+                q.idle = q.idle.saturating_sub(1);
+            }
+            if work.is_some() {
+                return work;
+            }
+            if let Some(w) = self.take_work(target, held) {
+                return Some(w);
+            }
+            if Instant::now() >= deadline || self.stopping.get() {
+                return None;
+            }
+        }
+    }
+
+    /// Hands `work` to the shard that keeps its provider's budget (MX
+    /// rollup: every domain of a provider is paced by one shard); gives it
+    /// back when it is to be delivered here (no provider, this shard keeps
+    /// it, it was handed here for it already, or that shard's channel is
+    /// full).
+    fn to_provider_home(
+        &self,
+        target: &Target,
+        shape: &Shape,
+        work: Work,
+        held: &Held,
+    ) -> Option<Work> {
+        let Key::Provider(name) = &shape.key else {
+            return Some(work);
+        };
+        if work.pinned {
+            return Some(work);
+        }
+        let link = self.link.borrow();
+        let Some(link) = link.as_ref() else {
+            return Some(work);
+        };
+        let home = handoff::owner_of(name, link.peers())?;
+        if home == link.me() {
+            return Some(work);
+        }
+        let (origin, location) = match &work.origin {
+            Some(o) => (o.peer, o.location.clone()),
+            None => match work.id.with_str(|id| self.spool.entry(id)) {
+                Some(e) => (link.me(), e.location.clone()),
+                None => return Some(work),
+            },
+        };
+        let h = Handoff {
+            origin,
+            id: work.id.clone(),
+            location,
+            rcpts: work.rcpts.clone(),
+            target: target.clone(),
+            shaped: work.shaped.clone(),
+            pinned: true,
+        };
+        if link.try_hand(home, h) {
+            tracing::debug!(id = %work.id, %target, provider = %name, home, "handed to the provider's shard");
+            held.0.borrow_mut().take();
+            None
+        } else {
+            Some(work)
+        }
+    }
+
     /// Connects to one host and greets it, with STARTTLS as `--tls-policy`
     /// says. Under `opportunistic`, a failed handshake (after which the
     /// connection is unusable) is followed by a plaintext connection.
-    async fn open(&self, name: &str, ip: IpAddr, port: u16) -> Result<(Conn, Client), HostError> {
-        let mode = match self.cfg().tls_policy {
+    async fn open(
+        &self,
+        name: &str,
+        ip: IpAddr,
+        port: u16,
+        policy: Option<TlsPolicy>,
+    ) -> Result<(Conn, Client), HostError> {
+        let mode = match policy.unwrap_or(self.cfg().tls_policy) {
             TlsPolicy::Opportunistic => StartTls::Opportunistic,
             TlsPolicy::Require => StartTls::Required,
         };
@@ -1191,10 +1532,13 @@ impl Relay {
             id: id.clone(),
             rcpts: rcpts.into(),
             origin: None,
+            shaped: None,
+            pinned: false,
         };
         let now = unix_now();
         let age = Duration::from_secs(now.saturating_sub(entry.arrival));
-        let log = OutcomeLog::new(&work.id, attempt, entry.arrival);
+        let log = OutcomeLog::new(&work.id, attempt, entry.arrival)
+            .classifying(self.cfg().classifier.clone());
         let mut failed = Vec::new();
         let mut delayed = Vec::new();
         let mut retry_at: Option<u64> = None;
@@ -1327,6 +1671,7 @@ impl Relay {
             dsn::Action::Failed => dsn::wants_failure_report(n),
             dsn::Action::Delayed { .. } => dsn::wants_delay_report(n),
         };
+        let classifier = self.cfg().classifier.clone();
         let reported: Vec<dsn::Recipient> = rcpts
             .iter()
             .filter(|(k, _)| wanted(loaded.notify[*k].as_deref()))
@@ -1335,6 +1680,7 @@ impl Relay {
                 orcpt: loaded.orcpt[*k].clone(),
                 diagnostic: why.clone(),
                 remote: remote.map(str::to_owned),
+                class: Some(classifier.classify(why).0.name()),
             })
             .collect();
         if reported.is_empty() {
@@ -1411,6 +1757,8 @@ impl Relay {
 /// The delivered, deferred, bounced and expired lines of one attempt's
 /// outcomes (the README's "Event log").
 struct OutcomeLog<'a> {
+    /// Classifies the replies of failures (`class` field).
+    classifier: Option<Arc<Classifier>>,
     queue_id: &'a QueueId,
     relay: &'a str,
     delays: String,
@@ -1419,6 +1767,12 @@ struct OutcomeLog<'a> {
 }
 
 impl<'a> OutcomeLog<'a> {
+    /// The same log, with a `class` field on failures.
+    fn classifying(mut self, classifier: Arc<Classifier>) -> Self {
+        self.classifier = Some(classifier);
+        self
+    }
+
     fn new(queue_id: &'a QueueId, attempt: &'a Attempt, arrival: u64) -> Self {
         let total = unix_now_ms().saturating_sub(arrival.saturating_mul(1000));
         let [a, b, c, d] = attempt.delays;
@@ -1431,6 +1785,7 @@ impl<'a> OutcomeLog<'a> {
         };
         let secs = |ms: u64| format!("{}.{:03}", ms / 1000, ms % 1000);
         OutcomeLog {
+            classifier: None,
             queue_id,
             relay: attempt.relay.as_deref().unwrap_or("none"),
             delays: format!("{}/{}/{}/{}", secs(a), secs(b), secs(c), secs(d)),
@@ -1441,6 +1796,10 @@ impl<'a> OutcomeLog<'a> {
     /// `reply` is the next hop's reply (or our reason); `retry_in` the
     /// seconds until the next attempt of a deferred recipient.
     fn write(&self, event: &'static str, to: &str, reply: &str, retry_in: Option<u64>) {
+        let class = match &self.classifier {
+            Some(c) if event != "delivered" => Some(c.classify(reply).0.name()),
+            _ => None,
+        };
         tracing::info!(
             target: "ringmta::event",
             event,
@@ -1451,6 +1810,7 @@ impl<'a> OutcomeLog<'a> {
             delays = %self.delays,
             reply,
             retry_in,
+            class,
             "{event}"
         );
     }
@@ -1479,6 +1839,28 @@ fn unix_now_ms() -> u64 {
 /// start, a burst, a destination that stopped answering) is now mostly
 /// empty and should give memory back. Shrinking to twice the length leaves
 /// room to grow before the next shrink, so the copying stays amortized.
+/// The recipient domain whose `[domain]` shaping entry governs mail to
+/// `addr` when `target` is a route or the relay host (an MX target is
+/// shaped by its own domain): none without such an entry.
+fn shaped_domain(cfg: &RelayConfig, target: &Target, addr: &str) -> Option<Box<str>> {
+    if !matches!(target, Target::Smtp { .. }) || cfg.shaping.domains.is_empty() {
+        return None;
+    }
+    let domain = addr.rsplit_once('@')?.1.to_ascii_lowercase();
+    cfg.shaping
+        .domains
+        .contains_key(&domain)
+        .then(|| domain.into_boxed_str())
+}
+
+/// The routed domain `shape` is the budget of, as [`Work::shaped`] holds it.
+fn first_shaped(shape: &Shape) -> Option<Box<str>> {
+    match &shape.key {
+        Key::Domain(d) => Some(d.as_str().into()),
+        _ => None,
+    }
+}
+
 fn sparse(len: usize, capacity: usize) -> bool {
     capacity > 4096 && len < capacity / 4
 }

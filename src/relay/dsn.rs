@@ -40,6 +40,9 @@ pub struct Recipient {
     pub diagnostic: String,
     /// Who said so (`mx.example.net`), if it was a remote server.
     pub remote: Option<String>,
+    /// The diagnostic's class (`relay::classify`), written as the
+    /// extension field `X-Ringmta-Class` (RFC 3464 2.4: X- fields).
+    pub class: Option<&'static str>,
 }
 
 /// What the report says happened to its recipients.
@@ -223,6 +226,9 @@ pub fn build(
             m.push_str(&format!("\r\n {line}"));
         }
         m.push_str("\r\n");
+        if let Some(class) = r.class {
+            m.push_str(&format!("X-Ringmta-Class: {class}\r\n"));
+        }
         if let Action::Delayed { retry_until } = action {
             m.push_str(&format!(
                 "Will-Retry-Until: {}\r\n",
@@ -334,6 +340,7 @@ mod tests {
             orcpt: Some("rfc822;u@example.net".into()),
             diagnostic: diagnostic.into(),
             remote: Some("mx.example.net".into()),
+            class: Some("bad-mailbox"),
         }
     }
 
@@ -362,6 +369,7 @@ mod tests {
         assert!(s.contains("Subject: hi\r\n"));
         assert!(!s.contains("secret body"), "RET=HDRS returns headers only");
         assert!(!s.contains("Will-Retry-Until"));
+        assert!(s.contains("X-Ringmta-Class: bad-mailbox\r\n"), "{s}");
         assert!(s.ends_with("--Q1/mx.test--\r\n"));
     }
 

@@ -58,6 +58,12 @@ pub struct Handoff {
     pub location: Location,
     pub rcpts: RcptIndexes,
     pub target: Target,
+    /// The recipient domain whose `[domain]` shaping entry governs this
+    /// work when a route or relay host sends it (none: the target's).
+    pub shaped: Option<Box<str>>,
+    /// Handed to the owner of its shaping provider's budget: delivered
+    /// where it lands, never handed on again.
+    pub pinned: bool,
 }
 
 #[derive(Debug)]
@@ -123,6 +129,10 @@ pub enum Report {
     /// The message could not be read (deleted, or compacted elsewhere in
     /// the meantime): try again a little later if it is still queued.
     Unreadable,
+    /// Not attempted: the destination (its text) is suspended until this
+    /// Unix time (the owner's automatic backoff). The origin suspends it
+    /// too and schedules the message then.
+    Suspended { destination: String, until: u64 },
 }
 
 /// Where one delivery attempt went and how long its parts took: the
@@ -148,6 +158,12 @@ pub fn owner(target: &Target, peers: usize) -> Option<usize> {
         Target::Mx { domain, .. } => domain.as_str(),
         Target::Maildir(_) => return None,
     };
+    owner_of(key, peers)
+}
+
+/// The shard that owns `key` (a host, a domain or a shaping provider's
+/// name) among `peers`.
+pub fn owner_of(key: &str, peers: usize) -> Option<usize> {
     // FNV-1a: the same on every shard and every run (std's hasher is
     // randomly seeded per process and per map).
     let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {

@@ -19,6 +19,7 @@
 //! Must never lose a message: a recipient leaves the queue only through a
 //! durable journal entry, and a failed delivery attempt is always deferred.
 
+pub mod classify;
 pub mod client;
 pub mod control;
 mod deliver;
@@ -26,6 +27,7 @@ pub mod dsn;
 pub mod handoff;
 pub mod maildir;
 pub mod mx;
+pub mod shaping;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -188,6 +190,10 @@ pub struct RelayConfig {
     pub handoff_capacity: usize,
     /// How often the scheduler looks for due retries when nothing wakes it.
     pub tick: Duration,
+    /// Traffic shaping (`--shaping`, over the built-in provider defaults).
+    pub shaping: std::sync::Arc<shaping::Rules>,
+    /// Reply classification (`--bounce-rules`, over the built-in rules).
+    pub classifier: std::sync::Arc<classify::Classifier>,
 }
 
 impl RelayConfig {
@@ -316,6 +322,8 @@ mod tests {
             max_queue_age: Duration::from_secs(5 * 86_400),
             max_conns_per_dest: 4,
             maildir_concurrency: 32,
+            shaping: Default::default(),
+            classifier: Default::default(),
             max_hops: 50,
             tls_policy: tls::TlsPolicy::Opportunistic,
             tls_verify: false,
