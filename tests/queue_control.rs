@@ -595,6 +595,13 @@ fn flush_retries_deferred_messages_now() {
     wait_until("first attempts deferred", Duration::from_secs(20), || {
         r.stderr().matches("event=\"deferred\"").count() >= 2
     });
+    // The event is logged as the outcome is journaled, not after: the
+    // queue says so once the journal write returned.
+    wait_until("deferrals journaled", Duration::from_secs(10), || {
+        messages(&r, "?domain=example.net")
+            .iter()
+            .all(|m| m["recipients"][0]["state"] == json!("deferred"))
+    });
     let listed = messages(&r, "?domain=example.net");
     assert_eq!(listed.len(), 2);
     for m in &listed {
