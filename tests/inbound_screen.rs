@@ -9,70 +9,19 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{peer_program, Client, Server};
 use serde_json::Value;
 
-struct Child_(Child);
-
-impl Drop for Child_ {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// dnsmasq answering for `*.test` from `records` only (never forwarding),
-/// with a TTL of 300 s on them.
-fn dnsmasq(records: &[&str]) -> Option<(Child_, u16)> {
-    let bin = peer_program("dnsmasq", "dnsmasq-base")?;
-    let port = free_port();
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--no-daemon",
-        "--bind-interfaces",
-        "--local=/test/",
-        "--local-ttl=300",
-        "--listen-address=127.0.0.1",
-        "--user=root",
-        "--pid-file",
-        "--log-facility=-",
-    ])
-    .arg(format!("--port={port}"))
-    .args(records.iter().map(|r| format!("--host-record={r}")))
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let child = Child_(cmd.spawn().unwrap());
-    // Ready when it answers (a query for a name it does not know).
-    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-    probe
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let query = [
-        0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, b'p', b'r', b'o', b'b', b'e', 4, b't', b'e',
-        b's', b't', 0, 0, 1, 0, 1,
-    ];
-    for _ in 0..50 {
-        let _ = probe.send_to(&query, ("127.0.0.1", port));
-        let mut buf = [0u8; 512];
-        if probe.recv(&mut buf).is_ok() {
-            return Some((child, port));
-        }
-    }
-    panic!("dnsmasq did not answer on port {port}");
+/// dnsmasq serving `records` as `--host-record`s, with a TTL of 300 s.
+fn dnsmasq(records: &[&str]) -> Option<(common::Reaped, u16)> {
+    let args: Vec<String> = records
+        .iter()
+        .map(|r| format!("--host-record={r}"))
+        .collect();
+    common::dnsmasq(&args, 300)
 }
 
 fn ip(s: &str) -> IpAddr {

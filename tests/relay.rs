@@ -786,36 +786,6 @@ fn handed_off_work_is_redone_after_kill_9() {
     assert!(seen.values().all(|&n| n == 1), "delivered twice: {seen:?}");
 }
 
-/// dnsmasq serving MX records for test domains on a loopback port.
-fn dnsmasq(records: &[String]) -> Option<(Child_, u16)> {
-    let bin = peer_program("dnsmasq", "dnsmasq-base")?;
-    let port = free_port();
-    let mut cmd = Command::new(bin);
-    // --local=/test/: answer for the test domains here (NXDOMAIN / NODATA),
-    // never forward anywhere.
-    cmd.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--no-daemon",
-        "--bind-interfaces",
-    ])
-    .arg("--local=/test/")
-    .args([
-        "--listen-address=127.0.0.1",
-        "--user=root",
-        "--pid-file",
-        "--log-facility=-",
-    ])
-    .arg(format!("--port={port}"))
-    .args(records)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let child = Child_(cmd.spawn().unwrap());
-    std::thread::sleep(Duration::from_millis(300));
-    Some((child, port))
-}
-
 #[test]
 fn mx_preference_fallback_a_record_and_null_mx() {
     let mx_port = free_port();
@@ -836,21 +806,24 @@ fn mx_preference_fallback_a_record_and_null_mx() {
         "--local-domain",
         "down.test",
     ]);
-    let Some((_dns, dns_port)) = dnsmasq(&[
-        "--mx-host=pref.test,mx1.pref.test,10".into(),
-        "--mx-host=pref.test,mx2.pref.test,20".into(),
-        "--host-record=mx1.pref.test,127.0.0.2".into(),
-        "--host-record=mx2.pref.test,127.0.0.3".into(),
-        // The preferred MX has nothing listening: fall back to the next.
-        "--mx-host=down.test,mx1.down.test,5".into(),
-        "--mx-host=down.test,mx2.down.test,50".into(),
-        "--host-record=mx1.down.test,127.0.0.4".into(),
-        "--host-record=mx2.down.test,127.0.0.3".into(),
-        // No MX at all: the domain's own address (RFC 5321 5.1).
-        "--host-record=plain.test,127.0.0.2".into(),
-        // Null MX (RFC 7505).
-        "--mx-host=nullmx.test,.,0".into(),
-    ]) else {
+    let Some((_dns, dns_port)) = common::dnsmasq(
+        &[
+            "--mx-host=pref.test,mx1.pref.test,10".into(),
+            "--mx-host=pref.test,mx2.pref.test,20".into(),
+            "--host-record=mx1.pref.test,127.0.0.2".into(),
+            "--host-record=mx2.pref.test,127.0.0.3".into(),
+            // The preferred MX has nothing listening: fall back to the next.
+            "--mx-host=down.test,mx1.down.test,5".into(),
+            "--mx-host=down.test,mx2.down.test,50".into(),
+            "--host-record=mx1.down.test,127.0.0.4".into(),
+            "--host-record=mx2.down.test,127.0.0.3".into(),
+            // No MX at all: the domain's own address (RFC 5321 5.1).
+            "--host-record=plain.test,127.0.0.2".into(),
+            // Null MX (RFC 7505).
+            "--mx-host=nullmx.test,.,0".into(),
+        ],
+        0,
+    ) else {
         return;
     };
     let relay = Server::start(&[

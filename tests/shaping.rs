@@ -10,13 +10,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{peer_program, Server};
+use common::Server;
 
 /// What the sink saw.
 #[derive(Default)]
@@ -264,45 +263,6 @@ fn routed_domain_is_held_to_its_rate_connections_and_deliveries_per_connection()
     assert!(seen.per_connection.len() >= N / 50);
 }
 
-struct Child_(Child);
-
-impl Drop for Child_ {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// dnsmasq answering for `*.test` from `records` only, on a free port.
-fn dnsmasq(records: &[String]) -> Option<(Child_, u16)> {
-    let bin = peer_program("dnsmasq", "dnsmasq-base")?;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--no-daemon",
-        "--bind-interfaces",
-        "--local=/test/",
-        "--listen-address=127.0.0.1",
-        "--user=root",
-        "--pid-file",
-        "--log-facility=-",
-    ])
-    .arg(format!("--port={port}"))
-    .args(records)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let child = Child_(cmd.spawn().unwrap());
-    std::thread::sleep(Duration::from_millis(300));
-    Some((child, port))
-}
-
 /// The shard that owns `key` among `peers` (the relay's FNV-1a, as
 /// `relay::handoff::owner_of` computes it).
 fn owner(key: &str, peers: u64) -> u64 {
@@ -323,12 +283,15 @@ fn mx_rollup_two_domains_share_one_provider_budget() {
         .find(|d| owner(d, 2) != owner(&a, 2))
         .unwrap();
     let sink = Sink::start();
-    let Some((_dns, dns_port)) = dnsmasq(&[
-        format!("--mx-host={a},mx1.hosting.sinkprov.test,10"),
-        format!("--mx-host={b},mx2.hosting.sinkprov.test,10"),
-        "--host-record=mx1.hosting.sinkprov.test,127.0.0.1".into(),
-        "--host-record=mx2.hosting.sinkprov.test,127.0.0.1".into(),
-    ]) else {
+    let Some((_dns, dns_port)) = common::dnsmasq(
+        &[
+            format!("--mx-host={a},mx1.hosting.sinkprov.test,10"),
+            format!("--mx-host={b},mx2.hosting.sinkprov.test,10"),
+            "--host-record=mx1.hosting.sinkprov.test,127.0.0.1".into(),
+            "--host-record=mx2.hosting.sinkprov.test,127.0.0.1".into(),
+        ],
+        0,
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

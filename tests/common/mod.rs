@@ -1102,3 +1102,68 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
             .supported_schemes()
     }
 }
+
+/// A child process, killed and reaped when dropped.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// dnsmasq on a free loopback port, answering for `.test` from `args`
+/// alone (NXDOMAIN or NODATA for every other `.test` name, never
+/// forwarding anywhere), with `ttl` seconds on its answers (0, dnsmasq's
+/// own default, makes nothing cacheable). Returned once it answers a query;
+/// `None` when dnsmasq is missing and the peers may be skipped.
+pub fn dnsmasq(args: &[String], ttl: u32) -> Option<(Reaped, u16)> {
+    let bin = peer_program("dnsmasq", "dnsmasq-base")?;
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-daemon",
+        "--bind-interfaces",
+        "--local=/test/",
+        "--listen-address=127.0.0.1",
+        "--user=root",
+        "--pid-file",
+        "--log-facility=-",
+    ])
+    .arg(format!("--local-ttl={ttl}"))
+    .arg(format!("--port={port}"))
+    .args(args)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = Reaped(cmd.spawn().expect("dnsmasq starts"));
+    // Ready when it answers (a query for a name it does not know).
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let query = [
+        0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, b'p', b'r', b'o', b'b', b'e', 4, b't', b'e',
+        b's', b't', 0, 0, 1, 0, 1,
+    ];
+    for _ in 0..50 {
+        let _ = probe.send_to(&query, ("127.0.0.1", port));
+        let mut buf = [0u8; 512];
+        if probe.recv(&mut buf).is_ok() {
+            return Some((child, port));
+        }
+    }
+    panic!("dnsmasq did not answer on port {port}");
+}
+
+/// A port that was free on 127.0.0.1 when asked.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
