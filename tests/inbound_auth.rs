@@ -592,6 +592,28 @@ fn dkim_pass_fail_none_body_hash_and_expired() {
     let reply = send(&server, "mx.pass.test", "b@pass.test", &expiring);
     let ar = auth_results(&stored(&server, &reply));
     assert!(ar.contains("dkim=neutral (signature expired)"), "{ar}");
+
+    // Each message's verdict is counted by method and result (summed over
+    // the shards).
+    let metrics = common::http_get(server.admin.expect("admin listener"), "/metrics");
+    let count = |method: &str, result: &str| -> u64 {
+        let labels = format!("method=\"{method}\",result=\"{result}\"");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("ringmta_inbound_auth_results_total{") && l.contains(&labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let messages = signed.len() as u64 + 5;
+    assert_eq!(count("dkim", "pass"), signed.len() as u64 + 1, "{metrics}");
+    assert_eq!(count("dkim", "fail"), 1, "{metrics}");
+    assert_eq!(count("dkim", "neutral"), 2, "{metrics}");
+    assert_eq!(count("dkim", "none"), 1, "{metrics}");
+    let dmarc: u64 = ["pass", "fail", "none", "temperror", "permerror"]
+        .iter()
+        .map(|r| count("dmarc", r))
+        .sum();
+    assert_eq!(dmarc, messages, "{metrics}");
 }
 
 #[test]

@@ -903,6 +903,7 @@ async fn verify_inbound(
         return Err(CommitResult::Failed);
     };
     msg.body = body;
+    shard.metrics.inbound_auth(&verdict.summary);
     let stripped = inbound::strip_ours(&mut msg.body, &policy.authserv_id);
     tracing::info!(%peer, results = %verdict.summary, stripped, disposition = ?verdict.disposition,
         took_ms = started.elapsed().as_millis() as u64, "inbound checks");
