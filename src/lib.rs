@@ -63,8 +63,9 @@
 //!   mail-auth, writes one `Authentication-Results` (and the quarantine
 //!   header), removes forged ones with our authserv-id, and decides the
 //!   SPF (`550 5.7.23` at MAIL FROM) and DMARC (`550 5.7.1`) refusals;
-//!   [`inbound::dns`] is each shard's DNS thread (hickory on tokio, TTL
-//!   caches), where the checks run under `--dns-timeout`, off the shard.
+//!   [`inbound::dns`] is each shard's resolver (hickory on a one-thread
+//!   tokio runtime, `dns-N`, that drives the sockets) and TTL caches; the
+//!   checks run on the shard under `--dns-timeout`.
 //! * [`policy`] — pure decisions the session and delivery share: which
 //!   local recipients exist (`--local-recipients`) and which mailbox names
 //!   a Maildir can hold, checked at `RCPT` so that nothing accepted fails

@@ -1,19 +1,25 @@
 //! DNS for the inbound checks (SPF, DKIM keys, DMARC and ARC records, and
 //! any other lookup a check of incoming mail needs, such as a DNS
-//! blocklist's A records): one resolver thread per shard, each with its own
+//! blocklist's A records): one resolver per shard, with the shard's own
 //! caches, so that what a shard learned it keeps and no lock is shared.
 //!
 //! hickory-resolver (the one mail-auth verifies with) runs on tokio, the
-//! shards on glommio: a [`DnsHandle`] sends a job to its thread, which runs
-//! it on a current-thread tokio runtime, and the answer comes back on a
-//! `futures` oneshot channel that a glommio task can await (as
-//! `relay::mx` does). Every lookup made here is bounded by `--dns-timeout`;
-//! a job that runs a whole check bounds itself (see `inbound::auth`), and
-//! the shard never waits for the thread longer than that and a grace.
-//! Caching: hickory's own cache (TTL, positive and negative) and, for
-//! mail-auth, the parsed TXT records ([`TtlCache`]), both per thread.
+//! shards on glommio. The checks run on the shard itself: a [`DnsHandle`]
+//! polls them with the resolver's tokio runtime entered, and that runtime's
+//! one worker thread (`dns-N`) drives the sockets and timers and wakes the
+//! shard when an answer comes. So a message whose records are all cached
+//! is verified without leaving the shard (no wake-up of another thread,
+//! no context switch), and one that needs DNS waits without blocking it.
+//! The RSA/Ed25519 arithmetic runs inline: measured cheaper than any hop
+//! (`tuning/results/2026-12-02/auth-inline.md`).
 //!
-//! Must never: run on a shard thread, or let a lookup wait unbounded.
+//! Every lookup made here is bounded by `--dns-timeout`; a job that runs a
+//! whole check bounds itself (see `inbound::auth`), and the shard never
+//! waits longer than that and a grace, on its own timer.
+//! Caching: hickory's own cache (TTL, positive and negative) and, for
+//! mail-auth, the parsed TXT records ([`TtlCache`]), both per shard.
+//!
+//! Must never: block a shard on a socket, or let a lookup wait unbounded.
 
 use std::borrow::Borrow;
 use std::cell::RefCell;
@@ -23,20 +29,20 @@ use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_channel::oneshot;
 use futures_lite::FutureExt;
 use hickory_resolver::config::ResolverOpts;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 use mail_auth::{MessageAuthenticator, RecordSet, ResolverCache, Txt, MX};
-use tokio::sync::mpsc;
 
-/// How long a shard waits for its DNS thread beyond the job's own bound
-/// before it gives up on the answer (a thread that is busy, not a DNS that
-/// is slow: the job itself stops at its deadline).
+/// How long a shard waits for a job beyond the job's own bound before it
+/// gives up on it (a runtime whose timers lag, not a DNS that is slow: the
+/// job itself stops at its deadline).
 pub const GRACE: Duration = Duration::from_secs(2);
 /// Entries per parsed-record cache; when full, expired entries go, and if
 /// none had, the whole cache (a flood of distinct names must not grow it).
@@ -56,7 +62,7 @@ pub enum Lookup<T> {
     TempFail(String),
 }
 
-/// What a job runs with on its DNS thread.
+/// What a job runs with: the resolver and the shard's caches.
 pub struct DnsContext {
     /// The resolver, wrapped for mail-auth's verifiers.
     pub auth: MessageAuthenticator,
@@ -69,18 +75,22 @@ pub struct DnsContext {
     pub ptr: TtlCache<IpAddr, RecordSet<Box<str>>>,
 }
 
-type Job = Box<dyn FnOnce(Rc<DnsContext>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
-
-/// A handle to one DNS thread; cheap to clone, usable from any thread.
+/// A handle to one shard's inbound DNS: the resolver, whose sockets and
+/// timers a tokio runtime of one worker thread drives, and the parsed-record
+/// caches of the shard that uses it. Cheap to clone and `Send` (the shard's
+/// context is built before its thread starts); the caches are made on first
+/// use on the shard's thread and stay there ([`DnsHandle::context`]).
 #[derive(Clone)]
 pub struct DnsHandle {
-    tx: mpsc::UnboundedSender<Job>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    auth: MessageAuthenticator,
     timeout: Duration,
 }
 
 impl DnsHandle {
-    /// Starts a DNS thread named `name`. `dns_server` replaces the system's
-    /// resolvers (as `--dns-server` does for delivery).
+    /// Starts the resolver's runtime, its worker thread named `name`.
+    /// `dns_server` replaces the system's resolvers (as `--dns-server` does
+    /// for delivery).
     pub fn start(
         name: &str,
         dns_server: Option<SocketAddr>,
@@ -96,48 +106,26 @@ impl DnsHandle {
         // carries no SOA to say how long (some servers send none): the
         // DMARC tree walk asks for such names on every message.
         opts.negative_min_ttl = Some(NEGATIVE_MIN_TTL);
-        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // A multi-thread runtime (of one worker) drives its sockets and
+        // timers on its own thread, whoever polls the futures that use them.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .thread_name(name)
             .enable_all()
             .build()?;
-        std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || {
-                rt.block_on(async move {
-                    let resolver =
-                        TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-                            .with_options(opts)
-                            .build();
-                    let resolver = match resolver {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot build the inbound DNS resolver");
-                            // Jobs are dropped: their callers see no answer
-                            // and treat it as a temporary failure.
-                            while rx.recv().await.is_some() {}
-                            return;
-                        }
-                    };
-                    let ctx = Rc::new(DnsContext {
-                        auth: MessageAuthenticator(resolver),
-                        timeout,
-                        txt: TtlCache::default(),
-                        mx: TtlCache::default(),
-                        ipv4: TtlCache::default(),
-                        ipv6: TtlCache::default(),
-                        ptr: TtlCache::default(),
-                    });
-                    let local = tokio::task::LocalSet::new();
-                    local
-                        .run_until(async move {
-                            while let Some(job) = rx.recv().await {
-                                tokio::task::spawn_local(job(ctx.clone()));
-                            }
-                        })
-                        .await;
-                })
-            })?;
-        Ok(DnsHandle { tx, timeout })
+        let resolver = {
+            let _in = runtime.enter();
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+                .with_options(opts)
+                .build()
+                .map_err(std::io::Error::other)?
+        };
+        Ok(DnsHandle {
+            runtime: Arc::new(runtime),
+            auth: MessageAuthenticator(resolver),
+            timeout,
+        })
     }
 
     /// `--dns-timeout`.
@@ -145,28 +133,52 @@ impl DnsHandle {
         self.timeout
     }
 
-    /// Runs `job` on the DNS thread and returns its output; `None` when the
-    /// thread is gone or did not answer within `limit` (the job should
-    /// bound itself below that).
+    /// Runs `job` on the calling shard, inside the resolver's runtime (so
+    /// that hickory can open sockets and set timers), and returns its
+    /// output; `None` when it did not finish within `limit` (the job should
+    /// bound itself below that; this is the shard's own bound, on its own
+    /// clock). What the caches already hold costs no thread hop at all.
     pub async fn run<T, F, Fut>(&self, limit: Duration, job: F) -> Option<T>
     where
-        T: Send + 'static,
-        F: FnOnce(Rc<DnsContext>) -> Fut + Send + 'static,
-        Fut: Future<Output = T> + 'static,
+        F: FnOnce(Rc<DnsContext>) -> Fut,
+        Fut: Future<Output = T>,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |ctx| {
-            Box::pin(async move {
-                let _ = tx.send(job(ctx).await);
-            })
-        });
-        self.tx.send(job).ok()?;
-        async { rx.await.ok() }
+        let job = InRuntime {
+            runtime: self.runtime.handle().clone(),
+            future: Box::pin(job(self.context())),
+        };
+        async { Some(job.await) }
             .or(async {
                 glommio::timer::sleep(limit).await;
                 None
             })
             .await
+    }
+
+    /// This thread's caches for this resolver (made on first use).
+    fn context(&self) -> Rc<DnsContext> {
+        thread_local! {
+            static CONTEXTS: RefCell<Vec<(usize, Rc<DnsContext>)>> =
+                const { RefCell::new(Vec::new()) };
+        }
+        let key = Arc::as_ptr(&self.runtime) as usize;
+        CONTEXTS.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some((_, ctx)) = c.iter().find(|(k, _)| *k == key) {
+                return ctx.clone();
+            }
+            let ctx = Rc::new(DnsContext {
+                auth: self.auth.clone(),
+                timeout: self.timeout,
+                txt: TtlCache::default(),
+                mx: TtlCache::default(),
+                ipv4: TtlCache::default(),
+                ipv6: TtlCache::default(),
+                ptr: TtlCache::default(),
+            });
+            c.push((key, ctx.clone()));
+            ctx
+        })
     }
 
     /// The IPv4 addresses of `name` (a DNS blocklist's answer, say).
@@ -200,9 +212,8 @@ impl DnsHandle {
     /// Runs a single lookup under `--dns-timeout`.
     async fn bounded<T, F, Fut>(&self, f: F) -> Lookup<T>
     where
-        T: Send + 'static,
-        F: FnOnce(Rc<DnsContext>) -> Fut + Send + 'static,
-        Fut: Future<Output = Lookup<T>> + 'static,
+        F: FnOnce(Rc<DnsContext>) -> Fut,
+        Fut: Future<Output = Lookup<T>>,
     {
         let limit = self.timeout;
         let job = move |ctx: Rc<DnsContext>| async move {
@@ -213,11 +224,11 @@ impl DnsHandle {
         };
         self.run(limit + GRACE, job)
             .await
-            .unwrap_or_else(|| Lookup::TempFail("DNS thread did not answer".into()))
+            .unwrap_or_else(|| Lookup::TempFail(format!("no answer within {limit:?}")))
     }
 }
 
-/// TXT lookup on the DNS thread (no bound of its own: the caller's).
+/// TXT lookup (no bound of its own: the caller's).
 pub async fn txt(ctx: &DnsContext, name: &str) -> Lookup<Vec<String>> {
     match ctx.auth.resolver().txt_lookup(name).await {
         Ok(l) => Lookup::Found(
@@ -244,8 +255,25 @@ fn absolute(name: &str) -> String {
     format!("{}.", name.trim_end_matches('.'))
 }
 
-/// A bounded cache of parsed records for one DNS thread, kept for their TTL
-/// (at most [`MAX_TTL`]). Single-threaded: the thread owns it.
+/// A future polled with the resolver's runtime entered: hickory spawns its
+/// exchanges and arms its timers on that runtime, whose worker thread then
+/// wakes the shard when an answer or a deadline comes.
+struct InRuntime<F> {
+    runtime: tokio::runtime::Handle,
+    future: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for InRuntime<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _in = self.runtime.enter();
+        self.future.as_mut().poll(cx)
+    }
+}
+
+/// A bounded cache of parsed records for one shard, kept for their TTL
+/// (at most [`MAX_TTL`]). Single-threaded: the shard owns it.
 pub struct TtlCache<K, V> {
     map: RefCell<HashMap<K, (V, Instant)>>,
 }

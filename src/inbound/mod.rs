@@ -4,7 +4,7 @@
 //! resolver thread ([`crate::relay::mx::Resolver`], so `--dns-server`
 //! applies), each bounded by a timeout; and sender authentication (SPF,
 //! DKIM, DMARC, ARC → `Authentication-Results`, [`auth`]) over the
-//! per-shard DNS threads of [`dns`]. The decisions are made here, the
+//! per-shard resolvers and caches of [`dns`]. The decisions are made here, the
 //! sockets stay in [`crate::server`].
 
 pub mod auth;

@@ -870,7 +870,7 @@ async fn check_sender(
 /// thread, `Authentication-Results` fields with our authserv-id removed
 /// from it, and the fields to prepend returned. `Err` with the answer when
 /// it is not stored: 550 5.7.1 for a DMARC reject under `--dmarc-reject`,
-/// 451 when the DNS thread did not give the message back.
+/// 451 when the checks did not give the message back in time.
 async fn verify_inbound(
     shard: &ShardState,
     msg: &mut Message,
@@ -893,7 +893,7 @@ async fn verify_inbound(
         helo: msg.envelope.helo.clone(),
         mail_from: msg.envelope.mail_from.clone().unwrap_or_default(),
     };
-    // The body goes to the DNS thread and back; should it not come back,
+    // The body goes to the checks and back; should it not come back,
     // the message was never acknowledged and is answered 451.
     let body = std::mem::take(&mut msg.body);
     let started = Instant::now();

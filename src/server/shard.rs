@@ -36,7 +36,7 @@ pub(crate) struct ShardContext {
     pub resolver: Option<crate::relay::mx::Resolver>,
     /// DNS for the lists of inbound clients (the same resolver thread).
     pub lists_dns: crate::relay::mx::Resolver,
-    /// This shard's DNS thread for the inbound checks.
+    /// This shard's resolver and caches for the inbound checks.
     pub dns: crate::inbound::dns::DnsHandle,
     /// This shard's clone of the handoff mesh (joined once, in `serve`);
     /// `None` with one shard or `--no-delivery`.
