@@ -480,6 +480,12 @@ pub struct Cli {
     #[arg(long, env = "RINGMTA_DMARC_REJECT")]
     pub dmarc_reject: bool,
 
+    /// One local domain's own verification policy, overriding --inbound-auth (verify=on|off), --spf-policy (spf=mark|reject: a failing sender is then refused at RCPT for this domain) and --dmarc-reject (dmarc=mark|reject: refused only when every recipient's domain says reject) for mail to it (repeatable).
+    #[arg(long = "domain-auth", value_name = "DOMAIN:KEY=VALUE[:KEY=VALUE...]",
+          env = "RINGMTA_DOMAIN_AUTH", value_delimiter = ',',
+          value_parser = crate::inbound::auth::parse_domain_auth)]
+    pub domain_auth: Vec<crate::inbound::auth::DomainAuth>,
+
     /// Header added (value `YES`) to mail that fails DMARC under p=quarantine (or p=reject without --dmarc-reject), for the downstream to file on.
     #[arg(
         long,

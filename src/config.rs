@@ -299,7 +299,8 @@ impl Config {
             screen_protocol: cli.screen_protocol,
             // The process's table, set by `Shared` when a limit is.
             rates: None,
-            check_sender: inbound.enabled && inbound.spf == crate::inbound::auth::SpfPolicy::Reject,
+            check_sender: inbound.checks_sender(),
+            spf_rcpt: inbound.spf_rcpt(),
         };
         let submission_session = Arc::new(SessionConfig {
             mode: Mode::Submission,
@@ -459,6 +460,7 @@ fn inbound_policy(
         authserv_id,
         spf: cli.spf_policy,
         dmarc_reject: cli.dmarc_reject,
+        domains: cli.domain_auth.clone(),
         quarantine_header: name.clone(),
     }))
 }

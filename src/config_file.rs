@@ -46,6 +46,7 @@ pub const RELOADABLE: &[&str] = &[
     "authserv-id",
     "spf-policy",
     "dmarc-reject",
+    "domain-auth",
     "quarantine-header",
     // Delivery, taken by the next attempt.
     "relay-host",

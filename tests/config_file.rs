@@ -93,6 +93,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("authserv-id", r#""mx.example.org""#),
     ("spf-policy", r#""reject""#),
     ("dmarc-reject", "true"),
+    ("domain-auth", r#"["example.org:spf=reject:dmarc=mark"]"#),
     ("quarantine-header", r#""X-Quarantine""#),
     ("dns-timeout", r#""3s""#),
     ("outbound-port", "2525"),
@@ -716,6 +717,7 @@ fn sighup_applies_every_reloadable_key() {
         ("authserv-id", r#""mx.example.org""#.into()),
         ("spf-policy", r#""reject""#.into()),
         ("dmarc-reject", "true".into()),
+        ("domain-auth", r#"["example.org:verify=off"]"#.into()),
         ("quarantine-header", r#""X-Quarantine""#.into()),
     ];
     let mut listed: Vec<&str> = values.iter().map(|(k, _)| *k).collect();

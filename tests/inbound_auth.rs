@@ -681,6 +681,117 @@ fn dmarc_under_each_policy_and_alignment() {
     assert!(method(&ar, "dmarc", "pass"), "{ar}");
 }
 
+/// Sends `content` to each of `rcpts` in one transaction; returns each
+/// RCPT reply's code and the final reply's line (`None` when no recipient
+/// was taken).
+fn send_to(
+    server: &Server,
+    mail_from: &str,
+    rcpts: &[&str],
+    content: &[u8],
+) -> (Vec<u16>, Option<String>) {
+    let mut c = Client::connect_from(server.addr, CLIENT);
+    c.hello("mx.pass.test");
+    c.expect(&format!("MAIL FROM:<{mail_from}>"), 250);
+    let codes: Vec<u16> = rcpts
+        .iter()
+        .map(|r| c.cmd(&format!("RCPT TO:<{r}>")).code)
+        .collect();
+    if !codes.contains(&250) {
+        c.cmd("QUIT");
+        return (codes, None);
+    }
+    c.expect("DATA", 354);
+    c.send(&common::dot_stuff(content));
+    let r = c.reply();
+    c.cmd("QUIT");
+    (codes, Some(r.last().to_owned()))
+}
+
+#[test]
+fn per_domain_policy_overrides_the_flags() {
+    let Some(w) = World::new() else { return };
+    // strict.dest: refuses SPF fails (at RCPT) and DMARC rejects; off.dest
+    // is not verified at all; dest.test follows the flags (mark).
+    let server = w.server(&[
+        "--local-domain",
+        "strict.dest",
+        "--local-domain",
+        "off.dest",
+        "--domain-auth",
+        "strict.dest:spf=reject:dmarc=reject",
+        "--domain-auth",
+        "off.dest:verify=off",
+    ]);
+    let m = message("x@fail.test", "spf", "");
+    // SPF fail: refused for strict.dest only, the rest of the transaction
+    // goes on (and the message is marked, not refused).
+    let (codes, last) = send_to(
+        &server,
+        "x@fail.test",
+        &["u@strict.dest", "u@dest.test"],
+        &m,
+    );
+    assert_eq!(codes, [550, 250]);
+    let q = stored(&server, &last.unwrap());
+    assert!(method(&auth_results(&q), "spf", "fail"));
+    let (codes, last) = send_to(&server, "x@fail.test", &["u@strict.dest"], &m);
+    assert_eq!((codes, last), (vec![550], None));
+    // A passing sender is taken for strict.dest.
+    let (codes, _) = send_to(
+        &server,
+        "x@pass.test",
+        &["u@strict.dest"],
+        &message("x@pass.test", "ok", ""),
+    );
+    assert_eq!(codes, [250]);
+
+    // DMARC p=reject failing (SPF soft-fails for soft.test, unsigned):
+    // refused when every recipient's domain says reject, quarantined when
+    // one does not.
+    let m = message("a@rej.test", "dmarc", "");
+    let (_, last) = send_to(&server, "x@soft.test", &["u@strict.dest"], &m);
+    assert!(
+        last.as_deref().unwrap().starts_with("550 5.7.1"),
+        "{last:?}"
+    );
+    let (_, last) = send_to(
+        &server,
+        "x@soft.test",
+        &["u@strict.dest", "u@dest.test"],
+        &m,
+    );
+    let q = stored(&server, &last.unwrap());
+    assert!(has_header(&q, "X-Spam-Flag: YES"));
+
+    // verify=off: no Authentication-Results, no SPF refusal, no quarantine.
+    let (codes, last) = send_to(&server, "x@fail.test", &["u@off.dest"], &m);
+    assert_eq!(codes, [250]);
+    let q = stored(&server, &last.unwrap());
+    let text = String::from_utf8_lossy(q.content()).into_owned();
+    assert!(!text.contains("Authentication-Results"), "{text}");
+    assert!(!has_header(&q, "X-Spam-Flag: YES"));
+
+    // Global --spf-policy reject with a domain that marks: decided per RCPT.
+    let server = w.server(&[
+        "--spf-policy",
+        "reject",
+        "--local-domain",
+        "lenient.dest",
+        "--domain-auth",
+        "lenient.dest:spf=mark",
+    ]);
+    let m = message("x@fail.test", "spf", "");
+    let (codes, last) = send_to(
+        &server,
+        "x@fail.test",
+        &["u@dest.test", "u@lenient.dest"],
+        &m,
+    );
+    assert_eq!(codes, [550, 250]);
+    assert!(last.unwrap().starts_with("250"));
+}
+
 #[test]
 fn arc_chain_sealed_by_dkimpy_verifies() {
     let Some(w) = World::new() else { return };

@@ -33,11 +33,7 @@ use super::dns::{self, DnsContext, DnsHandle, Lookup};
 use crate::smtp::reply::Reply;
 
 /// `--spf-policy reject`: the MAIL FROM identity's SPF says `fail`.
-pub const SPF_FAIL: Reply = Reply {
-    code: 550,
-    status: Some("5.7.23"),
-    text: "SPF validation failed",
-};
+pub use crate::smtp::reply::SPF_FAIL;
 /// `--dmarc-reject`: the author domain's DMARC policy is reject, and the
 /// message fails it.
 pub const DMARC_REJECT: Reply = Reply {
@@ -62,6 +58,138 @@ pub struct AuthPolicy {
     /// `--quarantine-header`: the field added (value `YES`) when DMARC says
     /// quarantine, or reject while `dmarc_reject` is off.
     pub quarantine_header: String,
+    /// `--domain-auth`: local domains whose policy differs from the above.
+    pub domains: Vec<DomainAuth>,
+}
+
+/// `--domain-auth DOMAIN:KEY=VALUE[:KEY=VALUE...]`: one local domain's own
+/// verification policy; a key left out takes the global flag's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainAuth {
+    /// Lower-case; matches the recipient domain exactly.
+    pub domain: String,
+    /// `verify=on|off` (`--inbound-auth`).
+    pub verify: Option<bool>,
+    /// `spf=mark|reject` (`--spf-policy`).
+    pub spf: Option<SpfPolicy>,
+    /// `dmarc=mark|reject` (`--dmarc-reject`).
+    pub dmarc_reject: Option<bool>,
+}
+
+/// Parses `--domain-auth` (clap's value parser).
+pub fn parse_domain_auth(s: &str) -> Result<DomainAuth, String> {
+    let mut parts = s.split(':');
+    let domain = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    if domain.is_empty() || domain.contains(['@', ' ', '=']) {
+        return Err(format!("{s:?}: expected DOMAIN:KEY=VALUE[:KEY=VALUE...]"));
+    }
+    let mut entry = DomainAuth {
+        domain,
+        verify: None,
+        spf: None,
+        dmarc_reject: None,
+    };
+    let mut any = false;
+    for kv in parts {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: {kv:?} is not KEY=VALUE"))?;
+        let bad = || format!("{s:?}: {k}={v:?} is not a value {k} takes");
+        match (k.trim(), v.trim()) {
+            ("verify", "on") => entry.verify = Some(true),
+            ("verify", "off") => entry.verify = Some(false),
+            ("spf", "mark") => entry.spf = Some(SpfPolicy::Mark),
+            ("spf", "reject") => entry.spf = Some(SpfPolicy::Reject),
+            ("dmarc", "mark") => entry.dmarc_reject = Some(false),
+            ("dmarc", "reject") => entry.dmarc_reject = Some(true),
+            ("verify" | "spf" | "dmarc", _) => return Err(bad()),
+            (other, _) => {
+                return Err(format!(
+                    "{s:?}: unknown key {other:?} (verify, spf or dmarc)"
+                ))
+            }
+        }
+        any = true;
+    }
+    if !any {
+        return Err(format!("{s:?}: no KEY=VALUE after the domain"));
+    }
+    Ok(entry)
+}
+
+impl AuthPolicy {
+    fn entry(&self, domain: &str) -> Option<&DomainAuth> {
+        self.domains
+            .iter()
+            .find(|d| d.domain.eq_ignore_ascii_case(domain))
+    }
+
+    /// Whether mail for `domain` is verified.
+    pub fn verifies(&self, domain: &str) -> bool {
+        self.entry(domain)
+            .and_then(|e| e.verify)
+            .unwrap_or(self.enabled)
+    }
+
+    /// What an SPF `fail` means for mail to `domain`.
+    pub fn spf_for(&self, domain: &str) -> SpfPolicy {
+        if !self.verifies(domain) {
+            return SpfPolicy::Mark;
+        }
+        self.entry(domain).and_then(|e| e.spf).unwrap_or(self.spf)
+    }
+
+    /// Whether a message to all of `domains` is refused when it fails a
+    /// `p=reject` DMARC policy: only when every recipient's domain says so
+    /// (one reply at the end of DATA answers for all of them; a mixed
+    /// transaction is quarantined instead).
+    pub fn dmarc_rejects(&self, domains: &[&str]) -> bool {
+        !domains.is_empty()
+            && domains.iter().all(|d| {
+                self.verifies(d)
+                    && self
+                        .entry(d)
+                        .and_then(|e| e.dmarc_reject)
+                        .unwrap_or(self.dmarc_reject)
+            })
+    }
+
+    /// Whether any MAIL FROM needs its SPF checked before it is answered.
+    pub fn checks_sender(&self) -> bool {
+        (self.enabled && self.spf == SpfPolicy::Reject)
+            || self
+                .domains
+                .iter()
+                .any(|d| self.spf_for(&d.domain) == SpfPolicy::Reject)
+    }
+
+    /// Whether an SPF `fail` is refused at MAIL FROM (every domain refuses
+    /// it) rather than at each RCPT whose domain refuses it.
+    pub fn spf_refused_at_mail_from(&self) -> bool {
+        self.enabled
+            && self.spf == SpfPolicy::Reject
+            && self
+                .domains
+                .iter()
+                .all(|d| self.spf_for(&d.domain) == SpfPolicy::Reject)
+    }
+
+    /// The session's per-recipient view of [`AuthPolicy::spf_for`].
+    pub fn spf_rcpt(&self) -> crate::smtp::session::SpfRcptPolicy {
+        crate::smtp::session::SpfRcptPolicy {
+            reject_by_default: self.enabled && self.spf == SpfPolicy::Reject,
+            domains: self
+                .domains
+                .iter()
+                .map(|d| {
+                    (
+                        d.domain.clone(),
+                        self.spf_for(&d.domain) == SpfPolicy::Reject,
+                    )
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What an SPF `fail` of the MAIL FROM identity leads to.
@@ -141,9 +269,12 @@ pub async fn check_spf(dns: &DnsHandle, client: Client) -> SpfResults {
 /// when it was computed at MAIL FROM for this reverse-path. Runs on the
 /// shard ([`DnsHandle::run`]); the body comes back with the verdict; `None`
 /// only when the checks overran their bound (the caller answers 451).
+/// `dmarc_reject`: whether a `p=reject` failure is refused (for these
+/// recipients: [`AuthPolicy::dmarc_rejects`]) or quarantined.
 pub async fn verify(
     dns: &DnsHandle,
     policy: &AuthPolicy,
+    dmarc_reject: bool,
     client: Client,
     spf_done: Option<SpfResults>,
     body: Vec<u8>,
@@ -151,7 +282,6 @@ pub async fn verify(
     let limit = dns.timeout();
     let authserv_id = policy.authserv_id.clone();
     let quarantine_header = policy.quarantine_header.clone();
-    let dmarc_reject = policy.dmarc_reject;
     dns.run(limit + dns::GRACE, move |ctx| async move {
         let deadline = Instant::now() + ctx.timeout;
         let verdict = check_message(

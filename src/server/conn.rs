@@ -50,8 +50,8 @@ use crate::policy::rate::{Counted, RateKey};
 use crate::smtp::auth::{AuthResult, Authenticated, Credentials};
 use crate::smtp::envelope::rfc5322_date;
 use crate::smtp::reply::Reply;
-use crate::smtp::session::SenderCheck;
 use crate::smtp::session::Violation;
+use crate::smtp::session::{SenderCheck, SenderVerdict};
 use crate::smtp::submit::{self, Completion};
 use crate::smtp::{CommitResult, ConnInfo, Event, Message, Session, SessionConfig};
 
@@ -845,15 +845,16 @@ impl Accepted {
     }
 }
 
-/// `--spf-policy reject`: SPF of the HELO and MAIL FROM identities, kept
-/// in `memo` for the end of the content; 550 5.7.23 when the MAIL FROM
-/// identity fails.
+/// `--spf-policy reject` (or a `--domain-auth ...:spf=reject`): SPF of the
+/// HELO and MAIL FROM identities, kept in `memo` for the end of the
+/// content. When the MAIL FROM identity fails: 550 5.7.23 at once if every
+/// domain refuses it, else at each RCPT whose domain does.
 async fn check_sender(
     shard: &ShardState,
     peer: SocketAddr,
     check: SenderCheck,
     memo: &mut Option<SpfResults>,
-) -> Option<crate::smtp::reply::Reply> {
+) -> SenderVerdict {
     let client = inbound::Client {
         ip: peer.ip(),
         helo: check.helo,
@@ -862,7 +863,21 @@ async fn check_sender(
     let results = inbound::check_spf(&shard.ctx.dns, client).await;
     let fail = results.mail_from_result() == mail_auth::SpfResult::Fail;
     *memo = Some(results);
-    fail.then_some(inbound::SPF_FAIL)
+    if !fail {
+        SenderVerdict::Accept
+    } else if shard
+        .ctx
+        .shared
+        .live
+        .load()
+        .inbound
+        .spf_refused_at_mail_from()
+    {
+        SenderVerdict::Refuse(inbound::SPF_FAIL)
+    } else {
+        // Some recipient domains take it: each RCPT is decided on its own.
+        SenderVerdict::SpfFailed
+    }
 }
 
 /// Mail on the relay/MX port from a client neither authenticated nor in
@@ -885,9 +900,18 @@ async fn verify_inbound(
         .iter()
         .any(|n| n.contains(peer.ip()));
     drop(live);
-    if !policy.enabled || trusted {
+    let domains: Vec<&str> = msg
+        .envelope
+        .rcpts
+        .iter()
+        .map(|r| r.addr.rsplit_once('@').map_or("", |(_, d)| d))
+        .collect();
+    // Verified when any recipient's domain wants it (`--domain-auth`).
+    if trusted || !domains.iter().any(|d| policy.verifies(d)) {
         return Ok(Vec::new());
     }
+    let dmarc_reject = policy.dmarc_rejects(&domains);
+    drop(domains);
     let client = inbound::Client {
         ip: peer.ip(),
         helo: msg.envelope.helo.clone(),
@@ -897,7 +921,8 @@ async fn verify_inbound(
     // the message was never acknowledged and is answered 451.
     let body = std::mem::take(&mut msg.body);
     let started = Instant::now();
-    let Some((body, verdict)) = inbound::verify(&shard.ctx.dns, &policy, client, spf, body).await
+    let Some((body, verdict)) =
+        inbound::verify(&shard.ctx.dns, &policy, dmarc_reject, client, spf, body).await
     else {
         tracing::error!(%peer, "message refused (451): the inbound checks did not finish");
         return Err(CommitResult::Failed);

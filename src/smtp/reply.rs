@@ -106,6 +106,8 @@ fn push_code(out: &mut Vec<u8>, code: u16) {
 // agree. Codes follow RFC 5321 4.2/4.3; enhanced codes RFC 3463 and the IANA
 // registry (RFC 5248).
 pub const OK: Reply = Reply::new(250, "2.0.0", "Ok");
+/// The sender's SPF says `fail` and the policy refuses it (RFC 7372 3.2).
+pub const SPF_FAIL: Reply = Reply::new(550, "5.7.23", "SPF validation failed");
 pub const SENDER_OK: Reply = Reply::new(250, "2.1.0", "Sender ok");
 pub const RCPT_OK: Reply = Reply::new(250, "2.1.5", "Recipient ok");
 pub const RSET_OK: Reply = Reply::new(250, "2.0.0", "Reset ok");

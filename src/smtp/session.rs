@@ -113,8 +113,43 @@ pub struct SessionConfig {
     pub rates: Option<Arc<RateLimiter>>,
     /// Relay/MX: hand each MAIL FROM of a client that is neither
     /// authenticated nor in `relay_networks` to the driver
-    /// ([`Event::CheckSender`]) before answering it (`--spf-policy reject`).
+    /// ([`Event::CheckSender`]) before answering it (`--spf-policy reject`,
+    /// or a `--domain-auth` entry with `spf=reject`).
     pub check_sender: bool,
+    /// The recipient domains that refuse a sender whose SPF failed but who
+    /// was let through at MAIL FROM ([`SenderVerdict::SpfFailed`]).
+    pub spf_rcpt: SpfRcptPolicy,
+}
+
+/// Which recipient domains refuse a failing SPF sender at RCPT (550
+/// 5.7.23): per local domain (`--domain-auth DOMAIN:spf=...`), else the
+/// default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpfRcptPolicy {
+    pub reject_by_default: bool,
+    /// `(domain, rejects)`, domains lower-case.
+    pub domains: Vec<(String, bool)>,
+}
+
+impl SpfRcptPolicy {
+    /// Whether mail for `domain` is refused when SPF failed.
+    pub fn rejects(&self, domain: &str) -> bool {
+        self.domains
+            .iter()
+            .find(|(d, _)| d.eq_ignore_ascii_case(domain))
+            .map_or(self.reject_by_default, |&(_, r)| r)
+    }
+}
+
+/// The driver's answer to [`Event::CheckSender`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderVerdict {
+    Accept,
+    /// SPF failed, but only some recipient domains refuse it
+    /// ([`SessionConfig::spf_rcpt`]): decided at each RCPT.
+    SpfFailed,
+    /// Refused at MAIL FROM with this reply.
+    Refuse(Reply),
 }
 
 /// What a listener is for.
@@ -152,6 +187,7 @@ impl Default for SessionConfig {
             screen_protocol: false,
             rates: None,
             check_sender: false,
+            spf_rcpt: SpfRcptPolicy::default(),
         }
     }
 }
@@ -290,6 +326,9 @@ struct Transaction {
     content_deadline: Option<Instant>,
     /// Line ends of the BDAT chunks so far (a CR may end one chunk).
     bdat_lines: BdatLines,
+    /// The sender check let a failing SPF sender through
+    /// ([`SenderVerdict::SpfFailed`]).
+    spf_failed: bool,
 }
 
 impl Session {
@@ -534,16 +573,17 @@ impl Session {
     /// Reports the driver's verdict on the MAIL FROM last handed out
     /// ([`Event::CheckSender`]): `None` accepts it, a reply refuses it (as a
     /// policy rejection).
-    pub fn handle_sender(&mut self, refusal: Option<Reply>, now: Instant) {
-        let State::CheckingSender(tx) = self.take_state() else {
+    pub fn handle_sender(&mut self, verdict: SenderVerdict, now: Instant) {
+        let State::CheckingSender(mut tx) = self.take_state() else {
             return;
         };
-        match refusal {
-            None => {
+        match verdict {
+            SenderVerdict::Accept | SenderVerdict::SpfFailed => {
+                tx.spf_failed = verdict == SenderVerdict::SpfFailed;
                 self.state = State::Mail(tx);
                 self.reply(reply::SENDER_OK);
             }
-            Some(r) => {
+            SenderVerdict::Refuse(r) => {
                 self.state = self.idle_state();
                 let from = tx.envelope.mail_from.unwrap_or_default();
                 self.note_rejection(r, format!("MAIL FROM:<{from}>"));
@@ -997,6 +1037,7 @@ impl Session {
             body: Vec::new(),
             content_deadline: None,
             bdat_lines: BdatLines::default(),
+            spf_failed: false,
         };
         if self.cfg.check_sender && self.auth.is_none() && !self.relay_client() {
             self.event = Some(Event::CheckSender(SenderCheck {
@@ -1020,7 +1061,19 @@ impl Session {
             State::Mail(tx) => self.check_rcpt(&r, &tx.envelope, esmtp),
             _ => Err(reply::BAD_SEQUENCE_NEED_MAIL.into()),
         };
+        let spf_refuses = |a: &Accepted| match &self.state {
+            State::Mail(tx) if tx.spf_failed => {
+                let domain = a.addr.rsplit_once('@').map_or("", |(_, d)| d);
+                self.cfg.spf_rcpt.rejects(domain)
+            }
+            _ => false,
+        };
         let accepted = match verdict {
+            Ok(a) if spf_refuses(&a) => {
+                let command = format!("RCPT TO:<{}>", a.addr);
+                self.note_rejection(reply::SPF_FAIL, command);
+                return self.error(reply::SPF_FAIL);
+            }
             Ok(a) => match self.recipient_rate() {
                 None => a,
                 Some(refusal) => {
@@ -1710,8 +1763,14 @@ mod tests {
                         Some(Event::Auth(c)) => s.handle_auth(check(&c), now),
                         // The driver's SPF check, as a rule on the name.
                         Some(Event::CheckSender(c)) => {
-                            let refuse = c.mail_from.starts_with("spf-fail@");
-                            s.handle_sender(refuse.then_some(SPF_FAIL_FOR_TESTS), now)
+                            let verdict = if c.mail_from.starts_with("spf-fail@") {
+                                SenderVerdict::Refuse(reply::SPF_FAIL)
+                            } else if c.mail_from.starts_with("spf-soft@") {
+                                SenderVerdict::SpfFailed
+                            } else {
+                                SenderVerdict::Accept
+                            };
+                            s.handle_sender(verdict, now)
                         }
                         None => break,
                     }
@@ -1768,11 +1827,29 @@ mod tests {
             .collect()
     }
 
-    const SPF_FAIL_FOR_TESTS: Reply = Reply {
-        code: 550,
-        status: Some("5.7.23"),
-        text: "SPF validation failed",
-    };
+    #[test]
+    fn spf_failed_sender_is_refused_per_recipient_domain() {
+        let cfg = Arc::new(SessionConfig {
+            check_sender: true,
+            local_domains: vec!["localhost".into(), "strict.test".into()],
+            spf_rcpt: SpfRcptPolicy {
+                reject_by_default: false,
+                domains: vec![("strict.test".into(), true)],
+            },
+            ..(*cfg()).clone()
+        });
+        let input = b"EHLO c.example\r\nMAIL FROM:<spf-soft@example.org>\r\nRCPT TO:<u@Strict.Test>\r\nRCPT TO:<u@localhost>\r\nDATA\r\nSubject: t\r\n\r\nx\r\n.\r\nMAIL FROM:<ok@example.org>\r\nRCPT TO:<u@strict.test>\r\nRSET\r\nQUIT\r\n";
+        let (out, msgs) = drive_every_split(&cfg, input);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "550", "250", "354", "250", "250", "250", "250", "221"],
+            "{out}"
+        );
+        assert!(out.contains("550 5.7.23 "), "{out}");
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].envelope.rcpts.len(), 1);
+        assert_eq!(msgs[0].envelope.rcpts[0].addr, "u@localhost");
+    }
 
     #[test]
     fn sender_check_holds_pipelined_commands_until_its_verdict() {
