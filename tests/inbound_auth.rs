@@ -186,6 +186,21 @@ impl World {
                 &format!("v=spf1 {}ip4:127.0.0.2 -all", "a:none.test ".repeat(11)),
             ),
             "--host-record=none.test,192.0.2.7".into(),
+            // RFC 7208 4.6.4: two void lookups (names that do not exist)
+            // are allowed, a third is a permerror; a DNS error after two
+            // is still a temperror.
+            txt(
+                "void2.test",
+                "v=spf1 a:v1.void.test a:v2.void.test ip4:127.0.0.2 -all",
+            ),
+            txt(
+                "void3.test",
+                "v=spf1 a:v1.void.test a:v2.void.test a:v3.void.test ip4:127.0.0.2 -all",
+            ),
+            txt(
+                "voidtemp.test",
+                "v=spf1 a:v1.void.test a:v2.void.test a:x.broken.test ip4:127.0.0.2 -all",
+            ),
             txt("signed.test", "v=spf1 ip4:127.0.0.2 -all"),
             txt("strict.test", "v=spf1 ip4:127.0.0.2 -all"),
             // DMARC under each policy.
@@ -462,6 +477,9 @@ fn spf_results_for_each_case() {
         ("none.test", "spf=none"),
         ("perm.test", "spf=permerror"),
         ("broken.test", "spf=temperror"),
+        ("void2.test", "spf=pass"),
+        ("void3.test", "spf=permerror"),
+        ("voidtemp.test", "spf=temperror"),
     ] {
         let from = format!("a@{domain}");
         let reply = send(&server, "mx.pass.test", &from, &message(&from, "spf", ""));

@@ -18,6 +18,9 @@
 //! Must never: block a shard, wait for DNS past the deadline, or reject on
 //! a temporary DNS failure.
 
+use std::borrow::Borrow;
+use std::cell::Cell;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -26,7 +29,7 @@ use mail_auth::dmarc::Policy as DmarcPolicy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcOutput, DmarcResult,
-    Parameters, SpfOutput, SpfResult,
+    Parameters, ResolverCache, SpfOutput, SpfResult,
 };
 
 use super::dns::{self, DnsContext, DnsHandle, Lookup};
@@ -439,23 +442,13 @@ async fn check_message(
 }
 
 async fn spf(ctx: &DnsContext, client: &Client, deadline: Instant) -> SpfResults {
-    let helo = bounded(
+    let helo = spf_one(
+        ctx,
+        SpfParameters::verify_ehlo(client.ip, &client.helo, &client.helo),
+        &client.helo,
         deadline,
-        ctx.auth.verify_spf(
-            Parameters::new(SpfParameters::verify_ehlo(
-                client.ip,
-                &client.helo,
-                &client.helo,
-            ))
-            .with_txt_cache(&ctx.txt)
-            .with_mx_cache(&ctx.mx)
-            .with_ipv4_cache(&ctx.ipv4)
-            .with_ipv6_cache(&ctx.ipv6)
-            .with_ptr_cache(&ctx.ptr),
-        ),
     )
-    .await
-    .unwrap_or_else(|| SpfOutput::new(client.helo.clone()).with_result(SpfResult::TempError));
+    .await;
     let mail = if client.mail_from.is_empty() {
         None
     } else {
@@ -463,31 +456,111 @@ async fn spf(ctx: &DnsContext, client: &Client, deadline: Instant) -> SpfResults
             .mail_from
             .rsplit_once('@')
             .map_or(client.helo.as_str(), |(_, d)| d);
-        Some(
-            bounded(
-                deadline,
-                ctx.auth.verify_spf(
-                    Parameters::new(SpfParameters::verify_mail_from(
-                        client.ip,
-                        &client.helo,
-                        &client.helo,
-                        &client.mail_from,
-                    ))
-                    .with_txt_cache(&ctx.txt)
-                    .with_mx_cache(&ctx.mx)
-                    .with_ipv4_cache(&ctx.ipv4)
-                    .with_ipv6_cache(&ctx.ipv6)
-                    .with_ptr_cache(&ctx.ptr),
-                ),
-            )
-            .await
-            .unwrap_or_else(|| SpfOutput::new(domain.to_owned()).with_result(SpfResult::TempError)),
-        )
+        let params = SpfParameters::verify_mail_from(
+            client.ip,
+            &client.helo,
+            &client.helo,
+            &client.mail_from,
+        );
+        Some(spf_one(ctx, params, domain, deadline).await)
     };
     SpfResults {
         mail_from: client.mail_from.clone(),
         helo,
         mail,
+    }
+}
+
+/// RFC 7208 4.6.4: an evaluation that makes more than two "void" lookups
+/// (no such name, or no record of the type asked) is a `permerror`.
+const MAX_VOID_LOOKUPS: u32 = 2;
+
+/// One SPF evaluation, with the void-lookup limit mail-auth does not keep:
+/// it consults the caches before every lookup and fills them after every
+/// answer, so a lookup that missed the cache and filled nothing found
+/// nothing ([`Voids`]). Counting afterwards gives the RFC's answer: an
+/// evaluation that ended before its third void never made one, and one
+/// that went past it would have stopped there with `permerror`.
+async fn spf_one(
+    ctx: &DnsContext,
+    params: SpfParameters<'_>,
+    domain: &str,
+    deadline: Instant,
+) -> SpfOutput {
+    let voids = Voids::default();
+    let (txt, mx) = (voids.counting(&ctx.txt), voids.counting(&ctx.mx));
+    let (ipv4, ipv6) = (voids.counting(&ctx.ipv4), voids.counting(&ctx.ipv6));
+    let ptr = voids.counting(&ctx.ptr);
+    let verifying = ctx.auth.verify_spf(
+        Parameters::new(params)
+            .with_txt_cache(&txt)
+            .with_mx_cache(&mx)
+            .with_ipv4_cache(&ipv4)
+            .with_ipv6_cache(&ipv6)
+            .with_ptr_cache(&ptr),
+    );
+    let Some(output) = bounded(deadline, verifying).await else {
+        return SpfOutput::new(domain.to_owned()).with_result(SpfResult::TempError);
+    };
+    let mut void = voids.count();
+    if output.result() == SpfResult::TempError {
+        // The lookup that failed filled nothing either.
+        void = void.saturating_sub(1);
+    }
+    if void > MAX_VOID_LOOKUPS && output.result() != SpfResult::PermError {
+        return output.with_result(SpfResult::PermError);
+    }
+    output
+}
+
+/// Cache misses and fills of one SPF evaluation.
+#[derive(Default)]
+struct Voids {
+    misses: Cell<u32>,
+    fills: Cell<u32>,
+}
+
+impl Voids {
+    fn counting<'a, K, V>(&'a self, cache: &'a dns::TtlCache<K, V>) -> Counting<'a, K, V> {
+        Counting { cache, voids: self }
+    }
+
+    /// Lookups that found nothing (or failed).
+    fn count(&self) -> u32 {
+        self.misses.get().saturating_sub(self.fills.get())
+    }
+}
+
+/// A cache that counts into [`Voids`].
+struct Counting<'a, K, V> {
+    cache: &'a dns::TtlCache<K, V>,
+    voids: &'a Voids,
+}
+
+impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for Counting<'_, K, V> {
+    fn get<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let found = self.cache.get(name);
+        if found.is_none() {
+            self.voids.misses.set(self.voids.misses.get() + 1);
+        }
+        found
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.cache.remove(name)
+    }
+
+    fn insert(&self, key: K, value: V, valid_until: Instant) {
+        self.voids.fills.set(self.voids.fills.get() + 1);
+        self.cache.insert(key, value, valid_until);
     }
 }
 
