@@ -353,6 +353,7 @@ async fn check_message(
             summary: format!("spf={}", spf_results.mail_from_result()),
         };
     };
+    dns::prime_txt(ctx, &record_names(&message), deadline).await;
     let params = || {
         Parameters::new(&message)
             .with_txt_cache(&ctx.txt)
@@ -442,6 +443,13 @@ async fn check_message(
 }
 
 async fn spf(ctx: &DnsContext, client: &Client, deadline: Instant) -> SpfResults {
+    let mail_domain = client.mail_from.rsplit_once('@').map(|(_, d)| d);
+    let names: Vec<String> = [Some(client.helo.as_str()), mail_domain]
+        .into_iter()
+        .flatten()
+        .filter_map(fqdn)
+        .collect();
+    dns::prime_txt(ctx, &names, deadline).await;
     let helo = spf_one(
         ctx,
         SpfParameters::verify_ehlo(client.ip, &client.helo, &client.helo),
@@ -469,6 +477,57 @@ async fn spf(ctx: &DnsContext, client: &Client, deadline: Instant) -> SpfResults
         helo,
         mail,
     }
+}
+
+/// The most key names of one message primed ([`dns::prime_txt`]); more
+/// signatures than this are looked up by mail-auth alone.
+const MAX_PRIMED_KEYS: usize = 10;
+
+/// The TXT names the checks of `message` will ask for first: each DKIM
+/// and ARC signature's key, and the DMARC tree walk's `_dmarc` names for
+/// the author domain and its parents (at most eight labels, as the walk).
+fn record_names(message: &AuthenticatedMessage<'_>) -> Vec<String> {
+    let keys = message
+        .dkim_headers
+        .iter()
+        .map(|h| (h.header.s.as_str(), h.header.d.as_str()))
+        .chain(
+            message
+                .ams_headers
+                .iter()
+                .map(|h| (h.header.s.as_str(), h.header.d.as_str())),
+        )
+        .take(MAX_PRIMED_KEYS)
+        .filter_map(|(s, d)| fqdn(&format!("{s}._domainkey.{d}")));
+    let mut names: Vec<String> = keys.collect();
+    for from in message.from.iter().take(1) {
+        let Some((_, domain)) = from.rsplit_once('@') else {
+            continue;
+        };
+        let labels: Vec<&str> = domain.trim_end_matches('.').split('.').collect();
+        let first = labels.len().saturating_sub(8);
+        for i in first..labels.len() {
+            if let Some(n) = fqdn(&format!("_dmarc.{}", labels[i..].join("."))) {
+                names.push(n);
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// `name` as mail-auth keys its cache (lower-case, a trailing dot), or
+/// `None` when it is no domain name (an address literal, say).
+fn fqdn(name: &str) -> Option<String> {
+    let name = name.trim_end_matches('.');
+    let ok = !name.is_empty()
+        && name.len() < 254
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !name.split('.').any(str::is_empty);
+    ok.then(|| format!("{}.", name.to_ascii_lowercase()))
 }
 
 /// RFC 7208 4.6.4: an evaluation that makes more than two "void" lookups

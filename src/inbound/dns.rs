@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use futures_lite::FutureExt;
 use hickory_resolver::config::ResolverOpts;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 use mail_auth::{MessageAuthenticator, RecordSet, ResolverCache, Txt, MX};
@@ -49,6 +50,10 @@ pub const GRACE: Duration = Duration::from_secs(2);
 const CACHE_ENTRIES: usize = 16 << 10;
 /// The shortest a negative answer (NXDOMAIN, no record) is cached.
 const NEGATIVE_MIN_TTL: Duration = Duration::from_secs(60);
+/// How long a TXT lookup that failed (SERVFAIL, REFUSED, no answer in
+/// time) is answered from memory as that failure: a broken or silent DNS
+/// costs one wait per name in this time, not one per message.
+pub const ERROR_TTL: Duration = Duration::from_secs(30);
 /// The longest a parsed record is kept, whatever its TTL says.
 const MAX_TTL: Duration = Duration::from_secs(3600);
 
@@ -248,6 +253,69 @@ pub async fn txt(ctx: &DnsContext, name: &str) -> Lookup<Vec<String>> {
         Err(e) if e.is_nx_domain() || e.is_no_records_found() => Lookup::NotFound,
         Err(e) => Lookup::TempFail(e.to_string()),
     }
+}
+
+/// Makes sure the TXT cache answers for each of `names` (absolute,
+/// lower-case, as mail-auth writes its keys) before the checks look them
+/// up: mail-auth caches the records it found, not the answers that had
+/// none, nor the failures, so without this every message would ask the
+/// resolver again for each name that has no record (the DMARC tree walk
+/// asks for the parent domains' `_dmarc` on every message) and wait again
+/// for each name whose DNS is broken. A name with no record is remembered
+/// as such (what mail-auth would have concluded, with the same response
+/// code) for [`NEGATIVE_MIN_TTL`]; one whose lookup failed, as a DNS error
+/// for [`ERROR_TTL`]; one with records is left for mail-auth to parse and
+/// cache. Lookups run together, bounded by `deadline`.
+pub async fn prime_txt(ctx: &DnsContext, names: &[String], deadline: Instant) {
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| ctx.txt.get(n.as_str()).is_none())
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    let lookups = missing.iter().map(|name| async move {
+        let answer =
+            tokio::time::timeout(left, ctx.auth.resolver().txt_lookup(name.as_str())).await;
+        let now = Instant::now();
+        let (error, ttl) = match answer {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) if e.is_no_records_found() => {
+                let code = if e.is_nx_domain() {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                };
+                (mail_auth::DnsError::RecordNotFound(code), NEGATIVE_MIN_TTL)
+            }
+            Ok(Err(e)) => (mail_auth::DnsError::Resolver(e.to_string()), ERROR_TTL),
+            Err(_) => (
+                mail_auth::DnsError::Resolver(format!("no answer within {left:?}")),
+                ERROR_TTL,
+            ),
+        };
+        ctx.txt.insert(
+            name.as_str().into(),
+            Txt::Error(mail_auth::Error::Dns(error)),
+            now + ttl,
+        );
+    });
+    join_all(lookups).await;
+}
+
+/// Runs `futures` together to completion.
+async fn join_all<F: Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let mut pending: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        pending.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if pending.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// A trailing dot makes the name absolute: no search-domain surprises.
