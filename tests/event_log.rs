@@ -103,6 +103,8 @@ fn json_event_log_follows_each_message() {
         assert_eq!(str_of(a, "proto"), "ESMTP");
         assert_eq!(str_of(a, "helo"), "client.example");
         assert_eq!(str_of(a, "tls"), "none");
+        // A --relay-network client: no inbound checks.
+        assert_eq!(str_of(a, "auth"), "-");
         assert!(str_of(a, "peer").starts_with("127.0.0.1:"));
         assert!(a["size"].as_u64().unwrap() > 0);
     }

@@ -968,4 +968,15 @@ fn delivered_into_the_maildir_with_the_results() {
     for want in ["spf=pass", "dkim=pass header.d=signed.test", "dmarc=pass"] {
         assert!(ar.contains(want), "{want}: {ar}");
     }
+    // The results are in the message's `accepted` event, on its one line.
+    let log = server.stderr();
+    let accepted = log
+        .lines()
+        .find(|l| l.contains("event=\"accepted\""))
+        .unwrap_or_else(|| panic!("no accepted event: {log}"));
+    assert!(
+        accepted.contains("auth=\"spf=pass dkim=pass arc=none dmarc=pass\""),
+        "{accepted}"
+    );
+    assert!(!log.contains("inbound checks"), "{log}");
 }
