@@ -51,6 +51,8 @@ const SAMPLES: &[(&str, &str)] = &[
     ("dkim-threads", "3"),
     ("maildir-threads", "3"),
     ("dkim-from-mismatch", r#""unsigned""#),
+    ("dkim-relay-network", r#""on""#),
+    ("inject-max-recipients", "20000"),
     ("add-sender-header", "true"),
     (
         "dkim-key",
