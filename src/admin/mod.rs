@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod client;
+pub mod inject;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -34,6 +35,9 @@ pub const MAX_BODY: usize = 64 << 10;
 pub const MAX_CLIENTS: usize = 8;
 /// How long a client may take to send its request, and to read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a whole body (each read within
+/// [`IO_TIMEOUT`] besides).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -88,8 +92,11 @@ pub struct Request {
     pub query: Option<String>,
     /// The `Authorization` header's value, if any.
     pub authorization: Option<String>,
-    /// The body (`Content-Length` octets, at most [`MAX_BODY`]).
+    /// The body (`Content-Length` octets, at most [`MAX_BODY`] or the
+    /// route's own limit, [`Router::body_limit`]).
     pub body: Vec<u8>,
+    /// The client's address (`None` in tests that make requests by hand).
+    pub peer: Option<SocketAddr>,
 }
 
 type Handler = Box<dyn Fn(&Request) -> Response + Send + Sync>;
@@ -100,6 +107,8 @@ type Handler = Box<dyn Fn(&Request) -> Response + Send + Sync>;
 #[derive(Default)]
 pub struct Router {
     routes: Vec<(&'static str, &'static str, Handler)>,
+    /// Paths whose bodies may be larger than [`MAX_BODY`].
+    body_limits: Vec<(&'static str, usize)>,
 }
 
 impl Router {
@@ -120,6 +129,20 @@ impl Router {
     ) -> Router {
         self.routes.push((method, path, Box::new(handler)));
         self
+    }
+
+    /// Lets requests to exactly `path` carry bodies of up to `limit`
+    /// octets (read within [`BODY_TIMEOUT`]).
+    pub fn body_limit(mut self, path: &'static str, limit: usize) -> Router {
+        self.body_limits.push((path, limit));
+        self
+    }
+
+    fn max_body(&self, path: &str) -> usize {
+        self.body_limits
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or(MAX_BODY, |(_, n)| (*n).max(MAX_BODY))
     }
 
     pub fn handle(&self, req: &Request) -> Response {
@@ -216,9 +239,10 @@ impl Drop for Busy {
 fn serve(stream: &mut TcpStream, router: &Router) {
     let answer = match read_head(stream) {
         Ok((head, rest)) => match parse_head(&head) {
-            Some(mut req) => match read_body(stream, &head, rest) {
+            Some(mut req) => match read_body(stream, &head, rest, router.max_body(&req.path)) {
                 Ok(body) => {
                     req.body = body;
+                    req.peer = stream.peer_addr().ok();
                     let resp = router.handle(&req);
                     Some((resp, req.method != "HEAD"))
                 }
@@ -260,10 +284,15 @@ enum BodyError {
     Io,
 }
 
-/// Reads the body the head announces (`Content-Length`, at most
-/// [`MAX_BODY`]; no chunked bodies), `rest` being what came after the
-/// head already.
-fn read_body(stream: &mut TcpStream, head: &[u8], mut rest: Vec<u8>) -> Result<Vec<u8>, BodyError> {
+/// Reads the body the head announces (`Content-Length`, at most `max`;
+/// no chunked bodies) within [`BODY_TIMEOUT`], `rest` being what came
+/// after the head already.
+fn read_body(
+    stream: &mut TcpStream,
+    head: &[u8],
+    mut rest: Vec<u8>,
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
     let len = match header(head, "content-length") {
         None => 0,
         Some(v) => v
@@ -276,11 +305,16 @@ fn read_body(stream: &mut TcpStream, head: &[u8], mut rest: Vec<u8>) -> Result<V
             "Transfer-Encoding is not accepted: send Content-Length",
         ));
     }
-    if len > MAX_BODY {
+    if len > max {
         return Err(BodyError::TooLarge);
     }
-    let mut chunk = [0u8; 4096];
+    let deadline = std::time::Instant::now() + BODY_TIMEOUT;
+    rest.reserve(len.saturating_sub(rest.len()));
+    let mut chunk = [0u8; 16384];
     while rest.len() < len {
+        if std::time::Instant::now() > deadline {
+            return Err(BodyError::Io);
+        }
         match stream.read(&mut chunk) {
             Ok(0) | Err(_) => return Err(BodyError::Io),
             Ok(n) => rest.extend_from_slice(&chunk[..n]),
@@ -349,6 +383,7 @@ pub fn parse_head(head: &[u8]) -> Option<Request> {
         query,
         authorization: header(head, "authorization").map(str::to_owned),
         body: Vec::new(),
+        peer: None,
     })
 }
 
@@ -361,10 +396,12 @@ fn write_response(stream: &mut TcpStream, resp: &Response, body: bool) -> io::Re
         405 => "Method Not Allowed",
         409 => "Conflict",
         413 => "Content Too Large",
+        422 => "Unprocessable Content",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
+        507 => "Insufficient Storage",
         _ => "",
     };
     let challenge = if resp.status == 401 {
@@ -424,6 +461,7 @@ mod tests {
             query: None,
             authorization: None,
             body: Vec::new(),
+            peer: None,
         };
         assert_eq!(router.handle(&req("GET", "/p/abc")).body, b"/p/abc");
         assert_eq!(router.handle(&req("GET", "/p/x")).status, 405);

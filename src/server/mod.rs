@@ -9,6 +9,7 @@
 
 pub mod budget;
 mod conn;
+mod inject;
 pub mod dkim;
 mod limits;
 pub mod listener;
