@@ -90,7 +90,12 @@ out = {"type": m.get_content_type(), "subject": str(m["subject"]), "from": str(m
        "ascii": all(b < 128 for b in raw)}
 print(json.dumps(out))
 "#;
-    let out = run_peer_with_input(Path::new("/usr/bin/python3"), &["-c", SCRIPT], message, PEER_TIMEOUT);
+    let out = run_peer_with_input(
+        Path::new("/usr/bin/python3"),
+        &["-c", SCRIPT],
+        message,
+        PEER_TIMEOUT,
+    );
     assert!(out.status.success(), "python3: {}", out.stderr);
     serde_json::from_str(&out.stdout).unwrap()
 }
@@ -122,12 +127,18 @@ fn complete_and_built_messages_are_queued_and_relayed() {
     assert_eq!(answer["accepted"], 2, "{answer}");
     let messages = answer["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 1, "{answer}");
-    assert_eq!(messages[0]["recipients"], json!(["a@example.net", "b@example.net"]));
+    assert_eq!(
+        messages[0]["recipients"],
+        json!(["a@example.net", "b@example.net"])
+    );
     let rejected = answer["rejected"].as_array().unwrap();
     assert_eq!(rejected.len(), 2, "{answer}");
     assert!(rejected.iter().all(|r| r["temporary"] == false), "{answer}");
     assert!(
-        rejected[1]["reason"].as_str().unwrap().starts_with("550 5.1.2"),
+        rejected[1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("550 5.1.2"),
         "{answer}"
     );
     // Queued before the answer: the id is in the spool (or already gone
@@ -200,7 +211,13 @@ fn complete_and_built_messages_are_queued_and_relayed() {
     assert_eq!(zoe["subject"], "Grüße, Zoë", "{zoe}");
     let zparts = zoe["parts"].as_array().unwrap();
     assert_eq!(zparts[0]["cte"], "quoted-printable", "{zoe}");
-    assert!(zparts[0]["text"].as_str().unwrap().starts_with("Hello Zoë,"), "{zoe}");
+    assert!(
+        zparts[0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Hello Zoë,"),
+        "{zoe}"
+    );
     assert_ne!(zoe["message_id"], bob["message_id"]);
     // The shared message: both recipients, one copy, To: undisclosed.
     let d = at_sink(&sink, "d@example.net");
@@ -213,14 +230,23 @@ fn complete_and_built_messages_are_queued_and_relayed() {
 
     // Counted and logged.
     let metrics = common::http_get(server.admin.unwrap(), "/metrics");
-    assert_eq!(common::metric(&metrics, "ringmta_inject_messages_total", &[]), 4.0);
-    assert_eq!(common::metric(&metrics, "ringmta_inject_recipients_total", &[]), 6.0);
     assert_eq!(
-        common::metric(&metrics, "ringmta_inject_requests_total", &["status=\"200\""]),
+        common::metric(&metrics, "ringmta_inject_messages_total", &[]),
+        4.0
+    );
+    assert_eq!(
+        common::metric(&metrics, "ringmta_inject_recipients_total", &[]),
+        6.0
+    );
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "ringmta_inject_requests_total",
+            &["status=\"200\""]
+        ),
         2.0
     );
-    assert!(server.wait_for_log("event=\"inject\"", Duration::from_secs(5))
-        || server.wait_for_log("event=inject", Duration::from_secs(5)));
+    assert!(server.wait_for_log("event=\"inject\"", Duration::from_secs(5)));
 }
 
 #[test]
@@ -229,7 +255,12 @@ fn errors_are_answered_in_json_with_their_status() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "s3cret-token-for-tests\n").unwrap();
     let server = Server::builder()
-        .args(["--local-domain", "example.net", "--max-message-size", "100K"])
+        .args([
+            "--local-domain",
+            "example.net",
+            "--max-message-size",
+            "100K",
+        ])
         .args(["--inject-max-recipients", "3", "--admin-token-file"])
         .arg(token_file.to_str().unwrap())
         .start();
@@ -242,14 +273,22 @@ fn errors_are_answered_in_json_with_their_status() {
     assert_eq!(code, 401, "{v}");
     let (code, _) = post(&server, "/v1/inject", body.as_bytes(), Some("wrong"));
     assert_eq!(code, 401);
-    assert!(server.queued().is_empty(), "nothing queued without the token");
+    assert!(
+        server.queued().is_empty(),
+        "nothing queued without the token"
+    );
     let (code, v) = post(&server, "/v1/inject", body.as_bytes(), tok);
     assert_eq!(code, 200, "{v}");
 
     let (code, v) = post(&server, "/v1/inject", b"{\"mail_from\": ", tok);
     assert_eq!(code, 400, "{v}");
     assert!(v["error"].as_str().unwrap().contains("bad JSON"), "{v}");
-    let (code, v) = post(&server, "/v1/inject", b"{\"mail_from\":\"\",\"recipients\":[\"x@example.net\"],\"bogus\":1}", tok);
+    let (code, v) = post(
+        &server,
+        "/v1/inject",
+        b"{\"mail_from\":\"\",\"recipients\":[\"x@example.net\"],\"bogus\":1}",
+        tok,
+    );
     assert_eq!(code, 400, "{v}");
 
     // Header injection through a value or a variable.
@@ -288,9 +327,14 @@ fn errors_are_answered_in_json_with_their_status() {
     assert_eq!(v["rejected"].as_array().unwrap().len(), 2, "{v}");
     assert_eq!(server.queued().len(), before);
 
-    // Not a JSON route: GET is 405.
     let metrics = common::http_get(server.admin.unwrap(), "/metrics");
-    assert!(common::metric(&metrics, "ringmta_inject_requests_total", &["status=\"401\""]) >= 2.0);
+    assert!(
+        common::metric(
+            &metrics,
+            "ringmta_inject_requests_total",
+            &["status=\"401\""]
+        ) >= 2.0
+    );
 }
 
 #[test]

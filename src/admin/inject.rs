@@ -134,8 +134,9 @@ impl Injector {
             };
             let built = match (&call.message, &call.content) {
                 (Some(raw), _) => inject::raw_message(raw, group.vars, stamp),
-                (None, Some(c)) => inject::build(c, group.vars, &group.rcpts, stamp)
-                    .map(|b| (b, false)),
+                (None, Some(c)) => {
+                    inject::build(c, group.vars, &group.rcpts, stamp).map(|b| (b, false))
+                }
                 (None, None) => unreachable!("Plan::new checked"),
             };
             let (body, eight_bit) = match built {
@@ -174,11 +175,20 @@ impl Injector {
         let status = match (&stop, out.accepted) {
             (_, 1..) => 200,
             (Some((code, _)), 0) => *code,
-            (None, 0) if out.too_large && out.rejected.iter().all(|r| r.reason.starts_with("552")) => 413,
+            (None, 0)
+                if out.too_large && out.rejected.iter().all(|r| r.reason.starts_with("552")) =>
+            {
+                413
+            }
             (None, 0) => 422,
         };
         let rejected = out.rejected.len() as u64;
-        crate::metrics::injected(status, out.messages.len() as u64, out.accepted as u64, rejected);
+        crate::metrics::injected(
+            status,
+            out.messages.len() as u64,
+            out.accepted as u64,
+            rejected,
+        );
         tracing::info!(
             peer = %client,
             status,
@@ -248,7 +258,11 @@ impl Injector {
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 for r in rcpts.into_iter().flatten() {
-                    out.reject(r, "451 4.3.0 the shard did not answer in time; may be queued", true);
+                    out.reject(
+                        r,
+                        "451 4.3.0 the shard did not answer in time; may be queued",
+                        true,
+                    );
                 }
                 return Some((
                     504,
@@ -413,5 +427,8 @@ fn message_id(hostname: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("<{nanos:x}.{seq:x}.inject.{}@{hostname}>", std::process::id())
+    format!(
+        "<{nanos:x}.{seq:x}.inject.{}@{hostname}>",
+        std::process::id()
+    )
 }

@@ -119,9 +119,7 @@ async fn store_one(
             tracing::warn!(peer = %who, error = %e, "injected message not stored");
             match e.commit_result() {
                 CommitResult::NoSpace => {
-                    state
-                        .metrics
-                        .shortage(crate::metrics::Shortage::DiskFull);
+                    state.metrics.shortage(crate::metrics::Shortage::DiskFull);
                     Err(InjectFailure::NoSpace)
                 }
                 _ => Err(InjectFailure::Failed),

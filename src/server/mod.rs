@@ -9,8 +9,8 @@
 
 pub mod budget;
 mod conn;
-mod inject;
 pub mod dkim;
+mod inject;
 mod limits;
 pub mod listener;
 mod proxy;

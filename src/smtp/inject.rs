@@ -126,7 +126,10 @@ const STRUCTURAL: &[&str] = &[
 /// The envelope sender, checked by the SMTP parser as `MAIL FROM:<addr>`:
 /// `None` for the null reverse-path, and whether it needs SMTPUTF8.
 pub fn check_sender(addr: &str) -> Result<(Option<String>, bool), String> {
-    if addr.bytes().any(|b| matches!(b, b'<' | b'>' | b'\r' | b'\n' | 0)) {
+    if addr
+        .bytes()
+        .any(|b| matches!(b, b'<' | b'>' | b'\r' | b'\n' | 0))
+    {
         return Err(format!("mail_from {addr:?}: not an address"));
     }
     let line = format!("MAIL FROM:<{addr}>");
@@ -147,7 +150,10 @@ pub fn check_sender(addr: &str) -> Result<(Option<String>, bool), String> {
 /// qualified) and whether it needs SMTPUTF8; else the refusal as the SMTP
 /// reply would give it.
 pub fn check_recipient(cfg: &SessionConfig, addr: &str) -> Result<(String, bool), String> {
-    if addr.bytes().any(|b| matches!(b, b'<' | b'>' | b'\r' | b'\n' | 0)) {
+    if addr
+        .bytes()
+        .any(|b| matches!(b, b'<' | b'>' | b'\r' | b'\n' | 0))
+    {
         return Err("501 5.1.3 Bad recipient address syntax".into());
     }
     let line = format!("RCPT TO:<{addr}>");
@@ -346,10 +352,8 @@ pub fn build(
             // holding it is sent quoted-printable (see `part`).
             let boundary = format!("=_ringmta_{}", boundary_tag(stamp.message_id));
             out.extend_from_slice(
-                format!(
-                    "Content-Type: multipart/alternative;\r\n boundary=\"{boundary}\"\r\n\r\n"
-                )
-                .as_bytes(),
+                format!("Content-Type: multipart/alternative;\r\n boundary=\"{boundary}\"\r\n\r\n")
+                    .as_bytes(),
             );
             out.extend_from_slice(b"This is a multi-part message in MIME format.\r\n");
             for (sub, body) in [("plain", &text), ("html", &html)] {
@@ -525,8 +529,8 @@ pub fn quoted_printable(out: &mut Vec<u8>, crlf: &[u8]) {
         let mut col = 0;
         for (i, &b) in line.iter().enumerate() {
             let at_end = i + 1 == line.len();
-            let plain = (b == b' ' || b == b'\t') && !at_end
-                || (33..=126).contains(&b) && b != b'=';
+            let plain =
+                (b == b' ' || b == b'\t') && !at_end || (33..=126).contains(&b) && b != b'=';
             let width = if plain { 1 } else { 3 };
             // Room for the soft break's `=`.
             if col + width > 75 {
@@ -592,7 +596,10 @@ mod tests {
             "Hi Zoë, Zoë! {{other}} {{"
         );
         assert!(substitute("x {{n}}", Some(&vars), true).is_err());
-        assert_eq!(substitute("x {{n}}", Some(&vars), false).unwrap(), "x a\r\nb");
+        assert_eq!(
+            substitute("x {{n}}", Some(&vars), false).unwrap(),
+            "x a\r\nb"
+        );
         assert_eq!(substitute("{{name}}", None, true).unwrap(), "{{name}}");
     }
 
@@ -686,8 +693,8 @@ mod tests {
     #[test]
     fn raw_messages_get_crlf_and_completion() {
         let vars: BTreeMap<String, String> = [("n".into(), "Bob".into())].into();
-        let (m, eight) = raw_message("Subject: hi {{n}}\n\nbody {{n}}\n", Some(&vars), stamp())
-            .unwrap();
+        let (m, eight) =
+            raw_message("Subject: hi {{n}}\n\nbody {{n}}\n", Some(&vars), stamp()).unwrap();
         let s = String::from_utf8(m).unwrap();
         assert!(!eight);
         assert!(s.starts_with("Date: "), "{s}");
