@@ -369,3 +369,84 @@ fn ten_thousand_recipients_in_one_call() {
         server.queued().is_empty()
     });
 }
+
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full spool: the call is answered 507 with its recipients listed as
+/// temporary, every id an earlier answer gave is queued, and calls succeed
+/// again once there is room (a small tmpfs the test mounts: root, as CI).
+#[test]
+fn full_spool_is_507_and_acknowledged_ids_are_queued() {
+    let root = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(root.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must be able to mount a tmpfs"
+        );
+        eprintln!("SKIPPED: cannot mount tmpfs (not root)");
+        return;
+    }
+    let _mount = Mount(root.path().to_owned());
+    let server = Server::builder()
+        .shards(1)
+        .spool_dir(&root.path().join("spool"))
+        .args(["--local-domain", "example.net"])
+        .start();
+    let text = format!("{}\n", "z".repeat(70)).repeat(800);
+    let mut acked = Vec::new();
+    let mut full = None;
+    for n in 0..60 {
+        let call = json!({"mail_from": "f@example.org", "recipients": [format!("n{n}@example.net")],
+                          "message": format!("Subject: {n}\r\n\r\n{text}")});
+        let (code, v) = post(&server, "/v1/inject", call.to_string().as_bytes(), None);
+        match code {
+            200 => acked.push(v["messages"][0]["id"].as_str().unwrap().to_owned()),
+            507 => {
+                full = Some(v);
+                break;
+            }
+            other => panic!("{other}: {v}"),
+        }
+    }
+    let full = full.expect("the spool filled up");
+    assert!(!acked.is_empty());
+    assert_eq!(full["accepted"], 0, "{full}");
+    assert_eq!(full["rejected"][0]["temporary"], true, "{full}");
+    assert!(full["rejected"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("452 4.3.1"));
+    let mut queued = server.queued_ids();
+    queued.sort();
+    acked.sort();
+    assert_eq!(
+        queued, acked,
+        "queued messages differ from acknowledged ones"
+    );
+
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=16m"])
+        .arg(root.path())
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let call = json!({"mail_from": "f@example.org", "recipients": ["again@example.net"],
+                      "message": "Subject: again\r\n\r\nroom again\r\n"});
+    let (code, v) = post(&server, "/v1/inject", call.to_string().as_bytes(), None);
+    assert_eq!(code, 200, "{v}");
+}

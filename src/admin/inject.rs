@@ -341,13 +341,16 @@ impl<'a> Plan<'a> {
             inject::check_sender(&call.mail_from).map_err(|e| Response::error(400, &e))?;
         // The parts must build without any vars: what fails then fails for
         // every recipient, and is the caller's error.
-        if let Some(c) = &call.content {
-            let stamp = Stamp {
-                date: "Thu, 1 Jan 1970 00:00:00 +0000",
-                message_id: "<check@localhost>",
-            };
-            inject::build(c, None, &[], stamp).map_err(|e| Response::error(400, &e))?;
-        }
+        let stamp = Stamp {
+            date: "Thu, 1 Jan 1970 00:00:00 +0000",
+            message_id: "<check@localhost>",
+        };
+        let trial = match (&call.message, &call.content) {
+            (Some(raw), _) => inject::raw_message(raw, None, stamp).map(|_| ()),
+            (None, Some(c)) => inject::build(c, None, &[], stamp).map(|_| ()),
+            (None, None) => Ok(()),
+        };
+        trial.map_err(|e| Response::error(400, &e))?;
         let mut plan = Plan {
             mail_from,
             smtputf8,
@@ -355,11 +358,14 @@ impl<'a> Plan<'a> {
             own: Vec::new(),
             rejected: Vec::new(),
         };
+        // A recipient given twice without vars is queued once.
+        let mut shared_seen = std::collections::HashSet::new();
         for spec in &call.recipients {
             match inject::check_recipient(session, spec.address()) {
                 Ok((addr, utf8)) => match spec.vars() {
                     Some(vars) => plan.own.push((addr, utf8, vars)),
-                    None => plan.shared.push((addr, utf8)),
+                    None if shared_seen.insert(addr.clone()) => plan.shared.push((addr, utf8)),
+                    None => {}
                 },
                 Err(why) => plan.rejected.push(Rejected {
                     rcpt: spec.address().to_owned(),
