@@ -450,3 +450,44 @@ fn full_spool_is_507_and_acknowledged_ids_are_queued() {
     let (code, v) = post(&server, "/v1/inject", call.to_string().as_bytes(), None);
     assert_eq!(code, 200, "{v}");
 }
+
+/// 10,000 recipients, each with vars: 10,000 messages, each with its own
+/// substitution, all at the sink exactly once.
+#[test]
+fn ten_thousand_recipients_with_vars_get_a_message_each() {
+    let (server, sink) = pair(&[]);
+    let recipients: Vec<Value> = (0..10_000)
+        .map(|i| json!({"address": format!("v{i}@example.net"), "vars": {"n": i.to_string()}}))
+        .collect();
+    let call = json!({
+        "mail_from": "bulk@example.org",
+        "recipients": recipients,
+        "message": "From: bulk@example.org\r\nSubject: number {{n}}\r\n\r\nyou are {{n}}\r\n"
+    });
+    let started = Instant::now();
+    let (code, answer) = post(&server, "/v1/inject", call.to_string().as_bytes(), None);
+    eprintln!("10,000 messages injected in {:?}", started.elapsed());
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["accepted"], 10_000);
+    assert_eq!(answer["messages"].as_array().unwrap().len(), 10_000);
+
+    wait_until("all 10,000 at the sink", Duration::from_secs(300), || {
+        sink.queued().len() == 10_000
+    });
+    eprintln!("and at the sink after {:?}", started.elapsed());
+    for q in sink.queued() {
+        assert_eq!(q.rcpts.len(), 1);
+        let n = q.rcpts[0]
+            .trim_start_matches('v')
+            .split('@')
+            .next()
+            .unwrap()
+            .to_owned();
+        let text = String::from_utf8_lossy(q.content()).into_owned();
+        assert!(
+            text.contains(&format!("Subject: number {n}\r\n"))
+                && text.ends_with(&format!("you are {n}\r\n")),
+            "{text}"
+        );
+    }
+}
