@@ -231,16 +231,19 @@ impl Injector {
         // when all are, the call waits for room (bounded by the deadline).
         while let Some(r) = req.take() {
             let mut pending = Some(r);
+            let mut full = 0;
             for _ in 0..self.shards.len() {
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len();
                 let Some(r) = pending.take() else { break };
                 if let Err(e) = self.shards[i].clone().try_send(r) {
+                    full += usize::from(e.is_full());
                     pending = Some(e.into_inner());
                 }
             }
             if pending.is_some() {
                 req = pending;
-                if Instant::now() > deadline {
+                // Every channel closed: the shards are stopping.
+                if full == 0 || Instant::now() > deadline {
                     let why = "the shards are busy; try again";
                     for r in rcpts.into_iter().flatten() {
                         out.reject(r, "451 4.3.0 not tried: the shards are busy", true);

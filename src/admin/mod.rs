@@ -1,13 +1,15 @@
 //! The admin HTTP listener (`--admin`, default `127.0.0.1:9525`): a small
 //! HTTP/1.1 responder on threads of its own, outside the shards, serving
-//! [`crate::metrics`] at `GET /metrics` and the JSON queue-control API
+//! [`crate::metrics`] at `GET /metrics`, the JSON queue-control API
 //! under `/api/v1/` ([`api`]; [`client`] is the blocking client
-//! `ringmta queue` uses).
+//! `ringmta queue` uses) and HTTP injection at `POST /v1/inject`
+//! ([`inject`]).
 //!
 //! Routes are a table of (method, path) → handler ([`Router`]), so that
 //! more endpoints join by adding a line. Every connection is bounded: the
 //! request head is read with a timeout and refused past
-//! [`MAX_REQUEST`] bytes, a body past [`MAX_BODY`], the answer written
+//! [`MAX_REQUEST`] bytes, a body past [`MAX_BODY`] (or the route's own
+//! limit, [`Router::body_limit`]) or not in within [`BODY_TIMEOUT`], the answer written
 //! with a timeout, one request per connection (`Connection: close`), and
 //! at most [`MAX_CLIENTS`] served at once (more get 503). It must never
 //! touch a shard's state: metrics are what the shards publish (atomics),
@@ -542,6 +544,41 @@ mod tests {
         assert!(get(addr, chunked).starts_with("HTTP/1.1 400 "));
         let bad = b"POST /echo HTTP/1.1\r\nContent-Length: x\r\n\r\n";
         assert!(get(addr, bad).starts_with("HTTP/1.1 400 "));
+    }
+
+    #[test]
+    fn a_route_may_take_larger_bodies() {
+        let router = Router::default()
+            .route("POST", "/big", |r| {
+                Response::text(200, r.body.len().to_string())
+            })
+            .route("POST", "/small", |r| {
+                Response::text(200, r.body.len().to_string())
+            })
+            .body_limit("/big", MAX_BODY * 4);
+        let addr = start("127.0.0.1:0".parse().unwrap(), router).unwrap();
+        let body = vec![b'x'; MAX_BODY * 2];
+        let req = |path: &str| {
+            let mut r = format!(
+                "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(&body);
+            r
+        };
+        let out = get(addr, &req("/big"));
+        assert!(out.ends_with(&format!("\r\n\r\n{}", MAX_BODY * 2)), "{out}");
+        let small = format!(
+            "POST /small HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert!(get(addr, small.as_bytes()).starts_with("HTTP/1.1 413 "));
+        let over = format!(
+            "POST /big HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY * 4 + 1
+        );
+        assert!(get(addr, over.as_bytes()).starts_with("HTTP/1.1 413 "));
     }
 
     #[test]
