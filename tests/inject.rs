@@ -335,6 +335,11 @@ fn errors_are_answered_in_json_with_their_status() {
             &["status=\"401\""]
         ) >= 2.0
     );
+
+    // --inject-max-recipients 0: no such endpoint.
+    let off = Server::start(&["--inject-max-recipients", "0"]);
+    let (code, _) = post(&off, "/v1/inject", body.as_bytes(), None);
+    assert_eq!(code, 404);
 }
 
 #[test]
@@ -346,7 +351,9 @@ fn ten_thousand_recipients_in_one_call() {
         "recipients": recipients,
         "content": {"from": "Bulk <bulk@example.org>", "subject": "bulk", "text": "one call, many recipients"}
     });
+    let started = Instant::now();
     let (code, answer) = post(&server, "/v1/inject", call.to_string().as_bytes(), None);
+    eprintln!("10,000 recipients injected in {:?}", started.elapsed());
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["accepted"], 10_000);
     assert_eq!(answer["rejected"], json!([]));
@@ -365,6 +372,7 @@ fn ten_thousand_recipients_in_one_call() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen.len(), 10_000, "each recipient exactly once");
+    eprintln!("and at the sink after {:?}", started.elapsed());
     wait_until("the relay's queue drained", Duration::from_secs(60), || {
         server.queued().is_empty()
     });

@@ -310,6 +310,14 @@ fn read_body(
     if len > max {
         return Err(BodyError::TooLarge);
     }
+    // curl asks before a large body (RFC 9110 10.1.1): say go on at once
+    // rather than let it wait a second for an answer.
+    let expects = header(head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects && rest.len() < len {
+        stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .map_err(|_| BodyError::Io)?;
+    }
     let deadline = std::time::Instant::now() + BODY_TIMEOUT;
     rest.reserve(len.saturating_sub(rest.len()));
     let mut chunk = [0u8; 16384];
@@ -574,6 +582,21 @@ mod tests {
             MAX_BODY + 1
         );
         assert!(get(addr, small.as_bytes()).starts_with("HTTP/1.1 413 "));
+        // Expect: 100-continue is answered before the body is sent.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /big HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+            .unwrap();
+        let mut first = [0u8; 25];
+        s.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(b"abc").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200 ") && out.ends_with("\r\n\r\n3"),
+            "{out}"
+        );
         let over = format!(
             "POST /big HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
             MAX_BODY * 4 + 1
