@@ -25,6 +25,17 @@ use crate::smtp::CommitResult;
 /// order.
 pub(crate) async fn store_batch(state: &Rc<ShardState>, batch: InjectBatch) -> Answer {
     let client = batch.client;
+    // Counted in the shard's body budget while it is stored (its copy in
+    // the commit batch too), so SMTP clients see the room it takes; its
+    // size is bounded by the admin side (a batch of at most 16 MiB, or one
+    // message).
+    let held: usize = batch
+        .messages
+        .iter()
+        .map(|m| m.body.capacity() + m.body.len())
+        .sum();
+    let mut charge = state.budget.charge(client.ip());
+    charge.set(held);
     let tasks: Vec<_> = batch
         .messages
         .into_iter()
@@ -47,6 +58,7 @@ pub(crate) async fn store_batch(state: &Rc<ShardState>, batch: InjectBatch) -> A
     for t in tasks {
         results.push(t.await);
     }
+    drop(charge);
     Answer::Injected(results)
 }
 
