@@ -61,7 +61,7 @@ pub struct Cli {
     )]
     pub inject_max_recipients: usize,
 
-    /// File whose first line is the bearer token the admin API (/api/) requires (needed when --admin is not loopback; /metrics stays open).
+    /// File whose first line is the bearer token the admin API (/api/) and HTTP injection (/v1/inject) require (needed when --admin is not loopback; /metrics stays open).
     #[arg(long, value_name = "FILE", env = "RINGMTA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
