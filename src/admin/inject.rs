@@ -134,9 +134,11 @@ impl Injector {
             };
             let built = match (&call.message, &call.content) {
                 (Some(raw), _) => inject::raw_message(raw, group.vars, stamp),
-                (None, Some(c)) => {
-                    inject::build(c, group.vars, &group.rcpts, stamp).map(|b| (b, false))
-                }
+                // 7-bit, but for a non-ASCII recipient in a default `To:`.
+                (None, Some(c)) => inject::build(c, group.vars, &group.rcpts, stamp).map(|b| {
+                    let eight_bit = !b.is_ascii();
+                    (b, eight_bit)
+                }),
                 (None, None) => unreachable!("Plan::new checked"),
             };
             let (body, eight_bit) = match built {

@@ -281,7 +281,8 @@ pub fn raw_message(
 /// substituted when given): text/plain, text/html, or
 /// multipart/alternative of both, UTF-8, 7bit when every line is short
 /// ASCII, else quoted-printable; non-ASCII header text as RFC 2047
-/// encoded-words. 7-bit throughout.
+/// encoded-words. 7-bit throughout, but for a non-ASCII (SMTPUTF8)
+/// recipient the default `To:` names.
 pub fn build(
     content: &Content,
     vars: Option<&BTreeMap<String, String>>,
