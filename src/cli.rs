@@ -52,7 +52,16 @@ pub struct Cli {
           value_parser = parse_listen)]
     pub admin: Listen,
 
-    /// File whose first line is the bearer token the admin API (/api/) requires (needed when --admin is not loopback; /metrics stays open).
+    /// Most recipients one HTTP injection call (POST /v1/inject on --admin) may name (0: injection off).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RINGMTA_INJECT_MAX_RECIPIENTS",
+        default_value_t = 10_000
+    )]
+    pub inject_max_recipients: usize,
+
+    /// File whose first line is the bearer token the admin API (/api/) and HTTP injection (/v1/inject) require (needed when --admin is not loopback; /metrics stays open).
     #[arg(long, value_name = "FILE", env = "RINGMTA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
@@ -155,6 +164,16 @@ pub struct Cli {
         value_enum
     )]
     pub dkim_from_mismatch: crate::server::dkim::FromMismatch,
+
+    /// DKIM-sign mail from --relay-network clients on the relay/MX port (and mail injected over HTTP) for its From: domain when that domain has a --dkim-key: on or off.
+    #[arg(
+        long,
+        value_name = "ON|OFF",
+        env = "RINGMTA_DKIM_RELAY_NETWORK",
+        default_value = "off",
+        value_enum
+    )]
+    pub dkim_relay_network: Switch,
 
     /// Submission: add `Sender: <login address>` when From is not the authenticated user (RFC 6409 8.1).
     #[arg(long, env = "RINGMTA_ADD_SENDER_HEADER")]
@@ -796,6 +815,13 @@ pub enum TlsVerify {
 /// Whether inbound mail on the relay/MX port is verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InboundAuth {
+    On,
+    Off,
+}
+
+/// A feature turned on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
     On,
     Off,
 }

@@ -57,6 +57,12 @@ pub struct Config {
     pub dkim_keys: Vec<crate::server::dkim::KeySpec>,
     /// What to do with submitted mail From someone the login is not.
     pub dkim_from_mismatch: crate::server::dkim::FromMismatch,
+    /// `--dkim-relay-network`: sign mail from relay-network clients (and
+    /// injected mail) for its From: domain.
+    pub dkim_relay_network: bool,
+    /// `--inject-max-recipients`: recipients per HTTP injection call (0:
+    /// injection off).
+    pub inject_max_recipients: usize,
     /// Threads of the password-check, signing and Maildir pools.
     pub pools: Pools,
     pub relay: Arc<RelayConfig>,
@@ -335,6 +341,8 @@ impl Config {
             add_sender_header: cli.add_sender_header,
             dkim_keys: dkim_keys(cli)?,
             dkim_from_mismatch: cli.dkim_from_mismatch,
+            dkim_relay_network: cli.dkim_relay_network == crate::cli::Switch::On,
+            inject_max_recipients: cli.inject_max_recipients,
             pools: Pools {
                 auth_threads: cli.auth_threads.max(1),
                 dkim_threads: cli.dkim_threads.max(1),

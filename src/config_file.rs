@@ -39,6 +39,7 @@ pub const RELOADABLE: &[&str] = &[
     "allow-plaintext-auth-on-loopback",
     "add-sender-header",
     "dkim-from-mismatch",
+    "dkim-relay-network",
     "max-conns-per-shard",
     // Inbound verification, taken by every new message (SPF at MAIL FROM:
     // by every new connection).

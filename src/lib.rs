@@ -9,8 +9,10 @@
 //!   the [`smtp::Session`] state machine, the SASL PLAIN/LOGIN exchange
 //!   ([`smtp::auth`]; the password check is the driver's) and the RFC 6409
 //!   header completion of submitted mail ([`smtp::submit`]) and the PROXY
-//!   protocol v1/v2 header a load balancer sends first ([`smtp::proxy`]).
-//!   No sockets, files or clocks.
+//!   protocol v1/v2 header a load balancer sends first ([`smtp::proxy`]),
+//!   and the message side of HTTP injection ([`smtp::inject`]: the JSON
+//!   request, the sender and RCPT checks of a relay client, `{{name}}`
+//!   substitution, the MIME built from parts). No sockets, files or clocks.
 //! * [`server`] — the glommio glue and the only place with sockets: one shard
 //!   per core, each with its own SO_REUSEPORT listeners, connection tasks
 //!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
@@ -20,11 +22,15 @@
 //!   The connection driver runs a session over plain TCP or rustls
 //!   (STARTTLS, implicit TLS); [`server::tls`] holds the certificate,
 //!   [`server::users`] the argon2 users, [`server::dkim`] the keys that
-//!   sign submitted mail and [`server::recipients`] the
+//!   sign submitted mail (and, under `--dkim-relay-network on`, mail of
+//!   relay-network clients and injected mail) and [`server::recipients`] the
 //!   `--local-recipients` file, all reloaded on SIGHUP. Connections from
 //!   `--proxy-protocol-from` start with a PROXY header, read (`server::proxy`)
 //!   before the greeting or handshake; the client it names is the
 //!   session's peer, and the per-IP limit is taken for it only then.
+//!   `server::inject` stores the messages HTTP injection hands a shard
+//!   (signed on the pool when asked, one group commit for a batch) and
+//!   answers once they are durable.
 //! * [`spool`] — durability: per-shard append-only segment files of
 //!   checksummed records; messages that finish while a write+`fdatasync` is
 //!   in flight share the next one (group commit), and their 250s go out when
@@ -101,7 +107,10 @@
 //!   the JSON queue-control API ([`admin::api`], with an optional bearer
 //!   token), which reaches the shards only through a bounded command
 //!   channel per shard and a timed wait for their answers;
-//!   [`admin::client`] is the blocking client of `ringmta queue`.
+//!   [`admin::client`] is the blocking client of `ringmta queue`;
+//!   [`admin::inject`] is `POST /v1/inject`, which checks and builds the
+//!   messages and sends them to the shards round-robin in bounded batches
+//!   over the same channels, waiting for each batch's spool commit.
 //!   Bounded requests and bodies, timeouts, a cap on clients.
 //! * [`util`] — a leaf of small shared helpers: [`util::isolate`] (a task's
 //!   panic caught, not the shard's end) and [`util::supervise`] (a shard's

@@ -177,9 +177,21 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         Some(addr) => {
             let (senders, receivers) = ringmta::admin::api::channels(config.shards);
             control.receivers = receivers;
-            let api =
-                ringmta::admin::api::Api::new(senders, suspensions, shared.admin_token.clone());
-            let router = api.routes(ringmta::admin::Router::standard());
+            let api = ringmta::admin::api::Api::new(
+                senders.clone(),
+                suspensions,
+                shared.admin_token.clone(),
+            );
+            let mut router = api.routes(ringmta::admin::Router::standard());
+            if config.inject_max_recipients > 0 {
+                let injector = ringmta::admin::inject::Injector::new(
+                    senders,
+                    shared.admin_token.clone(),
+                    shared.clone(),
+                    config.inject_max_recipients,
+                );
+                router = injector.routes(router, config.session.max_message_size);
+            }
             Some(ringmta::admin::start(addr, router)?)
         }
         None => None,

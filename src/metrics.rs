@@ -171,6 +171,10 @@ pub struct Metrics {
     queue_messages: Family<ShardLabel, Gauge>,
     queue_held: Family<ShardLabel, Gauge>,
     suspended: Gauge,
+    inject_requests: Family<StatusLabel, Counter>,
+    inject_messages: Counter,
+    inject_recipients: Counter,
+    inject_rejected: Counter,
     queue_rcpts: Family<ShardDest, Gauge>,
     queue_oldest: Family<ShardDest, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
@@ -210,6 +214,20 @@ pub fn encode() -> String {
 /// Destinations suspended now (set by the admin API's suspend/resume).
 pub fn suspended_destinations() -> &'static Gauge {
     &global().suspended
+}
+
+/// Counts one HTTP injection call: its answer's status, the messages and
+/// recipients it queued, the recipients it did not.
+pub fn injected(status: u16, messages: u64, recipients: u64, rejected: u64) {
+    let m = global();
+    m.inject_requests
+        .get_or_create(&StatusLabel {
+            status: status.to_string(),
+        })
+        .inc();
+    m.inject_messages.inc_by(messages);
+    m.inject_recipients.inc_by(recipients);
+    m.inject_rejected.inc_by(rejected);
 }
 
 /// Bounds a peer-influenced destination name: the first
@@ -529,6 +547,11 @@ fn pack_enhanced(s: &str) -> Option<u32> {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ShardLabel {
     shard: String,
 }
@@ -629,6 +652,10 @@ impl Metrics {
             queue_messages: Family::default(),
             queue_held: Family::default(),
             suspended: Gauge::default(),
+            inject_requests: Family::default(),
+            inject_messages: Counter::default(),
+            inject_recipients: Counter::default(),
+            inject_rejected: Counter::default(),
             queue_rcpts: Family::default(),
             queue_oldest: Family::default(),
             deliveries: Family::default(),
@@ -738,6 +765,26 @@ impl Metrics {
             "queue_held_messages",
             "Messages on hold in the shard's queue (admin API hold; census every few seconds)",
             m.queue_held.clone(),
+        );
+        r.register(
+            "inject_requests",
+            "HTTP injection calls (POST /v1/inject), by the HTTP status answered",
+            m.inject_requests.clone(),
+        );
+        r.register(
+            "inject_messages",
+            "Messages stored and queued by HTTP injection",
+            m.inject_messages.clone(),
+        );
+        r.register(
+            "inject_recipients",
+            "Recipients stored and queued by HTTP injection",
+            m.inject_recipients.clone(),
+        );
+        r.register(
+            "inject_rejected_recipients",
+            "Recipients of HTTP injection calls not queued (refused by policy or not stored)",
+            m.inject_rejected.clone(),
         );
         r.register(
             "suspended_destinations",

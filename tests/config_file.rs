@@ -51,6 +51,8 @@ const SAMPLES: &[(&str, &str)] = &[
     ("dkim-threads", "3"),
     ("maildir-threads", "3"),
     ("dkim-from-mismatch", r#""unsigned""#),
+    ("dkim-relay-network", r#""on""#),
+    ("inject-max-recipients", "20000"),
     ("add-sender-header", "true"),
     (
         "dkim-key",
@@ -666,6 +668,7 @@ fn sighup_applies_every_reloadable_key() {
         ("allow-plaintext-auth-on-loopback", "true".into()),
         ("add-sender-header", "true".into()),
         ("dkim-from-mismatch", r#""unsigned""#.into()),
+        ("dkim-relay-network", r#""on""#.into()),
         ("max-conns-per-shard", "1000".into()),
         ("max-conns-per-ip", "2".into()),
         ("relay-host", r#""127.0.0.1:9""#.into()),

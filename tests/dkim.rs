@@ -781,3 +781,99 @@ fn a_key_that_does_not_load_stops_the_start() {
         .expect("does not start");
     assert!(err.to_string().contains("/nonexistent/key.pem"), "{err}");
 }
+
+/// `--dkim-relay-network on`: mail from a `--relay-network` client on the
+/// relay port (swaks, an application injecting on port 25) is signed for
+/// its From: domain, and dkimpy and mail-auth accept the signature; with
+/// the flag off (the default) the same message stays byte for byte what
+/// was sent. Mail injected over HTTP is signed by the same rule.
+#[test]
+fn relay_network_mail_is_signed_when_asked() {
+    let Some(swaks) = peer_program("swaks", "swaks") else {
+        return;
+    };
+    let Some(python) = dkimpy() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let rsa = keygen(dir.path(), "example.org", "r1", "rsa");
+    let ed = keygen(dir.path(), "example.org", "e1", "ed25519");
+    let keys = [&rsa, &ed];
+    let file = dir.path().join("message.eml");
+    let sent = message("App <app@example.org>");
+    // swaks ends the data with CRLF . CRLF itself.
+    std::fs::write(&file, &sent.as_bytes()[..sent.len() - 2]).unwrap();
+    let via_swaks = |server: &Server| -> Vec<u8> {
+        let port = server.port.to_string();
+        let data = format!("@{}", file.display());
+        let args = [
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--helo",
+            "app.example",
+            "--from",
+            "app@example.org",
+            "--to",
+            RCPT,
+            "--data",
+            &data,
+            "--timeout",
+            "10",
+        ];
+        let run = run_peer(&swaks, &args, PEER_TIMEOUT);
+        assert!(run.status.success(), "swaks: {}{}", run.stdout, run.stderr);
+        let q = server.newest().expect("queued");
+        assert!(run.stdout.contains(&q.id), "{}", run.stdout);
+        q.content().to_vec()
+    };
+    let start = |on: &str| {
+        let mut b =
+            Server::builder().args(["--relay-network", "127.0.0.0/8", "--dkim-relay-network", on]);
+        for k in keys {
+            b = b.arg("--dkim-key").arg(k.flag());
+        }
+        b.start()
+    };
+
+    let off = start("off");
+    assert_eq!(via_swaks(&off), sent.as_bytes(), "unsigned, byte for byte");
+
+    let on = start("on");
+    let signed = via_swaks(&on);
+    assert_eq!(
+        signature_count(&signed),
+        2,
+        "{}",
+        String::from_utf8_lossy(&signed)
+    );
+    assert!(signed.ends_with(sent.as_bytes()), "only added in front");
+    dkimpy_verify(&python, &signed, &keys).unwrap();
+    let got = mail_auth_verify(&signed, &keys);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|(pass, ..)| *pass), "{got:?}");
+
+    // HTTP injection on the same server: signed by the same rule.
+    let call = serde_json::json!({
+        "mail_from": "app@example.org",
+        "recipients": [RCPT],
+        "content": {"from": "App <app@example.org>", "subject": "Grüße", "text": "héllo\n", "html": "<p>hi</p>"}
+    });
+    let curl = peer_program("curl", "curl").expect("curl");
+    let url = format!("http://{}/v1/inject", on.admin.unwrap());
+    let body = call.to_string();
+    let out = run_peer(&curl, &["-sS", "--data-binary", &body, &url], PEER_TIMEOUT);
+    assert!(out.status.success(), "{}", out.stderr);
+    let answer: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let id = answer["messages"][0]["id"]
+        .as_str()
+        .expect(&out.stdout)
+        .to_owned();
+    let injected = on.message(&id).content().to_vec();
+    assert_eq!(
+        signature_count(&injected),
+        2,
+        "{}",
+        String::from_utf8_lossy(&injected)
+    );
+    dkimpy_verify(&python, &injected, &keys).unwrap();
+}

@@ -101,23 +101,7 @@ impl Api {
     }
 
     fn authorized(&self, req: &Request) -> Result<(), Response> {
-        let Some(token) = self.token.load_full() else {
-            return Ok(());
-        };
-        // The scheme is case-insensitive (RFC 9110 11.1).
-        let given = req
-            .authorization
-            .as_deref()
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim());
-        match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-            _ => Err(Response::error(
-                401,
-                "a bearer token is required (--admin-token-file)",
-            )),
-        }
+        authorized(&self.token, req)
     }
 
     /// Sends `command` to every shard; their answers, or the response to
@@ -477,6 +461,29 @@ struct SuspendBody {
 #[serde(deny_unknown_fields)]
 struct ResumeBody {
     destination: String,
+}
+
+/// `Ok` when no token is set (`--admin-token-file`) or `req` carries it
+/// as `Authorization: Bearer <token>` (compared in constant time); else
+/// the 401 to answer.
+pub fn authorized(token: &ArcSwapOption<String>, req: &Request) -> Result<(), Response> {
+    let Some(token) = token.load_full() else {
+        return Ok(());
+    };
+    // The scheme is case-insensitive (RFC 9110 11.1).
+    let given = req
+        .authorization
+        .as_deref()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err(Response::error(
+            401,
+            "a bearer token is required (--admin-token-file)",
+        )),
+    }
 }
 
 fn selector_parts(s: &Selector) -> (&'static str, &str) {

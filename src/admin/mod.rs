@@ -1,13 +1,15 @@
 //! The admin HTTP listener (`--admin`, default `127.0.0.1:9525`): a small
 //! HTTP/1.1 responder on threads of its own, outside the shards, serving
-//! [`crate::metrics`] at `GET /metrics` and the JSON queue-control API
+//! [`crate::metrics`] at `GET /metrics`, the JSON queue-control API
 //! under `/api/v1/` ([`api`]; [`client`] is the blocking client
-//! `ringmta queue` uses).
+//! `ringmta queue` uses) and HTTP injection at `POST /v1/inject`
+//! ([`inject`]).
 //!
 //! Routes are a table of (method, path) → handler ([`Router`]), so that
 //! more endpoints join by adding a line. Every connection is bounded: the
 //! request head is read with a timeout and refused past
-//! [`MAX_REQUEST`] bytes, a body past [`MAX_BODY`], the answer written
+//! [`MAX_REQUEST`] bytes, a body past [`MAX_BODY`] (or the route's own
+//! limit, [`Router::body_limit`]) or not in within [`BODY_TIMEOUT`], the answer written
 //! with a timeout, one request per connection (`Connection: close`), and
 //! at most [`MAX_CLIENTS`] served at once (more get 503). It must never
 //! touch a shard's state: metrics are what the shards publish (atomics),
@@ -16,6 +18,7 @@
 
 pub mod api;
 pub mod client;
+pub mod inject;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -34,6 +37,9 @@ pub const MAX_BODY: usize = 64 << 10;
 pub const MAX_CLIENTS: usize = 8;
 /// How long a client may take to send its request, and to read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a whole body (each read within
+/// [`IO_TIMEOUT`] besides).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -88,8 +94,11 @@ pub struct Request {
     pub query: Option<String>,
     /// The `Authorization` header's value, if any.
     pub authorization: Option<String>,
-    /// The body (`Content-Length` octets, at most [`MAX_BODY`]).
+    /// The body (`Content-Length` octets, at most [`MAX_BODY`] or the
+    /// route's own limit, [`Router::body_limit`]).
     pub body: Vec<u8>,
+    /// The client's address (`None` in tests that make requests by hand).
+    pub peer: Option<SocketAddr>,
 }
 
 type Handler = Box<dyn Fn(&Request) -> Response + Send + Sync>;
@@ -100,6 +109,8 @@ type Handler = Box<dyn Fn(&Request) -> Response + Send + Sync>;
 #[derive(Default)]
 pub struct Router {
     routes: Vec<(&'static str, &'static str, Handler)>,
+    /// Paths whose bodies may be larger than [`MAX_BODY`].
+    body_limits: Vec<(&'static str, usize)>,
 }
 
 impl Router {
@@ -120,6 +131,20 @@ impl Router {
     ) -> Router {
         self.routes.push((method, path, Box::new(handler)));
         self
+    }
+
+    /// Lets requests to exactly `path` carry bodies of up to `limit`
+    /// octets (read within [`BODY_TIMEOUT`]).
+    pub fn body_limit(mut self, path: &'static str, limit: usize) -> Router {
+        self.body_limits.push((path, limit));
+        self
+    }
+
+    fn max_body(&self, path: &str) -> usize {
+        self.body_limits
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or(MAX_BODY, |(_, n)| (*n).max(MAX_BODY))
     }
 
     pub fn handle(&self, req: &Request) -> Response {
@@ -216,9 +241,10 @@ impl Drop for Busy {
 fn serve(stream: &mut TcpStream, router: &Router) {
     let answer = match read_head(stream) {
         Ok((head, rest)) => match parse_head(&head) {
-            Some(mut req) => match read_body(stream, &head, rest) {
+            Some(mut req) => match read_body(stream, &head, rest, router.max_body(&req.path)) {
                 Ok(body) => {
                     req.body = body;
+                    req.peer = stream.peer_addr().ok();
                     let resp = router.handle(&req);
                     Some((resp, req.method != "HEAD"))
                 }
@@ -260,10 +286,15 @@ enum BodyError {
     Io,
 }
 
-/// Reads the body the head announces (`Content-Length`, at most
-/// [`MAX_BODY`]; no chunked bodies), `rest` being what came after the
-/// head already.
-fn read_body(stream: &mut TcpStream, head: &[u8], mut rest: Vec<u8>) -> Result<Vec<u8>, BodyError> {
+/// Reads the body the head announces (`Content-Length`, at most `max`;
+/// no chunked bodies) within [`BODY_TIMEOUT`], `rest` being what came
+/// after the head already.
+fn read_body(
+    stream: &mut TcpStream,
+    head: &[u8],
+    mut rest: Vec<u8>,
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
     let len = match header(head, "content-length") {
         None => 0,
         Some(v) => v
@@ -276,11 +307,24 @@ fn read_body(stream: &mut TcpStream, head: &[u8], mut rest: Vec<u8>) -> Result<V
             "Transfer-Encoding is not accepted: send Content-Length",
         ));
     }
-    if len > MAX_BODY {
+    if len > max {
         return Err(BodyError::TooLarge);
     }
-    let mut chunk = [0u8; 4096];
+    // curl asks before a large body (RFC 9110 10.1.1): say go on at once
+    // rather than let it wait a second for an answer.
+    let expects = header(head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects && rest.len() < len {
+        stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .map_err(|_| BodyError::Io)?;
+    }
+    let deadline = std::time::Instant::now() + BODY_TIMEOUT;
+    rest.reserve(len.saturating_sub(rest.len()));
+    let mut chunk = [0u8; 16384];
     while rest.len() < len {
+        if std::time::Instant::now() > deadline {
+            return Err(BodyError::Io);
+        }
         match stream.read(&mut chunk) {
             Ok(0) | Err(_) => return Err(BodyError::Io),
             Ok(n) => rest.extend_from_slice(&chunk[..n]),
@@ -349,6 +393,7 @@ pub fn parse_head(head: &[u8]) -> Option<Request> {
         query,
         authorization: header(head, "authorization").map(str::to_owned),
         body: Vec::new(),
+        peer: None,
     })
 }
 
@@ -361,10 +406,12 @@ fn write_response(stream: &mut TcpStream, resp: &Response, body: bool) -> io::Re
         405 => "Method Not Allowed",
         409 => "Conflict",
         413 => "Content Too Large",
+        422 => "Unprocessable Content",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
+        507 => "Insufficient Storage",
         _ => "",
     };
     let challenge = if resp.status == 401 {
@@ -424,6 +471,7 @@ mod tests {
             query: None,
             authorization: None,
             body: Vec::new(),
+            peer: None,
         };
         assert_eq!(router.handle(&req("GET", "/p/abc")).body, b"/p/abc");
         assert_eq!(router.handle(&req("GET", "/p/x")).status, 405);
@@ -504,6 +552,56 @@ mod tests {
         assert!(get(addr, chunked).starts_with("HTTP/1.1 400 "));
         let bad = b"POST /echo HTTP/1.1\r\nContent-Length: x\r\n\r\n";
         assert!(get(addr, bad).starts_with("HTTP/1.1 400 "));
+    }
+
+    #[test]
+    fn a_route_may_take_larger_bodies() {
+        let router = Router::default()
+            .route("POST", "/big", |r| {
+                Response::text(200, r.body.len().to_string())
+            })
+            .route("POST", "/small", |r| {
+                Response::text(200, r.body.len().to_string())
+            })
+            .body_limit("/big", MAX_BODY * 4);
+        let addr = start("127.0.0.1:0".parse().unwrap(), router).unwrap();
+        let body = vec![b'x'; MAX_BODY * 2];
+        let req = |path: &str| {
+            let mut r = format!(
+                "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(&body);
+            r
+        };
+        let out = get(addr, &req("/big"));
+        assert!(out.ends_with(&format!("\r\n\r\n{}", MAX_BODY * 2)), "{out}");
+        let small = format!(
+            "POST /small HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert!(get(addr, small.as_bytes()).starts_with("HTTP/1.1 413 "));
+        // Expect: 100-continue is answered before the body is sent.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /big HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+            .unwrap();
+        let mut first = [0u8; 25];
+        s.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(b"abc").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200 ") && out.ends_with("\r\n\r\n3"),
+            "{out}"
+        );
+        let over = format!(
+            "POST /big HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY * 4 + 1
+        );
+        assert!(get(addr, over.as_bytes()).starts_with("HTTP/1.1 413 "));
     }
 
     #[test]

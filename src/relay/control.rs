@@ -123,6 +123,41 @@ pub enum Command {
     /// The destinations this shard has suspended now (the operator's and
     /// its own, from throttling replies).
     Suspensions,
+    /// Store these injected messages (HTTP injection) on this shard's
+    /// spool and queue them; answered with [`Answer::Injected`] once each
+    /// is durable or failed. Carried out by the shard glue
+    /// (`server::inject`), not [`execute`].
+    Inject(InjectBatch),
+}
+
+/// Messages built by the HTTP injection for one shard.
+#[derive(Debug, Clone)]
+pub struct InjectBatch {
+    /// The HTTP client (named in the trace header and the log).
+    pub client: std::net::SocketAddr,
+    pub messages: Vec<Injected>,
+}
+
+/// One injected message: checked envelope, complete content (CRLF).
+#[derive(Debug, Clone)]
+pub struct Injected {
+    /// `None`: the null reverse-path.
+    pub mail_from: Option<String>,
+    pub rcpts: Vec<String>,
+    pub body: Vec<u8>,
+    /// An address needs SMTPUTF8.
+    pub smtputf8: bool,
+    /// The content has 8-bit octets.
+    pub eight_bit: bool,
+}
+
+/// Why an injected message was not stored (nothing was acknowledged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InjectFailure {
+    /// The spool's disk is full (SMTP would answer 452).
+    NoSpace,
+    /// Signing or storing failed (SMTP would answer 451).
+    Failed,
 }
 
 /// A command on its way to a shard, with where the answer goes.
@@ -142,6 +177,8 @@ pub enum Answer {
     Count(usize),
     /// Suspended destinations (lowercase text) and when each ends.
     Suspended(Vec<(String, u64)>),
+    /// Per injected message, in order: its queue id, or why not stored.
+    Injected(Vec<Result<String, InjectFailure>>),
     Error(String),
 }
 
@@ -245,6 +282,7 @@ pub async fn execute(
             Answer::Count(relay.map_or(0, |r| usize::from(r.resume(&destination))))
         }
         Command::Suspensions => Answer::Suspended(relay.map_or_else(Vec::new, |r| r.suspensions())),
+        Command::Inject(_) => Answer::Error("injection is the shard glue's to carry out".into()),
     }
 }
 

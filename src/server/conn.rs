@@ -775,6 +775,12 @@ async fn store(
             }
         }
         None => match verify_inbound(shard, &mut msg, peer, spf, &mut auth).await {
+            Ok(added) if relay_signed(shard, peer) => {
+                match dkim_sign_trusted(shard, &mut msg, added, &peer.to_string()).await {
+                    Ok(added) => added,
+                    Err(refusal) => return refusal,
+                }
+            }
             Ok(added) => added,
             Err(refusal) => return refusal,
         },
@@ -993,6 +999,51 @@ async fn dkim_sign(
             };
         }
     };
+    sign_on_pool(shard, msg, added, signers, &peer.to_string()).await
+}
+
+/// Whether mail from `peer` (neither authenticated nor on the submission
+/// port's rules) is signed: `--dkim-relay-network on` and the client is in
+/// `--relay-network`.
+fn relay_signed(shard: &ShardState, peer: SocketAddr) -> bool {
+    let live = shard.ctx.shared.live.load();
+    live.dkim_relay_network
+        && !shard.ctx.shared.dkim.is_empty()
+        && live
+            .session
+            .relay_networks
+            .iter()
+            .any(|n| n.contains(peer.ip()))
+}
+
+/// Signs mail from a trusted source that has no login (a `--relay-network`
+/// client, an HTTP injection) for the first author domain that has keys:
+/// the source may send as anyone, so no author is a mismatch. `who` names
+/// the source in the log. `Err` (451) when signing failed.
+pub(crate) async fn dkim_sign_trusted(
+    shard: &ShardState,
+    msg: &mut Message,
+    added: Vec<u8>,
+    who: &str,
+) -> Result<Vec<u8>, CommitResult> {
+    let signers = shard.ctx.shared.dkim.signers();
+    let authors = submit::authors(&[&added, &msg.body]);
+    match dkim::plan(&signers, &authors, |_| true) {
+        dkim::Plan::Sign(signers) => sign_on_pool(shard, msg, added, signers, who).await,
+        // `Mismatch` only comes of fields that cannot be read: unsigned.
+        dkim::Plan::Unsigned | dkim::Plan::Mismatch(_) => Ok(added),
+    }
+}
+
+/// Runs the signatures of `added` + `msg.body` on the signing pool and
+/// puts them in front of `added`.
+async fn sign_on_pool(
+    shard: &ShardState,
+    msg: &mut Message,
+    added: Vec<u8>,
+    signers: Vec<std::sync::Arc<dkim::Signer>>,
+    who: &str,
+) -> Result<Vec<u8>, CommitResult> {
     // The pool needs owned data: the body moves there and back. Should the
     // job be refused or the connection go away, the body is lost with it:
     // the message is answered 451 and never acknowledged.
@@ -1009,11 +1060,11 @@ async fn dkim_sign(
             Ok(signed)
         }
         Ok((_, _, Err(e))) => {
-            tracing::error!(%peer, error = %e, "message refused (451): not signed");
+            tracing::error!(peer = %who, error = %e, "message refused (451): not signed");
             Err(CommitResult::Failed)
         }
         Err(e) => {
-            tracing::error!(%peer, error = %e, "message refused (451): not signed");
+            tracing::error!(peer = %who, error = %e, "message refused (451): not signed");
             Err(CommitResult::Failed)
         }
     }

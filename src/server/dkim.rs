@@ -1,4 +1,4 @@
-//! DKIM signing of submitted mail (RFC 6376; Ed25519 per RFC 8463): the
+//! DKIM signing of submitted and trusted mail (RFC 6376; Ed25519 per RFC 8463): the
 //! `--dkim-key DOMAIN:SELECTOR:PATH` keys, which of them sign a message, the
 //! `DKIM-Signature:` fields, and the key pairs `ringmta dkim-keygen` makes.
 //!
@@ -17,9 +17,12 @@
 //! taken from an author address (From, else Sender) the login may send as,
 //! by the same rule as the envelope sender, and signs nothing when another
 //! author address is at a domain with a key (`--dkim-from-mismatch` then
-//! refuses the message or stores it unsigned). This module
-//! only ever *adds* fields in front of a submitted message; it must never
-//! rewrite one, and never see mail from the relay port, which stays
+//! refuses the message or stores it unsigned). With
+//! `--dkim-relay-network on`, mail from `--relay-network` clients on the
+//! relay port and mail injected over HTTP (trusted sources without a
+//! login) is signed for its first author domain with keys. This module
+//! only ever *adds* fields in front of a message; it must never rewrite
+//! one, and never see other mail from the relay port, which stays
 //! byte-exact.
 
 use std::fmt;

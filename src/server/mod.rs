@@ -10,6 +10,7 @@
 pub mod budget;
 mod conn;
 pub mod dkim;
+mod inject;
 mod limits;
 pub mod listener;
 mod proxy;
@@ -114,6 +115,8 @@ pub struct Live {
     pub submission_session: Arc<SessionConfig>,
     pub add_sender_header: bool,
     pub dkim_from_mismatch: dkim::FromMismatch,
+    /// `--dkim-relay-network`.
+    pub dkim_relay_network: bool,
     pub max_conns_per_shard: usize,
     /// The relay/MX port's pre-greet screen and DNS lists.
     pub screen: Arc<ScreenConfig>,
@@ -143,6 +146,7 @@ impl Live {
             submission_session: with(&config.submission_session),
             add_sender_header: config.add_sender_header,
             dkim_from_mismatch: config.dkim_from_mismatch,
+            dkim_relay_network: config.dkim_relay_network,
             max_conns_per_shard: config.max_conns_per_shard,
             screen: config.screen.clone(),
             connection_rate: config.rates.connections > 0,

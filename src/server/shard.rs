@@ -303,13 +303,20 @@ async fn control_loop(
             let cfg = state.ctx.shared.relay.load_full();
             let mut answer = None;
             let done = crate::util::isolate(async {
-                let a = crate::relay::control::execute(
-                    req.command,
-                    &state.spool,
-                    state.relay.as_ref(),
-                    &cfg,
-                )
-                .await;
+                let a = match req.command {
+                    crate::relay::control::Command::Inject(batch) => {
+                        super::inject::store_batch(&state, batch).await
+                    }
+                    command => {
+                        crate::relay::control::execute(
+                            command,
+                            &state.spool,
+                            state.relay.as_ref(),
+                            &cfg,
+                        )
+                        .await
+                    }
+                };
                 answer = Some(a);
             })
             .await;

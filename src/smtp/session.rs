@@ -1173,22 +1173,7 @@ impl Session {
     /// (a `--route` decides first, as in delivery; then a local domain
     /// does).
     fn locality(&self, domain: &Domain<'_>) -> Locality {
-        let Domain::Name(d) = domain else {
-            return Locality::default();
-        };
-        let local_domain = self
-            .cfg
-            .local_domains
-            .iter()
-            .any(|l| l.eq_ignore_ascii_case(d));
-        let maildir = match crate::relay::route_for(&self.cfg.routes, &d.to_ascii_lowercase()) {
-            Some(t) => matches!(t, Target::Maildir(_)),
-            None => local_domain,
-        };
-        Locality {
-            local_domain,
-            maildir,
-        }
+        locality(&self.cfg, domain)
     }
 
     fn data(&mut self) {
@@ -1530,6 +1515,24 @@ const MAILBOX_REFUSED: Reply = Reply::new(550, "5.1.1", "Recipient address rejec
 
 /// A recipient the session takes: the address to store, and the ORCPT to
 /// keep when the client gave none (the address was rewritten).
+/// Whether `domain` is local under `cfg`, and whether its mail goes into a
+/// Maildir (a `--route` decides first, as in delivery; then a local domain
+/// does). Shared with the HTTP injection's recipient check.
+pub(crate) fn locality(cfg: &SessionConfig, domain: &Domain<'_>) -> Locality {
+    let Domain::Name(d) = domain else {
+        return Locality::default();
+    };
+    let local_domain = cfg.local_domains.iter().any(|l| l.eq_ignore_ascii_case(d));
+    let maildir = match crate::relay::route_for(&cfg.routes, &d.to_ascii_lowercase()) {
+        Some(t) => matches!(t, Target::Maildir(_)),
+        None => local_domain,
+    };
+    Locality {
+        local_domain,
+        maildir,
+    }
+}
+
 struct Accepted {
     addr: String,
     orcpt: Option<String>,

@@ -565,9 +565,26 @@ impl ShardSpool {
         tls: Option<&TlsInfo>,
         added: &[u8],
     ) -> Result<String, SpoolError> {
+        self.store_traced(
+            msg,
+            |env, host, id, now| env.trace_header(host, id, tls, now),
+            added,
+        )
+        .await
+    }
+
+    /// [`ShardSpool::store_with`] with the trace header made by `trace`
+    /// (from the envelope, this host's name, the queue id and the time):
+    /// mail that did not come by SMTP (HTTP injection) says so.
+    pub async fn store_traced(
+        &self,
+        msg: Message,
+        trace: impl FnOnce(&crate::smtp::Envelope, &str, &str, SystemTime) -> String,
+        added: &[u8],
+    ) -> Result<String, SpoolError> {
         let id = self.next_id();
         let now = SystemTime::now();
-        let received = msg.envelope.trace_header(&self.hostname, &id, tls, now);
+        let received = trace(&msg.envelope, &self.hostname, &id, now);
         let envelope = format::encode_envelope(&id, &msg.envelope, now);
         let location = self
             .writer
