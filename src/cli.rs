@@ -562,7 +562,7 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "RINGMTA_MAX_HOPS", default_value_t = 50)]
     pub max_hops: usize,
 
-    /// Outbound STARTTLS: opportunistic (when offered; plaintext otherwise) or require (else defer, 4.7.x).
+    /// Outbound STARTTLS: none, opportunistic (when offered; plaintext otherwise), require (else defer, 4.7.x), verify (a certificate valid for the host name, else defer) or dane (DANE where the host has secure TLSA records, else opportunistic).
     #[arg(
         long,
         value_name = "POLICY",
@@ -571,6 +571,20 @@ pub struct Cli {
         value_enum
     )]
     pub tls_policy: crate::relay::tls::TlsPolicy,
+
+    /// DANE (RFC 7672) for every destination whose TLS policy is not none: DNSSEC-secure TLSA records of an MX host (from the validating resolver of --dns-server, which must be local) make TLS with a matching certificate mandatory.
+    #[arg(
+        long,
+        value_name = "on|off",
+        env = "RINGMTA_DANE",
+        default_value = "off",
+        value_enum
+    )]
+    pub dane: TlsVerify,
+
+    /// More trust anchors (PEM) for verified outbound TLS (--tls-policy verify, --tls-verify on, DANE-TA is not affected), added to the bundled Mozilla roots.
+    #[arg(long, value_name = "PATH", env = "RINGMTA_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
 
     /// Verify the next hop's certificate against the bundled Mozilla roots (needs --tls-policy require).
     #[arg(

@@ -22,6 +22,7 @@
 pub mod classify;
 pub mod client;
 pub mod control;
+pub mod dane;
 mod deliver;
 pub mod dsn;
 pub mod handoff;
@@ -185,6 +186,10 @@ pub struct RelayConfig {
     pub tls_policy: tls::TlsPolicy,
     /// Verify the next hop's certificate (only with `require`).
     pub tls_verify: bool,
+    /// DANE for every destination whose policy is not `none` (`--dane`).
+    pub dane: bool,
+    /// More trust anchors for verified TLS (`--tls-ca-file`), read at start.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     pub tls_handshake_timeout: Duration,
     /// Work items per channel between two shards ([`handoff`]).
     pub handoff_capacity: usize,
@@ -327,6 +332,8 @@ mod tests {
             max_hops: 50,
             tls_policy: tls::TlsPolicy::Opportunistic,
             tls_verify: false,
+            dane: false,
+            tls_ca_file: None,
             tls_handshake_timeout: Duration::from_secs(30),
             handoff_capacity: 1024,
             tick: Duration::from_secs(1),

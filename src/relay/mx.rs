@@ -54,7 +54,12 @@ enum Request {
     Host(String, oneshot::Sender<Resolution>),
     /// The A records of an absolute name.
     A(String, oneshot::Sender<ARecords>),
+    /// A lookup with the AD bit for DANE (`dane`).
+    Secure(String, RecordType, oneshot::Sender<super::dane::Answer>),
 }
+
+/// Longest a DANE lookup (MX or TLSA with the AD bit) may take.
+const SECURE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The resolvers to ask: `dns_server` alone when given (over UDP, then
 /// TCP for truncated answers), else the system's. No resolver configured
@@ -94,6 +99,14 @@ impl Resolver {
     /// resolvers (for tests: a dnsmasq on a loopback port).
     pub fn start(dns_server: Option<SocketAddr>) -> std::io::Result<Resolver> {
         let config = resolver_config(dns_server);
+        // DANE's lookups go to one validating resolver whose AD bit is
+        // trusted: `--dns-server`, else the system's first.
+        let secure_server = dns_server.or_else(|| {
+            config
+                .name_servers()
+                .first()
+                .map(|ns| SocketAddr::new(ns.ip, 53))
+        });
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -122,6 +135,11 @@ impl Resolver {
                                         let _ = answer
                                             .send(ARecords::Failed(format!("no resolver: {e}")));
                                     }
+                                    Request::Secure(_, _, answer) => {
+                                        let _ = answer.send(super::dane::Answer::Failed(format!(
+                                            "no resolver: {e}"
+                                        )));
+                                    }
                                 }
                             }
                             return;
@@ -142,6 +160,23 @@ impl Resolver {
                                         }
                                         Request::Host(host, answer) => {
                                             let _ = answer.send(addresses(&r, &host).await);
+                                        }
+                                        Request::Secure(name, rtype, answer) => {
+                                            let a = match secure_server {
+                                                Some(server) => {
+                                                    super::dane::query(
+                                                        server,
+                                                        &name,
+                                                        rtype,
+                                                        SECURE_TIMEOUT,
+                                                    )
+                                                    .await
+                                                }
+                                                None => super::dane::Answer::Failed(
+                                                    "no DNS server configured".into(),
+                                                ),
+                                            };
+                                            let _ = answer.send(a);
                                         }
                                         Request::A(name, mut answer) => {
                                             let Some(_slot) = ASlot::take(&a_inflight) else {
@@ -197,6 +232,21 @@ impl Resolver {
         }
         rx.await
             .unwrap_or_else(|_| ARecords::Failed("resolver dropped the request".into()))
+    }
+
+    /// `name`'s records of type `rtype`, asked with the AD bit of the
+    /// validating resolver (DANE: `super::dane`).
+    pub async fn secure(&self, name: &str, rtype: RecordType) -> super::dane::Answer {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Request::Secure(name.to_owned(), rtype, tx))
+            .is_err()
+        {
+            return super::dane::Answer::Failed("resolver thread is gone".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| super::dane::Answer::Failed("resolver dropped the request".into()))
     }
 
     async fn ask(&self, req: Request, rx: oneshot::Receiver<Resolution>) -> Resolution {
