@@ -492,7 +492,7 @@ mod tests {
 
     fn cert(name: &str) -> (Vec<u8>, Vec<u8>) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let spki = key.public_key_der();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
         let c = rcgen::CertificateParams::new(vec![name.to_owned()])
             .unwrap()
             .self_signed(&key)
