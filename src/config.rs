@@ -262,6 +262,8 @@ impl Config {
             tls_policy: cli.tls_policy,
             tls_verify: tls_verify(cli)?,
             dane: cli.dane == crate::cli::TlsVerify::On,
+            mta_sts: cli.mta_sts == crate::cli::TlsVerify::On,
+            mta_sts_port: cli.mta_sts_port,
             tls_ca_file: match &cli.tls_ca_file {
                 Some(path) => {
                     let path = absolute(path)?;

@@ -70,9 +70,18 @@ pub enum Screened {
 }
 
 /// The results of `ringmta_outbound_tls_total`: how an outbound
-/// connection was protected, or `failed` (the handshake or the
-/// certificate check failed).
-pub const OUTBOUND_TLS: [&str; 5] = ["plain", "tls", "verified", "dane", "failed"];
+/// connection was protected, `failed` (the handshake or the certificate
+/// check failed), or `mta-sts-testing-failed` (a connection an MTA-STS
+/// policy in `testing` mode would have refused).
+pub const OUTBOUND_TLS: [&str; 7] = [
+    "plain",
+    "tls",
+    "verified",
+    "dane",
+    "mta-sts",
+    "failed",
+    "mta-sts-testing-failed",
+];
 
 /// The methods and results of `ringmta_inbound_auth_results_total` (the
 /// summary words of `inbound::auth`'s verdict); others are not counted.
@@ -798,7 +807,7 @@ impl Metrics {
         );
         r.register(
             "outbound_tls",
-            "Outbound connections ready for mail by protection (plain, tls, verified, dane), and failed outbound TLS handshakes or certificate checks (failed)",
+            "Outbound connections ready for mail by protection (plain, tls, verified, dane, mta-sts), failed outbound TLS handshakes or certificate checks (failed), connections an MTA-STS testing policy would refuse (mta-sts-testing-failed)",
             m.outbound_tls.clone(),
         );
         m

@@ -31,6 +31,7 @@ use super::client::{
     Awaiting, Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls,
 };
 use super::dane::{self, Dane};
+use super::mta_sts::{self, Mode};
 use super::handoff::{self, Attempt, Done, Handoff, Link, Mesh, Msg, RcptIndexes, Report};
 use super::maildir;
 use super::mx::{Resolution, Resolver};
@@ -161,6 +162,8 @@ pub struct Relay {
     /// Outbound STARTTLS verifying the certificate (bundled roots plus
     /// `--tls-ca-file`).
     tls_verified: TlsConnector,
+    /// The trust anchors of `tls_verified` (MTA-STS testing checks).
+    roots: Arc<rustls::RootCertStore>,
     ready: RefCell<VecDeque<QueueId>>,
     timers: RefCell<BinaryHeap<Reverse<(u64, QueueId)>>>,
     /// Recipients (message, envelope index) being delivered.
@@ -197,18 +200,18 @@ impl Relay {
         resolver: Resolver,
         maildir_pool: Arc<crate::blocking::BlockingPool>,
     ) -> Rc<Relay> {
+        let roots = Arc::new(match tls::roots(cfg.load().tls_ca_file.as_deref()) {
+            Ok(roots) => roots,
+            Err(e) => {
+                tracing::error!(error = %e, "--tls-ca-file: using the bundled roots alone");
+                // invariant: the bundled roots alone always load.
+                tls::roots(None).expect("bundled roots")
+            }
+        });
         let relay = Rc::new(Relay {
             tls_any: tls::connector(None),
-            tls_verified: tls::connector(Some(Arc::new(
-                match tls::roots(cfg.load().tls_ca_file.as_deref()) {
-                    Ok(roots) => roots,
-                    Err(e) => {
-                        tracing::error!(error = %e, "--tls-ca-file: using the bundled roots alone");
-                        // invariant: the bundled roots alone always load.
-                        tls::roots(None).expect("bundled roots")
-                    }
-                },
-            ))),
+            tls_verified: tls::connector(Some(roots.clone())),
+            roots,
             // invariant: 3 significant figures is within hdrhistogram's range.
             latency: RefCell::new(hdrhistogram::Histogram::new(3).expect("3 significant figures")),
             metrics: crate::metrics::shard(spool.shard()),
@@ -1103,13 +1106,55 @@ impl Relay {
                 Target::Smtp { .. } => true,
                 Target::Maildir(_) => false,
             };
+            // MTA-STS (RFC 8461) for MX destinations whose TLS is not off.
+            let sts = match target {
+                Target::Mx { domain, .. } if self.cfg().mta_sts && policy != TlsPolicy::None => self
+                    .resolver
+                    .mta_sts(domain)
+                    .await
+                    .filter(|p| p.mode != Mode::None),
+                _ => None,
+            };
+            let hosts = match (&sts, target) {
+                (Some(p), Target::Mx { domain, .. }) => {
+                    let (named, others): (Vec<_>, Vec<_>) =
+                        hosts.into_iter().partition(|(n, _)| p.matches(n));
+                    for (n, _) in others.iter().take(8) {
+                        tracing::warn!(%domain, mx = %n, mode = p.mode.name(), "MTA-STS: the policy does not name this MX host");
+                    }
+                    match p.mode {
+                        Mode::Enforce if named.is_empty() => {
+                            self.metrics.outbound_tls("failed");
+                            let why = format!(
+                                "451 4.7.5 MTA-STS: no MX host of {domain} matches its policy"
+                            );
+                            let trying = ms(resolved.elapsed());
+                            self.fail_work(first, &why, false, [resolving, trying], held)
+                                .await;
+                            continue;
+                        }
+                        // RFC 8461 4.2: hosts the policy does not name are
+                        // not used.
+                        Mode::Enforce => named,
+                        _ => {
+                            if !others.is_empty() {
+                                self.metrics.outbound_tls("mta-sts-testing-failed");
+                            }
+                            named.into_iter().chain(others).collect()
+                        }
+                    }
+                }
+                _ => hosts,
+            };
             // Try each host in order until one greets us (RFC 5321 5.1).
             let mut last_error = HostError::new("4.4.1", "no host to try".into());
             for (name, ip) in &hosts {
                 let opening = Instant::now();
                 self.pace(&shape, |b| &b.connections, shape.max_connection_rate)
                     .await;
-                let opened = self.open(name, *ip, port, policy, dane_ok).await;
+                let opened = self
+                    .open(name, *ip, port, policy, dane_ok, sts.as_deref())
+                    .await;
                 let (mut conn, mut client, secured) = match opened {
                     Ok(c) => c,
                     Err(e) => {
@@ -1365,8 +1410,11 @@ impl Relay {
     /// destination's or `--tls-policy`) says, after DANE when `dane_ok`
     /// (the host's name is DNSSEC-secure) and DANE is wanted: usable TLSA
     /// records leave no other choice than TLS with a matching certificate.
-    /// Under `opportunistic`, a failed handshake (after which the
-    /// connection is unusable) is followed by a plaintext connection.
+    /// Then MTA-STS: `enforce` needs TLS with a certificate that verifies
+    /// for the host; `testing` connects as `policy` says and reports what
+    /// enforcement would have refused. Under `opportunistic`, a failed
+    /// handshake (after which the connection is unusable) is followed by a
+    /// plaintext connection.
     async fn open(
         &self,
         name: &str,
@@ -1374,6 +1422,7 @@ impl Relay {
         port: u16,
         policy: TlsPolicy,
         dane_ok: bool,
+        sts: Option<&mta_sts::Policy>,
     ) -> Result<(Conn, Client, Security), HostError> {
         let cfg = self.cfg();
         let dane_wanted = policy == TlsPolicy::Dane || (cfg.dane && policy != TlsPolicy::None);
@@ -1422,6 +1471,23 @@ impl Relay {
                 Dane::None => {}
             }
         }
+        let mut testing = None;
+        match sts.map(|p| p.mode) {
+            Some(Mode::Enforce) => {
+                return self
+                    .open_with(
+                        name,
+                        ip,
+                        port,
+                        StartTls::Required,
+                        &self.tls_verified,
+                        Security::MtaSts,
+                    )
+                    .await;
+            }
+            Some(Mode::Testing) => testing = Some(tls::reporting_connector(self.roots.clone())),
+            Some(Mode::None) | None => {}
+        }
         let (mode, connector, secured) = match policy {
             TlsPolicy::None => (StartTls::Off, &self.tls_any, Security::Plain),
             TlsPolicy::Opportunistic | TlsPolicy::Dane => {
@@ -1433,7 +1499,13 @@ impl Relay {
             TlsPolicy::Require => (StartTls::Required, &self.tls_any, Security::Tls),
             TlsPolicy::Verify => (StartTls::Required, &self.tls_verified, Security::Verified),
         };
-        match self
+        // MTA-STS testing: the unverified connector gives way to one that
+        // verifies, reports and goes on.
+        let connector = match &testing {
+            Some((reporting, _)) if std::ptr::eq(connector, &self.tls_any) => reporting,
+            _ => connector,
+        };
+        let opened = match self
             .open_with(name, ip, port, mode, connector, secured)
             .await
         {
@@ -1443,7 +1515,20 @@ impl Relay {
                     .await
             }
             other => other,
+        };
+        if let (Some((_, failure)), Ok((_, _, security))) = (&testing, &opened) {
+            let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let why = match (security, failure) {
+                (Security::Plain, _) => Some("no TLS".to_owned()),
+                (_, Some(f)) => Some(f),
+                _ => None,
+            };
+            if let Some(why) = why {
+                self.metrics.outbound_tls("mta-sts-testing-failed");
+                tracing::warn!(host = %format!("{name}[{ip}]:{port}"), reason = %why, "MTA-STS testing: enforce would refuse this connection; delivering anyway");
+            }
         }
+        opened
     }
 
     /// One connection to one host: `secured` is what a completed

@@ -96,14 +96,18 @@ pub enum Security {
     Verified,
     /// TLS, the certificate matched the host's DNSSEC-secure TLSA records.
     Dane,
+    /// TLS, the certificate verified for an MX host the domain's MTA-STS
+    /// policy (mode enforce) names.
+    MtaSts,
 }
 
 impl Security {
-    pub const ALL: [Security; 4] = [
+    pub const ALL: [Security; 5] = [
         Security::Plain,
         Security::Tls,
         Security::Verified,
         Security::Dane,
+        Security::MtaSts,
     ];
 
     pub fn name(self) -> &'static str {
@@ -112,6 +116,7 @@ impl Security {
             Security::Tls => "tls",
             Security::Verified => "verified",
             Security::Dane => "dane",
+            Security::MtaSts => "mta-sts",
         }
     }
 }
@@ -181,6 +186,87 @@ pub fn dane_connector(records: Vec<Tlsa>) -> TlsConnector {
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     TlsConnector::from(Arc::new(config))
+}
+
+/// A connector that checks the certificate against `roots` for the host
+/// name but lets the handshake go on when it does not verify: MTA-STS
+/// `testing` (RFC 8461 5) reports what enforcement would refuse. What
+/// failed is in the returned cell after the handshake.
+pub fn reporting_connector(
+    roots: Arc<rustls::RootCertStore>,
+) -> (TlsConnector, Arc<std::sync::Mutex<Option<String>>>) {
+    let provider = provider();
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let config = match rustls::client::WebPkiServerVerifier::builder_with_provider(
+        roots,
+        provider.clone(),
+    )
+    .build()
+    {
+        Ok(inner) => builder(provider)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Reporting {
+                inner,
+                failure: failure.clone(),
+            }))
+            .with_no_client_auth(),
+        Err(e) => {
+            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            builder(provider.clone())
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+                .with_no_client_auth()
+        }
+    };
+    (TlsConnector::from(Arc::new(config)), failure)
+}
+
+/// PKIX verification that records its failure instead of failing.
+#[derive(Debug)]
+struct Reporting {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl ServerCertVerifier for Reporting {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Err(e) =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// One TLSA record (RFC 6698 2.1), as the resolver returned it.
