@@ -583,11 +583,22 @@ pub struct Cli {
     pub dane: TlsVerify,
 
     /// MTA-STS (RFC 8461): honour the policies MX domains publish (enforce: verified TLS to a matching MX host or defer; testing: log what would fail). Policies are kept in <spool-dir>/mta-sts/.
-    #[arg(long, value_name = "on|off", env = "RINGMTA_MTA_STS", default_value = "on", value_enum)]
+    #[arg(
+        long,
+        value_name = "on|off",
+        env = "RINGMTA_MTA_STS",
+        default_value = "on",
+        value_enum
+    )]
     pub mta_sts: TlsVerify,
 
     /// HTTPS port MTA-STS policies are fetched from (443; another only for tests).
-    #[arg(long, value_name = "PORT", env = "RINGMTA_MTA_STS_PORT", default_value_t = 443)]
+    #[arg(
+        long,
+        value_name = "PORT",
+        env = "RINGMTA_MTA_STS_PORT",
+        default_value_t = 443
+    )]
     pub mta_sts_port: u16,
 
     /// More trust anchors (PEM) for verified outbound TLS (--tls-policy verify, --tls-verify on, DANE-TA is not affected), added to the bundled Mozilla roots.

@@ -40,6 +40,29 @@ struct Pki {
     key: PathBuf,
     /// The DER SubjectPublicKeyInfo of the server's key.
     spki: Vec<u8>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_text: String,
+}
+
+impl Pki {
+    /// Another certificate from the same CA, for `names`: its chain and
+    /// key files (`<stem>.pem`, `<stem>.key`) in `dir`.
+    fn issue(&self, dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let chain = dir.join(format!("{stem}.pem"));
+        std::fs::write(&chain, format!("{}{}", cert.pem(), self.ca_text)).unwrap();
+        let key_path = dir.join(format!("{stem}.key"));
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (
+            chain,
+            key_path,
+            rcgen::PublicKeyData::subject_public_key_info(&key),
+        )
+    }
 }
 
 /// A CA and a certificate for `names` signed by it, written into `dir`.
@@ -52,24 +75,22 @@ fn pki(dir: &Path, names: &[&str]) -> Pki {
         .distinguished_name
         .push(DnType::CommonName, "ringmta test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
     let ca_pem = dir.join("ca.pem");
     std::fs::write(&ca_pem, ca.pem()).unwrap();
-    let chain = dir.join("chain.pem");
-    std::fs::write(&chain, format!("{}{}", cert.pem(), ca.pem())).unwrap();
-    let key_path = dir.join("key.pem");
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    Pki {
+    let mut pki = Pki {
         ca_pem,
         ca_der: ca.der().to_vec(),
-        chain,
-        key: key_path,
-        spki: rcgen::PublicKeyData::subject_public_key_info(&key),
-    }
+        chain: PathBuf::new(),
+        key: PathBuf::new(),
+        spki: Vec::new(),
+        issuer: Issuer::new(ca_params, ca_key),
+        ca_text: ca.pem(),
+    };
+    let (chain, key, spki) = pki.issue(dir, "server", names);
+    pki.chain = chain;
+    pki.key = key;
+    pki.spki = spki;
+    pki
 }
 
 /// Runs a program of the test's peers in `dir`; its stdout.
@@ -232,6 +253,12 @@ fn wait_for_event(relay: &Server, event: &str, to: &str) {
     }
 }
 
+/// The event log line of `event` for `to`, once it is there.
+fn event(relay: &Server, event: &str, to: &str) -> String {
+    wait_for_event(relay, event, to);
+    event_line(relay, event, to).unwrap()
+}
+
 /// The event log line of `event` for recipient `to`.
 fn event_line(relay: &Server, event: &str, to: &str) -> Option<String> {
     relay
@@ -357,20 +384,20 @@ fn dane_ee_and_ta_deliver_mismatch_and_bogus_defer_insecure_is_ignored() {
         unbound_log()
     );
     // How each connection was protected, in the event log.
-    let good = event_line(&relay, "delivered", "u@good.dane.test").unwrap();
+    let good = event(&relay, "delivered", "u@good.dane.test");
     assert!(good.contains("tls=\"dane\""), "{good}");
-    let ta = event_line(&relay, "delivered", "u@ta.dane.test").unwrap();
+    let ta = event(&relay, "delivered", "u@ta.dane.test");
     assert!(ta.contains("tls=\"dane\""), "{ta}");
-    let insecure = event_line(&relay, "delivered", "u@insecure.test").unwrap();
+    let insecure = event(&relay, "delivered", "u@insecure.test");
     assert!(insecure.contains("tls=\"tls\""), "{insecure}");
     // The failures: deferred with 4.7.5, never sent another way.
-    let bad = event_line(&relay, "deferred", "u@bad.dane.test").unwrap();
+    let bad = event(&relay, "deferred", "u@bad.dane.test");
     assert!(bad.contains("4.7.5"), "{bad}");
     assert!(bad.contains("no TLSA record matches"), "{bad}");
-    let noname = event_line(&relay, "deferred", "u@tanoname.dane.test").unwrap();
+    let noname = event(&relay, "deferred", "u@tanoname.dane.test");
     assert!(noname.contains("4.7.5"), "{noname}");
     assert!(noname.contains("trust anchor"), "{noname}");
-    let bogus = event_line(&relay, "deferred", "u@bogus.dane.test").unwrap();
+    let bogus = event(&relay, "deferred", "u@bogus.dane.test");
     assert!(bogus.contains("TLSA lookup failed"), "{bogus}");
     assert!(relay
         .stderr()
@@ -444,9 +471,9 @@ fn per_destination_tls_policy_verify_and_none() {
     });
     wait_for_event(&relay, "deferred", "u@wrongname.test");
     assert_eq!(delivered_to(&mx), ["u@plain.test", "u@verified.test"]);
-    let verified = event_line(&relay, "delivered", "u@verified.test").unwrap();
+    let verified = event(&relay, "delivered", "u@verified.test");
     assert!(verified.contains("tls=\"verified\""), "{verified}");
-    let plain = event_line(&relay, "delivered", "u@plain.test").unwrap();
+    let plain = event(&relay, "delivered", "u@plain.test");
     assert!(plain.contains("tls=\"plain\""), "{plain}");
     let queued = mx.queued();
     let by_rcpt = |r: &str| queued.iter().find(|q| q.rcpts[0] == r).unwrap();
@@ -456,7 +483,7 @@ fn per_destination_tls_policy_verify_and_none() {
         "{:?}",
         by_rcpt("u@plain.test").lines
     );
-    let wrong = event_line(&relay, "deferred", "u@wrongname.test").unwrap();
+    let wrong = event(&relay, "deferred", "u@wrongname.test");
     assert!(wrong.contains("4.7.5"), "{wrong}");
     assert_eq!(relay.queued().len(), 1, "deferred, not lost");
     let text = http_get(relay.admin.unwrap(), "/metrics");
@@ -473,4 +500,249 @@ fn per_destination_tls_policy_verify_and_none() {
         metric(&text, "ringmta_outbound_tls_total", &["result=\"plain\""]),
         1.0
     );
+}
+
+/// An HTTPS server for MTA-STS policies: `GET /.well-known/mta-sts.txt`
+/// answers the policy of the `Host` asked for (404 for others), over
+/// rustls with the given certificate.
+struct PolicyServer {
+    port: u16,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PolicyServer {
+    fn start(chain: &Path, key: &Path, policies: Vec<(String, String)>) -> PolicyServer {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, st) = (hits.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((sock, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                sock.set_nonblocking(false).unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, sock);
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                use std::io::{Read, Write};
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).into_owned();
+                let host = req
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Host: "))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                h.fetch_add(1, Ordering::SeqCst);
+                let answer = match policies.iter().find(|(hn, _)| *hn == host) {
+                    Some((_, p)) if req.starts_with("GET /.well-known/mta-sts.txt HTTP/1.1") => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{p}",
+                        p.len()
+                    ),
+                    _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned(),
+                };
+                let _ = tls.write_all(answer.as_bytes());
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        PolicyServer {
+            port,
+            hits,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PolicyServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sts_policy(mode: &str, mx: &[&str]) -> String {
+    let mut p = format!("version: STSv1\r\nmode: {mode}\r\n");
+    for m in mx {
+        p.push_str(&format!("mx: {m}\r\n"));
+    }
+    p.push_str("max_age: 86400\r\n");
+    p
+}
+
+#[test]
+fn mta_sts_enforce_testing_and_the_cache_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let pki = pki(dir.path(), &["mx.enf.test"]);
+    let domains = ["enf.test", "enfbad.test", "enfnomx.test", "testing.test"];
+    let policy_hosts: Vec<String> = domains.iter().map(|d| format!("mta-sts.{d}")).collect();
+    let names: Vec<&str> = policy_hosts.iter().map(String::as_str).collect();
+    let (https_chain, https_key, _) = pki.issue(dir.path(), "https", &names);
+    let policies = vec![
+        (
+            "mta-sts.enf.test".to_owned(),
+            sts_policy("enforce", &["mx.enf.test"]),
+        ),
+        // Its MX host is named, its certificate does not name it.
+        (
+            "mta-sts.enfbad.test".to_owned(),
+            sts_policy("enforce", &["*.enfbad.test"]),
+        ),
+        // Its MX host is not named.
+        (
+            "mta-sts.enfnomx.test".to_owned(),
+            sts_policy("enforce", &["mx.elsewhere.test"]),
+        ),
+        // Neither: testing only reports.
+        (
+            "mta-sts.testing.test".to_owned(),
+            sts_policy("testing", &["mx.elsewhere.test"]),
+        ),
+    ];
+    let https = PolicyServer::start(&https_chain, &https_key, policies);
+    let mut records = Vec::new();
+    for d in domains {
+        records.push(format!("--mx-host={d},mx.{d},10"));
+        records.push(format!("--host-record=mx.{d},127.0.0.1"));
+        records.push(format!("--host-record=mta-sts.{d},127.0.0.1"));
+        records.push(format!("--txt-record=_mta-sts.{d},v=STSv1; id=20261202;"));
+    }
+    let Some((_dns, dns_port)) = common::dnsmasq(&records, 0) else {
+        return;
+    };
+    let mx = next_hop(port, &pki, &domains);
+    let spool = tempfile::tempdir().unwrap();
+    let args = [
+        "--dns-server".to_owned(),
+        format!("127.0.0.1:{dns_port}"),
+        "--outbound-port".into(),
+        port.to_string(),
+        "--relay-network".into(),
+        "127.0.0.0/8".into(),
+        "--tls-ca-file".into(),
+        pki.ca_pem.display().to_string(),
+        "--mta-sts-port".into(),
+        https.port.to_string(),
+    ];
+    let relay = Server::builder()
+        .spool_dir(spool.path())
+        .args(args.iter().cloned())
+        .start();
+    send_each(
+        &relay,
+        &[
+            "u@enf.test",
+            "u@enfbad.test",
+            "u@enfnomx.test",
+            "u@testing.test",
+        ],
+    );
+    wait_until("the deliveries", Duration::from_secs(30), || {
+        mx.queued().len() >= 2
+    });
+    wait_for_event(&relay, "deferred", "u@enfbad.test");
+    wait_for_event(&relay, "deferred", "u@enfnomx.test");
+    assert_eq!(
+        delivered_to(&mx),
+        ["u@enf.test", "u@testing.test"],
+        "{}",
+        relay.stderr()
+    );
+    let enf = event(&relay, "delivered", "u@enf.test");
+    assert!(enf.contains("tls=\"mta-sts\""), "{enf}");
+    let testing = event(&relay, "delivered", "u@testing.test");
+    assert!(testing.contains("tls=\"tls\""), "{testing}");
+    assert!(
+        relay
+            .stderr()
+            .contains("MTA-STS testing: enforce would refuse"),
+        "{}",
+        relay.stderr()
+    );
+    let bad = event(&relay, "deferred", "u@enfbad.test");
+    assert!(
+        bad.contains("4.7.5") && bad.contains("not valid for name"),
+        "{bad}"
+    );
+    let nomx = event(&relay, "deferred", "u@enfnomx.test");
+    assert!(
+        nomx.contains("4.7.5 MTA-STS: no MX host of enfnomx.test matches its policy"),
+        "{nomx}"
+    );
+    let text = http_get(relay.admin.unwrap(), "/metrics");
+    assert_eq!(
+        metric(&text, "ringmta_outbound_tls_total", &["result=\"mta-sts\""]),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "ringmta_outbound_tls_total",
+            &["result=\"mta-sts-testing-failed\""]
+        ) >= 1.0
+    );
+    // Each policy fetched once; a later message to the same domain uses
+    // the cache (the TXT id did not change).
+    assert_eq!(https.hits.load(std::sync::atomic::Ordering::SeqCst), 4);
+    send_each(&relay, &["v@enf.test"]);
+    wait_until("the second delivery", Duration::from_secs(30), || {
+        mx.queued().len() >= 3
+    });
+    assert_eq!(https.hits.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert!(spool.path().join("mta-sts").join("enfnomx.test").is_file());
+    // Restart with the policy server gone: the policies kept on disk
+    // still hold (RFC 8461 5.1).
+    drop(relay);
+    drop(https);
+    let relay = Server::builder()
+        .spool_dir(spool.path())
+        .args(args.iter().cloned())
+        .start();
+    assert!(
+        relay.wait_for_log("MTA-STS policies loaded", Duration::from_secs(5)),
+        "{}",
+        relay.stderr()
+    );
+    send_each(&relay, &["w@enfnomx.test"]);
+    wait_for_event(&relay, "deferred", "w@enfnomx.test");
+    let nomx = event(&relay, "deferred", "w@enfnomx.test");
+    assert!(nomx.contains("MTA-STS: no MX host"), "{nomx}");
+    assert_eq!(mx.queued().len(), 3, "nothing sent against a policy");
 }

@@ -31,9 +31,9 @@ use super::client::{
     Awaiting, Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls,
 };
 use super::dane::{self, Dane};
-use super::mta_sts::{self, Mode};
 use super::handoff::{self, Attempt, Done, Handoff, Link, Mesh, Msg, RcptIndexes, Report};
 use super::maildir;
+use super::mta_sts::{self, Mode};
 use super::mx::{Resolution, Resolver};
 use super::shaping::{Key, Pacer, Shape};
 use super::tls::{self, Security, TlsPolicy};
@@ -1108,11 +1108,12 @@ impl Relay {
             };
             // MTA-STS (RFC 8461) for MX destinations whose TLS is not off.
             let sts = match target {
-                Target::Mx { domain, .. } if self.cfg().mta_sts && policy != TlsPolicy::None => self
-                    .resolver
-                    .mta_sts(domain)
-                    .await
-                    .filter(|p| p.mode != Mode::None),
+                Target::Mx { domain, .. } if self.cfg().mta_sts && policy != TlsPolicy::None => {
+                    self.resolver
+                        .mta_sts(domain)
+                        .await
+                        .filter(|p| p.mode != Mode::None)
+                }
                 _ => None,
             };
             let hosts = match (&sts, target) {

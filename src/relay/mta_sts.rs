@@ -207,7 +207,10 @@ impl Cache {
                 if !valid_domain(&domain) {
                     continue;
                 }
-                match std::fs::read_to_string(entry.path()).ok().and_then(|t| decode(&t)) {
+                match std::fs::read_to_string(entry.path())
+                    .ok()
+                    .and_then(|t| decode(&t))
+                {
                     Some(c) if c.expires > now => {
                         by_domain.insert(domain, c);
                     }
@@ -247,7 +250,10 @@ pub async fn policy(
         .get(&domain)
         .filter(|c| c.expires > now)
         .cloned();
-    let txt = match resolver.txt_lookup(format!("_mta-sts.{domain}.").as_str()).await {
+    let txt = match resolver
+        .txt_lookup(format!("_mta-sts.{domain}.").as_str())
+        .await
+    {
         Ok(l) => {
             let strings: Vec<String> = l
                 .answers()
@@ -347,8 +353,7 @@ fn valid_domain(d: &str) -> bool {
         && d.len() <= 253
         && !d.starts_with('.')
         && !d.contains("..")
-        && d
-            .bytes()
+        && d.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
@@ -490,7 +495,8 @@ fn complete(got: &[u8]) -> Result<Option<Result<String, String>>, String> {
     let head = String::from_utf8_lossy(&got[..end]);
     let has_length = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
-        l.starts_with("content-length:") || (l.starts_with("transfer-encoding:") && l.contains("chunked"))
+        l.starts_with("content-length:")
+            || (l.starts_with("transfer-encoding:") && l.contains("chunked"))
     });
     if !has_length {
         return Ok(None);
@@ -610,8 +616,10 @@ mod tests {
         assert!(!p.matches("evilexample.net"));
         assert!(!p.matches("mail.example.org"));
         // LF only, unknown keys, a huge max_age capped.
-        let p = Policy::parse("version: STSv1\nmode: testing\nfoo: bar\nmx: a.example\nmax_age: 9999999999\n")
-            .unwrap();
+        let p = Policy::parse(
+            "version: STSv1\nmode: testing\nfoo: bar\nmx: a.example\nmax_age: 9999999999\n",
+        )
+        .unwrap();
         assert_eq!(p.mode, Mode::Testing);
         assert_eq!(p.max_age, MAX_AGE_LIMIT);
         assert!(Policy::parse("version: STSv1\nmode: none\nmax_age: 1\n").is_ok());
@@ -630,9 +638,15 @@ mod tests {
 
     #[test]
     fn txt_records() {
-        assert_eq!(txt_id(["v=STSv1; id=20160831085700Z;"]), Some("20160831085700Z".into()));
+        assert_eq!(
+            txt_id(["v=STSv1; id=20160831085700Z;"]),
+            Some("20160831085700Z".into())
+        );
         assert_eq!(txt_id(["v=STSv1;id=abc"]), Some("abc".into()));
-        assert_eq!(txt_id(["something else", "v=STSv1; id=1"]), Some("1".into()));
+        assert_eq!(
+            txt_id(["something else", "v=STSv1; id=1"]),
+            Some("1".into())
+        );
         assert_eq!(txt_id(["v=STSv1; id=1", "v=STSv1; id=2"]), None);
         assert_eq!(txt_id(["v=STSv1; id=no-dashes"]), None);
         assert_eq!(txt_id(["v=STSv1;"]), None);
@@ -654,20 +668,28 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
             MAX_POLICY + 1
         );
-        assert_eq!(http_body(big.as_bytes(), false), Err("policy too large".into()));
+        assert_eq!(
+            http_body(big.as_bytes(), false),
+            Err("policy too large".into())
+        );
         let to_close = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello";
         assert_eq!(http_body(to_close, true), Ok("hello".into()));
     }
 
     #[test]
     fn cache_files_round_trip() {
-        let p = Policy::parse("version: STSv1\nmode: enforce\nmx: *.a.test\nmax_age: 60\n").unwrap();
+        let p =
+            Policy::parse("version: STSv1\nmode: enforce\nmx: *.a.test\nmax_age: 60\n").unwrap();
         let c = Cached {
             id: "x1".into(),
             policy: Arc::new(p.clone()),
             expires: 1234,
         };
-        let d = decode(&encode(&c, "version: STSv1\nmode: enforce\nmx: *.a.test\nmax_age: 60\n")).unwrap();
+        let d = decode(&encode(
+            &c,
+            "version: STSv1\nmode: enforce\nmx: *.a.test\nmax_age: 60\n",
+        ))
+        .unwrap();
         assert_eq!((d.id.as_str(), d.expires, &*d.policy), ("x1", 1234, &p));
         assert!(valid_domain("a-b.example.org"));
         assert!(!valid_domain("../etc"));

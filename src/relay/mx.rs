@@ -282,7 +282,11 @@ impl Resolver {
     /// policy, or MTA-STS is off).
     pub async fn mta_sts(&self, domain: &str) -> Option<std::sync::Arc<super::mta_sts::Policy>> {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Request::MtaSts(domain.to_owned(), tx)).is_err() {
+        if self
+            .tx
+            .send(Request::MtaSts(domain.to_owned(), tx))
+            .is_err()
+        {
             return None;
         }
         rx.await.ok().flatten()

@@ -197,27 +197,25 @@ pub fn reporting_connector(
 ) -> (TlsConnector, Arc<std::sync::Mutex<Option<String>>>) {
     let provider = provider();
     let failure = Arc::new(std::sync::Mutex::new(None));
-    let config = match rustls::client::WebPkiServerVerifier::builder_with_provider(
-        roots,
-        provider.clone(),
-    )
-    .build()
-    {
-        Ok(inner) => builder(provider)
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Reporting {
-                inner,
-                failure: failure.clone(),
-            }))
-            .with_no_client_auth(),
-        Err(e) => {
-            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-            builder(provider.clone())
+    let config =
+        match rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+        {
+            Ok(inner) => builder(provider)
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-                .with_no_client_auth()
-        }
-    };
+                .with_custom_certificate_verifier(Arc::new(Reporting {
+                    inner,
+                    failure: failure.clone(),
+                }))
+                .with_no_client_auth(),
+            Err(e) => {
+                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                builder(provider.clone())
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+                    .with_no_client_auth()
+            }
+        };
     (TlsConnector::from(Arc::new(config)), failure)
 }
 
@@ -237,10 +235,13 @@ impl ServerCertVerifier for Reporting {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Err(e) =
-            self.inner
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        if let Err(e) = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
         }
         Ok(ServerCertVerified::assertion())
