@@ -24,6 +24,15 @@
 //!   `--tls-verify on` is refused with `opportunistic` at start: a
 //!   verification failure there would fall back to plaintext.
 //!
+//! * `--tls-policy verify`: `require`, and the certificate must verify
+//!   (bundled roots plus `--tls-ca-file`) for the host name. `none`: never
+//!   STARTTLS. `dane`: DANE where usable TLSA records exist, else
+//!   opportunistic. Each may be set per destination (shaping file).
+//! * DANE (RFC 7672, [`dane_connector`]): the certificate must match the
+//!   host's TLSA records, DANE-EE or DANE-TA, and nothing else is trusted.
+//! * MTA-STS `enforce` uses the verifying connector; `testing` uses
+//!   [`reporting_connector`], which checks, records and goes on.
+//!
 //! Handshakes are bounded by `--tls-handshake-timeout`, the same flag as the
 //! server side. Crypto provider and versions match the server: ring, TLS
 //! 1.3 and 1.2 only.
