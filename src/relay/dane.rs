@@ -84,10 +84,11 @@ pub fn of_tlsa(answer: Answer) -> Dane {
     }
 }
 
-/// Whether DANE may apply to the hosts of an MX RRset: only a secure one
-/// (RFC 7672 2.2.1; a secure denial means the domain is its own implicit
-/// MX, named by a secure answer too). `Err` when the lookup failed.
-pub fn mx_secure(answer: &Answer) -> Result<bool, String> {
+/// Whether an answer is DNSSEC-secure. DANE applies only to the hosts of
+/// a secure MX RRset (RFC 7672 2.2.1; a secure denial means the domain is
+/// its own implicit MX, named by a secure answer too), and only to a host
+/// whose address records are secure (2.2.2). `Err` when the lookup failed.
+pub fn is_secure(answer: &Answer) -> Result<bool, String> {
     match answer {
         Answer::Records { secure, .. } | Answer::NoRecords { secure } => Ok(*secure),
         Answer::Failed(why) => Err(why.clone()),
@@ -240,7 +241,7 @@ mod tests {
             Dane::Failed("SERVFAIL".into())
         );
         assert_eq!(tlsa_name("mx.example.org.", 25), "_25._tcp.mx.example.org");
-        assert_eq!(mx_secure(&Answer::NoRecords { secure: true }), Ok(true));
-        assert!(mx_secure(&Answer::Failed("x".into())).is_err());
+        assert_eq!(is_secure(&Answer::NoRecords { secure: true }), Ok(true));
+        assert!(is_secure(&Answer::Failed("x".into())).is_err());
     }
 }

@@ -1091,7 +1091,7 @@ impl Relay {
                         .resolver
                         .secure(domain, hickory_proto::rr::RecordType::MX)
                         .await;
-                    match dane::mx_secure(&mx) {
+                    match dane::is_secure(&mx) {
                         Ok(secure) => secure,
                         Err(why) => {
                             let why = format!("451 4.4.3 DNSSEC MX lookup failed: {why}");
@@ -1427,15 +1427,29 @@ impl Relay {
     ) -> Result<(Conn, Client, Security), HostError> {
         let cfg = self.cfg();
         let dane_wanted = policy == TlsPolicy::Dane || (cfg.dane && policy != TlsPolicy::None);
-        if dane_ok && dane_wanted {
-            let tlsa = self
-                .resolver
-                .secure(
-                    &dane::tlsa_name(name, port),
-                    hickory_proto::rr::RecordType::TLSA,
-                )
-                .await;
-            match dane::of_tlsa(tlsa) {
+        // An address literal (a route to [192.0.2.1]) has no TLSA records.
+        let named = name.trim_matches(['[', ']']).parse::<IpAddr>().is_err();
+        if dane_ok && dane_wanted && named {
+            use hickory_proto::rr::RecordType;
+            // RFC 7672 2.2.2: only a host whose addresses are secure.
+            let rtype = if ip.is_ipv4() {
+                RecordType::A
+            } else {
+                RecordType::AAAA
+            };
+            let addresses = self.resolver.secure(name, rtype).await;
+            let dane = match dane::is_secure(&addresses) {
+                Ok(true) => {
+                    let tlsa = self
+                        .resolver
+                        .secure(&dane::tlsa_name(name, port), RecordType::TLSA)
+                        .await;
+                    dane::of_tlsa(tlsa)
+                }
+                Ok(false) => Dane::None,
+                Err(why) => Dane::Failed(format!("DNSSEC address lookup: {why}")),
+            };
+            match dane {
                 Dane::Records(records) => {
                     let connector = tls::dane_connector(records);
                     return self

@@ -192,7 +192,14 @@ pub struct Cache {
     settings: Settings,
     by_domain: HashMap<String, Cached>,
     fetching: usize,
+    /// Fetches that failed (domain, id) and until when they are not tried
+    /// again: a broken policy server costs one fetch per
+    /// [`RETRY_FAILED`], not one per connection.
+    failed: HashMap<(String, String), u64>,
 }
+
+/// How long a failed fetch of one policy id is not tried again.
+const RETRY_FAILED: u64 = 300;
 
 impl Cache {
     /// The cache, with the unexpired policies of `settings.dir`.
@@ -227,6 +234,7 @@ impl Cache {
             settings,
             by_domain,
             fetching: 0,
+            failed: HashMap::new(),
         }
     }
 }
@@ -284,6 +292,10 @@ pub async fn policy(
     }
     let settings = {
         let mut c = cache.borrow_mut();
+        let key = (domain.clone(), id.clone());
+        if c.failed.get(&key).is_some_and(|&until| until > now) {
+            return cached.map(|c| c.policy);
+        }
         if c.fetching >= MAX_FETCHES {
             tracing::warn!(%domain, "MTA-STS: too many policy fetches under way; using what is cached");
             return cached.map(|c| c.policy);
@@ -342,6 +354,15 @@ pub async fn policy(
         Err(e) => {
             // RFC 8461 5.1: a failed fetch keeps the policy held, if any.
             tracing::warn!(%domain, %id, error = %e, "MTA-STS policy fetch failed");
+            let mut c = cache.borrow_mut();
+            if c.failed.len() >= MAX_CACHED {
+                c.failed.retain(|_, until| *until > now);
+                if c.failed.len() >= MAX_CACHED {
+                    c.failed.clear();
+                }
+            }
+            c.failed
+                .insert((domain.clone(), id.clone()), now + RETRY_FAILED);
             cached.map(|c| c.policy)
         }
     }

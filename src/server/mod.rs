@@ -340,6 +340,13 @@ pub fn run(
             ),
         }
     });
+    if config.delivery && config.relay.dane {
+        match config.relay.dns_server {
+            Some(a) if a.ip().is_loopback() => {}
+            Some(a) => tracing::warn!(dns_server = %a, "--dane on trusts the AD bit of a resolver that is not on loopback: the path to it is not protected"),
+            None => tracing::info!("--dane on trusts the AD bit of /etc/resolv.conf's first nameserver: it must be a local validating resolver"),
+        }
+    }
     let dns = crate::relay::mx::Resolver::start(config.relay.dns_server, mta_sts)
         .map_err(ServerError::Resolver)?;
     let resolver = config.delivery.then(|| dns.clone());
