@@ -531,8 +531,8 @@ fn complete(got: &[u8]) -> Result<Option<Result<String, String>>, String> {
 const INCOMPLETE: &str = "incomplete answer";
 
 /// Parses an HTTP/1.1 answer: a 200, `text/plain`, the body by length,
-/// chunks, or (when `closed`) to the end.
-fn http_body(got: &[u8], closed: bool) -> Result<String, String> {
+/// chunks, or (when `closed`) to the end (public for the fuzz target).
+pub fn http_body(got: &[u8], closed: bool) -> Result<String, String> {
     let end = memchr::memmem::find(got, b"\r\n\r\n").ok_or(INCOMPLETE)?;
     let head = std::str::from_utf8(&got[..end]).map_err(|_| "header not UTF-8")?;
     let mut lines = head.split("\r\n");

@@ -324,8 +324,9 @@ impl Tlsa {
 
 /// The DER of a certificate's SubjectPublicKeyInfo (RFC 5280 4.1): the
 /// seventh element of the TBSCertificate when it has the explicit version
-/// `[0]`, else the sixth.
-fn spki(cert: &[u8]) -> Option<&[u8]> {
+/// `[0]`, else the sixth (public for the fuzz target). `None` for
+/// anything that is not such a certificate.
+pub fn spki(cert: &[u8]) -> Option<&[u8]> {
     let (tbs_outer, _) = der_element(cert)?;
     let (_, tbs) = der_content(tbs_outer)?;
     let (tbs_body, _) = der_element(tbs)?;
