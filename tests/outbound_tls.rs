@@ -411,6 +411,41 @@ fn dane_ee_and_ta_deliver_mismatch_and_bogus_defer_insecure_is_ignored() {
     assert!(metric(&text, "ringmta_outbound_tls_total", &["result=\"failed\""]) >= 2.0);
     assert_eq!(relay.queued().len(), 3, "the deferred wait, none is lost");
     assert_eq!(mx.queued().len(), 3, "nothing sent without DANE");
+
+    // Without --dane, DANE only where the shaping file asks for it.
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[domain.\"bad.dane.test\"]\ntls_policy = \"dane\"\n\n\
+         [domain.\"good.dane.test\"]\ntls_policy = \"dane\"\n",
+    )
+    .unwrap();
+    let relay = Server::start(&[
+        "--dns-server",
+        &format!("127.0.0.1:{dns_port}"),
+        "--outbound-port",
+        &port.to_string(),
+        "--relay-network",
+        "127.0.0.0/8",
+        "--shaping",
+        shaping.to_str().unwrap(),
+    ]);
+    send_each(
+        &relay,
+        &[
+            "v@good.dane.test",
+            "v@bad.dane.test",
+            "v@tanoname.dane.test",
+        ],
+    );
+    let good = event(&relay, "delivered", "v@good.dane.test");
+    assert!(good.contains("tls=\"dane\""), "{good}");
+    // No entry: opportunistic, the TLSA records are not even looked at.
+    let noname = event(&relay, "delivered", "v@tanoname.dane.test");
+    assert!(noname.contains("tls=\"tls\""), "{noname}");
+    let bad = event(&relay, "deferred", "v@bad.dane.test");
+    assert!(bad.contains("no TLSA record matches"), "{bad}");
+    assert_eq!(mx.queued().len(), 5);
 }
 
 /// The SPKI of a key nobody serves.
