@@ -239,9 +239,11 @@ impl Cache {
     }
 }
 
-/// The policy in force for `domain` (`None`: no policy), after the TXT
-/// lookup's `txt` (the TXT strings, or `None` when the lookup failed or
-/// found nothing) and a fetch when the announced id is new.
+/// The policy in force for `domain` (`None`: no policy): the `_mta-sts`
+/// TXT record is looked up; an id other than the held policy's is
+/// fetched (unless it failed within [`RETRY_FAILED`]); without a valid
+/// record, or when the lookup or the fetch fails, the held policy stays
+/// in force until it expires.
 pub async fn policy(
     cache: &std::rc::Rc<std::cell::RefCell<Cache>>,
     resolver: &hickory_resolver::TokioResolver,
