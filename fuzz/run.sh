@@ -26,7 +26,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(parse_command data_receiver session bdat_receiver reply_parser proxy_header)
+    targets=(parse_command data_receiver session bdat_receiver reply_parser proxy_header outbound_tls)
 fi
 sanitizer=${SANITIZER:-none}
 

@@ -587,7 +587,7 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "RINGMTA_MAX_HOPS", default_value_t = 50)]
     pub max_hops: usize,
 
-    /// Outbound STARTTLS: opportunistic (when offered; plaintext otherwise) or require (else defer, 4.7.x).
+    /// Outbound STARTTLS: none, opportunistic (when offered; plaintext otherwise), require (else defer, 4.7.x), verify (a certificate valid for the host name, else defer) or dane (DANE where the host has secure TLSA records, else opportunistic).
     #[arg(
         long,
         value_name = "POLICY",
@@ -596,6 +596,39 @@ pub struct Cli {
         value_enum
     )]
     pub tls_policy: crate::relay::tls::TlsPolicy,
+
+    /// DANE (RFC 7672) for every destination whose TLS policy is not none: DNSSEC-secure TLSA records of an MX host (from the validating resolver of --dns-server, which must be local) make TLS with a matching certificate mandatory.
+    #[arg(
+        long,
+        value_name = "on|off",
+        env = "RINGMTA_DANE",
+        default_value = "off",
+        value_enum
+    )]
+    pub dane: TlsVerify,
+
+    /// MTA-STS (RFC 8461): honour the policies MX domains publish (enforce: verified TLS to a matching MX host or defer; testing: log what would fail). Policies are kept in <spool-dir>/mta-sts/.
+    #[arg(
+        long,
+        value_name = "on|off",
+        env = "RINGMTA_MTA_STS",
+        default_value = "on",
+        value_enum
+    )]
+    pub mta_sts: TlsVerify,
+
+    /// HTTPS port MTA-STS policies are fetched from (443; another only for tests).
+    #[arg(
+        long,
+        value_name = "PORT",
+        env = "RINGMTA_MTA_STS_PORT",
+        default_value_t = 443
+    )]
+    pub mta_sts_port: u16,
+
+    /// More trust anchors (PEM) for verified outbound TLS (--tls-policy verify, --tls-verify on, DANE-TA is not affected), added to the bundled Mozilla roots.
+    #[arg(long, value_name = "PATH", env = "RINGMTA_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
 
     /// Verify the next hop's certificate against the bundled Mozilla roots (needs --tls-policy require).
     #[arg(
@@ -805,7 +838,8 @@ pub struct SelectorArgs {
     pub destination: Option<String>,
 }
 
-/// Whether outbound TLS verifies the server's certificate.
+/// A feature switch: whether outbound TLS verifies the server's
+/// certificate (`--tls-verify`), DANE (`--dane`), MTA-STS (`--mta-sts`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TlsVerify {
     On,

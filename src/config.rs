@@ -160,6 +160,8 @@ pub enum ConfigError {
     DuplicateDkimKey(String),
     #[error("--tls-verify on needs --tls-policy require (opportunistic TLS falls back to plaintext, so a failed verification would only make delivery less private)")]
     VerifyNeedsRequire,
+    #[error("--tls-ca-file {0}")]
+    TlsCaFile(String),
     #[error("{0}: cannot make the path absolute (is the working directory gone?): {1}")]
     BadPath(PathBuf, std::io::Error),
 }
@@ -265,6 +267,17 @@ impl Config {
             max_hops: cli.max_hops,
             tls_policy: cli.tls_policy,
             tls_verify: tls_verify(cli)?,
+            dane: cli.dane == crate::cli::TlsVerify::On,
+            mta_sts: cli.mta_sts == crate::cli::TlsVerify::On,
+            mta_sts_port: cli.mta_sts_port,
+            tls_ca_file: match &cli.tls_ca_file {
+                Some(path) => {
+                    let path = absolute(path)?;
+                    crate::relay::tls::roots(Some(&path)).map_err(ConfigError::TlsCaFile)?;
+                    Some(path)
+                }
+                None => None,
+            },
             tls_handshake_timeout: cli.tls_handshake_timeout,
             handoff_capacity: cli.handoff_capacity as usize,
             tick: Duration::from_secs(1),
@@ -426,12 +439,14 @@ fn dkim_keys(cli: &Cli) -> Result<Vec<crate::server::dkim::KeySpec>, ConfigError
 
 /// `--tls-verify on` only means something when TLS is mandatory.
 fn tls_verify(cli: &Cli) -> Result<bool, ConfigError> {
+    use crate::relay::tls::TlsPolicy;
     match (cli.tls_verify, cli.tls_policy) {
         (crate::cli::TlsVerify::Off, _) => Ok(false),
-        (crate::cli::TlsVerify::On, crate::relay::tls::TlsPolicy::Require) => Ok(true),
-        (crate::cli::TlsVerify::On, crate::relay::tls::TlsPolicy::Opportunistic) => {
-            Err(ConfigError::VerifyNeedsRequire)
-        }
+        (crate::cli::TlsVerify::On, TlsPolicy::Require | TlsPolicy::Verify) => Ok(true),
+        (
+            crate::cli::TlsVerify::On,
+            TlsPolicy::Opportunistic | TlsPolicy::None | TlsPolicy::Dane,
+        ) => Err(ConfigError::VerifyNeedsRequire),
     }
 }
 

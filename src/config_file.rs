@@ -67,6 +67,7 @@ pub const RELOADABLE: &[&str] = &[
     "bounce-rules",
     "max-hops",
     "tls-policy",
+    "dane",
     // Listeners' limits, for the connections that follow.
     "max-conns-per-ip",
     "max-connections-per-minute",

@@ -44,7 +44,11 @@
 //!   `--relay-host`, MX lookup on a resolver thread), per-destination
 //!   workers that reuse connections, the sans-IO SMTP client
 //!   ([`relay::client`], STARTTLS included) driven over glommio sockets and
-//!   rustls ([`relay::tls`]: opportunistic or required TLS), retries with
+//!   rustls ([`relay::tls`]: the five TLS policies, the DANE and
+//!   MTA-STS-testing certificate checks), DANE's AD-bit lookups
+//!   ([`relay::dane`], on the resolver thread), MTA-STS policies
+//!   ([`relay::mta_sts`]: fetched over HTTPS off the shards, kept in
+//!   `<spool>/mta-sts/`), retries with
 //!   backoff, RFC 3464 bounces and optional delay warnings
 //!   ([`relay::dsn`]), exactly-once Maildir delivery ([`relay::maildir`]:
 //!   many at once per shard, sharing the `new/` syncs). Each SMTP destination

@@ -69,6 +69,20 @@ pub enum Screened {
     UserMessageRate,
 }
 
+/// The results of `ringmta_outbound_tls_total`: how an outbound
+/// connection was protected, `failed` (the handshake or the certificate
+/// check failed), or `mta-sts-testing-failed` (a connection an MTA-STS
+/// policy in `testing` mode would have refused).
+pub const OUTBOUND_TLS: [&str; 7] = [
+    "plain",
+    "tls",
+    "verified",
+    "dane",
+    "mta-sts",
+    "failed",
+    "mta-sts-testing-failed",
+];
+
 /// The methods and results of `ringmta_inbound_auth_results_total` (the
 /// summary words of `inbound::auth`'s verdict); others are not counted.
 pub const AUTH_METHODS: [&str; 4] = ["spf", "dkim", "arc", "dmarc"];
@@ -182,6 +196,7 @@ pub struct Metrics {
     delivery_latency: Family<ShardLabel, Histogram>,
     handoff_queued: Family<HandoffLabels, Gauge>,
     handoffs: Family<ShardResult, Counter>,
+    outbound_tls: Family<ShardResult, Counter>,
     destinations: Mutex<HashSet<String>>,
     shards: Mutex<Vec<Arc<ShardMetrics>>>,
 }
@@ -286,6 +301,8 @@ pub struct ShardMetrics {
     pub delivery_latency: Histogram,
     handed: Counter,
     handoff_full: Counter,
+    /// By [`OUTBOUND_TLS`] index.
+    outbound_tls: [Counter; OUTBOUND_TLS.len()],
 }
 
 impl ShardMetrics {
@@ -341,6 +358,14 @@ impl ShardMetrics {
             Shortage::DiskFull => self.disk_full.inc(),
             Shortage::MemoryBudget => self.memory_budget.inc(),
         };
+    }
+
+    /// One outbound connection ready to carry mail (`plain`, `tls`,
+    /// `verified`, `dane`) or a failed outbound handshake (`failed`).
+    pub fn outbound_tls(&self, result: &str) {
+        if let Some(k) = OUTBOUND_TLS.iter().position(|&r| r == result) {
+            self.outbound_tls[k].inc();
+        }
     }
 
     pub fn handshake(&self, how: Handshake) {
@@ -666,6 +691,7 @@ impl Metrics {
             }),
             handoff_queued: Family::default(),
             handoffs: Family::default(),
+            outbound_tls: Family::default(),
             destinations: Mutex::new(HashSet::new()),
             shards: Mutex::new(Vec::new()),
         };
@@ -826,6 +852,11 @@ impl Metrics {
             "Work for a destination owned by another shard: handed, or kept (channel full)",
             m.handoffs.clone(),
         );
+        r.register(
+            "outbound_tls",
+            "Outbound connections ready for mail by protection (plain, tls, verified, dane, mta-sts), failed outbound TLS handshakes or certificate checks (failed), connections an MTA-STS testing policy would refuse (mta-sts-testing-failed)",
+            m.outbound_tls.clone(),
+        );
         m
     }
 
@@ -910,6 +941,7 @@ impl Metrics {
             delivery_latency: self.delivery_latency.get_or_create_owned(&label),
             handed: result(&self.handoffs, "handed"),
             handoff_full: result(&self.handoffs, "full"),
+            outbound_tls: OUTBOUND_TLS.map(|r| result(&self.outbound_tls, r)),
         }
     }
 }

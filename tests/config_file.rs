@@ -111,6 +111,11 @@ const SAMPLES: &[(&str, &str)] = &[
     ("max-hops", "30"),
     ("tls-policy", r#""require""#),
     ("tls-verify", r#""on""#),
+    ("dane", r#""on""#),
+    ("mta-sts", r#""off""#),
+    ("mta-sts-port", "8443"),
+    // From Debian's ca-certificates (.ci/run installs it): the file is read at start.
+    ("tls-ca-file", r#""/etc/ssl/certs/ca-certificates.crt""#),
     ("handoff-capacity", "256"),
     ("connect-timeout", r#""20s""#),
     ("relay-timeout", r#""4m""#),
@@ -691,6 +696,7 @@ fn sighup_applies_every_reloadable_key() {
         ),
         ("max-hops", "30".into()),
         ("tls-policy", r#""require""#.into()),
+        ("dane", r#""on""#.into()),
         (
             "dkim-key",
             format!("[\"example.net:s1:{}\"]", dkim.display()),

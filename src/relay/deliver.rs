@@ -30,11 +30,13 @@ use super::classify::{Action, Classifier};
 use super::client::{
     Awaiting, Client, ConnError, Job, JobRcpt, RcptOutcome, ReplyParser, StartTls,
 };
+use super::dane::{self, Dane};
 use super::handoff::{self, Attempt, Done, Handoff, Link, Mesh, Msg, RcptIndexes, Report};
 use super::maildir;
+use super::mta_sts::{self, Mode};
 use super::mx::{Resolution, Resolver};
 use super::shaping::{Key, Pacer, Shape};
-use super::tls::{self, TlsPolicy};
+use super::tls::{self, Security, TlsPolicy};
 use super::{dsn, RelayConfig, Target};
 use crate::policy;
 use crate::smtp::envelope::{Protocol, Rcpt};
@@ -155,8 +157,13 @@ pub struct Relay {
     /// Local delivery: this shard's Maildir writer (its directory work
     /// on the process-wide, bounded Maildir pool).
     maildir: maildir::Local,
-    /// Outbound STARTTLS (verifying or not, per `--tls-verify`).
-    tls: TlsConnector,
+    /// Outbound STARTTLS accepting any certificate (opportunistic TLS).
+    tls_any: TlsConnector,
+    /// Outbound STARTTLS verifying the certificate (bundled roots plus
+    /// `--tls-ca-file`).
+    tls_verified: TlsConnector,
+    /// The trust anchors of `tls_verified` (MTA-STS testing checks).
+    roots: Arc<rustls::RootCertStore>,
     ready: RefCell<VecDeque<QueueId>>,
     timers: RefCell<BinaryHeap<Reverse<(u64, QueueId)>>>,
     /// Recipients (message, envelope index) being delivered.
@@ -193,8 +200,18 @@ impl Relay {
         resolver: Resolver,
         maildir_pool: Arc<crate::blocking::BlockingPool>,
     ) -> Rc<Relay> {
+        let roots = Arc::new(match tls::roots(cfg.load().tls_ca_file.as_deref()) {
+            Ok(roots) => roots,
+            Err(e) => {
+                tracing::error!(error = %e, "--tls-ca-file: using the bundled roots alone");
+                // invariant: the bundled roots alone always load.
+                tls::roots(None).expect("bundled roots")
+            }
+        });
         let relay = Rc::new(Relay {
-            tls: tls::connector(cfg.load().tls_verify),
+            tls_any: tls::connector(None),
+            tls_verified: tls::connector(Some(roots.clone())),
+            roots,
             // invariant: 3 significant figures is within hdrhistogram's range.
             latency: RefCell::new(hdrhistogram::Histogram::new(3).expect("3 significant figures")),
             metrics: crate::metrics::shard(spool.shard()),
@@ -1021,6 +1038,7 @@ impl Relay {
             attempt: Attempt {
                 relay: Some("maildir".into()),
                 delays: [queued_ms(&loaded), 0, 0, ms(taken.elapsed())],
+                tls: None,
             },
         };
         self.finish_soon(held, work, report);
@@ -1062,14 +1080,83 @@ impl Relay {
             };
             // Counted against the budget until the connection is closed.
             let _slot = self.connection_slot(&shape).await;
+            // DANE applies only to MX hosts named by a secure MX RRset.
+            let policy = shape.tls_policy.unwrap_or(self.cfg().tls_policy);
+            let dane_wanted =
+                policy == TlsPolicy::Dane || (self.cfg().dane && policy != TlsPolicy::None);
+            let dane_ok = match target {
+                _ if !dane_wanted => false,
+                Target::Mx { domain, .. } => {
+                    let mx = self
+                        .resolver
+                        .secure(domain, hickory_proto::rr::RecordType::MX)
+                        .await;
+                    match dane::is_secure(&mx) {
+                        Ok(secure) => secure,
+                        Err(why) => {
+                            let why = format!("451 4.4.3 DNSSEC MX lookup failed: {why}");
+                            let trying = ms(resolved.elapsed());
+                            self.fail_work(first, &why, false, [resolving, trying], held)
+                                .await;
+                            continue;
+                        }
+                    }
+                }
+                // The operator named the host (route, relay host).
+                Target::Smtp { .. } => true,
+                Target::Maildir(_) => false,
+            };
+            // MTA-STS (RFC 8461) for MX destinations whose TLS is not off.
+            let sts = match target {
+                Target::Mx { domain, .. } if self.cfg().mta_sts && policy != TlsPolicy::None => {
+                    self.resolver
+                        .mta_sts(domain)
+                        .await
+                        .filter(|p| p.mode != Mode::None)
+                }
+                _ => None,
+            };
+            let hosts = match (&sts, target) {
+                (Some(p), Target::Mx { domain, .. }) => {
+                    let (named, others): (Vec<_>, Vec<_>) =
+                        hosts.into_iter().partition(|(n, _)| p.matches(n));
+                    for (n, _) in others.iter().take(8) {
+                        tracing::warn!(%domain, mx = %n, mode = p.mode.name(), "MTA-STS: the policy does not name this MX host");
+                    }
+                    match p.mode {
+                        Mode::Enforce if named.is_empty() => {
+                            self.metrics.outbound_tls("failed");
+                            let why = format!(
+                                "451 4.7.5 MTA-STS: no MX host of {domain} matches its policy"
+                            );
+                            let trying = ms(resolved.elapsed());
+                            self.fail_work(first, &why, false, [resolving, trying], held)
+                                .await;
+                            continue;
+                        }
+                        // RFC 8461 4.2: hosts the policy does not name are
+                        // not used.
+                        Mode::Enforce => named,
+                        _ => {
+                            if !others.is_empty() {
+                                self.metrics.outbound_tls("mta-sts-testing-failed");
+                            }
+                            named.into_iter().chain(others).collect()
+                        }
+                    }
+                }
+                _ => hosts,
+            };
             // Try each host in order until one greets us (RFC 5321 5.1).
             let mut last_error = HostError::new("4.4.1", "no host to try".into());
             for (name, ip) in &hosts {
                 let opening = Instant::now();
                 self.pace(&shape, |b| &b.connections, shape.max_connection_rate)
                     .await;
-                let opened = self.open(name, *ip, port, shape.tls_policy).await;
-                let (mut conn, mut client) = match opened {
+                let opened = self
+                    .open(name, *ip, port, policy, dane_ok, sts.as_deref())
+                    .await;
+                let (mut conn, mut client, secured) = match opened {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::debug!(%target, error = %e.text, "host failed");
@@ -1141,6 +1228,7 @@ impl Relay {
                         attempt: Attempt {
                             relay: Some(relay.clone()),
                             delays: [queued_ms(&loaded), b, c, ms(sending.elapsed())],
+                            tls: Some(secured),
                         },
                     };
                     self.finish_soon(held, w, report);
@@ -1319,36 +1407,156 @@ impl Relay {
         }
     }
 
-    /// Connects to one host and greets it, with STARTTLS as `--tls-policy`
-    /// says. Under `opportunistic`, a failed handshake (after which the
-    /// connection is unusable) is followed by a plaintext connection.
+    /// Connects to one host and greets it, with STARTTLS as `policy` (the
+    /// destination's or `--tls-policy`) says, after DANE when `dane_ok`
+    /// (the host's name is DNSSEC-secure) and DANE is wanted: usable TLSA
+    /// records leave no other choice than TLS with a matching certificate.
+    /// Then MTA-STS: `enforce` needs TLS with a certificate that verifies
+    /// for the host; `testing` connects as `policy` says and reports what
+    /// enforcement would have refused. Under `opportunistic`, a failed
+    /// handshake (after which the connection is unusable) is followed by a
+    /// plaintext connection.
     async fn open(
         &self,
         name: &str,
         ip: IpAddr,
         port: u16,
-        policy: Option<TlsPolicy>,
-    ) -> Result<(Conn, Client), HostError> {
-        let mode = match policy.unwrap_or(self.cfg().tls_policy) {
-            TlsPolicy::Opportunistic => StartTls::Opportunistic,
-            TlsPolicy::Require => StartTls::Required,
+        policy: TlsPolicy,
+        dane_ok: bool,
+        sts: Option<&mta_sts::Policy>,
+    ) -> Result<(Conn, Client, Security), HostError> {
+        let cfg = self.cfg();
+        let dane_wanted = policy == TlsPolicy::Dane || (cfg.dane && policy != TlsPolicy::None);
+        // An address literal (a route to [192.0.2.1]) has no TLSA records.
+        let named = name.trim_matches(['[', ']']).parse::<IpAddr>().is_err();
+        if dane_ok && dane_wanted && named {
+            use hickory_proto::rr::RecordType;
+            // RFC 7672 2.2.2: only a host whose addresses are secure.
+            let rtype = if ip.is_ipv4() {
+                RecordType::A
+            } else {
+                RecordType::AAAA
+            };
+            let addresses = self.resolver.secure(name, rtype).await;
+            let dane = match dane::is_secure(&addresses) {
+                Ok(true) => {
+                    let tlsa = self
+                        .resolver
+                        .secure(&dane::tlsa_name(name, port), RecordType::TLSA)
+                        .await;
+                    dane::of_tlsa(tlsa)
+                }
+                Ok(false) => Dane::None,
+                Err(why) => Dane::Failed(format!("DNSSEC address lookup: {why}")),
+            };
+            match dane {
+                Dane::Records(records) => {
+                    let connector = tls::dane_connector(records);
+                    return self
+                        .open_with(
+                            name,
+                            ip,
+                            port,
+                            StartTls::Required,
+                            &connector,
+                            Security::Dane,
+                        )
+                        .await;
+                }
+                // RFC 7672 3.1.3: TLS is mandatory, unauthenticated.
+                Dane::Unusable => {
+                    return self
+                        .open_with(
+                            name,
+                            ip,
+                            port,
+                            StartTls::Required,
+                            &self.tls_any,
+                            Security::Tls,
+                        )
+                        .await;
+                }
+                // RFC 7672 2.2.3: a failed TLSA lookup makes the host unusable.
+                Dane::Failed(why) => {
+                    return Err(HostError::new(
+                        "4.7.5",
+                        format!("{name}[{ip}]:{port}: TLSA lookup failed, host not used: {why}"),
+                    ));
+                }
+                Dane::None => {}
+            }
+        }
+        let mut testing = None;
+        match sts.map(|p| p.mode) {
+            Some(Mode::Enforce) => {
+                return self
+                    .open_with(
+                        name,
+                        ip,
+                        port,
+                        StartTls::Required,
+                        &self.tls_verified,
+                        Security::MtaSts,
+                    )
+                    .await;
+            }
+            Some(Mode::Testing) => testing = Some(tls::reporting_connector(self.roots.clone())),
+            Some(Mode::None) | None => {}
+        }
+        let (mode, connector, secured) = match policy {
+            TlsPolicy::None => (StartTls::Off, &self.tls_any, Security::Plain),
+            TlsPolicy::Opportunistic | TlsPolicy::Dane => {
+                (StartTls::Opportunistic, &self.tls_any, Security::Tls)
+            }
+            TlsPolicy::Require if cfg.tls_verify => {
+                (StartTls::Required, &self.tls_verified, Security::Verified)
+            }
+            TlsPolicy::Require => (StartTls::Required, &self.tls_any, Security::Tls),
+            TlsPolicy::Verify => (StartTls::Required, &self.tls_verified, Security::Verified),
         };
-        match self.open_with(name, ip, port, mode).await {
+        // MTA-STS testing: the unverified connector gives way to one that
+        // verifies, reports and goes on.
+        let connector = match &testing {
+            Some((reporting, _)) if std::ptr::eq(connector, &self.tls_any) => reporting,
+            _ => connector,
+        };
+        let opened = match self
+            .open_with(name, ip, port, mode, connector, secured)
+            .await
+        {
             Err(e) if e.handshake && mode == StartTls::Opportunistic => {
                 tracing::info!(error = %e.text, "TLS handshake failed; trying again without TLS");
-                self.open_with(name, ip, port, StartTls::Off).await
+                self.open_with(name, ip, port, StartTls::Off, connector, secured)
+                    .await
             }
             other => other,
+        };
+        if let (Some((_, failure)), Ok((_, _, security))) = (&testing, &opened) {
+            let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let why = match (security, failure) {
+                (Security::Plain, _) => Some("no TLS".to_owned()),
+                (_, Some(f)) => Some(f),
+                _ => None,
+            };
+            if let Some(why) = why {
+                self.metrics.outbound_tls("mta-sts-testing-failed");
+                tracing::warn!(host = %format!("{name}[{ip}]:{port}"), reason = %why, "MTA-STS testing: enforce would refuse this connection; delivering anyway");
+            }
         }
+        opened
     }
 
+    /// One connection to one host: `secured` is what a completed
+    /// handshake with `connector` proves (plaintext proves nothing).
     async fn open_with(
         &self,
         name: &str,
         ip: IpAddr,
         port: u16,
         mode: StartTls,
-    ) -> Result<(Conn, Client), HostError> {
+        connector: &TlsConnector,
+        secured: Security,
+    ) -> Result<(Conn, Client, Security), HostError> {
         let at = format!("{name}[{ip}]:{port}");
         let addr = SocketAddr::new(ip, port);
         let mut conn = Conn::connect(addr, self.cfg().connect_timeout, Timeouts::of(&self.cfg()))
@@ -1357,22 +1565,38 @@ impl Relay {
         let mut client = Client::new(&self.cfg().helo_name).with_starttls(mode);
         let greet_err = |e: String| HostError::new("4.4.1", format!("{at}: {e}"));
         conn.until_idle(&mut client).await.map_err(greet_err)?;
+        let mut security = Security::Plain;
         if client.wants_tls() {
             let server_name = tls::server_name(name, ip);
-            conn = conn
-                .starttls(&self.tls, server_name, self.cfg().tls_handshake_timeout)
+            conn = match conn
+                .starttls(connector, server_name, self.cfg().tls_handshake_timeout)
                 .await
-                .map_err(|e| HostError {
-                    status: "4.7.5",
-                    text: format!("{at}: TLS handshake failed: {e}"),
-                    handshake: true,
-                })?;
-            tracing::info!(host = %at, tls = %conn.tls_description(), "outbound TLS established");
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    self.metrics.outbound_tls("failed");
+                    return Err(HostError {
+                        status: "4.7.5",
+                        text: format!("{at}: TLS handshake failed: {e}"),
+                        handshake: true,
+                    });
+                }
+            };
+            security = secured;
+            tracing::info!(
+                host = %at,
+                tls = %conn.tls_description(),
+                security = security.name(),
+                "outbound TLS established"
+            );
             client.handle_tls_done();
             conn.until_idle(&mut client).await.map_err(greet_err)?;
         }
         match client.error() {
-            None => Ok((conn, client)),
+            None => {
+                self.metrics.outbound_tls(security.name());
+                Ok((conn, client, security))
+            }
             Some(ConnError::TlsUnavailable(why)) => Err(HostError::new(
                 "4.7.4",
                 format!("{at}: TLS is required: {why}"),
@@ -1426,6 +1650,7 @@ impl Relay {
             attempt: Attempt {
                 relay: None,
                 delays: [0, b, c, 0],
+                tls: None,
             },
         };
         self.finish(held, &work, report).await;
@@ -1761,6 +1986,9 @@ struct OutcomeLog<'a> {
     classifier: Option<Arc<Classifier>>,
     queue_id: &'a QueueId,
     relay: &'a str,
+    /// How the connection was protected (`plain`, `tls`, `verified`,
+    /// `dane`), when there was one.
+    tls: Option<&'static str>,
     delays: String,
     /// Seconds since arrival, with milliseconds.
     delay: String,
@@ -1788,6 +2016,7 @@ impl<'a> OutcomeLog<'a> {
             classifier: None,
             queue_id,
             relay: attempt.relay.as_deref().unwrap_or("none"),
+            tls: attempt.tls.map(Security::name),
             delays: format!("{}/{}/{}/{}", secs(a), secs(b), secs(c), secs(d)),
             delay: secs(total),
         }
@@ -1806,6 +2035,7 @@ impl<'a> OutcomeLog<'a> {
             queue_id = %self.queue_id,
             to,
             relay = self.relay,
+            tls = self.tls,
             delay = %self.delay,
             delays = %self.delays,
             reply,

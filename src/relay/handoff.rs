@@ -148,6 +148,9 @@ pub struct Attempt {
     /// STARTTLS; 0 on a reused connection); (d) transmission (MAIL FROM to
     /// the reply to the content; for a Maildir, writing and syncing).
     pub delays: [u64; 4],
+    /// How the connection was protected (`tls` field); `None` when no
+    /// server was reached or for a Maildir.
+    pub tls: Option<super::tls::Security>,
 }
 
 /// The owner of `target` among `peers` shards, or `None` for a destination

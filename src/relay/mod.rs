@@ -22,10 +22,12 @@
 pub mod classify;
 pub mod client;
 pub mod control;
+pub mod dane;
 mod deliver;
 pub mod dsn;
 pub mod handoff;
 pub mod maildir;
+pub mod mta_sts;
 pub mod mx;
 pub mod shaping;
 pub mod tls;
@@ -185,6 +187,15 @@ pub struct RelayConfig {
     pub tls_policy: tls::TlsPolicy,
     /// Verify the next hop's certificate (only with `require`).
     pub tls_verify: bool,
+    /// DANE for every destination whose policy is not `none` (`--dane`).
+    pub dane: bool,
+    /// MTA-STS on (`--mta-sts`; restart-only: the resolver thread keeps
+    /// the policies).
+    pub mta_sts: bool,
+    /// HTTPS port of policy hosts (`--mta-sts-port`).
+    pub mta_sts_port: u16,
+    /// More trust anchors for verified TLS (`--tls-ca-file`), read at start.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     pub tls_handshake_timeout: Duration,
     /// Work items per channel between two shards ([`handoff`]).
     pub handoff_capacity: usize,
@@ -327,6 +338,10 @@ mod tests {
             max_hops: 50,
             tls_policy: tls::TlsPolicy::Opportunistic,
             tls_verify: false,
+            dane: false,
+            mta_sts: false,
+            mta_sts_port: 443,
+            tls_ca_file: None,
             tls_handshake_timeout: Duration::from_secs(30),
             handoff_capacity: 1024,
             tick: Duration::from_secs(1),

@@ -54,7 +54,17 @@ enum Request {
     Host(String, oneshot::Sender<Resolution>),
     /// The A records of an absolute name.
     A(String, oneshot::Sender<ARecords>),
+    /// The MTA-STS policy of a mail domain (`mta_sts`).
+    MtaSts(
+        String,
+        oneshot::Sender<Option<std::sync::Arc<super::mta_sts::Policy>>>,
+    ),
+    /// A lookup with the AD bit for DANE (`dane`).
+    Secure(String, RecordType, oneshot::Sender<super::dane::Answer>),
 }
+
+/// Longest a DANE lookup (MX or TLSA with the AD bit) may take.
+const SECURE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The resolvers to ask: `dns_server` alone when given (over UDP, then
 /// TCP for truncated answers), else the system's. No resolver configured
@@ -91,12 +101,26 @@ pub struct Resolver {
 
 impl Resolver {
     /// Starts the resolver thread. `dns_server` replaces the system's
-    /// resolvers (for tests: a dnsmasq on a loopback port).
-    pub fn start(dns_server: Option<SocketAddr>) -> std::io::Result<Resolver> {
+    /// resolvers (for tests: a dnsmasq on a loopback port); `mta_sts`
+    /// (when MTA-STS is on) is where policies are fetched and kept.
+    pub fn start(
+        dns_server: Option<SocketAddr>,
+        mta_sts: Option<super::mta_sts::Settings>,
+    ) -> std::io::Result<Resolver> {
         let config = resolver_config(dns_server);
+        // DANE's lookups go to one validating resolver whose AD bit is
+        // trusted: `--dns-server`, else the system's first.
+        let secure_server = dns_server.or_else(|| {
+            config
+                .name_servers()
+                .first()
+                .map(|ns| SocketAddr::new(ns.ip, 53))
+        });
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // MTA-STS fetches and cache files.
+            .max_blocking_threads(super::mta_sts::MAX_FETCHES + 4)
             .build()?;
         std::thread::Builder::new()
             .name("resolver".into())
@@ -122,12 +146,25 @@ impl Resolver {
                                         let _ = answer
                                             .send(ARecords::Failed(format!("no resolver: {e}")));
                                     }
+                                    Request::MtaSts(_, answer) => {
+                                        let _ = answer.send(None);
+                                    }
+                                    Request::Secure(_, _, answer) => {
+                                        let _ = answer.send(super::dane::Answer::Failed(format!(
+                                            "no resolver: {e}"
+                                        )));
+                                    }
                                 }
                             }
                             return;
                         }
                     };
                     let resolver = std::rc::Rc::new(resolver);
+                    let sts = mta_sts.map(|settings| {
+                        std::rc::Rc::new(std::cell::RefCell::new(super::mta_sts::Cache::open(
+                            settings,
+                        )))
+                    });
                     let a_inflight = std::rc::Rc::new(std::cell::Cell::new(0usize));
                     let local = tokio::task::LocalSet::new();
                     local
@@ -135,6 +172,7 @@ impl Resolver {
                             while let Some(req) = rx.recv().await {
                                 let r = resolver.clone();
                                 let a_inflight = a_inflight.clone();
+                                let sts = sts.clone();
                                 tokio::task::spawn_local(async move {
                                     match req {
                                         Request::Mail(domain, answer) => {
@@ -142,6 +180,32 @@ impl Resolver {
                                         }
                                         Request::Host(host, answer) => {
                                             let _ = answer.send(addresses(&r, &host).await);
+                                        }
+                                        Request::MtaSts(domain, answer) => {
+                                            let p = match &sts {
+                                                Some(cache) => {
+                                                    super::mta_sts::policy(cache, &r, &domain).await
+                                                }
+                                                None => None,
+                                            };
+                                            let _ = answer.send(p);
+                                        }
+                                        Request::Secure(name, rtype, answer) => {
+                                            let a = match secure_server {
+                                                Some(server) => {
+                                                    super::dane::query(
+                                                        server,
+                                                        &name,
+                                                        rtype,
+                                                        SECURE_TIMEOUT,
+                                                    )
+                                                    .await
+                                                }
+                                                None => super::dane::Answer::Failed(
+                                                    "no DNS server configured".into(),
+                                                ),
+                                            };
+                                            let _ = answer.send(a);
                                         }
                                         Request::A(name, mut answer) => {
                                             let Some(_slot) = ASlot::take(&a_inflight) else {
@@ -197,6 +261,35 @@ impl Resolver {
         }
         rx.await
             .unwrap_or_else(|_| ARecords::Failed("resolver dropped the request".into()))
+    }
+
+    /// `name`'s records of type `rtype`, asked with the AD bit of the
+    /// validating resolver (DANE: `super::dane`).
+    pub async fn secure(&self, name: &str, rtype: RecordType) -> super::dane::Answer {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Request::Secure(name.to_owned(), rtype, tx))
+            .is_err()
+        {
+            return super::dane::Answer::Failed("resolver thread is gone".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| super::dane::Answer::Failed("resolver dropped the request".into()))
+    }
+
+    /// The MTA-STS policy in force for mail domain `domain` (`None`: no
+    /// policy, or MTA-STS is off).
+    pub async fn mta_sts(&self, domain: &str) -> Option<std::sync::Arc<super::mta_sts::Policy>> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Request::MtaSts(domain.to_owned(), tx))
+            .is_err()
+        {
+            return None;
+        }
+        rx.await.ok().flatten()
     }
 
     async fn ask(&self, req: Request, rx: oneshot::Receiver<Resolution>) -> Resolution {

@@ -416,12 +416,12 @@ impl Entry {
             tls_policy: self
                 .tls_policy
                 .as_deref()
-                .map(|s| match s {
-                    "opportunistic" => Ok(TlsPolicy::Opportunistic),
-                    "require" => Ok(TlsPolicy::Require),
-                    other => Err(format!(
-                        "{at} tls_policy: {other:?} is not opportunistic or require"
-                    )),
+                .map(|s| {
+                    TlsPolicy::parse(s).ok_or_else(|| {
+                        format!(
+                            "{at} tls_policy: {s:?} is not none, opportunistic, require, verify or dane"
+                        )
+                    })
                 })
                 .transpose()?,
         })

@@ -330,7 +330,28 @@ pub fn run(
     let bound = listener::bind_all(&addrs, config.shards, config.backlog)?;
     // One resolver thread for all shards: outbound delivery, and the DNS
     // lists of inbound clients (which a SIGHUP may turn on at any time).
-    let dns = crate::relay::mx::Resolver::start(config.relay.dns_server)
+    // MTA-STS policies are fetched and kept by the same thread.
+    let mta_sts = (config.delivery && config.relay.mta_sts).then(|| {
+        let ca_file = config.relay.tls_ca_file.as_deref();
+        crate::relay::mta_sts::Settings {
+            dir: config.spool_dir.join("mta-sts"),
+            port: config.relay.mta_sts_port,
+            // Checked by Config::from_cli; the bundled roots otherwise.
+            roots: std::sync::Arc::new(
+                crate::relay::tls::roots(ca_file)
+                    .or_else(|_| crate::relay::tls::roots(None))
+                    .unwrap_or_else(|_| rustls::RootCertStore::empty()),
+            ),
+        }
+    });
+    if config.delivery && config.relay.dane {
+        match config.relay.dns_server {
+            Some(a) if a.ip().is_loopback() => {}
+            Some(a) => tracing::warn!(dns_server = %a, "--dane on trusts the AD bit of a resolver that is not on loopback: the path to it is not protected"),
+            None => tracing::info!("--dane on trusts the AD bit of /etc/resolv.conf's first nameserver: it must be a local validating resolver"),
+        }
+    }
+    let dns = crate::relay::mx::Resolver::start(config.relay.dns_server, mta_sts)
         .map_err(ServerError::Resolver)?;
     let resolver = config.delivery.then(|| dns.clone());
     let cores = core_affinity::get_core_ids().unwrap_or_default();
