@@ -108,6 +108,17 @@ fn txt(name: &str, text: &str) -> String {
 /// nothing listens, which dnsmasq answers with a failure (a temperror).
 fn dnsmasq(records: &[String]) -> Option<(Child_, u16)> {
     let bin = peer_program("dnsmasq", "dnsmasq-base")?;
+    // A free UDP port may be another test's TCP port (dnsmasq binds both):
+    // a start that fails that way is tried again on other ports.
+    for _ in 0..5 {
+        if let Some(started) = dnsmasq_once(&bin, records) {
+            return Some(started);
+        }
+    }
+    panic!("dnsmasq did not start in five tries");
+}
+
+fn dnsmasq_once(bin: &Path, records: &[String]) -> Option<(Child_, u16)> {
     let port = free_udp_port();
     let dead = free_udp_port();
     let log = tempfile::NamedTempFile::new().unwrap();
@@ -140,11 +151,17 @@ fn dnsmasq(records: &[String]) -> Option<(Child_, u16)> {
         0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 4, b'p', b'i', b'n', b'g', 4, b't', b'e', b's',
         b't', 0, 0, 16, 0, 1,
     ];
+    let mut child = child;
     loop {
         sock.send_to(&query, ("127.0.0.1", port)).unwrap();
         let mut buf = [0u8; 512];
         if sock.recv_from(&mut buf).is_ok() {
             break;
+        }
+        if child.0.try_wait().ok().flatten().is_some() {
+            let why = std::fs::read_to_string(log.path()).unwrap_or_default();
+            assert!(why.contains("Address already in use"), "dnsmasq: {why}");
+            return None;
         }
         assert!(
             Instant::now() < deadline,
@@ -494,12 +511,14 @@ fn spf_results_for_each_case() {
         // Unsigned: no DKIM; no DMARC record for these domains (and none
         // to be had for the one whose DNS fails).
         assert!(method(&ar, "dkim", "none"), "{ar}");
-        let dmarc = if domain == "broken.test" {
-            "temperror"
-        } else {
-            "none"
+        // voidtemp.test's SPF waits out the check's one deadline on the
+        // dead server, so DMARC may have no time left for its lookup.
+        let dmarc: &[&str] = match domain {
+            "broken.test" => &["temperror"],
+            "voidtemp.test" => &["none", "temperror"],
+            _ => &["none"],
         };
-        assert!(method(&ar, "dmarc", dmarc), "{ar}");
+        assert!(dmarc.iter().any(|r| method(&ar, "dmarc", r)), "{ar}");
     }
     // The null reverse-path: the HELO identity stands for it.
     let reply = send(
