@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -184,20 +183,8 @@ fn unbound(
             .spawn()
             .expect("unbound starts"),
     );
-    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-    probe
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let query = [
-        0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, b'p', b'r', b'o', b'b', b'e', 4, b't', b'e',
-        b's', b't', 0, 0, 1, 0, 1,
-    ];
-    for _ in 0..50 {
-        let _ = probe.send_to(&query, ("127.0.0.1", port));
-        let mut buf = [0u8; 512];
-        if probe.recv(&mut buf).is_ok() {
-            return Some((child, port));
-        }
+    if common::dns_answers(port) {
+        return Some((child, port));
     }
     panic!(
         "unbound did not answer on port {port}: {}",

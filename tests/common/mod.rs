@@ -1140,7 +1140,16 @@ pub fn dnsmasq(args: &[String], ttl: u32) -> Option<(Reaped, u16)> {
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     let child = Reaped(cmd.spawn().expect("dnsmasq starts"));
-    // Ready when it answers (a query for a name it does not know).
+    if dns_answers(port) {
+        return Some((child, port));
+    }
+    panic!("dnsmasq did not answer on port {port}");
+}
+
+/// Whether a DNS server on 127.0.0.1:`port` answers (a query for
+/// `probe.test`, whatever the answer) within about ten seconds: a server
+/// just started is ready.
+pub fn dns_answers(port: u16) -> bool {
     let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     probe
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -1153,10 +1162,10 @@ pub fn dnsmasq(args: &[String], ttl: u32) -> Option<(Reaped, u16)> {
         let _ = probe.send_to(&query, ("127.0.0.1", port));
         let mut buf = [0u8; 512];
         if probe.recv(&mut buf).is_ok() {
-            return Some((child, port));
+            return true;
         }
     }
-    panic!("dnsmasq did not answer on port {port}");
+    false
 }
 
 /// A port that was free on 127.0.0.1 when asked.
