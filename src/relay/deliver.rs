@@ -1725,6 +1725,7 @@ impl Relay {
                     orcpt: None,
                 }],
                 chunked: false,
+                pool: None,
             },
             body,
         };

@@ -13,9 +13,12 @@
 //! rcpt <user@localhost>
 //! rcpt-notify SUCCESS,FAILURE
 //! rcpt-orcpt rfc822;user@localhost
+//! pool bulk
 //! ```
 //!
-//! Every value was validated by the parser (no CR/LF).
+//! Every value was validated by the parser (no CR/LF). `pool` (the
+//! source-IP pool a trusted client chose) is optional: records written
+//! before it existed have none.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -77,6 +80,9 @@ pub fn encode_envelope(id: &str, env: &SmtpEnvelope, now: SystemTime) -> Vec<u8>
             line(&format!("rcpt-orcpt {o}"));
         }
     }
+    if let Some(pool) = &env.pool {
+        line(&format!("pool {pool}"));
+    }
     h.into_bytes()
 }
 
@@ -92,6 +98,8 @@ pub struct Envelope<'a> {
     pub mail_from: Option<&'a str>,
     /// Recipient addresses, in order.
     pub rcpts: Vec<&'a str>,
+    /// The source-IP pool chosen at intake, if any.
+    pub pool: Option<&'a str>,
     /// Every line after the magic, for inspection.
     pub lines: Vec<&'a str>,
 }
@@ -122,6 +130,7 @@ pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
         arrival_ms,
         mail_from: (!from.is_empty()).then_some(from),
         rcpts,
+        pool: field("pool"),
         lines,
     })
 }

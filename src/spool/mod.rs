@@ -341,6 +341,7 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
                     .map(|r| (r.to_string(), RcptState::Pending))
                     .collect(),
                 held: false,
+                pool: env.pool.map(str::to_owned),
             });
         }
     }
@@ -585,6 +586,7 @@ impl ShardSpool {
                 .map(|r| (r.addr, RcptState::Pending))
                 .collect(),
             held: false,
+            pool: msg.envelope.pool,
         });
         Ok(id)
     }
