@@ -168,7 +168,7 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         suspended: suspensions
             .active(0)
             .iter()
-            .map(|s| (s.destination.clone(), s.until))
+            .map(|s| (s.key(), s.until))
             .collect(),
         ..server::Control::default()
     };

@@ -556,9 +556,38 @@ async fn act(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Suspension {
     pub destination: String,
+    /// Only mail from this source (`[source.NAME]` of the shaping file)
+    /// to the destination is suspended; none: all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// Unix time it ends.
     pub until: u64,
     pub reason: String,
+}
+
+impl Suspension {
+    /// How a shard names it: `DESTINATION` or `DESTINATION via SOURCE`
+    /// (lower case).
+    pub fn key(&self) -> String {
+        suspension_key(&self.destination, self.source.as_deref())
+    }
+}
+
+/// `destination`, or `destination via source`, lower case: the name of a
+/// suspension on the shards.
+pub fn suspension_key(destination: &str, source: Option<&str>) -> String {
+    match source {
+        None => destination.to_ascii_lowercase(),
+        Some(s) => format!("{destination} via {s}").to_ascii_lowercase(),
+    }
+}
+
+/// A shard's suspension name split back into destination and source.
+pub fn split_suspension_key(key: &str) -> (&str, Option<&str>) {
+    match key.rsplit_once(" via ") {
+        Some((d, s)) => (d, Some(s)),
+        None => (key, None),
+    }
 }
 
 /// The suspended destinations and the durable file that keeps them
@@ -608,20 +637,21 @@ impl Suspensions {
         self.list.retain(|s| s.until > now);
     }
 
-    /// Adds or replaces the suspension of `s.destination` (any case) and
-    /// makes it durable.
+    /// Adds or replaces the suspension of `s.destination` (any case) from
+    /// `s.source` and makes it durable.
     pub fn add(&mut self, s: Suspension) -> std::io::Result<()> {
         let mut next = self.list.clone();
-        next.retain(|o| !o.destination.eq_ignore_ascii_case(&s.destination));
+        let key = s.key();
+        next.retain(|o| o.key() != key);
         next.push(s);
         self.store(next)
     }
 
-    /// Removes the suspension of `destination`, durably; `false` if there
-    /// was none.
-    pub fn remove(&mut self, destination: &str) -> std::io::Result<bool> {
+    /// Removes the suspension named `key` ([`suspension_key`]), durably;
+    /// `false` if there was none.
+    pub fn remove(&mut self, key: &str) -> std::io::Result<bool> {
         let mut next = self.list.clone();
-        next.retain(|o| !o.destination.eq_ignore_ascii_case(destination));
+        next.retain(|o| !o.key().eq_ignore_ascii_case(key));
         if next.len() == self.list.len() {
             return Ok(false);
         }
@@ -662,12 +692,14 @@ mod tests {
         let far = unix_now() + 3600;
         s.add(Suspension {
             destination: "smtp:a.example:25".into(),
+            source: None,
             until: far,
             reason: "maintenance".into(),
         })
         .unwrap();
         s.add(Suspension {
             destination: "b.example".into(),
+            source: Some("a".into()),
             until: 1,
             reason: String::new(),
         })

@@ -339,7 +339,7 @@ impl Rules {
         if self.pools.is_empty() {
             return None;
         }
-        if let Some(p) = header.and_then(|h| self.pools.get(h)) {
+        if let Some(p) = header.and_then(|h| self.pools.get(&h.to_ascii_lowercase())) {
             return Some(p);
         }
         let sender_domain = sender
@@ -362,7 +362,7 @@ impl Rules {
         let mut rules = Rules::builtin();
         if let Some(d) = file.default {
             rules.default = d.limits("[default]")?;
-            rules.default_pool = d.pool;
+            rules.default_pool = d.pool.map(|p| p.to_ascii_lowercase());
         }
         parse_pools(&mut rules, file.source, file.pool, file.sender, file.route)?;
         for (domain, entry) in file.domain {
@@ -410,10 +410,28 @@ impl Rules {
         Ok(rules)
     }
 
-    /// Reads and parses a `--shaping` file.
+    /// Reads and parses a `--shaping` file, and checks that this host has
+    /// every source's address (a typo is refused at start or reload, not
+    /// found as deferrals later).
     pub fn load(path: &std::path::Path) -> Result<Rules, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Rules::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let rules = Rules::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut sources: Vec<&Source> = rules.sources.values().collect();
+        sources.sort_by(|a, b| a.name.cmp(&b.name));
+        for s in sources {
+            let domain = socket2::Domain::for_address(std::net::SocketAddr::new(s.bind, 0));
+            let bound = socket2::Socket::new(domain, socket2::Type::STREAM, None)
+                .and_then(|sock| sock.bind(&std::net::SocketAddr::new(s.bind, 0).into()));
+            if let Err(e) = bound {
+                return Err(format!(
+                    "{}: [source.{}] bind = \"{}\": {e}",
+                    path.display(),
+                    s.name,
+                    s.bind
+                ));
+            }
+        }
+        Ok(rules)
     }
 
     /// The provider whose patterns match one of `mx_hosts`, if any.
@@ -539,8 +557,11 @@ fn parse_pools(
     senders: BTreeMap<String, PoolChoice>,
     routes: BTreeMap<String, PoolChoice>,
 ) -> Result<(), String> {
+    // Names are case-insensitive (kept in lower case): the header, the
+    // admin API and the suspensions name them too.
     for (name, e) in sources {
         let at = format!("[source.{name}]");
+        let name = name.to_ascii_lowercase();
         if !valid_pool_name(&name) {
             return Err(format!("{at}: a name is 1-64 of A-Z a-z 0-9 _ . -"));
         }
@@ -568,16 +589,22 @@ fn parse_pools(
     }
     for (name, e) in pools {
         let at = format!("[pool.{name}]");
+        let name = name.to_ascii_lowercase();
+        let sources: BTreeMap<String, u32> = e
+            .sources
+            .into_iter()
+            .map(|(s, w)| (s.to_ascii_lowercase(), w))
+            .collect();
         if !valid_pool_name(&name) {
             return Err(format!("{at}: a name is 1-64 of A-Z a-z 0-9 _ . -"));
         }
-        if let Some(unknown) = e.sources.keys().find(|s| !rules.sources.contains_key(*s)) {
+        if let Some(unknown) = sources.keys().find(|s| !rules.sources.contains_key(*s)) {
             return Err(format!("{at} sources: no [source.{unknown}]"));
         }
-        if e.sources.values().map(|&w| u64::from(w)).sum::<u64>() == 0 {
+        if sources.values().map(|&w| u64::from(w)).sum::<u64>() == 0 {
             return Err(format!("{at} sources: the weights must add up to at least 1"));
         }
-        let sources = e.sources.into_iter().collect();
+        let sources = sources.into_iter().collect();
         rules.pools.insert(name.clone(), Pool { name, sources });
     }
     for (table, choices, into) in [
@@ -585,14 +612,15 @@ fn parse_pools(
         ("route", routes, &mut rules.routes),
     ] {
         for (key, c) in choices {
-            if !rules.pools.contains_key(&c.pool) {
+            let pool = c.pool.to_ascii_lowercase();
+            if !rules.pools.contains_key(&pool) {
                 return Err(format!("[{table}.{key:?}] pool: no [pool.{}]", c.pool));
             }
             let key = key.trim_end_matches('.').to_ascii_lowercase();
             if key.is_empty() {
                 return Err(format!("[{table}.\"\"]: empty name"));
             }
-            into.insert(key, c.pool);
+            into.insert(key, pool);
         }
     }
     Ok(())
