@@ -21,8 +21,8 @@ use serde_json::json;
 
 use super::{Request, Response, Router};
 use crate::relay::control::{
-    Action, Affected, Answer, Command, DestSummary, MessageInfo, Request as ShardRequest, Selector,
-    split_suspension_key, suspension_key, Suspension, Suspensions,
+    split_suspension_key, suspension_key, Action, Affected, Answer, Command, DestSummary,
+    MessageInfo, Request as ShardRequest, Selector, Suspension, Suspensions,
 };
 
 /// How long the API waits for every shard's answer.
@@ -453,19 +453,15 @@ impl Api {
                     }
                 }
             }
-            list.extend(
-                automatic
-                    .into_iter()
-                    .map(|(key, until)| {
-                        let (destination, source) = split_suspension_key(&key);
-                        Suspension {
-                            destination: destination.to_owned(),
-                            source: source.map(str::to_owned),
-                            until,
-                            reason: "automatic".into(),
-                        }
-                    }),
-            );
+            list.extend(automatic.into_iter().map(|(key, until)| {
+                let (destination, source) = split_suspension_key(&key);
+                Suspension {
+                    destination: destination.to_owned(),
+                    source: source.map(str::to_owned),
+                    until,
+                    reason: "automatic".into(),
+                }
+            }));
         }
         Response::json(200, &json!({ "suspensions": list }))
     }

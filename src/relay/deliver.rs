@@ -1049,7 +1049,17 @@ impl Relay {
             Report::Suspended { destination, until } => {
                 self.suspend_at_least(&destination, until);
                 self.release(id, rcpts);
-                self.timers.borrow_mut().push(Reverse((until, id.clone())));
+                if super::control::split_suspension_key(&destination)
+                    .1
+                    .is_some()
+                {
+                    // One source is suspended: scheduled again now, the
+                    // pool's choice then skips it (or, when all of the
+                    // pool's sources are, waits for the first to end).
+                    self.enqueue(id.clone());
+                } else {
+                    self.timers.borrow_mut().push(Reverse((until, id.clone())));
+                }
             }
             Report::Unreadable => {
                 self.release(id, rcpts);

@@ -368,7 +368,9 @@ impl Rules {
         for (domain, entry) in file.domain {
             let at = format!("[domain.{domain:?}]");
             if entry.pool.is_some() {
-                return Err(format!("{at}: pool is chosen in [default], [sender] or [route]"));
+                return Err(format!(
+                    "{at}: pool is chosen in [default], [sender] or [route]"
+                ));
             }
             let limits = entry.limits(&at)?;
             let domain = domain.trim_end_matches('.').to_ascii_lowercase();
@@ -392,7 +394,9 @@ impl Rules {
                 return Err(format!("{at}: bad mx pattern {bad:?} (HOST or *.DOMAIN)"));
             }
             if entry.limits.pool.is_some() {
-                return Err(format!("{at}: pool is chosen in [default], [sender] or [route]"));
+                return Err(format!(
+                    "{at}: pool is chosen in [default], [sender] or [route]"
+                ));
             }
             let limits = entry.limits.limits(&at)?;
             mine.push(Provider { name, mx, limits });
@@ -585,7 +589,9 @@ fn parse_pools(
                 e.ehlo
             ));
         }
-        rules.sources.insert(name.clone(), Source { name, bind, ehlo });
+        rules
+            .sources
+            .insert(name.clone(), Source { name, bind, ehlo });
     }
     for (name, e) in pools {
         let at = format!("[pool.{name}]");
@@ -602,7 +608,9 @@ fn parse_pools(
             return Err(format!("{at} sources: no [source.{unknown}]"));
         }
         if sources.values().map(|&w| u64::from(w)).sum::<u64>() == 0 {
-            return Err(format!("{at} sources: the weights must add up to at least 1"));
+            return Err(format!(
+                "{at} sources: the weights must add up to at least 1"
+            ));
         }
         let sources = sources.into_iter().collect();
         rules.pools.insert(name.clone(), Pool { name, sources });
