@@ -234,9 +234,19 @@ pool = "bulk"
 /// [`SOURCES`] (plus `extra` shaping text) and `args`. Only 127.0.0.1 is
 /// a relay network (clients from 127.0.0.9 are not trusted).
 fn relay(sink: &Sink, dir: &Path, extra: &str, args: &[&str]) -> Server {
+    relay_on(Server::builder(), sink, dir, extra, args)
+}
+
+fn relay_on(
+    builder: common::ServerBuilder,
+    sink: &Sink,
+    dir: &Path,
+    extra: &str,
+    args: &[&str],
+) -> Server {
     let shaping = dir.join("shaping.toml");
     std::fs::write(&shaping, format!("{SOURCES}{extra}")).unwrap();
-    Server::builder()
+    builder
         .shards(2)
         .args([
             "--route".to_owned(),
@@ -462,9 +472,9 @@ fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
 /// `421 4.7.28`. That source alone is suspended for the destination (a
 /// `--bounce-rules` rule says for 10 minutes), listed with its source in
 /// `/api/v1/suspensions`; every message still arrives once, through the
-/// other source; no new connection comes from the throttled one. Lifted
-/// by hand (`POST /api/v1/resume` with the source), the source is used
-/// again.
+/// other source; no new connection comes from the throttled one. The
+/// suspension outlives a restart (kill -9). Lifted by hand
+/// (`POST /api/v1/resume` with the source), the source is used again.
 #[test]
 fn a_throttled_source_is_suspended_alone_and_mail_goes_through_the_other() {
     let sink = Sink::start();
@@ -476,17 +486,19 @@ fn a_throttled_source_is_suspended_alone_and_mail_goes_through_the_other() {
         "[[rule]]\nclass = \"throttled\"\ncode = \"421\"\nenhanced = \"4.7.28\"\nsuspend = \"10m\"\n",
     )
     .unwrap();
-    let relay = relay(
-        &sink,
-        dir.path(),
-        "[pool.even]\nsources = { a = 1, b = 1 }\n[route.\"127.0.0.1\"]\npool = \"even\"\n",
-        &[
-            "--bounce-rules",
-            rules.to_str().unwrap(),
-            "--retry-schedule",
-            "1s",
-        ],
-    );
+    let spool = dir.path().join("spool");
+    let extra = "[pool.even]\nsources = { a = 1, b = 1 }\n[route.\"127.0.0.1\"]\npool = \"even\"\n";
+    let args = [
+        "--bounce-rules",
+        rules.to_str().unwrap(),
+        "--retry-schedule",
+        "1s",
+    ];
+    let start = || {
+        let builder = Server::builder().spool_dir(&spool);
+        relay_on(builder, &sink, dir.path(), extra, &args)
+    };
+    let relay = start();
     let mut c = relay.connect();
     c.hello("app.example");
     const N: usize = 40;
@@ -550,6 +562,57 @@ fn a_throttled_source_is_suspended_alone_and_mail_goes_through_the_other() {
         "{log}"
     );
 
+    // A restart (kill -9) keeps the automatic suspension: the source
+    // stays unused, no connection from it.
+    let suspended_until = suspensions
+        .iter()
+        .find(|s| s["source"] == "a")
+        .and_then(|s| s["until"].as_u64())
+        .unwrap();
+    drop(c);
+    drop(relay);
+    let relay = start();
+    let admin = relay.admin.expect("admin listener");
+    let listed = common::http_get(admin, "/api/v1/suspensions");
+    let json: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert!(
+        json["suspensions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["destination"] == destination.as_str()
+                && s["source"] == "a"
+                && s["until"].as_u64() == Some(suspended_until)),
+        "after the restart: {listed}"
+    );
+    let mut c = relay.connect();
+    c.hello("app.example");
+    for i in N..N + 10 {
+        let body = format!("Subject: t{i:03}\r\n\r\nbody {i}\r\n");
+        c.send_message(
+            "app@localhost",
+            &[&format!("u{i}@sink.test")],
+            body.as_bytes(),
+        );
+    }
+    wait_until("10 more", Duration::from_secs(30), || {
+        sink.count() >= N + 10
+    });
+    assert!(sink.messages().iter().all(|m| m.peer == ip("127.0.0.3")));
+    let from_a_now = sink
+        .seen
+        .lock()
+        .unwrap()
+        .connections
+        .get(&ip("127.0.0.2"))
+        .copied();
+    assert_eq!(
+        from_a_now,
+        Some(from_a),
+        "a connection from a after the restart"
+    );
+    let sent = N + 10;
+
     // Lifted by hand: the source is used again.
     sink.throttle.lock().unwrap().clear();
     let (status, body) = http_post(
@@ -558,7 +621,7 @@ fn a_throttled_source_is_suspended_alone_and_mail_goes_through_the_other() {
         &format!("{{\"destination\":\"{destination}\",\"source\":\"a\"}}"),
     );
     assert_eq!(status, 200, "{body}");
-    for i in N..N + 20 {
+    for i in sent..sent + 20 {
         let body = format!("Subject: t{i:03}\r\n\r\nbody {i}\r\n");
         c.send_message(
             "app@localhost",
@@ -567,9 +630,9 @@ fn a_throttled_source_is_suspended_alone_and_mail_goes_through_the_other() {
         );
     }
     wait_until("the next 20", Duration::from_secs(30), || {
-        sink.count() >= N + 20
+        sink.count() >= sent + 20
     });
-    let after: Vec<Taken> = sink.messages().into_iter().skip(N).collect();
+    let after: Vec<Taken> = sink.messages().into_iter().skip(sent).collect();
     assert!(
         after.iter().any(|m| m.peer == ip("127.0.0.2")),
         "nothing from a after the resume: {after:?}"

@@ -582,6 +582,60 @@ pub fn suspension_key(destination: &str, source: Option<&str>) -> String {
     }
 }
 
+/// The file in the spool's root where shard `shard` keeps the suspensions
+/// it made itself (throttling replies), so that a restart does not
+/// hammer a receiver that just asked us to slow down.
+pub fn automatic_file(shard: usize) -> String {
+    format!("suspended-auto-{shard}.json")
+}
+
+/// The automatic suspensions as their file holds them (the format of
+/// `suspended.json`, reason `automatic`).
+pub fn encode_automatic(list: &[(String, u64)]) -> Vec<u8> {
+    let suspended = list
+        .iter()
+        .map(|(key, until)| {
+            let (destination, source) = split_suspension_key(key);
+            Suspension {
+                destination: destination.to_owned(),
+                source: source.map(str::to_owned),
+                until: *until,
+                reason: "automatic".into(),
+            }
+        })
+        .collect();
+    serde_json::to_vec_pretty(&SuspensionsFile { suspended }).unwrap_or_default()
+}
+
+/// Every shard's automatic suspensions still in force at `now` (the
+/// files of any number of shards: the count may have changed), as
+/// (name, end). A file that cannot be read is logged and skipped.
+pub fn load_automatic(spool_root: &Path, now: u64) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(spool_root) else {
+        return Vec::new();
+    };
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("suspended-auto-") && name.ends_with(".json")) {
+            continue;
+        }
+        let parsed = std::fs::read(entry.path())
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<SuspensionsFile>(&b).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(f) => {
+                for s in f.suspended.into_iter().filter(|s| s.until > now) {
+                    let slot = out.entry(s.key()).or_insert(s.until);
+                    *slot = (*slot).max(s.until);
+                }
+            }
+            Err(e) => tracing::warn!(file = %name, error = %e, "automatic suspensions not read"),
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// A shard's suspension name split back into destination and source.
 pub fn split_suspension_key(key: &str) -> (&str, Option<&str>) {
     match key.rsplit_once(" via ") {

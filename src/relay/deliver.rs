@@ -200,6 +200,12 @@ pub struct Relay {
     /// The shaping budgets this shard enforces (those of the destinations
     /// and providers it owns).
     budgets: RefCell<HashMap<(Key, Option<Box<str>>), Rc<Budget>>>,
+    /// The suspensions this shard made itself (throttling replies), kept
+    /// in `<spool>/suspended-auto-N.json` so that they outlive a restart.
+    automatic: RefCell<HashMap<String, u64>>,
+    /// A write of that file is under way / another is due after it.
+    auto_writing: Cell<bool>,
+    auto_dirty: Cell<bool>,
 }
 
 impl Relay {
@@ -236,7 +242,17 @@ impl Relay {
             link: RefCell::new(None),
             suspended: RefCell::new(HashMap::new()),
             budgets: RefCell::new(HashMap::new()),
+            automatic: RefCell::new(HashMap::new()),
+            auto_writing: Cell::new(false),
+            auto_dirty: Cell::new(false),
         });
+        // Every shard's automatic suspensions of before the restart (the
+        // shard count may have changed): none of them is forgotten.
+        let kept = super::control::load_automatic(relay.spool.root_dir(), unix_now());
+        for (key, until) in kept {
+            relay.suspend_at_least(&key, until);
+            relay.automatic.borrow_mut().insert(key, until);
+        }
         // The recovered queue: deferred recipients wait for their time.
         let (due, later) = relay.spool.schedule(unix_now());
         *relay.ready.borrow_mut() = due.into();
@@ -265,16 +281,50 @@ impl Relay {
 
     /// Ends a suspension; `true` if there was one. Everything due is
     /// scheduled again (what waited for the destination among it).
-    pub fn resume(&self, destination: &str) -> bool {
-        let was = self
-            .suspended
-            .borrow_mut()
-            .remove(&destination.to_ascii_lowercase())
-            .is_some();
+    pub fn resume(self: &Rc<Self>, destination: &str) -> bool {
+        let key = destination.to_ascii_lowercase();
+        let was = self.suspended.borrow_mut().remove(&key).is_some();
+        if self.automatic.borrow_mut().remove(&key).is_some() {
+            self.persist_automatic();
+        }
         if was {
             self.requeue_due();
         }
         was
+    }
+
+    /// Writes this shard's automatic suspensions (those still in force)
+    /// to its file, off the scheduler's path; changes made while a write
+    /// is under way are written by one more after it.
+    fn persist_automatic(self: &Rc<Self>) {
+        self.auto_dirty.set(true);
+        if self.auto_writing.replace(true) {
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let written = crate::util::isolate(async {
+                while me.auto_dirty.replace(false) {
+                    let now = unix_now();
+                    let list: Vec<(String, u64)> = {
+                        let mut auto = me.automatic.borrow_mut();
+                        auto.retain(|_, until| *until > now);
+                        auto.iter().map(|(k, &u)| (k.clone(), u)).collect()
+                    };
+                    let name = super::control::automatic_file(me.spool.shard());
+                    let bytes = super::control::encode_automatic(&list);
+                    if let Err(e) = me.spool.replace_file(&name, &bytes).await {
+                        tracing::warn!(error = %e, "cannot record the automatic suspensions");
+                    }
+                }
+            })
+            .await;
+            if let Err(what) = written {
+                tracing::error!(panic = %what, "recording the automatic suspensions panicked");
+            }
+            me.auto_writing.set(false);
+        })
+        .detach();
     }
 
     /// The destinations suspended now and when each suspension ends.
@@ -954,7 +1004,7 @@ impl Relay {
     /// Applies what the reply classes of one delivery's `outcomes` ask: a
     /// rule's `bounce` makes a deferral a bounce; a `suspend` suspends
     /// `target` (logged as a `suspended` event). Returns whether it did.
-    fn act_on_classes(&self, target: &Lane, outcomes: &mut [RcptOutcome]) -> bool {
+    fn act_on_classes(self: &Rc<Self>, target: &Lane, outcomes: &mut [RcptOutcome]) -> bool {
         let classifier: Arc<Classifier> = self.cfg().classifier.clone();
         let mut suspend: Option<(Duration, &'static str, String)> = None;
         for o in outcomes.iter_mut() {
@@ -980,7 +1030,14 @@ impl Relay {
             return false;
         };
         let until = unix_now() + d.as_secs().max(1);
-        self.suspend_at_least(&target.to_string(), until);
+        let key = target.to_string().to_ascii_lowercase();
+        self.suspend_at_least(&key, until);
+        {
+            let mut auto = self.automatic.borrow_mut();
+            let slot = auto.entry(key).or_insert(until);
+            *slot = (*slot).max(until);
+        }
+        self.persist_automatic();
         tracing::info!(
             target: "ringmta::event",
             event = "suspended",
