@@ -142,6 +142,10 @@ struct Budget {
     connections: RefCell<Pacer>,
 }
 
+/// A budget's shaping key and the source it counts for (receivers count
+/// per sending address: each source has its own budget).
+type BudgetKey = (Key, Option<Box<str>>);
+
 /// A connection counted against a [`Budget`] while it lives.
 struct Slot(Rc<Budget>);
 
@@ -199,7 +203,7 @@ pub struct Relay {
     suspended: RefCell<HashMap<String, u64>>,
     /// The shaping budgets this shard enforces (those of the destinations
     /// and providers it owns).
-    budgets: RefCell<HashMap<(Key, Option<Box<str>>), Rc<Budget>>>,
+    budgets: RefCell<HashMap<BudgetKey, Rc<Budget>>>,
     /// The suspensions this shard made itself (throttling replies), kept
     /// in `<spool>/suspended-auto-N.json` so that they outlive a restart.
     automatic: RefCell<HashMap<String, u64>>,
