@@ -942,4 +942,22 @@ max_connections = 4
         assert!(!valid_pool_name("a b"));
         assert!(!valid_pool_name(&"x".repeat(65)));
     }
+
+    /// The example in `deploy/shaping.toml` holds with its pool lines
+    /// (`#> `) uncommented (the config test loads it as it is).
+    #[test]
+    fn deploy_example_with_pools_parses() {
+        let text = include_str!("../../deploy/shaping.toml");
+        let on: String = text
+            .lines()
+            .map(|l| l.strip_prefix("#> ").or(l.strip_prefix("#>")).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let r = Rules::parse(&on).unwrap();
+        assert_eq!(r.default_pool.as_deref(), Some("bulk"));
+        assert_eq!(r.pools["bulk"].sources.len(), 2);
+        assert_eq!(r.senders["news.example.com"], "bulk");
+        assert_eq!(r.routes["smarthost.example.net"], "transactional");
+        assert!(Rules::parse(text).unwrap().pools.is_empty());
+    }
 }
