@@ -447,6 +447,24 @@ fn header_from_trusted_clients_and_sender_domain_choose_the_pool() {
     );
 }
 
+/// `ringmta queue ARGS`: its standard output (the run must succeed).
+fn queue_cli(args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ringmta"));
+    cmd.arg("queue").args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("RINGMTA_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.output().expect("run ringmta queue");
+    assert!(
+        out.status.success(),
+        "ringmta queue {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `POST` with a JSON body to the admin listener; the status and body.
 fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -613,14 +631,38 @@ fn a_throttled_source_is_suspended_alone_and_mail_goes_through_the_other() {
     );
     let sent = N + 10;
 
-    // Lifted by hand: the source is used again.
+    // `ringmta queue` shows it with its source.
+    let admin_addr = admin.to_string();
+    let shown = queue_cli(&["suspensions", "--admin", &admin_addr]);
+    assert!(
+        shown.contains(&format!(
+            "{destination} via a until {suspended_until} automatic"
+        )),
+        "{shown}"
+    );
+
+    // Lifted by hand: the source is used again. Resuming the destination
+    // alone is not resuming its source.
     sink.throttle.lock().unwrap().clear();
     let (status, body) = http_post(
         admin,
         "/api/v1/resume",
-        &format!("{{\"destination\":\"{destination}\",\"source\":\"a\"}}"),
+        &format!("{{\"destination\":\"{destination}\"}}"),
     );
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 404, "{body}");
+    let resumed = queue_cli(&[
+        "resume",
+        "--destination",
+        &destination,
+        "--source",
+        "a",
+        "--admin",
+        &admin_addr,
+    ]);
+    assert!(
+        resumed.contains(&format!("resumed {destination} via a")),
+        "{resumed}"
+    );
     for i in sent..sent + 20 {
         let body = format!("Subject: t{i:03}\r\n\r\nbody {i}\r\n");
         c.send_message(
