@@ -55,8 +55,8 @@ struct Work {
     shaped: Option<Box<str>>,
     /// See [`Handoff::pinned`].
     pinned: bool,
-    /// See [`Handoff::source`].
-    source: Option<Box<str>>,
+    /// See [`Handoff::source`] (shared with the rules: no allocation).
+    source: Option<Arc<str>>,
 }
 
 impl Work {
@@ -82,7 +82,7 @@ impl Work {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Lane {
     target: Target,
-    source: Option<Box<str>>,
+    source: Option<Arc<str>>,
 }
 
 impl std::fmt::Display for Lane {
@@ -708,13 +708,13 @@ impl Relay {
                         target.name(),
                     ),
                 };
-                let source: Option<Box<str>> = match pool {
+                let source: Option<Arc<str>> = match pool {
                     None => None,
                     Some(pool) => {
                         let seed = id.with_str(super::shaping::spread);
                         let usable = |s: &str| self.suspended_via(&target, s, now).is_none();
                         match pool.pick(seed, usable) {
-                            Some(s) => Some(s.into()),
+                            Some(s) => Some(s.clone()),
                             None => {
                                 // Every source of the pool is suspended
                                 // here: back when the first one ends.

@@ -150,3 +150,51 @@ pub fn rcpt_params(block: &str) -> Vec<(String, Option<String>, Option<String>)>
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::envelope::{Protocol, Rcpt};
+
+    fn envelope(pool: Option<&str>) -> SmtpEnvelope {
+        SmtpEnvelope {
+            peer: "127.0.0.1:1234".parse().unwrap(),
+            helo: "client.test".into(),
+            protocol: Protocol {
+                esmtp: true,
+                tls: false,
+                auth: false,
+                utf8: false,
+            },
+            mail_from: Some("s@example.org".into()),
+            size: None,
+            body: None,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            rcpts: vec![Rcpt {
+                addr: "u@example.net".into(),
+                notify: None,
+                orcpt: None,
+            }],
+            chunked: false,
+            pool: pool.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_pool_line_round_trips_and_old_records_have_none() {
+        let with = encode_envelope("id1", &envelope(Some("bulk")), UNIX_EPOCH);
+        let with = String::from_utf8(with).unwrap();
+        assert!(with.ends_with("pool bulk\r\n"), "{with}");
+        assert_eq!(decode_envelope(&with).unwrap().pool, Some("bulk"));
+        let without =
+            String::from_utf8(encode_envelope("id2", &envelope(None), UNIX_EPOCH)).unwrap();
+        assert!(!without.contains("\r\npool "), "{without}");
+        let old = decode_envelope(&without).unwrap();
+        assert_eq!(
+            (old.pool, old.rcpts.as_slice()),
+            (None, &["u@example.net"][..])
+        );
+    }
+}
