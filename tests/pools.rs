@@ -317,6 +317,26 @@ fn weights_hold_over_1000_messages_and_each_source_has_its_address_and_name() {
     );
     assert_eq!(a + b, N);
     assert!((675..=825).contains(&a), "a took {a} of {N}");
+    // The metric counts per source (once every outcome is journaled:
+    // the sink's 250 comes first).
+    let admin = relay.admin.expect("admin listener");
+    let counted = |metrics: &str, source: &str| {
+        common::metric(
+            metrics,
+            "ringmta_source_deliveries_total",
+            &[&format!("source=\"{source}\""), "outcome=\"delivered\""],
+        )
+    };
+    let mut metrics = String::new();
+    wait_until("the outcomes counted", Duration::from_secs(30), || {
+        metrics = common::http_get(admin, "/metrics");
+        counted(&metrics, "a") + counted(&metrics, "b") >= N as f64
+    });
+    assert_eq!(
+        (counted(&metrics, "a"), counted(&metrics, "b")),
+        (a as f64, b as f64),
+        "{metrics}"
+    );
     // The event log names the source of each delivery.
     let log = relay.stderr();
     assert!(

@@ -1811,6 +1811,15 @@ impl Relay {
             self.metrics.deliveries(dest, Delivery::Deferred, counts[1]);
             self.metrics.deliveries(dest, Delivery::Bounced, counts[2]);
         }
+        if let Some(source) = attempt.source.as_deref() {
+            use crate::metrics::Delivery;
+            self.metrics
+                .source_deliveries(source, Delivery::Delivered, counts[0]);
+            self.metrics
+                .source_deliveries(source, Delivery::Deferred, counts[1]);
+            self.metrics
+                .source_deliveries(source, Delivery::Bounced, counts[2]);
+        }
         if !delayed.is_empty() {
             let retry_until =
                 UNIX_EPOCH + Duration::from_secs(entry.arrival) + self.cfg().max_queue_age;
