@@ -978,12 +978,23 @@ impl Relay {
                 self.enqueue(work.id);
             }
             Some(o) => {
-                let report = match self.lane_suspended_until(target, unix_now()) {
-                    Some(until) => Report::Suspended {
+                // Named as the suspension that applies: the destination's
+                // (the origin then waits), or its source's (the origin
+                // picks another source at once).
+                let now = unix_now();
+                let report = match (
+                    self.suspended_until(&target.target, now),
+                    self.lane_suspended_until(target, now),
+                ) {
+                    (Some(until), _) => Report::Suspended {
+                        destination: target.target.to_string(),
+                        until,
+                    },
+                    (None, Some(until)) => Report::Suspended {
                         destination: target.to_string(),
                         until,
                     },
-                    None => Report::Returned,
+                    (None, None) => Report::Returned,
                 };
                 self.send_done(
                     o.peer,
