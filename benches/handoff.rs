@@ -101,6 +101,7 @@ async fn origin(mesh: Mesh, n: u64) -> Duration {
                     target: target.clone(),
                     shaped: None,
                     pinned: false,
+                    source: None,
                 };
                 // Keep the item when the channel is full: `try_hand`
                 // consumes it, so hand a clone and retry after a yield.

@@ -43,6 +43,7 @@ fn message(body: &[u8]) -> Message {
                 orcpt: None,
             }],
             chunked: false,
+            pool: None,
         },
         body: body.to_vec(),
     }

@@ -68,6 +68,7 @@ fn main() -> anyhow::Result<()> {
                 orcpt: None,
             }],
             chunked: false,
+            pool: None,
         };
         let id = format!("{i:014x}00{:06x}", i & 0xff_ffff);
         let head = format::encode_envelope(&id, &env, SystemTime::now());

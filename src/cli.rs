@@ -813,11 +813,17 @@ pub enum QueueAction {
         duration: String,
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
+        /// Only the mail from this source-IP pool source (`[source.NAME]`).
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
     },
     /// End a destination's suspension (API).
     Resume {
         #[arg(long, value_name = "DEST")]
         destination: String,
+        /// The suspension of this source's mail to it.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
     },
     /// The suspended destinations (API).
     Suspensions,

@@ -12,7 +12,9 @@
 //!   protocol v1/v2 header a load balancer sends first ([`smtp::proxy`]),
 //!   and the message side of HTTP injection ([`smtp::inject`]: the JSON
 //!   request, the sender and RCPT checks of a relay client, `{{name}}`
-//!   substitution, the MIME built from parts). No sockets, files or clocks.
+//!   substitution, the MIME built from parts); [`smtp::field`] takes a
+//!   control field (`X-Ringmta-Pool`) out of a received message. No
+//!   sockets, files or clocks.
 //! * [`server`] — the glommio glue and the only place with sockets: one shard
 //!   per core, each with its own SO_REUSEPORT listeners, connection tasks
 //!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
@@ -63,10 +65,17 @@
 //!   [`relay::shaping`] is the traffic shaping rules (`--shaping`: default,
 //!   domain and provider entries, MX rollup) and their pacing arithmetic,
 //!   pure; the owner shard's workers enforce them (a provider's budget on
-//!   the shard owning the provider's name, its work handed there).
+//!   the shard owning the provider's name, its work handed there). The
+//!   same file defines source-IP pools (sources with a bind address and an
+//!   EHLO name, weighted pools, the pool chosen by the `X-Ringmta-Pool`
+//!   header of a trusted client, the sender domain, the route or the
+//!   default): each message gets one source, connections are bound to it,
+//!   and queues, budgets and automatic suspensions are per source and
+//!   destination.
 //!   [`relay::classify`] classifies the next hop's replies (`--bounce-rules`
 //!   over built-in rules) and says what to do: bounce at once, or suspend a
-//!   throttling destination (the delivering shard does it).
+//!   throttling destination, or one source's mail to it (the delivering
+//!   shard does it and keeps it in `<spool>/suspended-auto-N.json`).
 //! * [`inbound`] — checks of incoming mail on the relay/MX port:
 //!   [`inbound::auth`] verifies SPF (HELO and MAIL FROM), every DKIM
 //!   signature, the ARC chain and DMARC (alignment, `p`/`sp`/`pct`) with

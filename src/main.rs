@@ -168,7 +168,7 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
         suspended: suspensions
             .active(0)
             .iter()
-            .map(|s| (s.destination.clone(), s.until))
+            .map(|s| (s.key(), s.until))
             .collect(),
         ..server::Control::default()
     };
@@ -447,16 +447,25 @@ fn queue_api(
             destination,
             duration,
             reason,
-        } => (
-            "POST",
-            "/api/v1/suspend".into(),
-            Some(json!({ "destination": destination, "duration": duration, "reason": reason })),
-        ),
-        QueueAction::Resume { destination } => (
-            "POST",
-            "/api/v1/resume".into(),
-            Some(json!({ "destination": destination })),
-        ),
+            source,
+        } => {
+            let mut v =
+                json!({ "destination": destination, "duration": duration, "reason": reason });
+            if let Some(s) = source {
+                v["source"] = json!(s);
+            }
+            ("POST", "/api/v1/suspend".into(), Some(v))
+        }
+        QueueAction::Resume {
+            destination,
+            source,
+        } => {
+            let mut v = json!({ "destination": destination });
+            if let Some(s) = source {
+                v["source"] = json!(s);
+            }
+            ("POST", "/api/v1/resume".into(), Some(v))
+        }
         QueueAction::Count | QueueAction::List | QueueAction::Show { .. } => {
             anyhow::bail!("not an API verb")
         }
@@ -514,21 +523,27 @@ fn queue_api(
             for s in v["suspensions"].as_array().into_iter().flatten() {
                 writeln!(
                     out,
-                    "{} until {} {}",
+                    "{}{} until {} {}",
                     s["destination"].as_str().unwrap_or(""),
+                    s["source"]
+                        .as_str()
+                        .map_or(String::new(), |s| format!(" via {s}")),
                     s["until"],
                     s["reason"].as_str().unwrap_or("")
                 )?;
             }
         }
-        QueueAction::Suspend { .. } => writeln!(
-            out,
-            "suspended {} until {}",
-            v["destination"].as_str().unwrap_or(""),
-            v["until"]
-        )?,
-        QueueAction::Resume { .. } => {
-            writeln!(out, "resumed {}", v["destination"].as_str().unwrap_or(""))?
+        QueueAction::Suspend { .. } | QueueAction::Resume { .. } => {
+            let via = v["source"]
+                .as_str()
+                .map_or(String::new(), |s| format!(" via {s}"));
+            let what = v["destination"].as_str().unwrap_or("");
+            match action {
+                QueueAction::Suspend { .. } => {
+                    writeln!(out, "suspended {what}{via} until {}", v["until"])?
+                }
+                _ => writeln!(out, "resumed {what}{via}")?,
+            }
         }
         _ => writeln!(
             out,

@@ -192,6 +192,7 @@ pub struct Metrics {
     queue_rcpts: Family<ShardDest, Gauge>,
     queue_oldest: Family<ShardDest, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
+    source_deliveries: Family<SourceLabels, Counter>,
     reply_classes: Family<ClassLabels, Counter>,
     delivery_latency: Family<ShardLabel, Histogram>,
     handoff_queued: Family<HandoffLabels, Gauge>,
@@ -425,6 +426,26 @@ impl ShardMetrics {
             .inc();
     }
 
+    /// Outcomes of one delivery attempt made from `source` (a source-IP
+    /// pool source: as many labels as the shaping file has sources).
+    pub fn source_deliveries(&self, source: &str, outcome: Delivery, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let outcome = match outcome {
+            Delivery::Delivered => "delivered",
+            Delivery::Deferred => "deferred",
+            Delivery::Bounced => "bounced",
+        };
+        global()
+            .source_deliveries
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc_by(n);
+    }
+
     /// Outcomes of one delivery attempt to `destination` (a label from
     /// [`destination_label`]). Not the intake path: a family lookup.
     pub fn deliveries(&self, destination: &str, outcome: Delivery, n: u64) {
@@ -627,6 +648,12 @@ struct ReplyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabels {
     shard: String,
     class: String,
@@ -684,6 +711,7 @@ impl Metrics {
             queue_rcpts: Family::default(),
             queue_oldest: Family::default(),
             deliveries: Family::default(),
+            source_deliveries: Family::default(),
             reply_classes: Family::default(),
             // 10 ms to about 2.9 days.
             delivery_latency: Family::new_with_constructor(|| {
@@ -826,6 +854,11 @@ impl Metrics {
             "queue_oldest_age_seconds",
             "Age of the oldest message waiting, per destination",
             m.queue_oldest.clone(),
+        );
+        r.register(
+            "source_deliveries",
+            "Recipient delivery attempts by outcome, per source-IP pool source (--shaping [source.NAME])",
+            m.source_deliveries.clone(),
         );
         r.register(
             "reply_class",

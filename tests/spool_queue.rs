@@ -37,6 +37,7 @@ fn message(n: usize, rcpts: &[&str]) -> Message {
                 })
                 .collect(),
             chunked: false,
+            pool: None,
         },
         body: format!("Subject: {n}\r\n\r\nbody {n}\r\n").into_bytes(),
     }

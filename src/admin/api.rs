@@ -21,8 +21,8 @@ use serde_json::json;
 
 use super::{Request, Response, Router};
 use crate::relay::control::{
-    Action, Affected, Answer, Command, DestSummary, MessageInfo, Request as ShardRequest, Selector,
-    Suspension, Suspensions,
+    split_suspension_key, suspension_key, Action, Affected, Answer, Command, DestSummary,
+    MessageInfo, Request as ShardRequest, Selector, Suspension, Suspensions,
 };
 
 /// How long the API waits for every shard's answer.
@@ -169,7 +169,8 @@ impl Api {
             }
         }
         let suspended: Vec<Suspension> = self.lock().active(unix_now()).to_vec();
-        for s in &suspended {
+        // One source's suspension does not stop the destination.
+        for s in suspended.iter().filter(|s| s.source.is_none()) {
             let mut named = false;
             for m in merged.values_mut() {
                 if target_named(&m.destination, &s.destination) {
@@ -337,11 +338,17 @@ impl Api {
         };
         let until = unix_now() + duration.as_secs();
         let reason = body.reason.unwrap_or_default();
+        let source = match source_of(body.source) {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        };
         let s = Suspension {
             destination: destination.clone(),
+            source,
             until,
             reason: reason.clone(),
         };
+        let key = s.key();
         {
             let mut list = self.lock();
             if let Err(e) = list.add(s.clone()) {
@@ -350,14 +357,14 @@ impl Api {
             crate::metrics::suspended_destinations().set(list.active(unix_now()).len() as i64);
         }
         let told = self.ask_all(Command::Suspend {
-            destination: destination.clone(),
+            destination: key.clone(),
             until,
         });
         tracing::info!(
             target: "ringmta::event",
             event = "admin",
             action = "suspend",
-            selector = %format!("destination={destination}"),
+            selector = %format!("destination={key}"),
             until,
             reason = %reason,
             "admin action"
@@ -374,9 +381,14 @@ impl Api {
             Err(e) => return Response::error(400, &format!("bad JSON body: {e}")),
         };
         let destination = body.destination.trim().to_ascii_lowercase();
+        let source = match source_of(body.source) {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        };
+        let key = suspension_key(&destination, source.as_deref());
         let was = {
             let mut list = self.lock();
-            let was = match list.remove(&destination) {
+            let was = match list.remove(&key) {
                 Ok(w) => w,
                 Err(e) => return Response::error(500, &format!("cannot record the resume: {e}")),
             };
@@ -384,24 +396,27 @@ impl Api {
             was
         };
         let told = self.ask_all(Command::Resume {
-            destination: destination.clone(),
+            destination: key.clone(),
         });
         // A destination the shards suspended themselves (a throttling
         // reply, `--bounce-rules`) is in no list here: a shard says it was.
         let by_shards =
             matches!(&told, Ok(a) if a.iter().any(|a| matches!(a, Answer::Count(n) if *n > 0)));
         if !was && !by_shards {
-            return Response::error(404, &format!("{destination} is not suspended"));
+            return Response::error(404, &format!("{key} is not suspended"));
         }
         tracing::info!(
             target: "ringmta::event",
             event = "admin",
             action = "resume",
-            selector = %format!("destination={destination}"),
+            selector = %format!("destination={key}"),
             "admin action"
         );
         match told {
-            Ok(_) => Response::json(200, &json!({ "destination": destination, "resumed": true })),
+            Ok(_) => Response::json(
+                200,
+                &json!({ "destination": destination, "source": source, "resumed": true }),
+            ),
             Err(resp) => resp,
         }
     }
@@ -415,22 +430,22 @@ impl Api {
             let mut automatic: std::collections::BTreeMap<String, u64> = Default::default();
             for a in answers {
                 let Answer::Suspended(s) = a else { continue };
-                for (destination, until) in s {
-                    if !list.iter().any(|x| x.destination == destination) {
-                        let slot = automatic.entry(destination).or_insert(until);
+                for (key, until) in s {
+                    if !list.iter().any(|x| x.key() == key) {
+                        let slot = automatic.entry(key).or_insert(until);
                         *slot = (*slot).max(until);
                     }
                 }
             }
-            list.extend(
-                automatic
-                    .into_iter()
-                    .map(|(destination, until)| Suspension {
-                        destination,
-                        until,
-                        reason: "automatic".into(),
-                    }),
-            );
+            list.extend(automatic.into_iter().map(|(key, until)| {
+                let (destination, source) = split_suspension_key(&key);
+                Suspension {
+                    destination: destination.to_owned(),
+                    source: source.map(str::to_owned),
+                    until,
+                    reason: "automatic".into(),
+                }
+            }));
         }
         Response::json(200, &json!({ "suspensions": list }))
     }
@@ -455,12 +470,25 @@ struct SuspendBody {
     destination: String,
     duration: String,
     reason: Option<String>,
+    /// Only this source's mail to the destination.
+    source: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResumeBody {
     destination: String,
+    source: Option<String>,
+}
+
+/// A source named in a suspend or resume body: a shaping file's source
+/// name, lower case.
+fn source_of(source: Option<String>) -> Result<Option<String>, Response> {
+    match source.map(|s| s.trim().to_ascii_lowercase()) {
+        None => Ok(None),
+        Some(s) if crate::relay::shaping::valid_pool_name(&s) => Ok(Some(s)),
+        Some(_) => Err(Response::error(400, "source: not a source name")),
+    }
 }
 
 /// `Ok` when no token is set (`--admin-token-file`) or `req` carries it

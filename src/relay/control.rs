@@ -594,9 +594,92 @@ async fn act(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Suspension {
     pub destination: String,
+    /// Only mail from this source (`[source.NAME]` of the shaping file)
+    /// to the destination is suspended; none: all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// Unix time it ends.
     pub until: u64,
     pub reason: String,
+}
+
+impl Suspension {
+    /// How a shard names it: `DESTINATION` or `DESTINATION via SOURCE`
+    /// (lower case).
+    pub fn key(&self) -> String {
+        suspension_key(&self.destination, self.source.as_deref())
+    }
+}
+
+/// `destination`, or `destination via source`, lower case: the name of a
+/// suspension on the shards.
+pub fn suspension_key(destination: &str, source: Option<&str>) -> String {
+    match source {
+        None => destination.to_ascii_lowercase(),
+        Some(s) => format!("{destination} via {s}").to_ascii_lowercase(),
+    }
+}
+
+/// The file in the spool's root where shard `shard` keeps the suspensions
+/// it made itself (throttling replies), so that a restart does not
+/// hammer a receiver that just asked us to slow down.
+pub fn automatic_file(shard: usize) -> String {
+    format!("suspended-auto-{shard}.json")
+}
+
+/// The automatic suspensions as their file holds them (the format of
+/// `suspended.json`, reason `automatic`).
+pub fn encode_automatic(list: &[(String, u64)]) -> Vec<u8> {
+    let suspended = list
+        .iter()
+        .map(|(key, until)| {
+            let (destination, source) = split_suspension_key(key);
+            Suspension {
+                destination: destination.to_owned(),
+                source: source.map(str::to_owned),
+                until: *until,
+                reason: "automatic".into(),
+            }
+        })
+        .collect();
+    serde_json::to_vec_pretty(&SuspensionsFile { suspended }).unwrap_or_default()
+}
+
+/// Every shard's automatic suspensions still in force at `now` (the
+/// files of any number of shards: the count may have changed), as
+/// (name, end). A file that cannot be read is logged and skipped.
+pub fn load_automatic(spool_root: &Path, now: u64) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(spool_root) else {
+        return Vec::new();
+    };
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("suspended-auto-") && name.ends_with(".json")) {
+            continue;
+        }
+        let parsed = std::fs::read(entry.path())
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<SuspensionsFile>(&b).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(f) => {
+                for s in f.suspended.into_iter().filter(|s| s.until > now) {
+                    let slot = out.entry(s.key()).or_insert(s.until);
+                    *slot = (*slot).max(s.until);
+                }
+            }
+            Err(e) => tracing::warn!(file = %name, error = %e, "automatic suspensions not read"),
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// A shard's suspension name split back into destination and source.
+pub fn split_suspension_key(key: &str) -> (&str, Option<&str>) {
+    match key.rsplit_once(" via ") {
+        Some((d, s)) => (d, Some(s)),
+        None => (key, None),
+    }
 }
 
 /// The suspended destinations and the durable file that keeps them
@@ -646,20 +729,21 @@ impl Suspensions {
         self.list.retain(|s| s.until > now);
     }
 
-    /// Adds or replaces the suspension of `s.destination` (any case) and
-    /// makes it durable.
+    /// Adds or replaces the suspension of `s.destination` (any case) from
+    /// `s.source` and makes it durable.
     pub fn add(&mut self, s: Suspension) -> std::io::Result<()> {
         let mut next = self.list.clone();
-        next.retain(|o| !o.destination.eq_ignore_ascii_case(&s.destination));
+        let key = s.key();
+        next.retain(|o| o.key() != key);
         next.push(s);
         self.store(next)
     }
 
-    /// Removes the suspension of `destination`, durably; `false` if there
-    /// was none.
-    pub fn remove(&mut self, destination: &str) -> std::io::Result<bool> {
+    /// Removes the suspension named `key` ([`suspension_key`]), durably;
+    /// `false` if there was none.
+    pub fn remove(&mut self, key: &str) -> std::io::Result<bool> {
         let mut next = self.list.clone();
-        next.retain(|o| !o.destination.eq_ignore_ascii_case(destination));
+        next.retain(|o| !o.key().eq_ignore_ascii_case(key));
         if next.len() == self.list.len() {
             return Ok(false);
         }
@@ -700,12 +784,14 @@ mod tests {
         let far = unix_now() + 3600;
         s.add(Suspension {
             destination: "smtp:a.example:25".into(),
+            source: None,
             until: far,
             reason: "maintenance".into(),
         })
         .unwrap();
         s.add(Suspension {
             destination: "b.example".into(),
+            source: Some("a".into()),
             until: 1,
             reason: String::new(),
         })

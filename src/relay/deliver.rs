@@ -35,7 +35,7 @@ use super::handoff::{self, Attempt, Done, Handoff, Link, Mesh, Msg, RcptIndexes,
 use super::maildir;
 use super::mta_sts::{self, Mode};
 use super::mx::{Resolution, Resolver};
-use super::shaping::{Key, Pacer, Shape};
+use super::shaping::{Key, Pacer, Shape, Source};
 use super::tls::{self, Security, TlsPolicy};
 use super::{dsn, RelayConfig, Target};
 use crate::policy;
@@ -57,6 +57,8 @@ struct Work {
     shaped: Option<Box<str>>,
     /// See [`Handoff::pinned`].
     pinned: bool,
+    /// See [`Handoff::source`] (shared with the rules: no allocation).
+    source: Option<Arc<str>>,
 }
 
 impl Work {
@@ -71,6 +73,27 @@ impl Work {
             }),
             shaped: self.shaped.clone(),
             pinned: self.pinned,
+            source: self.source.clone(),
+        }
+    }
+}
+
+/// A destination as reached from one source: what a destination queue,
+/// its workers and its budgets are kept by. Without source-IP pools the
+/// source is `None` and a lane is its destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Lane {
+    target: Target,
+    source: Option<Arc<str>>,
+}
+
+impl std::fmt::Display for Lane {
+    /// `mx:example.com:25`, or `mx:example.com:25 via a` for source `a`:
+    /// also the name of the lane's automatic suspension.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            None => write!(f, "{}", self.target),
+            Some(s) => write!(f, "{} via {s}", self.target),
         }
     }
 }
@@ -121,6 +144,10 @@ struct Budget {
     connections: RefCell<Pacer>,
 }
 
+/// A budget's shaping key and the source it counts for (receivers count
+/// per sending address: each source has its own budget).
+type BudgetKey = (Key, Option<Box<str>>);
+
 /// A connection counted against a [`Budget`] while it lives.
 struct Slot(Rc<Budget>);
 
@@ -168,7 +195,7 @@ pub struct Relay {
     timers: RefCell<BinaryHeap<Reverse<(u64, QueueId)>>>,
     /// Recipients (message, envelope index) being delivered.
     in_flight: RefCell<HashSet<(QueueId, usize)>>,
-    dests: RefCell<HashMap<Target, DestQueue>>,
+    dests: RefCell<HashMap<Lane, DestQueue>>,
     wake: Event,
     stopping: Cell<bool>,
     stopped: Event,
@@ -183,7 +210,13 @@ pub struct Relay {
     suspended: RefCell<HashMap<String, u64>>,
     /// The shaping budgets this shard enforces (those of the destinations
     /// and providers it owns).
-    budgets: RefCell<HashMap<Key, Rc<Budget>>>,
+    budgets: RefCell<HashMap<BudgetKey, Rc<Budget>>>,
+    /// The suspensions this shard made itself (throttling replies), kept
+    /// in `<spool>/suspended-auto-N.json` so that they outlive a restart.
+    automatic: RefCell<HashMap<String, u64>>,
+    /// A write of that file is under way / another is due after it.
+    auto_writing: Cell<bool>,
+    auto_dirty: Cell<bool>,
 }
 
 impl Relay {
@@ -230,7 +263,17 @@ impl Relay {
             link: RefCell::new(None),
             suspended: RefCell::new(HashMap::new()),
             budgets: RefCell::new(HashMap::new()),
+            automatic: RefCell::new(HashMap::new()),
+            auto_writing: Cell::new(false),
+            auto_dirty: Cell::new(false),
         });
+        // Every shard's automatic suspensions of before the restart (the
+        // shard count may have changed): none of them is forgotten.
+        let kept = super::control::load_automatic(relay.spool.root_dir(), unix_now());
+        for (key, until) in kept {
+            relay.suspend_at_least(&key, until);
+            relay.automatic.borrow_mut().insert(key, until);
+        }
         // The recovered queue: deferred recipients wait for their time.
         let (due, later) = relay.spool.schedule(unix_now());
         *relay.ready.borrow_mut() = due.into();
@@ -259,16 +302,50 @@ impl Relay {
 
     /// Ends a suspension; `true` if there was one. Everything due is
     /// scheduled again (what waited for the destination among it).
-    pub fn resume(&self, destination: &str) -> bool {
-        let was = self
-            .suspended
-            .borrow_mut()
-            .remove(&destination.to_ascii_lowercase())
-            .is_some();
+    pub fn resume(self: &Rc<Self>, destination: &str) -> bool {
+        let key = destination.to_ascii_lowercase();
+        let was = self.suspended.borrow_mut().remove(&key).is_some();
+        if self.automatic.borrow_mut().remove(&key).is_some() {
+            self.persist_automatic();
+        }
         if was {
             self.requeue_due();
         }
         was
+    }
+
+    /// Writes this shard's automatic suspensions (those still in force)
+    /// to its file, off the scheduler's path; changes made while a write
+    /// is under way are written by one more after it.
+    fn persist_automatic(self: &Rc<Self>) {
+        self.auto_dirty.set(true);
+        if self.auto_writing.replace(true) {
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let written = crate::util::isolate(async {
+                while me.auto_dirty.replace(false) {
+                    let now = unix_now();
+                    let list: Vec<(String, u64)> = {
+                        let mut auto = me.automatic.borrow_mut();
+                        auto.retain(|_, until| *until > now);
+                        auto.iter().map(|(k, &u)| (k.clone(), u)).collect()
+                    };
+                    let name = super::control::automatic_file(me.spool.shard());
+                    let bytes = super::control::encode_automatic(&list);
+                    if let Err(e) = me.spool.replace_file(&name, &bytes).await {
+                        tracing::warn!(error = %e, "cannot record the automatic suspensions");
+                    }
+                }
+            })
+            .await;
+            if let Err(what) = written {
+                tracing::error!(panic = %what, "recording the automatic suspensions panicked");
+            }
+            me.auto_writing.set(false);
+        })
+        .detach();
     }
 
     /// The destinations suspended now and when each suspension ends.
@@ -303,6 +380,36 @@ impl Relay {
             .copied()
             .filter(|&until| until > now)
             .max()
+    }
+
+    /// When the suspension of `target` as reached from `source` ends (an
+    /// automatic one, from a throttling reply to that source, or the
+    /// operator's `DESTINATION via SOURCE`), if it is suspended at `now`.
+    fn suspended_via(&self, target: &Target, source: &str, now: u64) -> Option<u64> {
+        let suspended = self.suspended.borrow();
+        if suspended.is_empty() {
+            return None;
+        }
+        let source = source.to_ascii_lowercase();
+        let full = format!("{} via {source}", target.to_string().to_ascii_lowercase());
+        let bare = format!("{} via {source}", target.name().to_ascii_lowercase());
+        [full, bare]
+            .iter()
+            .filter_map(|k| suspended.get(k))
+            .copied()
+            .filter(|&until| until > now)
+            .max()
+    }
+
+    /// When the suspension of `lane` ends: its destination's, or its
+    /// source's to that destination, whichever ends later.
+    fn lane_suspended_until(&self, lane: &Lane, now: u64) -> Option<u64> {
+        let whole = self.suspended_until(&lane.target, now);
+        let via = lane
+            .source
+            .as_deref()
+            .and_then(|s| self.suspended_via(&lane.target, s, now));
+        whole.max(via)
     }
 
     /// Takes the work for messages in `ids` out of this shard's
@@ -353,6 +460,7 @@ impl Relay {
             origin: None,
             shaped: None,
             pinned: false,
+            source: None,
         };
         let why = format!("550 5.0.0 returned by the mail administrator: {reason}");
         let failed: Vec<(usize, String)> = (0..rcpts.len()).map(|k| (k, why.clone())).collect();
@@ -515,6 +623,7 @@ impl Relay {
                     }),
                     shaped: h.shaped,
                     pinned: h.pinned,
+                    source: h.source,
                 };
                 self.queue_work(h.target, work);
             }
@@ -606,6 +715,39 @@ impl Relay {
                 self.timers.borrow_mut().push(Reverse((t, id.clone())));
             }
             for ((target, shaped), rcpts) in by_target {
+                // The source-IP pool's choice, among the sources not
+                // suspended for this destination.
+                let pool = match target {
+                    Target::Maildir(_) => None,
+                    _ => cfg.shaping.pool_for(
+                        entry.pool.as_deref(),
+                        entry.mail_from.as_deref(),
+                        target.name(),
+                    ),
+                };
+                let source: Option<Arc<str>> = match pool {
+                    None => None,
+                    Some(pool) => {
+                        let seed = id.with_str(super::shaping::spread);
+                        let usable = |s: &str| self.suspended_via(&target, s, now).is_none();
+                        match pool.pick(seed, usable) {
+                            Some(s) => Some(s.clone()),
+                            None => {
+                                // Every source of the pool is suspended
+                                // here: back when the first one ends.
+                                let first = pool
+                                    .sources
+                                    .iter()
+                                    .filter_map(|(s, _)| self.suspended_via(&target, s, now))
+                                    .min();
+                                if let Some(until) = first {
+                                    self.timers.borrow_mut().push(Reverse((until, id.clone())));
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                };
                 {
                     let mut f = self.in_flight.borrow_mut();
                     for &i in &rcpts {
@@ -618,6 +760,7 @@ impl Relay {
                     origin: None,
                     shaped,
                     pinned: false,
+                    source,
                 };
                 if let Some(work) = self.hand_off(&target, &entry.location, work) {
                     self.queue_work(target, work);
@@ -656,6 +799,7 @@ impl Relay {
             target: target.clone(),
             shaped: work.shaped.clone(),
             pinned: false,
+            source: work.source.clone(),
         };
         let handed = link.try_hand(owner, h);
         self.metrics.handoff(handed);
@@ -668,21 +812,27 @@ impl Relay {
         }
     }
 
-    /// Queues work for `target` here, starting a worker if there is room.
+    /// Queues work for `target` (from its source) here, starting a
+    /// worker if there is room.
     fn queue_work(self: &Rc<Self>, target: Target, work: Work) {
-        if work.origin.is_some() && self.suspended_until(&target, unix_now()).is_some() {
-            return self.give_back(&target, work);
+        let lane = Lane {
+            target,
+            source: work.source.clone(),
+        };
+        if work.origin.is_some() && self.lane_suspended_until(&lane, unix_now()).is_some() {
+            return self.give_back(&lane, work);
         }
+        let target = &lane.target;
         let spawn = {
             let mut dests = self.dests.borrow_mut();
-            let q = dests.entry(target.clone()).or_default();
+            let q = dests.entry(lane.clone()).or_default();
             let cfg = self.cfg();
-            let limit = match &target {
+            let limit = match target {
                 Target::Maildir(_) => cfg.maildir_concurrency,
                 Target::Smtp { .. } | Target::Mx { .. } => {
                     // A domain entry's connection limit is known before
                     // any lookup: no more workers than it allows.
-                    let domain = match &target {
+                    let domain = match target {
                         Target::Mx { domain, .. } => Some(domain.as_str()),
                         _ => work.shaped.as_deref(),
                     };
@@ -706,24 +856,24 @@ impl Relay {
         if spawn {
             let me = self.clone();
             glommio::spawn_local(async move {
-                let t = target.clone();
+                let l = lane.clone();
                 let held = Held::default();
-                if let Err(what) = crate::util::isolate(me.clone().worker(t, &held)).await {
-                    tracing::error!(%target, panic = %what, "delivery worker panicked");
+                if let Err(what) = crate::util::isolate(me.clone().worker(l, &held)).await {
+                    tracing::error!(target = %lane, panic = %what, "delivery worker panicked");
                     // Its work would stay in flight (never scheduled again)
                     // until a restart.
                     if let Some(work) = held.0.take() {
                         me.retry_after_panic(work);
                     }
                 }
-                me.worker_done(&target);
+                me.worker_done(&lane);
             })
             .detach();
         }
     }
 
     /// The next work for `target`, noted in `held` until it is reported.
-    fn take_work(&self, target: &Target, held: &Held) -> Option<Work> {
+    fn take_work(&self, target: &Lane, held: &Held) -> Option<Work> {
         let work = self.next_work(target)?;
         *held.0.borrow_mut() = Some(work.key());
         Some(work)
@@ -789,8 +939,8 @@ impl Relay {
     /// worker then ends and the queued work goes back, see
     /// [`Relay::worker_done`]). Work of a message of this shard that was
     /// held or left the queue since it was queued is dropped here.
-    fn next_work(&self, target: &Target) -> Option<Work> {
-        if self.suspended_until(target, unix_now()).is_some() {
+    fn next_work(&self, target: &Lane) -> Option<Work> {
+        if self.lane_suspended_until(target, unix_now()).is_some() {
             return None;
         }
         loop {
@@ -813,7 +963,7 @@ impl Relay {
         }
     }
 
-    fn worker_done(self: &Rc<Self>, target: &Target) {
+    fn worker_done(self: &Rc<Self>, target: &Lane) {
         let mut dests = self.dests.borrow_mut();
         if let Some(q) = dests.get_mut(target) {
             q.workers -= 1;
@@ -838,19 +988,30 @@ impl Relay {
     /// Work not attempted goes back to its message: scheduled again (on
     /// its origin), or, while `target` is suspended, at the suspension's
     /// end (the origin learns of the suspension).
-    fn give_back(&self, target: &Target, work: Work) {
+    fn give_back(&self, target: &Lane, work: Work) {
         match work.origin {
             None => {
                 self.release(&work.id, &work.rcpts);
                 self.enqueue(work.id);
             }
             Some(o) => {
-                let report = match self.suspended_until(target, unix_now()) {
-                    Some(until) => Report::Suspended {
+                // Named as the suspension that applies: the destination's
+                // (the origin then waits), or its source's (the origin
+                // picks another source at once).
+                let now = unix_now();
+                let report = match (
+                    self.suspended_until(&target.target, now),
+                    self.lane_suspended_until(target, now),
+                ) {
+                    (Some(until), _) => Report::Suspended {
+                        destination: target.target.to_string(),
+                        until,
+                    },
+                    (None, Some(until)) => Report::Suspended {
                         destination: target.to_string(),
                         until,
                     },
-                    None => Report::Returned,
+                    (None, None) => Report::Returned,
                 };
                 self.send_done(
                     o.peer,
@@ -875,7 +1036,7 @@ impl Relay {
     /// Applies what the reply classes of one delivery's `outcomes` ask: a
     /// rule's `bounce` makes a deferral a bounce; a `suspend` suspends
     /// `target` (logged as a `suspended` event). Returns whether it did.
-    fn act_on_classes(&self, target: &Target, outcomes: &mut [RcptOutcome]) -> bool {
+    fn act_on_classes(self: &Rc<Self>, target: &Lane, outcomes: &mut [RcptOutcome]) -> bool {
         let classifier: Arc<Classifier> = self.cfg().classifier.clone();
         let mut suspend: Option<(Duration, &'static str, String)> = None;
         for o in outcomes.iter_mut() {
@@ -901,11 +1062,19 @@ impl Relay {
             return false;
         };
         let until = unix_now() + d.as_secs().max(1);
-        self.suspend_at_least(&target.to_string(), until);
+        let key = target.to_string().to_ascii_lowercase();
+        self.suspend_at_least(&key, until);
+        {
+            let mut auto = self.automatic.borrow_mut();
+            let slot = auto.entry(key).or_insert(until);
+            *slot = (*slot).max(until);
+        }
+        self.persist_automatic();
         tracing::info!(
             target: "ringmta::event",
             event = "suspended",
-            destination = %target,
+            destination = %target.target,
+            source = target.source.as_deref(),
             until,
             class,
             reply = %reply,
@@ -969,7 +1138,17 @@ impl Relay {
             Report::Suspended { destination, until } => {
                 self.suspend_at_least(&destination, until);
                 self.release(id, rcpts);
-                self.timers.borrow_mut().push(Reverse((until, id.clone())));
+                if super::control::split_suspension_key(&destination)
+                    .1
+                    .is_some()
+                {
+                    // One source is suspended: scheduled again now, the
+                    // pool's choice then skips it (or, when all of the
+                    // pool's sources are, waits for the first to end).
+                    self.enqueue(id.clone());
+                } else {
+                    self.timers.borrow_mut().push(Reverse((until, id.clone())));
+                }
             }
             Report::Unreadable => {
                 self.release(id, rcpts);
@@ -981,8 +1160,8 @@ impl Relay {
         }
     }
 
-    async fn worker(self: Rc<Self>, target: Target, held: &Held) {
-        match &target {
+    async fn worker(self: Rc<Self>, target: Lane, held: &Held) {
+        match &target.target {
             Target::Maildir(root) => {
                 while let Some(work) = self.take_work(&target, held) {
                     self.deliver_local(root, work, held).await;
@@ -1037,6 +1216,7 @@ impl Relay {
             remote: None,
             attempt: Attempt {
                 relay: Some("maildir".into()),
+                source: None,
                 delays: [queued_ms(&loaded), 0, 0, ms(taken.elapsed())],
                 tls: None,
             },
@@ -1044,8 +1224,22 @@ impl Relay {
         self.finish_soon(held, work, report);
     }
 
-    async fn smtp_worker(self: &Rc<Self>, target: &Target, held: &Held) {
-        'connections: while let Some(first) = self.take_work(target, held) {
+    async fn smtp_worker(self: &Rc<Self>, lane: &Lane, held: &Held) {
+        let target = &lane.target;
+        'connections: while let Some(first) = self.take_work(lane, held) {
+            // The source as the shaping file defines it now; one a reload
+            // removed sends its work back to be given another.
+            let source = match lane.source.as_deref() {
+                None => None,
+                Some(name) => match self.cfg().shaping.sources.get(name) {
+                    Some(s) => Some(s.clone()),
+                    None => {
+                        held.0.borrow_mut().take();
+                        self.give_back(lane, first);
+                        continue;
+                    }
+                },
+            };
             let taken = Instant::now();
             let hosts = match target {
                 Target::Smtp { host, .. } => self.resolver.host(host).await,
@@ -1078,8 +1272,9 @@ impl Relay {
             let Some(first) = self.to_provider_home(target, &shape, first, held) else {
                 continue;
             };
+            let via = lane.source.as_deref();
             // Counted against the budget until the connection is closed.
-            let _slot = self.connection_slot(&shape).await;
+            let _slot = self.connection_slot(&shape, via).await;
             // DANE applies only to MX hosts named by a secure MX RRset.
             let policy = shape.tls_policy.unwrap_or(self.cfg().tls_policy);
             let dane_wanted =
@@ -1151,15 +1346,25 @@ impl Relay {
             let mut last_error = HostError::new("4.4.1", "no host to try".into());
             for (name, ip) in &hosts {
                 let opening = Instant::now();
-                self.pace(&shape, |b| &b.connections, shape.max_connection_rate)
+                self.pace(&shape, via, |b| &b.connections, shape.max_connection_rate)
                     .await;
                 let opened = self
-                    .open(name, *ip, port, policy, dane_ok, sts.as_deref())
+                    .open(
+                        Hop {
+                            name,
+                            ip: *ip,
+                            port,
+                            source: source.as_ref(),
+                        },
+                        policy,
+                        dane_ok,
+                        sts.as_deref(),
+                    )
                     .await;
                 let (mut conn, mut client, secured) = match opened {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::debug!(%target, error = %e.text, "host failed");
+                        tracing::debug!(target = %lane, error = %e.text, "host failed");
                         last_error = e;
                         continue;
                     }
@@ -1175,7 +1380,7 @@ impl Relay {
                 while let Some(w) = work.take() {
                     let Some(mut loaded) = self.load(&w).await else {
                         self.finish(held, &w, Report::Unreadable).await;
-                        work = self.take_work(target, held);
+                        work = self.take_work(lane, held);
                         continue;
                     };
                     if let Some(reason) = self.too_many_hops(&loaded) {
@@ -1191,7 +1396,7 @@ impl Relay {
                             attempt: Attempt::default(),
                         };
                         self.finish(held, &w, report).await;
-                        work = self.take_work(target, held);
+                        work = self.take_work(lane, held);
                         continue;
                     }
                     #[cfg(debug_assertions)]
@@ -1199,11 +1404,12 @@ impl Relay {
                     // Routed mail of another shaped domain on this
                     // connection is paced by its own domain's budget.
                     if w.shaped == first_shaped(&shape) {
-                        self.pace(&shape, |b| &b.messages, shape.max_message_rate)
+                        self.pace(&shape, via, |b| &b.messages, shape.max_message_rate)
                             .await;
                     } else {
                         let own = self.shape_of(target, &w, &hosts);
-                        self.pace(&own, |b| &b.messages, own.max_message_rate).await;
+                        self.pace(&own, via, |b| &b.messages, own.max_message_rate)
+                            .await;
                     }
                     let n = loaded.job.rcpts.len();
                     let sending = Instant::now();
@@ -1218,7 +1424,7 @@ impl Relay {
                     };
                     sent += 1;
                     let mut outcomes = outcomes;
-                    let suspended = self.act_on_classes(target, &mut outcomes);
+                    let suspended = self.act_on_classes(lane, &mut outcomes);
                     let broken = client.is_closed() || suspended;
                     self.observe(&loaded, &outcomes);
                     let [b, c] = std::mem::take(&mut setup);
@@ -1227,6 +1433,7 @@ impl Relay {
                         remote: Some(name.clone()),
                         attempt: Attempt {
                             relay: Some(relay.clone()),
+                            source: lane.source.clone(),
                             delays: [queued_ms(&loaded), b, c, ms(sending.elapsed())],
                             tls: Some(secured),
                         },
@@ -1238,9 +1445,9 @@ impl Relay {
                     if sent >= per_connection {
                         break;
                     }
-                    work = match self.take_work(target, held) {
+                    work = match self.take_work(lane, held) {
                         Some(w) => Some(w),
-                        None => self.wait_for_work(target, held, shape.idle_timeout).await,
+                        None => self.wait_for_work(lane, held, shape.idle_timeout).await,
                     };
                 }
                 client.quit();
@@ -1272,9 +1479,10 @@ impl Relay {
 
     /// The budget for `key` on this shard (created on first use; the
     /// unused ones are forgotten once there are many).
-    fn budget(&self, key: &Key) -> Rc<Budget> {
+    fn budget(&self, key: &Key, source: Option<&str>) -> Rc<Budget> {
         let mut budgets = self.budgets.borrow_mut();
-        if let Some(b) = budgets.get(key) {
+        let key = (key.clone(), source.map(Box::from));
+        if let Some(b) = budgets.get(&key) {
             return b.clone();
         }
         if budgets.len() >= BUDGETS_KEPT {
@@ -1285,13 +1493,14 @@ impl Relay {
                     || !b.connections.borrow().is_idle(now)
             });
         }
-        budgets.entry(key.clone()).or_default().clone()
+        budgets.entry(key).or_default().clone()
     }
 
-    /// Waits until `shape`'s budget has room for one more connection and
-    /// counts it until the [`Slot`] is dropped.
-    async fn connection_slot(&self, shape: &Shape) -> Slot {
-        let budget = self.budget(&shape.key);
+    /// Waits until `shape`'s budget (of `source`: receivers count per
+    /// sending address) has room for one more connection and counts it
+    /// until the [`Slot`] is dropped.
+    async fn connection_slot(&self, shape: &Shape, source: Option<&str>) -> Slot {
+        let budget = self.budget(&shape.key, source);
         if let Some(max) = shape.max_connections {
             while budget.open.get() >= max.max(1) && !self.stopping.get() {
                 let freed = budget.freed.listen();
@@ -1310,13 +1519,14 @@ impl Relay {
     async fn pace(
         &self,
         shape: &Shape,
+        source: Option<&str>,
         which: fn(&Budget) -> &RefCell<Pacer>,
         rate: Option<super::shaping::Rate>,
     ) {
         let Some(rate) = rate else {
             return;
         };
-        let budget = self.budget(&shape.key);
+        let budget = self.budget(&shape.key, source);
         let wait = which(&budget).borrow_mut().reserve(Instant::now(), rate, 1);
         if !wait.is_zero() {
             glommio::timer::sleep(wait).await;
@@ -1324,7 +1534,7 @@ impl Relay {
     }
 
     /// Keeps the connection for `target` open up to `idle` for more work.
-    async fn wait_for_work(&self, target: &Target, held: &Held, idle: Duration) -> Option<Work> {
+    async fn wait_for_work(&self, target: &Lane, held: &Held, idle: Duration) -> Option<Work> {
         if idle.is_zero() {
             return None;
         }
@@ -1397,6 +1607,7 @@ impl Relay {
             target: target.clone(),
             shaped: work.shaped.clone(),
             pinned: true,
+            source: work.source.clone(),
         };
         if link.try_hand(home, h) {
             tracing::debug!(id = %work.id, %target, provider = %name, home, "handed to the provider's shard");
@@ -1418,13 +1629,12 @@ impl Relay {
     /// plaintext connection.
     async fn open(
         &self,
-        name: &str,
-        ip: IpAddr,
-        port: u16,
+        hop: Hop<'_>,
         policy: TlsPolicy,
         dane_ok: bool,
         sts: Option<&mta_sts::Policy>,
     ) -> Result<(Conn, Client, Security), HostError> {
+        let Hop { name, ip, port, .. } = hop;
         let cfg = self.cfg();
         let dane_wanted = policy == TlsPolicy::Dane || (cfg.dane && policy != TlsPolicy::None);
         // An address literal (a route to [192.0.2.1]) has no TLSA records.
@@ -1453,27 +1663,13 @@ impl Relay {
                 Dane::Records(records) => {
                     let connector = tls::dane_connector(records);
                     return self
-                        .open_with(
-                            name,
-                            ip,
-                            port,
-                            StartTls::Required,
-                            &connector,
-                            Security::Dane,
-                        )
+                        .open_with(hop, StartTls::Required, &connector, Security::Dane)
                         .await;
                 }
                 // RFC 7672 3.1.3: TLS is mandatory, unauthenticated.
                 Dane::Unusable => {
                     return self
-                        .open_with(
-                            name,
-                            ip,
-                            port,
-                            StartTls::Required,
-                            &self.tls_any,
-                            Security::Tls,
-                        )
+                        .open_with(hop, StartTls::Required, &self.tls_any, Security::Tls)
                         .await;
                 }
                 // RFC 7672 2.2.3: a failed TLSA lookup makes the host unusable.
@@ -1491,9 +1687,7 @@ impl Relay {
             Some(Mode::Enforce) => {
                 return self
                     .open_with(
-                        name,
-                        ip,
-                        port,
+                        hop,
                         StartTls::Required,
                         &self.tls_verified,
                         Security::MtaSts,
@@ -1520,14 +1714,10 @@ impl Relay {
             Some((reporting, _)) if std::ptr::eq(connector, &self.tls_any) => reporting,
             _ => connector,
         };
-        let opened = match self
-            .open_with(name, ip, port, mode, connector, secured)
-            .await
-        {
+        let opened = match self.open_with(hop, mode, connector, secured).await {
             Err(e) if e.handshake && mode == StartTls::Opportunistic => {
                 tracing::info!(error = %e.text, "TLS handshake failed; trying again without TLS");
-                self.open_with(name, ip, port, StartTls::Off, connector, secured)
-                    .await
+                self.open_with(hop, StartTls::Off, connector, secured).await
             }
             other => other,
         };
@@ -1550,19 +1740,29 @@ impl Relay {
     /// handshake with `connector` proves (plaintext proves nothing).
     async fn open_with(
         &self,
-        name: &str,
-        ip: IpAddr,
-        port: u16,
+        hop: Hop<'_>,
         mode: StartTls,
         connector: &TlsConnector,
         secured: Security,
     ) -> Result<(Conn, Client, Security), HostError> {
-        let at = format!("{name}[{ip}]:{port}");
+        let Hop {
+            name,
+            ip,
+            port,
+            source,
+        } = hop;
+        let at = match source {
+            None => format!("{name}[{ip}]:{port}"),
+            Some(s) => format!("{name}[{ip}]:{port} from {}", s.bind),
+        };
         let addr = SocketAddr::new(ip, port);
-        let mut conn = Conn::connect(addr, self.cfg().connect_timeout, Timeouts::of(&self.cfg()))
+        let cfg = self.cfg();
+        let bind = source.map(|s| s.bind);
+        let mut conn = Conn::connect(addr, bind, cfg.connect_timeout, Timeouts::of(&cfg))
             .await
             .map_err(|e| HostError::new("4.4.1", format!("{at}: {e}")))?;
-        let mut client = Client::new(&self.cfg().helo_name).with_starttls(mode);
+        let helo = source.map_or(cfg.helo_name.as_str(), |s| s.ehlo.as_str());
+        let mut client = Client::new(helo).with_starttls(mode);
         let greet_err = |e: String| HostError::new("4.4.1", format!("{at}: {e}"));
         conn.until_idle(&mut client).await.map_err(greet_err)?;
         let mut security = Security::Plain;
@@ -1649,6 +1849,7 @@ impl Relay {
             remote: None,
             attempt: Attempt {
                 relay: None,
+                source: work.source.clone(),
                 delays: [0, b, c, 0],
                 tls: None,
             },
@@ -1759,6 +1960,7 @@ impl Relay {
             origin: None,
             shaped: None,
             pinned: false,
+            source: None,
         };
         let now = unix_now();
         let age = Duration::from_secs(now.saturating_sub(entry.arrival));
@@ -1833,6 +2035,15 @@ impl Relay {
                 .deliveries(dest, Delivery::Delivered, counts[0]);
             self.metrics.deliveries(dest, Delivery::Deferred, counts[1]);
             self.metrics.deliveries(dest, Delivery::Bounced, counts[2]);
+        }
+        if let Some(source) = attempt.source.as_deref() {
+            use crate::metrics::Delivery;
+            self.metrics
+                .source_deliveries(source, Delivery::Delivered, counts[0]);
+            self.metrics
+                .source_deliveries(source, Delivery::Deferred, counts[1]);
+            self.metrics
+                .source_deliveries(source, Delivery::Bounced, counts[2]);
         }
         if !delayed.is_empty() {
             let retry_until =
@@ -1950,6 +2161,7 @@ impl Relay {
                     orcpt: None,
                 }],
                 chunked: false,
+                pool: None,
             },
             body,
         };
@@ -1989,6 +2201,7 @@ struct OutcomeLog<'a> {
     /// How the connection was protected (`plain`, `tls`, `verified`,
     /// `dane`), when there was one.
     tls: Option<&'static str>,
+    source: Option<&'a str>,
     delays: String,
     /// Seconds since arrival, with milliseconds.
     delay: String,
@@ -2017,6 +2230,7 @@ impl<'a> OutcomeLog<'a> {
             queue_id,
             relay: attempt.relay.as_deref().unwrap_or("none"),
             tls: attempt.tls.map(Security::name),
+            source: attempt.source.as_deref(),
             delays: format!("{}/{}/{}/{}", secs(a), secs(b), secs(c), secs(d)),
             delay: secs(total),
         }
@@ -2036,6 +2250,7 @@ impl<'a> OutcomeLog<'a> {
             to,
             relay = self.relay,
             tls = self.tls,
+            source = self.source,
             delay = %self.delay,
             delays = %self.delays,
             reply,
@@ -2106,6 +2321,15 @@ fn hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// One host a connection goes to, and the source it leaves from.
+#[derive(Clone, Copy)]
+struct Hop<'a> {
+    name: &'a str,
+    ip: IpAddr,
+    port: u16,
+    source: Option<&'a Source>,
 }
 
 /// Why one host could not take mail, with the enhanced status code the
@@ -2218,14 +2442,21 @@ impl Timeouts {
 }
 
 impl Conn {
+    /// Connects to `addr`, from the local address `bind` when given.
     async fn connect(
         addr: SocketAddr,
+        bind: Option<IpAddr>,
         connect_timeout: Duration,
         timeouts: Timeouts,
     ) -> Result<Conn, String> {
-        let stream = TcpStream::connect_timeout(addr, connect_timeout)
-            .await
-            .map_err(|e| e.to_string())?;
+        let stream = match bind {
+            None => TcpStream::connect_timeout(addr, connect_timeout)
+                .await
+                .map_err(|e| e.to_string())?,
+            Some(from) => connect_from(from, addr, connect_timeout)
+                .await
+                .map_err(|e| format!("from {from}: {e}"))?,
+        };
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(timeouts.write));
         Ok(Conn {
@@ -2392,6 +2623,58 @@ impl Conn {
         let _ = self.stream.close().await;
         Ok(())
     }
+}
+
+/// A TCP connection to `addr` from the local address `from` (glommio
+/// connects only from the address the kernel picks): the socket is bound
+/// first, connected without blocking, and handed to glommio once the
+/// kernel has made the connection. The wait looks at the socket's state
+/// at growing intervals (1 ms, doubling up to 50 ms), within `timeout`.
+async fn connect_from(
+    from: IpAddr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    use std::io::{Error, ErrorKind};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+    if from.is_ipv4() != addr.is_ipv4() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the source cannot reach a host of the other address family",
+        ));
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SockAddr::from(SocketAddr::new(from, 0)))?;
+    match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            let deadline = Instant::now() + timeout;
+            let mut step = Duration::from_millis(1);
+            loop {
+                if let Some(e) = socket.take_error()? {
+                    return Err(e);
+                }
+                // getpeername answers only once the connection is made.
+                if socket.peer_addr().is_ok() {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::new(ErrorKind::TimedOut, "connection timed out"));
+                }
+                glommio::timer::sleep(step.min(left)).await;
+                step = (step * 2).min(Duration::from_millis(50));
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    // SAFETY: the descriptor is this socket's, given up by `into_raw_fd`;
+    // the glommio stream owns (and closes) it from here.
+    Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
 }
 
 /// A way to make a delivery worker panic, for the end-to-end test of panic

@@ -64,6 +64,8 @@ pub struct Handoff {
     /// Handed to the owner of its shaping provider's budget: delivered
     /// where it lands, never handed on again.
     pub pinned: bool,
+    /// The source (`[source.NAME]` of the shaping file) it leaves through.
+    pub source: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -142,6 +144,8 @@ pub enum Report {
 pub struct Attempt {
     /// `host[ip]:port`, `maildir`, or `None` when no server was reached.
     pub relay: Option<String>,
+    /// The source (`[source.NAME]`) the connection was made from.
+    pub source: Option<std::sync::Arc<str>>,
     /// Milliseconds, as Postfix's `delays=a/b/c/d`: (a) in the queue, from
     /// arrival until a worker took the message; (b) finding the
     /// destination (DNS); (c) connection set-up (TCP, greeting, EHLO,

@@ -11,9 +11,18 @@
 //! MX hosts match shares that provider's budget ("MX rollup"). Precedence:
 //! domain > provider > default, key by key; a key an entry leaves out comes
 //! from the next one down, then from the built-in defaults.
+//!
+//! Source-IP pools live here too: `[source.NAME]` (a `bind` address and
+//! the `ehlo` name that matches its PTR), `[pool.NAME]` (sources with
+//! weights) and which pool a message leaves through: the `X-Ringmta-Pool`
+//! header of a trusted client, then `[sender."domain"]`, then
+//! `[route."name"]` (a route's or the relay host's host, or the recipient
+//! domain of mail sent by MX), then `pool` in `[default]`. The budgets
+//! above then count per source and destination, as receivers do.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -130,6 +139,88 @@ pub struct Rules {
     /// In file order, then the built-in ones the file did not redefine;
     /// the first that matches an MX host wins.
     pub providers: Vec<Provider>,
+    /// Egress sources by name.
+    pub sources: HashMap<String, Source>,
+    /// Pools of sources by name.
+    pub pools: HashMap<String, Pool>,
+    /// Sender domain (lower case) → pool name.
+    pub senders: HashMap<String, String>,
+    /// Route name (lower case: a host of `--route`/`--relay-host`, or a
+    /// recipient domain sent by MX) → pool name.
+    pub routes: HashMap<String, String>,
+    /// The pool of everything no other rule chose (`pool` in `[default]`).
+    pub default_pool: Option<String>,
+}
+
+/// One egress source: the local address outbound connections are bound
+/// to and the name they greet with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub name: String,
+    pub bind: IpAddr,
+    /// The EHLO name (the one its address's PTR names).
+    pub ehlo: String,
+}
+
+/// Sources with weights: each message leaves through one of them, in
+/// proportion to the weights (among those not suspended).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    /// (source name, weight), sorted by name; the weights add up to at
+    /// least 1. The names are shared with every piece of work that uses
+    /// them (a queue of millions holds no copy of its own).
+    pub sources: Vec<(std::sync::Arc<str>, u32)>,
+}
+
+impl Pool {
+    /// The source for the message whose [`spread`] is `seed`, among the
+    /// sources `usable` allows, in proportion to their weights; `None`
+    /// when none may be used. The same seed and the same usable sources
+    /// give the same answer.
+    pub fn pick(&self, seed: u64, usable: impl Fn(&str) -> bool) -> Option<&std::sync::Arc<str>> {
+        let total: u64 = self
+            .sources
+            .iter()
+            .filter(|(n, _)| usable(n))
+            .map(|(_, w)| u64::from(*w))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = seed % total;
+        for (name, w) in self.sources.iter().filter(|(n, _)| usable(n)) {
+            let w = u64::from(*w);
+            if at < w {
+                return Some(name);
+            }
+            at -= w;
+        }
+        None
+    }
+}
+
+/// A well-mixed 64-bit number from a message's queue id: the seed of
+/// [`Pool::pick`] (FNV-1a, then the splitmix64 finalizer so that ids
+/// differing in their last digits spread over the whole range).
+pub fn spread(id: &str) -> u64 {
+    let mut h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Whether `name` may name a pool in the `X-Ringmta-Pool` header or the
+/// spool's envelope: 1 to 64 of `A-Z a-z 0-9 _ . -`.
+pub fn valid_pool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// Which budget a delivery counts against.
@@ -228,7 +319,41 @@ impl Rules {
             default: Limits::default(),
             domains: HashMap::new(),
             providers,
+            sources: HashMap::new(),
+            pools: HashMap::new(),
+            senders: HashMap::new(),
+            routes: HashMap::new(),
+            default_pool: None,
         }
+    }
+
+    /// The pool a message leaves through: the one its trusted client
+    /// named (`header`, if it exists), else its sender domain's, else its
+    /// route's (`route`: the target's host or domain), else the default
+    /// one; `None` without pools (no bind, `--helo-name`).
+    pub fn pool_for(
+        &self,
+        header: Option<&str>,
+        sender: Option<&str>,
+        route: &str,
+    ) -> Option<&Pool> {
+        if self.pools.is_empty() {
+            return None;
+        }
+        if let Some(p) = header.and_then(|h| self.pools.get(&h.to_ascii_lowercase())) {
+            return Some(p);
+        }
+        let sender_domain = sender
+            .and_then(|s| s.rsplit_once('@'))
+            .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
+        let named = sender_domain
+            .and_then(|d| self.senders.get(&d))
+            .or_else(|| {
+                self.routes
+                    .get(&route.trim_end_matches('.').to_ascii_lowercase())
+            })
+            .or(self.default_pool.as_ref())?;
+        self.pools.get(named)
     }
 
     /// Parses the TOML text of a `--shaping` file over the built-in
@@ -238,9 +363,17 @@ impl Rules {
         let mut rules = Rules::builtin();
         if let Some(d) = file.default {
             rules.default = d.limits("[default]")?;
+            rules.default_pool = d.pool.map(|p| p.to_ascii_lowercase());
         }
+        parse_pools(&mut rules, file.source, file.pool, file.sender, file.route)?;
         for (domain, entry) in file.domain {
-            let limits = entry.limits(&format!("[domain.{domain:?}]"))?;
+            let at = format!("[domain.{domain:?}]");
+            if entry.pool.is_some() {
+                return Err(format!(
+                    "{at}: pool is chosen in [default], [sender] or [route]"
+                ));
+            }
+            let limits = entry.limits(&at)?;
             let domain = domain.trim_end_matches('.').to_ascii_lowercase();
             if domain.is_empty() {
                 return Err("[domain.\"\"]: empty domain".into());
@@ -261,6 +394,11 @@ impl Rules {
             if let Some(bad) = mx.iter().find(|p| p.is_empty() || p[1..].contains('*')) {
                 return Err(format!("{at}: bad mx pattern {bad:?} (HOST or *.DOMAIN)"));
             }
+            if entry.limits.pool.is_some() {
+                return Err(format!(
+                    "{at}: pool is chosen in [default], [sender] or [route]"
+                ));
+            }
             let limits = entry.limits.limits(&at)?;
             mine.push(Provider { name, mx, limits });
         }
@@ -269,13 +407,36 @@ impl Rules {
             .retain(|b| !mine.iter().any(|p| p.name == b.name));
         mine.extend(rules.providers);
         rules.providers = mine;
+        if let Some(p) = &rules.default_pool {
+            if !rules.pools.contains_key(p) {
+                return Err(format!("[default] pool: no [pool.{p}]"));
+            }
+        }
         Ok(rules)
     }
 
-    /// Reads and parses a `--shaping` file.
+    /// Reads and parses a `--shaping` file, and checks that this host has
+    /// every source's address (a typo is refused at start or reload, not
+    /// found as deferrals later).
     pub fn load(path: &std::path::Path) -> Result<Rules, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Rules::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let rules = Rules::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut sources: Vec<&Source> = rules.sources.values().collect();
+        sources.sort_by(|a, b| a.name.cmp(&b.name));
+        for s in sources {
+            let domain = socket2::Domain::for_address(std::net::SocketAddr::new(s.bind, 0));
+            let bound = socket2::Socket::new(domain, socket2::Type::STREAM, None)
+                .and_then(|sock| sock.bind(&std::net::SocketAddr::new(s.bind, 0).into()));
+            if let Err(e) = bound {
+                return Err(format!(
+                    "{}: [source.{}] bind = \"{}\": {e}",
+                    path.display(),
+                    s.name,
+                    s.bind
+                ));
+            }
+        }
+        Ok(rules)
     }
 
     /// The provider whose patterns match one of `mx_hosts`, if any.
@@ -362,7 +523,116 @@ struct File {
     #[serde(default)]
     domain: HashMap<String, Entry>,
     #[serde(default)]
-    provider: std::collections::BTreeMap<String, ProviderEntry>,
+    provider: BTreeMap<String, ProviderEntry>,
+    #[serde(default)]
+    source: BTreeMap<String, SourceEntry>,
+    #[serde(default)]
+    pool: BTreeMap<String, PoolEntry>,
+    #[serde(default)]
+    sender: BTreeMap<String, PoolChoice>,
+    #[serde(default)]
+    route: BTreeMap<String, PoolChoice>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceEntry {
+    bind: String,
+    ehlo: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolEntry {
+    sources: BTreeMap<String, u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolChoice {
+    pool: String,
+}
+
+/// Checks and adds the `[source]`, `[pool]`, `[sender]` and `[route]`
+/// tables: every name a pool or a choice refers to must exist.
+fn parse_pools(
+    rules: &mut Rules,
+    sources: BTreeMap<String, SourceEntry>,
+    pools: BTreeMap<String, PoolEntry>,
+    senders: BTreeMap<String, PoolChoice>,
+    routes: BTreeMap<String, PoolChoice>,
+) -> Result<(), String> {
+    // Names are case-insensitive (kept in lower case): the header, the
+    // admin API and the suspensions name them too.
+    for (name, e) in sources {
+        let at = format!("[source.{name}]");
+        let name = name.to_ascii_lowercase();
+        if !valid_pool_name(&name) {
+            return Err(format!("{at}: a name is 1-64 of A-Z a-z 0-9 _ . -"));
+        }
+        let bind: IpAddr = e
+            .bind
+            .trim()
+            .parse()
+            .map_err(|_| format!("{at} bind: {:?} is not an IP address", e.bind))?;
+        if bind.is_unspecified() || bind.is_multicast() {
+            return Err(format!("{at} bind: {bind} cannot be a source"));
+        }
+        let ehlo = e.ehlo.trim().trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if ehlo.len() > 253 || !ehlo.contains('.') || !ehlo.split('.').all(label_ok) {
+            return Err(format!(
+                "{at} ehlo: {:?} is not a fully qualified host name",
+                e.ehlo
+            ));
+        }
+        rules
+            .sources
+            .insert(name.clone(), Source { name, bind, ehlo });
+    }
+    for (name, e) in pools {
+        let at = format!("[pool.{name}]");
+        let name = name.to_ascii_lowercase();
+        let sources: BTreeMap<String, u32> = e
+            .sources
+            .into_iter()
+            .map(|(s, w)| (s.to_ascii_lowercase(), w))
+            .collect();
+        if !valid_pool_name(&name) {
+            return Err(format!("{at}: a name is 1-64 of A-Z a-z 0-9 _ . -"));
+        }
+        if let Some(unknown) = sources.keys().find(|s| !rules.sources.contains_key(*s)) {
+            return Err(format!("{at} sources: no [source.{unknown}]"));
+        }
+        if sources.values().map(|&w| u64::from(w)).sum::<u64>() == 0 {
+            return Err(format!(
+                "{at} sources: the weights must add up to at least 1"
+            ));
+        }
+        let sources = sources.into_iter().map(|(s, w)| (s.into(), w)).collect();
+        rules.pools.insert(name.clone(), Pool { name, sources });
+    }
+    for (table, choices, into) in [
+        ("sender", senders, &mut rules.senders),
+        ("route", routes, &mut rules.routes),
+    ] {
+        for (key, c) in choices {
+            let pool = c.pool.to_ascii_lowercase();
+            if !rules.pools.contains_key(&pool) {
+                return Err(format!("[{table}.{key:?}] pool: no [pool.{}]", c.pool));
+            }
+            let key = key.trim_end_matches('.').to_ascii_lowercase();
+            if key.is_empty() {
+                return Err(format!("[{table}.\"\"]: empty name"));
+            }
+            into.insert(key, pool);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -383,6 +653,8 @@ struct Entry {
     max_deliveries_per_connection: Option<u64>,
     idle_timeout: Option<String>,
     tls_policy: Option<String>,
+    /// Only in `[default]`: the pool of everything no other rule chose.
+    pool: Option<String>,
 }
 
 impl Entry {
@@ -562,5 +834,128 @@ max_connections = 20
             last = p.reserve(t0, rate, 1);
         }
         assert_eq!(last, Duration::from_millis(19_900));
+    }
+
+    const POOLS: &str = r#"
+[source.a]
+bind = "127.0.0.2"
+ehlo = "mta-a.example.net"
+[source.b]
+bind = "127.0.0.3"
+ehlo = "MTA-B.example.net."
+[source.c]
+bind = "::1"
+ehlo = "mta-c.example.net"
+[pool.bulk]
+sources = { a = 3, b = 1 }
+[pool.vip]
+sources = { c = 1 }
+[sender."news.example.com"]
+pool = "vip"
+[route."smarthost.test"]
+pool = "vip"
+[default]
+pool = "bulk"
+max_connections = 4
+"#;
+
+    #[test]
+    fn sources_and_pools_parse() {
+        let r = Rules::parse(POOLS).unwrap();
+        assert_eq!(r.sources["b"].ehlo, "mta-b.example.net");
+        assert_eq!(r.sources["c"].bind, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(r.pools["bulk"].sources, [("a".into(), 3), ("b".into(), 1)]);
+        assert_eq!(r.default.max_connections, Some(4));
+        // Choice: header > sender domain > route > default.
+        let name = |p: Option<&Pool>| p.map(|p| p.name.clone());
+        assert_eq!(
+            name(r.pool_for(Some("vip"), Some("x@other.test"), "mx.test")),
+            Some("vip".into())
+        );
+        assert_eq!(
+            name(r.pool_for(Some("nope"), Some("x@other.test"), "mx.test")),
+            Some("bulk".into()),
+            "an unknown header pool falls through"
+        );
+        assert_eq!(
+            name(r.pool_for(None, Some("x@NEWS.example.com"), "mx.test")),
+            Some("vip".into())
+        );
+        assert_eq!(
+            name(r.pool_for(None, None, "SmartHost.test")),
+            Some("vip".into())
+        );
+        assert_eq!(name(r.pool_for(None, None, "mx.test")), Some("bulk".into()));
+        // Without pools nothing is chosen.
+        assert!(Rules::parse(SAMPLE)
+            .unwrap()
+            .pool_for(Some("x"), None, "y")
+            .is_none());
+    }
+
+    #[test]
+    fn bad_pools_are_refused() {
+        let a = "[source.a]\nbind = \"127.0.0.2\"\nehlo = \"a.example\"\n";
+        for bad in [
+            "[source.a]\nbind = \"nowhere\"\nehlo = \"a.example\"".to_owned(),
+            "[source.a]\nbind = \"0.0.0.0\"\nehlo = \"a.example\"".to_owned(),
+            "[source.a]\nbind = \"127.0.0.2\"\nehlo = \"localhost\"".to_owned(),
+            "[source.a]\nbind = \"127.0.0.2\"\nehlo = \"bad_name.example\"".to_owned(),
+            "[source.a]\nbind = \"127.0.0.2\"".to_owned(),
+            format!("{a}[pool.p]\nsources = {{ b = 1 }}"),
+            format!("{a}[pool.p]\nsources = {{ a = 0 }}"),
+            format!("{a}[pool.p]\nsources = {{ a = 1 }}\n[sender.\"x.test\"]\npool = \"q\""),
+            format!("{a}[pool.p]\nsources = {{ a = 1 }}\n[route.\"x.test\"]\npool = \"q\""),
+            format!("{a}[pool.p]\nsources = {{ a = 1 }}\n[default]\npool = \"q\""),
+            format!("{a}[pool.p]\nsources = {{ a = 1 }}\n[domain.\"x.test\"]\npool = \"p\""),
+        ] {
+            assert!(Rules::parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pick_follows_the_weights_and_skips_unusable_sources() {
+        let r = Rules::parse(POOLS).unwrap();
+        let bulk = &r.pools["bulk"];
+        let mut a = 0;
+        for i in 0..4000u32 {
+            let id = format!("0005f1c2a3b4c5{i:08x}");
+            match bulk.pick(spread(&id), |_| true).map(|s| &**s) {
+                Some("a") => a += 1,
+                Some("b") => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        // 3:1 of 4000 is 3000 (a standard deviation is about 27).
+        assert!((2850..=3150).contains(&a), "{a}");
+        assert_eq!(bulk.pick(7, |s| s != "a").map(|s| &**s), Some("b"));
+        assert_eq!(bulk.pick(7, |_| false), None);
+        assert_eq!(bulk.pick(7, |_| true), bulk.pick(7, |_| true));
+    }
+
+    #[test]
+    fn pool_names() {
+        assert!(valid_pool_name("bulk-1.eu_west"));
+        assert!(!valid_pool_name(""));
+        assert!(!valid_pool_name("a b"));
+        assert!(!valid_pool_name(&"x".repeat(65)));
+    }
+
+    /// The example in `deploy/shaping.toml` holds with its pool lines
+    /// (`#> `) uncommented (the config test loads it as it is).
+    #[test]
+    fn deploy_example_with_pools_parses() {
+        let text = include_str!("../../deploy/shaping.toml");
+        let on: String = text
+            .lines()
+            .map(|l| l.strip_prefix("#> ").or(l.strip_prefix("#>")).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let r = Rules::parse(&on).unwrap();
+        assert_eq!(r.default_pool.as_deref(), Some("bulk"));
+        assert_eq!(r.pools["bulk"].sources.len(), 2);
+        assert_eq!(r.senders["news.example.com"], "bulk");
+        assert_eq!(r.routes["smarthost.example.net"], "transactional");
+        assert!(Rules::parse(text).unwrap().pools.is_empty());
     }
 }

@@ -742,6 +742,38 @@ where
     }
 }
 
+/// The `X-Ringmta-Pool` field, taken out of every message before it is
+/// signed, checked or stored: from an authenticated or `--relay-network`
+/// client it chooses the source-IP pool (recorded in the envelope), from
+/// anyone else it is dropped unread.
+fn choose_pool(shard: &ShardState, session: &Session, msg: &mut Message, peer: SocketAddr) {
+    let Some(named) = crate::smtp::field::take(&mut msg.body, POOL_FIELD) else {
+        return;
+    };
+    let trusted = session.authenticated().is_some()
+        || shard
+            .ctx
+            .shared
+            .live
+            .load()
+            .session
+            .relay_networks
+            .iter()
+            .any(|n| n.contains(peer.ip()));
+    if !trusted {
+        tracing::debug!(%peer, "X-Ringmta-Pool from an untrusted client removed");
+        return;
+    }
+    if crate::relay::shaping::valid_pool_name(&named) {
+        msg.envelope.pool = Some(named);
+    } else {
+        tracing::info!(%peer, pool = %named.escape_debug(), "X-Ringmta-Pool with a bad pool name removed");
+    }
+}
+
+/// The header field that chooses a message's source-IP pool.
+pub(crate) const POOL_FIELD: &str = "X-Ringmta-Pool";
+
 /// Makes `msg` durable. Submitted mail (an authenticated session) is
 /// completed first: `Date:`, `Message-ID:` and optionally `Sender:` when
 /// missing (RFC 6409 8), then DKIM-signed when an author's domain has a key
@@ -756,6 +788,7 @@ async fn store(
 ) -> CommitResult {
     // The inbound checks' summary, for the `accepted` event.
     let mut auth = None;
+    choose_pool(shard, session, &mut msg, peer);
     let added = match session.authenticated() {
         Some(who) => {
             let live = shard.ctx.shared.live.load_full();

@@ -94,9 +94,17 @@ async fn store_one(
                 })
                 .collect(),
             chunked: false,
+            pool: None,
         },
         body: m.body,
     };
+    // The caller is trusted as a relay-network client: its message may
+    // name a source-IP pool, the field taken out as from SMTP.
+    if let Some(named) = crate::smtp::field::take(&mut msg.body, super::conn::POOL_FIELD) {
+        if crate::relay::shaping::valid_pool_name(&named) {
+            msg.envelope.pool = Some(named);
+        }
+    }
     let who = format!("http:{client}");
     let added = if state.ctx.shared.live.load().dkim_relay_network {
         match super::conn::dkim_sign_trusted(state, &mut msg, Vec::new(), &who).await {

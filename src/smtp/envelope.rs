@@ -30,6 +30,9 @@ pub struct Envelope {
     pub rcpts: Vec<Rcpt>,
     /// The content came in BDAT chunks.
     pub chunked: bool,
+    /// The source-IP pool a trusted client chose (`X-Ringmta-Pool`, taken
+    /// out of the content at intake; see `relay::shaping`).
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +229,7 @@ mod tests {
                     orcpt: None,
                 }],
                 chunked: false,
+                pool: None,
             };
             let tls = TlsInfo {
                 version: "TLS1.3",

@@ -7,6 +7,7 @@ pub mod command;
 pub mod data;
 pub mod envelope;
 pub mod error;
+pub mod field;
 pub mod inject;
 pub mod parse;
 pub mod proxy;

@@ -1031,6 +1031,7 @@ impl Session {
             envid: p.envid.map(str::to_owned),
             rcpts: Vec::new(),
             chunked: false,
+            pool: None,
         };
         let tx = Transaction {
             envelope,

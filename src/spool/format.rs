@@ -13,9 +13,12 @@
 //! rcpt <user@localhost>
 //! rcpt-notify SUCCESS,FAILURE
 //! rcpt-orcpt rfc822;user@localhost
+//! pool bulk
 //! ```
 //!
-//! Every value was validated by the parser (no CR/LF).
+//! Every value was validated by the parser (no CR/LF). `pool` (the
+//! source-IP pool a trusted client chose) is optional: records written
+//! before it existed have none.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -77,6 +80,9 @@ pub fn encode_envelope(id: &str, env: &SmtpEnvelope, now: SystemTime) -> Vec<u8>
             line(&format!("rcpt-orcpt {o}"));
         }
     }
+    if let Some(pool) = &env.pool {
+        line(&format!("pool {pool}"));
+    }
     h.into_bytes()
 }
 
@@ -92,6 +98,8 @@ pub struct Envelope<'a> {
     pub mail_from: Option<&'a str>,
     /// Recipient addresses, in order.
     pub rcpts: Vec<&'a str>,
+    /// The source-IP pool chosen at intake, if any.
+    pub pool: Option<&'a str>,
     /// Every line after the magic, for inspection.
     pub lines: Vec<&'a str>,
 }
@@ -122,6 +130,7 @@ pub fn decode_envelope(block: &str) -> Option<Envelope<'_>> {
         arrival_ms,
         mail_from: (!from.is_empty()).then_some(from),
         rcpts,
+        pool: field("pool"),
         lines,
     })
 }
@@ -140,4 +149,52 @@ pub fn rcpt_params(block: &str) -> Vec<(String, Option<String>, Option<String>)>
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::envelope::{Protocol, Rcpt};
+
+    fn envelope(pool: Option<&str>) -> SmtpEnvelope {
+        SmtpEnvelope {
+            peer: "127.0.0.1:1234".parse().unwrap(),
+            helo: "client.test".into(),
+            protocol: Protocol {
+                esmtp: true,
+                tls: false,
+                auth: false,
+                utf8: false,
+            },
+            mail_from: Some("s@example.org".into()),
+            size: None,
+            body: None,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            rcpts: vec![Rcpt {
+                addr: "u@example.net".into(),
+                notify: None,
+                orcpt: None,
+            }],
+            chunked: false,
+            pool: pool.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_pool_line_round_trips_and_old_records_have_none() {
+        let with = encode_envelope("id1", &envelope(Some("bulk")), UNIX_EPOCH);
+        let with = String::from_utf8(with).unwrap();
+        assert!(with.ends_with("pool bulk\r\n"), "{with}");
+        assert_eq!(decode_envelope(&with).unwrap().pool, Some("bulk"));
+        let without =
+            String::from_utf8(encode_envelope("id2", &envelope(None), UNIX_EPOCH)).unwrap();
+        assert!(!without.contains("\r\npool "), "{without}");
+        let old = decode_envelope(&without).unwrap();
+        assert_eq!(
+            (old.pool, old.rcpts.as_slice()),
+            (None, &["u@example.net"][..])
+        );
+    }
 }

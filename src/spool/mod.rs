@@ -341,6 +341,7 @@ fn rebuild(root: &Path, repair: bool) -> io::Result<(Recovery, QueueIndex)> {
                     .map(|r| (r.to_string(), RcptState::Pending))
                     .collect(),
                 held: false,
+                pool: env.pool.map(str::to_owned),
             });
         }
     }
@@ -602,6 +603,7 @@ impl ShardSpool {
                 .map(|r| (r.addr, RcptState::Pending))
                 .collect(),
             held: false,
+            pool: msg.envelope.pool,
         });
         Ok(id)
     }
@@ -729,6 +731,42 @@ impl ShardSpool {
 
     fn root(&self) -> &Path {
         self.dir.parent().unwrap_or(&self.dir)
+    }
+
+    /// Replaces the small file `name` in the spool's root directory with
+    /// `bytes`, durably (temp file, fdatasync, rename, directory sync):
+    /// after a crash it holds the old content or the new, never a mix.
+    /// For the relay's own state (its automatic suspensions).
+    pub async fn replace_file(&self, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+        let root = self.root().to_owned();
+        let tmp = root.join(format!("{name}.tmp"));
+        let file = glommio::io::BufferedFile::create(&tmp).await?;
+        let written = async {
+            write_all(&file, bytes, 0).await?;
+            if self.fsync {
+                file.fdatasync().await?;
+            }
+            Ok::<(), glommio::GlommioError<()>>(())
+        }
+        .await;
+        let _ = file.close().await;
+        if let Err(e) = written {
+            let _ = glommio::io::remove(&tmp).await;
+            return Err(e.into());
+        }
+        glommio::io::rename(&tmp, root.join(name)).await?;
+        if self.fsync {
+            let dir = glommio::io::Directory::open(&root).await?;
+            let synced = dir.sync().await;
+            let _ = dir.close().await;
+            synced?;
+        }
+        Ok(())
+    }
+
+    /// The spool's root directory.
+    pub fn root_dir(&self) -> &Path {
+        self.root()
     }
 
     async fn sync_dir(&self) -> Result<(), SpoolError> {

@@ -54,6 +54,8 @@ pub struct Entry {
     pub mail_from: Option<String>,
     pub rcpts: Vec<(String, RcptState)>,
     pub held: bool,
+    /// The source-IP pool chosen at intake (`pool` in the envelope).
+    pub pool: Option<String>,
 }
 
 /// A queue id in 16 bytes and no allocation for the ids ringmta makes
@@ -306,6 +308,7 @@ struct Slot {
     mail_from: Option<Box<str>>,
     rcpts: Rcpts,
     held: bool,
+    pool: Option<Box<str>>,
 }
 
 /// The recipients of a slot. Most messages have one, kept inline: the
@@ -363,6 +366,7 @@ impl Slot {
                 .map(|(a, s)| (a.to_string(), *s))
                 .collect(),
             held: self.held,
+            pool: self.pool.as_deref().map(str::to_owned),
         }
     }
 }
@@ -376,6 +380,7 @@ impl From<Entry> for Slot {
             mail_from: e.mail_from.map(String::into_boxed_str),
             rcpts: e.rcpts.into(),
             held: e.held,
+            pool: e.pool.map(String::into_boxed_str),
         }
     }
 }
@@ -782,6 +787,7 @@ mod tests {
                 .map(|r| (r.to_string(), RcptState::Pending))
                 .collect(),
             held: false,
+            pool: None,
         }
     }
 
