@@ -181,6 +181,7 @@ fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {
                 senders.clone(),
                 suspensions,
                 shared.admin_token.clone(),
+                shared.relay.clone(),
             );
             let mut router = api.routes(ringmta::admin::Router::standard());
             if config.inject_max_recipients > 0 {

@@ -433,3 +433,73 @@ fn throttling_reply_suspends_the_destination_then_everything_is_delivered_once()
         "{log}"
     );
 }
+
+#[test]
+fn limits_in_force_are_shown_by_the_admin_api_and_follow_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("shaping.toml");
+    std::fs::write(
+        &rules,
+        "[default]\nmax_connections = 8\n\n\
+         [domain.\"rate.test\"]\nmax_message_rate = \"10/s\"\nidle_timeout = \"2s\"\n\n\
+         [provider.sinkprov]\nmx = [\"*.hosting.sinkprov.test\"]\nmax_connections = 3\n\
+         max_message_rate = \"5/m\"\n\n\
+         [source.a]\nbind = \"127.0.0.2\"\nehlo = \"a.example\"\n\
+         [pool.bulk]\nsources = { a = 1 }\n\
+         [sender.\"news.example\"]\npool = \"bulk\"\n",
+    )
+    .unwrap();
+    // SIGHUP reloads the settings of a --config file (the shaping file
+    // named there is read again with them).
+    let config = dir.path().join("ringmta.toml");
+    std::fs::write(
+        &config,
+        format!("shaping = {:?}\n", rules.to_str().unwrap()),
+    )
+    .unwrap();
+    let relay = Server::builder()
+        .args(["--config".to_owned(), config.to_str().unwrap().into()])
+        .start();
+    let admin = relay.admin.expect("admin listener");
+    let get = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&common::http_get(admin, path)).unwrap()
+    };
+    // The whole rule set: the file's entries over the built-in providers.
+    let all = get("/api/v1/shaping");
+    assert_eq!(all["default"]["max_connections"], 8, "{all}");
+    assert_eq!(all["domains"]["rate.test"]["max_message_rate"], "10/s");
+    let providers = all["providers"].as_array().unwrap();
+    assert_eq!(providers[0]["name"], "sinkprov");
+    assert!(providers.iter().any(|p| p["name"] == "google"), "{all}");
+    assert_eq!(all["sources"]["a"]["bind"], "127.0.0.2");
+    assert_eq!(all["pools"]["bulk"]["a"], 1);
+
+    // One domain: its entry over the default, its budget.
+    let rate = get("/api/v1/shaping?domain=Rate.Test");
+    assert_eq!(rate["budget"], "domain:rate.test", "{rate}");
+    assert_eq!(rate["limits"]["max_message_rate"], "10/s");
+    assert_eq!(rate["limits"]["max_connections"], 8);
+    assert_eq!(rate["limits"]["idle_timeout"], "2s");
+    assert_eq!(rate["limits"]["tls_policy"], "opportunistic");
+    // A domain whose MX hosts are a provider's shares the provider's budget.
+    let hosted = get("/api/v1/shaping?domain=a.test&mx=mx1.hosting.sinkprov.test");
+    assert_eq!(hosted["budget"], "provider:sinkprov", "{hosted}");
+    assert_eq!(hosted["limits"]["max_connections"], 3);
+    assert_eq!(hosted["limits"]["max_message_rate"], "5/m");
+    // Anything else: the default, its own budget; the sender's pool.
+    let other = get("/api/v1/shaping?domain=other.test&sender=x@news.example");
+    assert_eq!(other["budget"], "mx:other.test:25", "{other}");
+    assert_eq!(other["limits"]["max_message_rate"], serde_json::Value::Null);
+    assert_eq!(other["pool"], "bulk");
+
+    // SIGHUP: the new rules are the ones shown.
+    std::fs::write(
+        &rules,
+        "[domain.\"rate.test\"]\nmax_message_rate = \"20/s\"\n",
+    )
+    .unwrap();
+    relay.signal(libc::SIGHUP);
+    wait_until("the reloaded rules", Duration::from_secs(10), || {
+        get("/api/v1/shaping?domain=rate.test")["limits"]["max_message_rate"] == "20/s"
+    });
+}

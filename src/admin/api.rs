@@ -43,6 +43,9 @@ pub struct Api {
     suspensions: Mutex<Suspensions>,
     /// `None`: no token needed. Replaced on SIGHUP.
     token: Arc<ArcSwapOption<String>>,
+    /// The delivery configuration in force (its shaping rules), replaced
+    /// on SIGHUP.
+    relay: Arc<arc_swap::ArcSwap<crate::relay::RelayConfig>>,
 }
 
 /// One command channel per shard: the senders for [`Api::new`], the
@@ -67,6 +70,7 @@ impl Api {
         shards: Vec<mpsc::Sender<ShardRequest>>,
         suspensions: Suspensions,
         token: Arc<ArcSwapOption<String>>,
+        relay: Arc<arc_swap::ArcSwap<crate::relay::RelayConfig>>,
     ) -> Arc<Api> {
         let mut suspensions = suspensions;
         crate::metrics::suspended_destinations().set(suspensions.active(unix_now()).len() as i64);
@@ -74,6 +78,7 @@ impl Api {
             shards,
             suspensions: Mutex::new(suspensions),
             token,
+            relay,
         })
     }
 
@@ -98,6 +103,55 @@ impl Api {
             .route("POST", "/api/v1/suspend", r(Api::suspend))
             .route("POST", "/api/v1/resume", r(Api::resume))
             .route("GET", "/api/v1/suspensions", r(Api::suspensions))
+            .route("GET", "/api/v1/shaping", r(Api::shaping))
+    }
+
+    /// `GET /api/v1/shaping`: the `--shaping` rules in force (the file's
+    /// entries over the built-in ones), or with `?domain=D` (and `&mx=H,H`
+    /// for the MX hosts a provider entry would match, as delivery looks
+    /// them up) the limits in force for mail to that domain, the budget
+    /// that counts it and, with `&sender=S`, the pool it would leave by.
+    fn shaping(&self, req: &Request) -> Response {
+        let cfg = self.relay.load_full();
+        let rules = &cfg.shaping;
+        let (mut domain, mut mx, mut sender) = (None, Vec::new(), None);
+        for (k, v) in query_pairs(req.query.as_deref()) {
+            match k.as_str() {
+                "domain" => domain = Some(v.trim_end_matches('.').to_ascii_lowercase()),
+                "mx" => mx = v.split(',').map(|h| h.trim().to_owned()).collect(),
+                "sender" => sender = Some(v),
+                other => return Response::error(400, &format!("unknown parameter {other:?}")),
+            }
+        }
+        let Some(domain) = domain else {
+            if !mx.is_empty() || sender.is_some() {
+                return Response::error(400, "mx and sender need a domain");
+            }
+            return Response::json(200, &rules_json(rules));
+        };
+        let target = cfg.target(&format!("x@{domain}"));
+        let destination = target.to_string();
+        let shape = rules.shape(Some(&domain), &destination, mx.iter().map(String::as_str));
+        let pool = rules
+            .pool_for(None, sender.as_deref(), target.name())
+            .map(|p| p.name.clone());
+        Response::json(
+            200,
+            &json!({
+                "domain": domain,
+                "destination": destination,
+                "budget": shape.key.to_string(),
+                "limits": {
+                    "max_connections": shape.max_connections,
+                    "max_message_rate": shape.max_message_rate.map(|r| r.to_string()),
+                    "max_connection_rate": shape.max_connection_rate.map(|r| r.to_string()),
+                    "max_deliveries_per_connection": shape.max_deliveries_per_connection,
+                    "idle_timeout": format!("{}s", shape.idle_timeout.as_secs_f64()),
+                    "tls_policy": shape.tls_policy.unwrap_or(cfg.tls_policy).name(),
+                },
+                "pool": pool,
+            }),
+        )
     }
 
     fn authorized(&self, req: &Request) -> Result<(), Response> {
@@ -578,6 +632,47 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One entry's keys as JSON (`null`: not set, the next entry down
+/// decides).
+fn limits_json(l: &crate::relay::shaping::Limits) -> serde_json::Value {
+    json!({
+        "max_connections": l.max_connections,
+        "max_message_rate": l.max_message_rate.map(|r| r.to_string()),
+        "max_connection_rate": l.max_connection_rate.map(|r| r.to_string()),
+        "max_deliveries_per_connection": l.max_deliveries_per_connection,
+        "idle_timeout": l.idle_timeout.map(|d| format!("{}s", d.as_secs_f64())),
+        "tls_policy": l.tls_policy.map(|p| p.name()),
+    })
+}
+
+/// The whole rule set as JSON, names sorted.
+fn rules_json(rules: &crate::relay::shaping::Rules) -> serde_json::Value {
+    let sorted = |m: Vec<(&String, serde_json::Value)>| {
+        let mut m = m;
+        m.sort_by(|a, b| a.0.cmp(b.0));
+        serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+    };
+    json!({
+        "default": limits_json(&rules.default),
+        "domains": sorted(rules.domains.iter().map(|(d, l)| (d, limits_json(l))).collect()),
+        "providers": rules.providers.iter().map(|p| json!({
+            "name": p.name,
+            "mx": p.mx,
+            "limits": limits_json(&p.limits),
+        })).collect::<Vec<_>>(),
+        "sources": sorted(rules.sources.iter().map(|(n, s)| (n, json!({
+            "bind": s.bind.to_string(),
+            "ehlo": s.ehlo,
+        }))).collect()),
+        "pools": sorted(rules.pools.iter().map(|(n, p)| (n, serde_json::Value::Object(
+            p.sources.iter().map(|(s, w)| (s.to_string(), json!(w))).collect(),
+        ))).collect()),
+        "senders": sorted(rules.senders.iter().map(|(d, p)| (d, json!(p))).collect()),
+        "routes": sorted(rules.routes.iter().map(|(r, p)| (r, json!(p))).collect()),
+        "default_pool": rules.default_pool,
+    })
 }
 
 #[cfg(test)]
