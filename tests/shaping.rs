@@ -28,6 +28,10 @@ struct Seen {
     accepted: Vec<Instant>,
     /// When the sink answered `421 4.7.28` (see [`Sink::throttling`]).
     throttled_at: Option<Instant>,
+    /// Messages still to answer `451 4.3.0` at their final dot (not
+    /// counted), and when each such answer went.
+    to_defer: usize,
+    deferred_at: Vec<Instant>,
 }
 
 /// An SMTP next hop on loopback that accepts everything and counts.
@@ -125,6 +129,13 @@ fn serve(mut conn: TcpStream, n: usize, seen: &Mutex<Seen>, stop: &AtomicBool, a
                 if line == "." {
                     let subject = data.take().unwrap_or_default();
                     let mut s = seen.lock().unwrap();
+                    if s.to_defer > 0 {
+                        s.to_defer -= 1;
+                        s.deferred_at.push(Instant::now());
+                        drop(s);
+                        let _ = conn.write_all(b"451 4.3.0 Error: queue file write error\r\n");
+                        continue;
+                    }
                     s.messages.push((Instant::now(), subject));
                     s.per_connection[n] += 1;
                     drop(s);
@@ -481,6 +492,7 @@ fn limits_in_force_are_shown_by_the_admin_api_and_follow_sighup() {
     assert_eq!(rate["limits"]["max_connections"], 8);
     assert_eq!(rate["limits"]["idle_timeout"], "2s");
     assert_eq!(rate["limits"]["tls_policy"], "opportunistic");
+    assert!(rate["limits"]["retry"].is_array(), "{rate}");
     // A domain whose MX hosts are a provider's shares the provider's budget.
     let hosted = get("/api/v1/shaping?domain=a.test&mx=mx1.hosting.sinkprov.test");
     assert_eq!(hosted["budget"], "provider:sinkprov", "{hosted}");
@@ -502,4 +514,54 @@ fn limits_in_force_are_shown_by_the_admin_api_and_follow_sighup() {
     wait_until("the reloaded rules", Duration::from_secs(10), || {
         get("/api/v1/shaping?domain=rate.test")["limits"]["max_message_rate"] == "20/s"
     });
+}
+
+#[test]
+fn a_domain_entry_retries_on_its_own_schedule() {
+    // The sink defers the first attempt; --retry-schedule would wait an
+    // hour, the domain's entry a second.
+    let sink = Sink::start();
+    sink.seen.lock().unwrap().to_defer = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("shaping.toml");
+    std::fs::write(
+        &rules,
+        "[domain.\"retry.test\"]\nretry = [\"1s\", \"1h\"]\n",
+    )
+    .unwrap();
+    let relay = Server::builder()
+        .args([
+            "--route".to_owned(),
+            format!("retry.test=smtp:127.0.0.1:{}", sink.port),
+            "--relay-network".into(),
+            "127.0.0.0/8".into(),
+            "--retry-schedule".into(),
+            "1h".into(),
+            "--shaping".into(),
+            rules.to_str().unwrap().into(),
+        ])
+        .start();
+    let mut c = relay.connect();
+    c.hello("client.example");
+    c.send_message(
+        "s@localhost",
+        &["u@retry.test"],
+        b"Subject: again\r\n\r\nbody\r\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.count() < 1 {
+        assert!(Instant::now() < deadline, "not retried: {}", relay.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = sink.seen.lock().unwrap();
+    assert_eq!(seen.deferred_at.len(), 1);
+    let waited = seen.messages[0].0 - seen.deferred_at[0];
+    eprintln!("retried {waited:?} after the 451");
+    drop(seen);
+    let log = relay.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("deferred") && l.contains("retry_in=1")),
+        "{log}"
+    );
 }

@@ -148,6 +148,7 @@ impl Api {
                     "max_deliveries_per_connection": shape.max_deliveries_per_connection,
                     "idle_timeout": format!("{}s", shape.idle_timeout.as_secs_f64()),
                     "tls_policy": shape.tls_policy.unwrap_or(cfg.tls_policy).name(),
+                    "retry": schedule_json(shape.retry.as_deref().unwrap_or(&cfg.retry_schedule)),
                 },
                 "pool": pool,
             }),
@@ -644,7 +645,16 @@ fn limits_json(l: &crate::relay::shaping::Limits) -> serde_json::Value {
         "max_deliveries_per_connection": l.max_deliveries_per_connection,
         "idle_timeout": l.idle_timeout.map(|d| format!("{}s", d.as_secs_f64())),
         "tls_policy": l.tls_policy.map(|p| p.name()),
+        "retry": l.retry.as_ref().map(|r| schedule_json(r)),
     })
+}
+
+/// A retry schedule as the file writes it (`["60s", "300s"]`).
+fn schedule_json(schedule: &[Duration]) -> Vec<String> {
+    schedule
+        .iter()
+        .map(|d| format!("{}s", d.as_secs_f64()))
+        .collect()
 }
 
 /// The whole rule set as JSON, names sorted.

@@ -1219,6 +1219,7 @@ impl Relay {
                 source: None,
                 delays: [queued_ms(&loaded), 0, 0, ms(taken.elapsed())],
                 tls: None,
+                retry: None,
             },
         };
         self.finish_soon(held, work, report);
@@ -1436,6 +1437,7 @@ impl Relay {
                             source: lane.source.clone(),
                             delays: [queued_ms(&loaded), b, c, ms(sending.elapsed())],
                             tls: Some(secured),
+                            retry: shape.retry.clone(),
                         },
                     };
                     self.finish_soon(held, w, report);
@@ -1852,6 +1854,7 @@ impl Relay {
                 source: work.source.clone(),
                 delays: [0, b, c, 0],
                 tls: None,
+                retry: None,
             },
         };
         self.finish(held, &work, report).await;
@@ -2005,7 +2008,19 @@ impl Relay {
                 }
                 RcptOutcome::Deferred(why) => {
                     let seed = hash(&id) ^ rcpt as u64;
-                    match self.cfg().next_retry(age, seed) {
+                    // The shaping entry's schedule: the one the worker
+                    // applied, else the recipient domain's.
+                    let cfg = self.cfg();
+                    let domain = addr.rsplit_once('@').map_or("", |(_, d)| d);
+                    let schedule = attempt
+                        .retry
+                        .clone()
+                        .or_else(|| cfg.shaping.retry_for(&domain.to_ascii_lowercase()));
+                    let next = match &schedule {
+                        Some(s) => cfg.next_retry_on(s, age, seed),
+                        None => cfg.next_retry(age, seed),
+                    };
+                    match next {
                         Some(delay) => {
                             counts[1] += 1;
                             let until = self.cfg().retry_at(entry.arrival, now, delay);
@@ -2081,6 +2096,8 @@ impl Relay {
         self.release(id, rcpts);
         if let Some(t) = retry_at {
             self.timers.borrow_mut().push(Reverse((t, work.id.clone())));
+            // The scheduler may be asleep until a later timer or its tick.
+            self.wake.notify(1);
         }
     }
 

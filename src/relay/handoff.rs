@@ -155,6 +155,9 @@ pub struct Attempt {
     /// How the connection was protected (`tls` field); `None` when no
     /// server was reached or for a Maildir.
     pub tls: Option<super::tls::Security>,
+    /// The retry schedule of the shaping entry the worker applied (a
+    /// provider's is known only there); `None`: the origin decides.
+    pub retry: Option<std::sync::Arc<[std::time::Duration]>>,
 }
 
 /// The owner of `target` among `peers` shards, or `None` for a destination

@@ -235,12 +235,23 @@ impl RelayConfig {
     /// The delay before the next attempt for a message this old, with up to
     /// 10 % jitter from `seed`, or `None` once it is past `--max-queue-age`.
     pub fn next_retry(&self, age: Duration, seed: u64) -> Option<Duration> {
+        self.next_retry_on(&self.retry_schedule, age, seed)
+    }
+
+    /// [`RelayConfig::next_retry`] on `schedule` (a shaping entry's
+    /// `retry`) instead of `--retry-schedule`.
+    pub fn next_retry_on(
+        &self,
+        schedule: &[Duration],
+        age: Duration,
+        seed: u64,
+    ) -> Option<Duration> {
         if age >= self.max_queue_age {
             return None;
         }
         let mut elapsed = Duration::ZERO;
-        let mut delay = *self.retry_schedule.last()?;
-        for d in &self.retry_schedule {
+        let mut delay = *schedule.last()?;
+        for d in schedule {
             elapsed += *d;
             if elapsed > age {
                 delay = *d;

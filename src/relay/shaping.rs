@@ -90,6 +90,8 @@ pub struct Limits {
     pub max_deliveries_per_connection: Option<u32>,
     pub idle_timeout: Option<Duration>,
     pub tls_policy: Option<TlsPolicy>,
+    /// The delays between attempts (`--retry-schedule` when none).
+    pub retry: Option<std::sync::Arc<[Duration]>>,
 }
 
 impl Limits {
@@ -104,6 +106,7 @@ impl Limits {
                 .or(under.max_deliveries_per_connection),
             idle_timeout: self.idle_timeout.or(under.idle_timeout),
             tls_policy: self.tls_policy.or(under.tls_policy),
+            retry: self.retry.clone().or_else(|| under.retry.clone()),
         }
     }
 }
@@ -258,6 +261,8 @@ pub struct Shape {
     pub idle_timeout: Duration,
     /// None: `--tls-policy`.
     pub tls_policy: Option<TlsPolicy>,
+    /// None: `--retry-schedule`.
+    pub retry: Option<std::sync::Arc<[Duration]>>,
 }
 
 impl Default for Rules {
@@ -312,6 +317,7 @@ impl Rules {
                     max_deliveries_per_connection: Some(BUILTIN_PER_CONNECTION),
                     idle_timeout: Some(BUILTIN_IDLE),
                     tls_policy: None,
+                    retry: None,
                 },
             })
             .collect();
@@ -478,7 +484,19 @@ impl Rules {
             max_deliveries_per_connection: limits.max_deliveries_per_connection,
             idle_timeout: limits.idle_timeout.unwrap_or(Duration::ZERO),
             tls_policy: limits.tls_policy,
+            retry: limits.retry,
         }
+    }
+
+    /// The retry schedule of mail to `domain` as far as the recipient
+    /// domain alone decides it (its `[domain]` entry, else `[default]`):
+    /// what the origin uses when the delivering worker named none (it did
+    /// not get as far as a provider's entry).
+    pub fn retry_for(&self, domain: &str) -> Option<std::sync::Arc<[Duration]>> {
+        self.domains
+            .get(domain)
+            .and_then(|l| l.retry.clone())
+            .or_else(|| self.default.retry.clone())
     }
 }
 
@@ -653,6 +671,8 @@ struct Entry {
     max_deliveries_per_connection: Option<u64>,
     idle_timeout: Option<String>,
     tls_policy: Option<String>,
+    /// `["1m", "5m", "30m"]`: the delays between attempts.
+    retry: Option<Vec<String>>,
     /// Only in `[default]`: the pool of everything no other rule chose.
     pool: Option<String>,
 }
@@ -694,6 +714,23 @@ impl Entry {
                             "{at} tls_policy: {s:?} is not none, opportunistic, require, verify or dane"
                         )
                     })
+                })
+                .transpose()?,
+            retry: self
+                .retry
+                .as_ref()
+                .map(|delays| {
+                    let parsed: Vec<Duration> = delays
+                        .iter()
+                        .map(|d| {
+                            crate::cli::parse_duration(d)
+                                .map_err(|e| format!("{at} retry: {e}"))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    if parsed.is_empty() || parsed.iter().any(Duration::is_zero) {
+                        return Err(format!("{at} retry: need at least one non-zero delay"));
+                    }
+                    Ok(parsed.into())
                 })
                 .transpose()?,
         })
