@@ -1003,14 +1003,24 @@ impl Relay {
                     self.suspended_until(&target.target, now),
                     self.lane_suspended_until(target, now),
                 ) {
-                    (Some(until), _) => Report::Suspended {
-                        destination: target.target.to_string(),
-                        until,
-                    },
-                    (None, Some(until)) => Report::Suspended {
-                        destination: target.to_string(),
-                        until,
-                    },
+                    (Some(until), _) => {
+                        let destination = target.target.to_string().to_ascii_lowercase();
+                        let automatic = self.automatic.borrow().contains_key(&destination);
+                        Report::Suspended {
+                            destination,
+                            until,
+                            automatic,
+                        }
+                    }
+                    (None, Some(until)) => {
+                        let destination = target.to_string().to_ascii_lowercase();
+                        let automatic = self.automatic.borrow().contains_key(&destination);
+                        Report::Suspended {
+                            destination,
+                            until,
+                            automatic,
+                        }
+                    }
                     (None, None) => Report::Returned,
                 };
                 self.send_done(
@@ -1135,19 +1145,38 @@ impl Relay {
                 self.enqueue(id.clone());
             }
             Report::Crashed => self.retry_later(id, rcpts),
-            Report::Suspended { destination, until } => {
-                self.suspend_at_least(&destination, until);
+            Report::Suspended {
+                destination,
+                until,
+                automatic,
+            } => {
+                if automatic {
+                    self.suspend_at_least(&destination, until);
+                }
                 self.release(id, rcpts);
-                if super::control::split_suspension_key(&destination)
+                // As this shard sees the destination now (an operator's
+                // resume may have reached it before the owner).
+                let now = unix_now();
+                let entry = id.with_str(|i| self.spool.entry(i));
+                let target = entry.as_ref().and_then(|e| {
+                    let (addr, _) = e.rcpts.get(*rcpts.first()?)?;
+                    Some(self.cfg().target(addr))
+                });
+                let whole = target.and_then(|t| self.suspended_until(&t, now));
+                let per_source = super::control::split_suspension_key(&destination)
                     .1
-                    .is_some()
-                {
+                    .is_some();
+                match whole {
+                    Some(until) => self.timers.borrow_mut().push(Reverse((until, id.clone()))),
                     // One source is suspended: scheduled again now, the
                     // pool's choice then skips it (or, when all of the
                     // pool's sources are, waits for the first to end).
-                    self.enqueue(id.clone());
-                } else {
-                    self.timers.borrow_mut().push(Reverse((until, id.clone())));
+                    None if per_source => self.enqueue(id.clone()),
+                    // Lifted here, not yet on the owner: soon again.
+                    None => self
+                        .timers
+                        .borrow_mut()
+                        .push(Reverse((now + 1, id.clone()))),
                 }
             }
             Report::Unreadable => {

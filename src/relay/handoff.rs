@@ -131,10 +131,16 @@ pub enum Report {
     /// The message could not be read (deleted, or compacted elsewhere in
     /// the meantime): try again a little later if it is still queued.
     Unreadable,
-    /// Not attempted: the destination (its text) is suspended until this
-    /// Unix time (the owner's automatic backoff). The origin suspends it
-    /// too and schedules the message then.
-    Suspended { destination: String, until: u64 },
+    /// Not attempted: the destination (its text, or `DEST via SOURCE`)
+    /// is suspended on the owner until this Unix time. An `automatic` one
+    /// (the owner's backoff) the origin records too; an operator's it
+    /// already knows, and does not record again (it may have been lifted
+    /// there a moment before the owner heard of it).
+    Suspended {
+        destination: String,
+        until: u64,
+        automatic: bool,
+    },
 }
 
 /// Where one delivery attempt went and how long its parts took: the
