@@ -432,8 +432,20 @@ fn header_from_trusted_clients_and_sender_domain_choose_the_pool() {
         b"Subject: stranger\r\nX-Ringmta-Pool: vip\r\n\r\nbody\r\n",
     );
 
-    wait_until("5 deliveries", Duration::from_secs(30), || {
-        sink.count() >= 5
+    // 7. An HTTP injection (trusted as a relay-network client) names one
+    // in the headers of the message it has built.
+    let admin = relay.admin.expect("admin listener");
+    let (status, answer) = http_post(
+        admin,
+        "/v1/inject",
+        r#"{"mail_from": "app@localhost", "recipients": ["u7@sink.test"],
+            "content": {"from": "app@localhost", "subject": "header-injected",
+                        "text": "body", "headers": {"X-Ringmta-Pool": "vip"}}}"#,
+    );
+    assert_eq!(status, 200, "{answer}");
+
+    wait_until("6 deliveries", Duration::from_secs(30), || {
+        sink.count() >= 6
     });
     let got = |s: &str| {
         sink.by_subject(s)
@@ -444,6 +456,7 @@ fn header_from_trusted_clients_and_sender_domain_choose_the_pool() {
         ("sender-domain", "127.0.0.5", "mta-d.pools.test"),
         ("header-over-sender", "127.0.0.4", "mta-c.pools.test"),
         ("header-authenticated", "127.0.0.4", "mta-c.pools.test"),
+        ("header-injected", "127.0.0.4", "mta-c.pools.test"),
     ] {
         let m = got(subject);
         assert_eq!((m.peer, m.ehlo.as_str()), (ip(from), name), "{subject}");
