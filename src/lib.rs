@@ -119,7 +119,9 @@
 //!   outside the shards: a path → handler router serving `/metrics` and
 //!   the JSON queue-control API ([`admin::api`], with an optional bearer
 //!   token), which reaches the shards only through a bounded command
-//!   channel per shard and a timed wait for their answers;
+//!   channel per shard and a timed wait for their answers (the shaping
+//!   rules in force, `/api/v1/shaping`, it reads from the shared
+//!   configuration);
 //!   [`admin::client`] is the blocking client of `ringmta queue`;
 //!   [`admin::inject`] is `POST /v1/inject`, which checks and builds the
 //!   messages and sends them to the shards round-robin in bounded batches
