@@ -75,8 +75,11 @@ impl Sink {
                         };
                         let (o, s, st) = (o.clone(), s.clone(), st.clone());
                         handlers.push(std::thread::spawn(move || {
-                            serve(conn, n, &s, &st, after);
-                            o.fetch_sub(1, Ordering::SeqCst);
+                            let mut open = Some(&*o);
+                            serve(conn, n, &s, &st, after, &mut open);
+                            if let Some(o) = open {
+                                o.fetch_sub(1, Ordering::SeqCst);
+                            }
                         }));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -114,7 +117,18 @@ impl Drop for Sink {
     }
 }
 
-fn serve(mut conn: TcpStream, n: usize, seen: &Mutex<Seen>, stop: &AtomicBool, after: usize) {
+/// Serves one connection. `open` is the count of open connections: taken
+/// and decremented here before the `221` to QUIT goes out, since the
+/// client may open its next connection as soon as it reads it (else the
+/// peak could count a connection that is closing).
+fn serve(
+    mut conn: TcpStream,
+    n: usize,
+    seen: &Mutex<Seen>,
+    stop: &AtomicBool,
+    after: usize,
+    open: &mut Option<&AtomicUsize>,
+) {
     conn.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let _ = conn.write_all(b"220 sink.test ESMTP\r\n");
@@ -164,6 +178,9 @@ fn serve(mut conn: TcpStream, n: usize, seen: &Mutex<Seen>, stop: &AtomicBool, a
                     b"354 go on\r\n"
                 }
                 "QUIT" => {
+                    if let Some(o) = open.take() {
+                        o.fetch_sub(1, Ordering::SeqCst);
+                    }
                     let _ = conn.write_all(b"221 bye\r\n");
                     return;
                 }
