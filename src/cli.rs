@@ -259,7 +259,7 @@ pub struct Cli {
           value_parser = parse_size)]
     pub max_segment_size: u64,
 
-    /// Number of shards (glommio executors) [default: one per available core].
+    /// Number of shards (glommio executors) [default: one per available core but one, at least one: the kernel's network and disk work and ringmta's helper threads keep a core].
     #[arg(long, value_name = "N", env = "RINGMTA_SHARDS")]
     pub shards: Option<usize>,
 

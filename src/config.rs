@@ -174,12 +174,25 @@ fn absolute(path: &Path) -> Result<PathBuf, ConfigError> {
     std::path::absolute(path).map_err(|e| ConfigError::BadPath(path.to_owned(), e))
 }
 
+/// The shard count when `--shards` is not given: one per core but one, and
+/// at least one. A shard is a thread that wants a whole core; the rest of
+/// the box needs one too: the kernel's network and block work (on loopback
+/// the sender pays the receiver's TCP processing), ringmta's log, DNS and
+/// file-pool threads, and on a shared box the clients. Measured on 2 cores
+/// (`tuning/README.md`, "Shards"): two shards took 40 % more CPU per message
+/// than one (each executor's sleep sends the other core an IPI, and each
+/// group commit gathers half as many messages) and gave 0.6–0.9× its
+/// throughput on every path.
+pub fn default_shards(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
+}
+
 impl Config {
     pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
         let shards = match cli.shards {
             Some(0) => return Err(ConfigError::NoShards),
             Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => default_shards(std::thread::available_parallelism().map_or(1, |n| n.get())),
         };
         if cli.smtp.is_empty() {
             return Err(ConfigError::NoListener);
@@ -523,6 +536,17 @@ mod tests {
         let mut argv = vec!["ringmta", "--hostname", "mx.test"];
         argv.extend_from_slice(args);
         Config::from_cli(&Cli::parse_from(argv))
+    }
+
+    #[test]
+    fn default_shards_leave_a_core_to_the_rest_of_the_box() {
+        assert_eq!(default_shards(1), 1);
+        assert_eq!(default_shards(2), 1);
+        assert_eq!(default_shards(4), 3);
+        assert_eq!(default_shards(16), 15);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(config(&[]).unwrap().shards, default_shards(cores));
+        assert_eq!(config(&["--shards", "2"]).unwrap().shards, 2);
     }
 
     #[test]

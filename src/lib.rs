@@ -127,6 +127,9 @@
 //!   messages and sends them to the shards round-robin in bounded batches
 //!   over the same channels, waiting for each batch's spool commit.
 //!   Bounded requests and bodies, timeouts, a cap on clients.
+//! * [`logwriter`] — a leaf: log lines go from the shards into one
+//!   bounded buffer that a writer thread empties into stderr in batches;
+//!   a shard never blocks on stderr nor wakes the writer per line.
 //! * [`util`] — a leaf of small shared helpers: [`util::isolate`] (a task's
 //!   panic caught, not the shard's end) and [`util::supervise`] (a shard's
 //!   long-lived loop restarted with backoff after a panic).
@@ -137,6 +140,7 @@ pub mod cli;
 pub mod config;
 pub mod config_file;
 pub mod inbound;
+pub mod logwriter;
 pub mod metrics;
 pub mod policy;
 pub mod relay;

@@ -14,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 use ringmta::cli::{Cli, LogFormat, QueueAction, Subcommand};
 use ringmta::config::Config;
 use ringmta::config_file::{self, Effective, FileError};
+use ringmta::logwriter;
 use ringmta::server::{self, Shared};
 use ringmta::spool::Spool;
 
@@ -29,7 +30,13 @@ fn main() -> ExitCode {
     };
     let cli = &loaded.cli;
     // Flushes the log lines still queued when main returns.
-    let _log = init_log(cli);
+    let _log = match init_log(cli) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("ringmta: cannot start the log writer thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if cli.check_config {
         return check_config(&loaded);
     }
@@ -87,27 +94,17 @@ fn check_config(loaded: &config_file::Loaded) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Lines queued for stderr before the writer thread drops new ones: a
-/// stalled log reader (a full pipe, a stuck journald) must not stall mail.
-const LOG_QUEUE_LINES: usize = 1 << 16;
-/// Bytes of log lines the writer thread gathers into one write to stderr.
-const LOG_WRITE_BUFFER: usize = 64 << 10;
-
-/// Logs go to stderr through a writer thread, so no shard ever blocks on a
-/// write to it; past [`LOG_QUEUE_LINES`] waiting lines, new ones are dropped
-/// (mail before logs). `--log-format json` writes one JSON object per line
-/// with the event's fields at the top level.
-fn init_log(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("ringmta-log")
-        // The writer thread drains every waiting line, then flushes: under
-        // load that is one write(2) per batch of lines, not one per line.
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_WRITE_BUFFER,
-            std::io::stderr(),
-        ));
+/// Logs go to stderr through a writer thread ([`ringmta::logwriter`]), so
+/// no shard ever blocks on a write to it or wakes it for every line; past
+/// 16 MiB of waiting lines, new ones are dropped (mail before logs).
+/// `--log-format json` writes one JSON object per line with the event's
+/// fields at the top level.
+fn init_log(cli: &Cli) -> std::io::Result<logwriter::Guard> {
+    let (writer, guard) = logwriter::spawn(
+        "ringmta-log",
+        std::io::stderr(),
+        logwriter::Options::default(),
+    )?;
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -123,7 +120,7 @@ fn init_log(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
             .with_span_list(false)
             .init(),
     }
-    guard
+    Ok(guard)
 }
 
 fn serve(cli: &Cli, reload: Reload) -> anyhow::Result<()> {

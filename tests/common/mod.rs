@@ -73,7 +73,7 @@ impl ServerBuilder {
     }
 
     /// No `--shards`: as many shards as ringmta picks by default (one per
-    /// core), for tests that must hold with the defaults on any machine.
+    /// core but one), for tests that must hold with the defaults on any machine.
     pub fn default_shards(mut self) -> Self {
         self.shards = None;
         self
