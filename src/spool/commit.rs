@@ -44,7 +44,18 @@ struct OpenSegment {
     file: BufferedFile,
     /// Bytes durably written (batches are appended here).
     written: u64,
+    /// The file's length: zeros written past `written` (see [`ZEROED_AHEAD`]).
+    zeroed: u64,
 }
+
+/// How far past the last batch a message segment's file is filled with zeros, so
+/// that most batches overwrite space the file already has: their
+/// fdatasync then writes the data only, not the file's size and block map
+/// too (`tuning/fsync-cost.py`: about 120 µs against 210 µs here). The
+/// extension itself is written by the batch that needs it, before that
+/// batch's fdatasync. Readers stop at the first record that does not verify
+/// where only zeros follow ([`segment::scan`]): a clean end, not damage.
+const ZEROED_AHEAD: u64 = 1 << 20;
 
 /// Commit statistics, for logs and the bench report.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +341,11 @@ impl SegmentWriter {
         if rotate {
             let old = self.segment.take();
             if let Some(old) = old {
+                // Its zeros go: a closed segment's size is what compaction
+                // weighs its live records against.
+                if old.zeroed > old.written {
+                    let _ = old.file.truncate(old.written).await;
+                }
                 let _ = old.file.close().await;
             }
             let (name, file) = self.create_segment().await?;
@@ -338,6 +354,7 @@ impl SegmentWriter {
                 name,
                 file,
                 written: 0,
+                zeroed: 0,
             });
         }
         // Only the flusher (one at a time) touches the open segment: take it
@@ -346,8 +363,16 @@ impl SegmentWriter {
             return Err(SpoolError::Io(io::Error::other("no open segment")));
         };
         let at = seg.written;
+        let end = at + buf.len() as u64;
+        // Message segments only: the journal is small and compacted by
+        // size, and no session waits for its syncs.
+        let extend = self.fsync && self.kind == segment::KIND_MESSAGE && end > seg.zeroed;
         let result = async {
             super::write_all(&seg.file, buf, at).await?;
+            if extend {
+                let zeros = vec![0u8; self.zeroed_ahead() as usize];
+                super::write_all(&seg.file, &zeros, end).await?;
+            }
             if self.fsync {
                 let started = std::time::Instant::now();
                 seg.file.fdatasync().await?;
@@ -358,7 +383,10 @@ impl SegmentWriter {
         .await;
         match result {
             Ok(()) => {
-                seg.written = at + buf.len() as u64;
+                seg.written = end;
+                if extend {
+                    seg.zeroed = end + self.zeroed_ahead();
+                }
                 let name = seg.name.clone();
                 *self.segment.borrow_mut() = Some(seg);
                 Ok((name, at))
@@ -367,6 +395,7 @@ impl SegmentWriter {
                 // Nothing after a failed batch may follow its garbage: cut the
                 // file back, or abandon it if even that fails.
                 if seg.file.truncate(at).await.is_ok() {
+                    seg.zeroed = at;
                     *self.segment.borrow_mut() = Some(seg);
                 } else {
                     let _ = seg.file.close().await;
@@ -374,6 +403,12 @@ impl SegmentWriter {
                 Err(e.into())
             }
         }
+    }
+
+    /// How far ahead of its batches a segment is filled with zeros: at most
+    /// [`ZEROED_AHEAD`], and never more than a whole segment.
+    fn zeroed_ahead(&self) -> u64 {
+        ZEROED_AHEAD.min(self.max_segment)
     }
 
     /// A file name that sorts after every file this writer made so far and

@@ -134,7 +134,8 @@ pub struct Skipped {
 pub struct Scan<'a> {
     pub records: Vec<Record<'a>>,
     /// End of the last intact record: with `damage`, everything past it is
-    /// a torn tail.
+    /// a torn tail; without, only zeros follow it, if anything (space the
+    /// writer filled ahead).
     pub valid_len: u64,
     /// Why the file does not end at `valid_len` (a torn tail).
     pub damage: Option<Damage>,
@@ -161,6 +162,11 @@ pub fn scan(seg: &[u8], keying: Keying) -> Scan<'_> {
             }
             Err(d) => d,
         };
+        // Zeros to the end: space the writer filled ahead of its records
+        // (`commit::ZEROED_AHEAD`), or never written. Nothing was lost.
+        if seg[off..].iter().all(|&b| b == 0) {
+            break None;
+        }
         if !keying.resync {
             break Some(damage);
         }
@@ -482,15 +488,34 @@ mod tests {
         }
     }
 
+    /// Zeros after the last record are space the writer filled ahead
+    /// (`commit::ZEROED_AHEAD`), or a file extended but never written: a
+    /// clean end, not damage. A record begun and cut off before the zeros
+    /// is still a torn tail.
     #[test]
-    fn zero_filled_tail_is_damage_not_records() {
-        // A file extended but not written (crash after size update).
+    fn zero_filled_tail_is_a_clean_end_not_records() {
         let mut seg = segment(2);
         let len = seg.len();
         seg.extend_from_slice(&[0u8; 100]);
-        let s = scan(&seg, KEYED);
+        for keying in [
+            KEYED,
+            Keying {
+                seed: SEED,
+                resync: false,
+            },
+        ] {
+            let s = scan(&seg, keying);
+            assert_eq!(s.records.len(), 2);
+            assert_eq!(s.valid_len, len as u64);
+            assert_eq!(s.damage, None);
+        }
+        let third = segment(3);
+        let last = scan(&third, KEYED).records[2].offset as usize;
+        let mut torn = third[..last + 30].to_vec();
+        torn.extend_from_slice(&[0u8; 4096]);
+        let s = scan(&torn, KEYED);
         assert_eq!(s.records.len(), 2);
-        assert_eq!(s.valid_len, len as u64);
-        assert_eq!(s.damage, Some(Damage::BadMagic));
+        assert_eq!(s.valid_len, last as u64);
+        assert!(s.damage.is_some());
     }
 }

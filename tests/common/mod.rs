@@ -380,8 +380,21 @@ impl Server {
     }
 
     /// Everything the server logged so far, without terminal colours.
+    /// The log so far, once it has settled: ringmta's log writer thread
+    /// writes lines in batches up to 10 ms apart (`ringmta::logwriter`),
+    /// so a line about what the test just did may still be on its way.
     pub fn stderr(&self) -> String {
-        strip_ansi(&fs::read_to_string(&self.stderr_path).unwrap_or_default())
+        let read = || fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        let mut text = read();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            std::thread::sleep(Duration::from_millis(25));
+            let now = read();
+            if now.len() == text.len() || Instant::now() >= deadline {
+                return strip_ansi(&now);
+            }
+            text = now;
+        }
     }
 
     /// Waits until the log contains `needle`; false after `timeout`.
