@@ -15,9 +15,10 @@
 //!   substitution, the MIME built from parts); [`smtp::field`] takes a
 //!   control field (`X-Ringmta-Pool`) out of a received message. No
 //!   sockets, files or clocks.
-//! * [`server`] — the glommio glue and the only place with sockets: one shard
-//!   per core, each with its own SO_REUSEPORT listeners, connection tasks
-//!   (each inside `catch_unwind`), limits, timeouts and graceful shutdown.
+//! * [`server`] — the glommio glue and the only place with sockets: shards
+//!   (one per core but one by default, [`config::default_shards`]), each
+//!   with its own SO_REUSEPORT listeners, connection tasks (each inside
+//!   `catch_unwind`), limits, timeouts and graceful shutdown.
 //!   [`server::budget`] is a shard's budget for message bodies in flight,
 //!   with a fair share per client address; the driver tells each session
 //!   how far its body may grow.
@@ -36,7 +37,8 @@
 //! * [`spool`] — durability: per-shard append-only segment files of
 //!   checksummed records; messages that finish while a write+`fdatasync` is
 //!   in flight share the next one (group commit), and their 250s go out when
-//!   it returns. A per-shard journal records per-recipient outcomes and
+//!   it returns. A message segment is zero-filled ahead of its batches, so
+//!   their syncs overwrite space the file has (a zero tail is a clean end). A per-shard journal records per-recipient outcomes and
 //!   queue operations, and is replaced by a snapshot of the queue as it
 //!   grows; at start the segments are verified (torn tails cut off, damage
 //!   in the middle skipped) and the queue is rebuilt. Finished segments are

@@ -448,6 +448,21 @@ class RingmtaDefaults:
 LEFTOVERS = []
 
 
+def drop_caches():
+    """Every run starts from the same cache state (as root): on an ext4
+    without a journal (this VM's), creating a file costs from 30 µs to over
+    700 µs depending on how many inodes earlier runs freed whose inode
+    table blocks are still cached (`recently_deleted`, `perf`), so the
+    Maildir and Postfix figures otherwise depend on the order of the runs."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+    time.sleep(1)
+
+
 def run_smtp_source(port, n, flags, rcpt):
     t0 = time.time()
     subprocess.run(["smtp-source", "-m", str(n), "-f", "sender@example.org", "-t", rcpt]
@@ -464,7 +479,9 @@ def source_bench(args, cert, out):
     message is where it goes (the Maildir, the sink)."""
     # The defaults, and --shards 1 and 2 where they differ from them (one
     # shard per core but one: 1 on 2 cores, where 2 is the other choice).
-    default_shards = max(1, (os.cpu_count() or 1) - 1)
+    # BENCH_DEFAULT_SHARDS: what an older build (RINGMTA_BIN) picks by
+    # default, for a before/after run (one per core before 2026-12-02).
+    default_shards = int(os.environ.get("BENCH_DEFAULT_SHARDS") or max(1, (os.cpu_count() or 1) - 1))
     shard_sets = [[]] + [["--shards", str(n)] for n in (1, 2) if n != default_shards]
     rows = []
     # Inbound verification is on by default on the relay/MX port: its DNS
@@ -492,6 +509,7 @@ def source_bench(args, cert, out):
             configs += [("postfix (queue + discard)", None, "postfix"),
                         ("postfix, relay to sink", None, "postfix-relay")]
         for name, extra, kind in configs:
+            drop_caches()
             sink = sink_out = None
             if kind in ("relay", "postfix-relay") or kind is None:
                 sink_port = free_port()
@@ -550,7 +568,8 @@ def source_bench(args, cert, out):
              "ports. Whole path = messages where they go (Maildir files, or counted by the "
              "sink) ÷ time from the first connection until the last one got there. Inbound "
              "verification (SPF, DKIM, DMARC, ARC: on by default) asks a local dnsmasq, which "
-             "serves SPF and DMARC p=none for the sender's domain (its cache then answers).",
+             "serves SPF and DMARC p=none for the sender's domain (its cache then answers). "
+             "Each run starts after `sync` and `echo 3 > /proc/sys/vm/drop_caches` (as root).",
              f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.", "",
              "| workload | server | delivered | intake msg/s | whole path msg/s | vs smtp-sink "
              "| CPU s / 1k msgs |", "|---|---|---|---|---|---|---|"]
