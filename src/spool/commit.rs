@@ -46,6 +46,8 @@ struct OpenSegment {
     written: u64,
     /// The file's length: zeros written past `written` (see [`ZEROED_AHEAD`]).
     zeroed: u64,
+    /// The zeros did not fit once: this segment is appended to plainly.
+    unzeroed: bool,
 }
 
 /// How far past the last batch a message segment's file is filled with zeros, so
@@ -355,6 +357,7 @@ impl SegmentWriter {
                 file,
                 written: 0,
                 zeroed: 0,
+                unzeroed: false,
             });
         }
         // Only the flusher (one at a time) touches the open segment: take it
@@ -366,12 +369,21 @@ impl SegmentWriter {
         let end = at + buf.len() as u64;
         // Message segments only: the journal is small and compacted by
         // size, and no session waits for its syncs.
-        let extend = self.fsync && self.kind == segment::KIND_MESSAGE && end > seg.zeroed;
+        let extend =
+            self.fsync && self.kind == segment::KIND_MESSAGE && !seg.unzeroed && end > seg.zeroed;
+        let mut zeroed = false;
         let result = async {
             super::write_all(&seg.file, buf, at).await?;
             if extend {
                 let zeros = vec![0u8; self.zeroed_ahead() as usize];
-                super::write_all(&seg.file, &zeros, end).await?;
+                zeroed = super::write_all(&seg.file, &zeros, end).await.is_ok();
+                if !zeroed {
+                    // No room for the zeros (a nearly full disk): the batch
+                    // still goes, as a plain append, and so does the rest
+                    // of this segment. The partial zeros go.
+                    seg.file.truncate(end).await?;
+                    seg.unzeroed = true;
+                }
             }
             if self.fsync {
                 let started = std::time::Instant::now();
@@ -384,9 +396,11 @@ impl SegmentWriter {
         match result {
             Ok(()) => {
                 seg.written = end;
-                if extend {
-                    seg.zeroed = end + self.zeroed_ahead();
-                }
+                seg.zeroed = if zeroed {
+                    end + self.zeroed_ahead()
+                } else {
+                    seg.zeroed.max(end)
+                };
                 let name = seg.name.clone();
                 *self.segment.borrow_mut() = Some(seg);
                 Ok((name, at))
