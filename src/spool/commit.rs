@@ -50,6 +50,17 @@ struct OpenSegment {
     unzeroed: bool,
 }
 
+impl OpenSegment {
+    /// Closes the file, its zeros cut off first: a closed segment's size is
+    /// what compaction weighs its live records against.
+    async fn close(self) {
+        if self.zeroed > self.written {
+            let _ = self.file.truncate(self.written).await;
+        }
+        let _ = self.file.close().await;
+    }
+}
+
 /// How far past the last batch a message segment's file is filled with zeros, so
 /// that most batches overwrite space the file already has: their
 /// fdatasync then writes the data only, not the file's size and block map
@@ -218,7 +229,7 @@ impl SegmentWriter {
         }
         *self.current_name.borrow_mut() = None;
         if let Some(old) = self.segment.take() {
-            let _ = old.file.close().await;
+            old.close().await;
         }
         true
     }
@@ -343,12 +354,7 @@ impl SegmentWriter {
         if rotate {
             let old = self.segment.take();
             if let Some(old) = old {
-                // Its zeros go: a closed segment's size is what compaction
-                // weighs its live records against.
-                if old.zeroed > old.written {
-                    let _ = old.file.truncate(old.written).await;
-                }
-                let _ = old.file.close().await;
+                old.close().await;
             }
             let (name, file) = self.create_segment().await?;
             *self.current_name.borrow_mut() = Some(name.clone());
